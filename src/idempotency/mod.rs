@@ -1,0 +1,10 @@
+//! The pure idempotency core: no sockets, no async.
+//!
+//! [`key`] turns request parts into a [`key::RecordKey`] and a
+//! [`key::Fingerprint`]; [`record`] is what a completed request leaves behind
+//! and its versioned byte encoding; [`state`] is the record state model and
+//! the decisions and transitions every store backend shares.
+
+pub mod key;
+pub mod record;
+pub mod state;

@@ -1,0 +1,208 @@
+//! What a completed request leaves behind, and its compact versioned encoding.
+//!
+//! Layout of version 1 (all integers big-endian):
+//!
+//! ```text
+//! u8  version = 1
+//! u8  flags            bit 0: body omitted (response was over max_response_body)
+//! [32] fingerprint
+//! u64 created_unix_ms
+//! u16 status
+//! u16 header count, then per header: u16 name len, name, u32 value len, value
+//! ..  body (the rest of the bytes, raw)
+//! ```
+//!
+//! Raw body bytes, no base64: a replay is one read and one copy-free slice.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use super::key::Fingerprint;
+
+/// The encoding version this build writes.
+pub const VERSION: u8 = 1;
+const FLAG_BODY_OMITTED: u8 = 1;
+
+/// A stored response, replayed to duplicates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The upstream body was larger than `max_response_body`: replays carry an
+    /// empty body and `Idempotent-Body-Omitted: true`.
+    pub body_omitted: bool,
+}
+
+/// A completed record: the request it answered and the answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletedRecord {
+    pub fingerprint: Fingerprint,
+    pub created_unix_ms: u64,
+    pub response: StoredResponse,
+}
+
+/// Why stored bytes could not be decoded. Callers treat every variant as a
+/// miss, never a panic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unknown record encoding version {0}")]
+    UnknownVersion(u8),
+    #[error("record is truncated")]
+    Truncated,
+    #[error("record holds an invalid status or header")]
+    Invalid,
+}
+
+impl CompletedRecord {
+    /// Encodes the record in the current version.
+    pub fn encode(&self) -> Bytes {
+        let r = &self.response;
+        let headers_len: usize = r
+            .headers
+            .iter()
+            .map(|(n, v)| 6 + n.as_str().len() + v.len())
+            .sum();
+        let mut b = BytesMut::with_capacity(1 + 1 + 32 + 8 + 2 + 2 + headers_len + r.body.len());
+        b.put_u8(VERSION);
+        b.put_u8(if r.body_omitted { FLAG_BODY_OMITTED } else { 0 });
+        b.put_slice(&self.fingerprint.0);
+        b.put_u64(self.created_unix_ms);
+        b.put_u16(r.status.as_u16());
+        // Header counts and lengths are bounded well below these limits by
+        // hyper's own header limits; saturate rather than wrap regardless.
+        let count = r.headers.len().min(u16::MAX as usize);
+        b.put_u16(count as u16);
+        for (n, v) in r.headers.iter().take(count) {
+            b.put_u16(n.as_str().len() as u16);
+            b.put_slice(n.as_str().as_bytes());
+            b.put_u32(v.len() as u32);
+            b.put_slice(v.as_bytes());
+        }
+        b.put_slice(&r.body);
+        b.freeze()
+    }
+
+    /// Decodes a record; the body is a zero-copy slice of `bytes`.
+    pub fn decode(mut bytes: Bytes) -> Result<Self, DecodeError> {
+        fn need(b: &Bytes, n: usize) -> Result<(), DecodeError> {
+            if b.remaining() < n {
+                Err(DecodeError::Truncated)
+            } else {
+                Ok(())
+            }
+        }
+        need(&bytes, 1)?;
+        let version = bytes.get_u8();
+        if version != VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        need(&bytes, 1 + 32 + 8 + 2 + 2)?;
+        let flags = bytes.get_u8();
+        let mut fp = [0u8; 32];
+        bytes.copy_to_slice(&mut fp);
+        let created_unix_ms = bytes.get_u64();
+        let status = StatusCode::from_u16(bytes.get_u16()).map_err(|_| DecodeError::Invalid)?;
+        let count = bytes.get_u16() as usize;
+        let mut headers = HeaderMap::with_capacity(count);
+        for _ in 0..count {
+            need(&bytes, 2)?;
+            let n = bytes.get_u16() as usize;
+            need(&bytes, n)?;
+            let name =
+                HeaderName::from_bytes(&bytes.split_to(n)).map_err(|_| DecodeError::Invalid)?;
+            need(&bytes, 4)?;
+            let n = bytes.get_u32() as usize;
+            need(&bytes, n)?;
+            let value = HeaderValue::from_maybe_shared(bytes.split_to(n))
+                .map_err(|_| DecodeError::Invalid)?;
+            headers.append(name, value);
+        }
+        Ok(CompletedRecord {
+            fingerprint: Fingerprint(fp),
+            created_unix_ms,
+            response: StoredResponse {
+                status,
+                headers,
+                body: bytes,
+                body_omitted: flags & FLAG_BODY_OMITTED != 0,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(body: &'static [u8], omitted: bool) -> CompletedRecord {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("x-multi", HeaderValue::from_static("1"));
+        headers.append("x-multi", HeaderValue::from_static("2"));
+        CompletedRecord {
+            fingerprint: Fingerprint([7; 32]),
+            created_unix_ms: 1_700_000_000_123,
+            response: StoredResponse {
+                status: StatusCode::CREATED,
+                headers,
+                body: Bytes::from_static(body),
+                body_omitted: omitted,
+            },
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        for rec in [
+            sample(b"{\"id\":1}", false),
+            sample(b"", true),
+            sample(&[0, 255, 10], false),
+        ] {
+            assert_eq!(CompletedRecord::decode(rec.encode()).unwrap(), rec);
+        }
+    }
+
+    #[test]
+    fn body_is_raw_bytes_at_the_end() {
+        let enc = sample(b"BODY", false).encode();
+        assert!(enc.ends_with(b"BODY"));
+        assert_eq!(enc[0], VERSION);
+    }
+
+    #[test]
+    fn unknown_version_and_truncation_are_errors_not_panics() {
+        let mut enc = sample(b"x", false).encode().to_vec();
+        for cut in 0..enc.len() - 1 {
+            // Every strict prefix that ends inside the header section fails;
+            // prefixes inside the body just yield a shorter body.
+            let _ = CompletedRecord::decode(Bytes::copy_from_slice(&enc[..cut]));
+        }
+        assert_eq!(
+            CompletedRecord::decode(Bytes::new()),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            CompletedRecord::decode(Bytes::copy_from_slice(&enc[..20])),
+            Err(DecodeError::Truncated)
+        );
+        enc[0] = 9;
+        assert_eq!(
+            CompletedRecord::decode(Bytes::from(enc)),
+            Err(DecodeError::UnknownVersion(9))
+        );
+    }
+
+    #[test]
+    fn invalid_header_bytes_are_refused() {
+        let mut enc = sample(b"", false).encode().to_vec();
+        // First header name starts after version, flags, fp, created, status,
+        // count and its own u16 length.
+        let name_at = 1 + 1 + 32 + 8 + 2 + 2 + 2;
+        enc[name_at] = b' ';
+        assert_eq!(
+            CompletedRecord::decode(Bytes::from(enc)),
+            Err(DecodeError::Invalid)
+        );
+    }
+}

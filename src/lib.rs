@@ -1,0 +1,30 @@
+//! idemgate: an idempotency and deduplication sidecar.
+//!
+//! A map of the crate, from the pure core outwards:
+//!
+//! - [`idempotency`]: socket-free core. Parses `Idempotency-Key`, derives the
+//!   scoped record key and the request fingerprint, encodes stored responses
+//!   and decides what a request's store state means ([`idempotency::state`]).
+//! - [`store`]: the [`store::Store`] trait (atomic begin / renew / complete /
+//!   release / wait) and its backends: in-memory and Redis.
+//! - [`proxy`]: the tower [`proxy::IdempotencyLayer`] that applies the
+//!   semantics around [`proxy::Upstream`], a pooled hyper client.
+//! - [`config`]: loose file/env/CLI input validated into [`config::Config`].
+//! - [`server`]: listeners, connection limits, graceful drain; [`admin`]: the
+//!   admin listener.
+//! - [`error`]: typed errors and the one place they become HTTP statuses.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod idempotency;
+pub mod proxy;
+pub mod server;
+pub mod store;
+
+/// The body type every idemgate response and forwarded request uses.
+pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
+
+/// A boxed error, as bodies and hyper services carry them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

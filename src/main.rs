@@ -1,0 +1,106 @@
+//! The `idemgate` binary: parse the CLI, load the config, start tracing, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use idemgate::config::{Cli, Command, Config, LogFormat};
+use idemgate::server::{self, Listeners};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig) = cli.command {
+        return check_config(&cli);
+    }
+    let config = match Config::load(&cli.args) {
+        Ok(c) => c,
+        Err(errors) => {
+            for line in &errors.0 {
+                eprintln!("idemgate: {line}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("idemgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let store = match server::open_store(&config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("idemgate: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let listeners = match Listeners::bind(&config).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("idemgate: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match &config.upstream {
+            Some(up) => tracing::info!(listen = %config.listen, upstream = %up, admin = %config.admin_listen, "idemgate proxy started"),
+            None => tracing::info!(admin = %config.admin_listen, "idemgate started in dedup-only mode (no upstream)"),
+        }
+        server::run(config, store, listeners, shutdown_signal()).await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+fn check_config(cli: &Cli) -> ExitCode {
+    if cli.args.config.is_none() {
+        eprintln!("idemgate: check-config needs --config FILE");
+        return ExitCode::from(2);
+    }
+    match Config::load(&cli.args) {
+        Ok(c) => {
+            print!("{}", c.to_toml());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for line in &errors.0 {
+                eprintln!("{line}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Listeners, connection settings and graceful drain.
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so tests bind
+//! port 0 and stop the server when they like. On shutdown it stops
+//! accepting, lets open connections finish their requests, then waits for
+//! detached upstream calls to store their results, all within
+//! `drain_timeout`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::Admin;
+use crate::config::{Backend, Config};
+use crate::proxy::{IdempotencyLayer, Settings, Upstream};
+use crate::store::{AnyStore, MemoryStore};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(String),
+}
+
+/// Opens the configured store.
+pub async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
+    match config.store.backend {
+        Backend::Memory => Ok(AnyStore::Memory(MemoryStore::new(config.store.max_entries))),
+        Backend::Redis | Backend::RedisCluster => Err(StartError::Store(
+            "the Redis backends are not available in this build".into(),
+        )),
+    }
+}
+
+/// The proxy listener (absent in dedup-only mode) and the admin listener.
+pub struct Listeners {
+    pub proxy: Option<TcpListener>,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses; the proxy only with an upstream.
+    pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Listen { addr, source })
+        };
+        let proxy = match config.upstream {
+            Some(_) => Some(bind(config.listen).await?),
+            None => None,
+        };
+        Ok(Listeners {
+            proxy,
+            admin: bind(config.admin_listen).await?,
+        })
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains.
+pub async fn run(
+    config: Config,
+    store: AnyStore,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) {
+    let tasks = TaskTracker::new();
+    let graceful = GracefulShutdown::new();
+
+    let proxy = config.upstream.as_ref().map(|upstream| {
+        let settings = Settings {
+            policies: config.policies.clone(),
+            on_store_error: config.store.on_store_error,
+            upstream_timeout: config.upstream_timeout,
+            tasks: tasks.clone(),
+        };
+        tower::ServiceBuilder::new()
+            .layer(IdempotencyLayer::new(store.clone(), settings))
+            .service(Upstream::new(upstream, config.upstream_timeout))
+    });
+    let admin = Admin::new(store.clone());
+
+    // Expired memory records are also dropped lazily on access; the sweep
+    // returns memory held by keys nobody asks for again.
+    let sweeper = match &store {
+        AnyStore::Memory(m) => {
+            let m = m.clone();
+            Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(10));
+                loop {
+                    tick.tick().await;
+                    m.sweep();
+                }
+            }))
+        }
+    };
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            a = accept(listeners.proxy.as_ref()) => a.map(|s| (s, true)),
+            a = accept(Some(&listeners.admin)) => a.map(|s| (s, false)),
+        };
+        let (stream, is_proxy) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning on the error.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        if is_proxy {
+            if let Some(svc) = &proxy {
+                let conn = builder.serve_connection(io, TowerToHyperService::new(svc.clone()));
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "proxy connection ended with an error");
+                    }
+                });
+            }
+        } else {
+            let conn = builder.serve_connection(io, admin.service());
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+    }
+
+    drop(listeners);
+    let deadline = Instant::now() + config.drain_timeout;
+    tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining connections");
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout reached with connections still open");
+    }
+    tasks.close();
+    if tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            pending = tasks.len(),
+            "drain timeout reached with upstream calls still running"
+        );
+    }
+    if let Some(s) = sweeper {
+        s.abort();
+    }
+}
+
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<TcpStream> {
+    match listener {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+/// A server started in the background, as tests and `demo` use it.
+pub struct Running {
+    pub proxy_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub store: AnyStore,
+    stop: Option<oneshot::Sender<()>>,
+    join: JoinHandle<()>,
+}
+
+impl Running {
+    /// Binds the configured addresses (use port 0 for free ones) and serves.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let store = open_store(&config).await?;
+        Self::start_with(config, store).await
+    }
+
+    /// Like [`Running::start`] with a store the caller opened (and may share).
+    pub async fn start_with(config: Config, store: AnyStore) -> Result<Self, StartError> {
+        let listeners = Listeners::bind(&config).await?;
+        let proxy_addr = listeners.proxy.as_ref().and_then(|l| l.local_addr().ok());
+        let admin_addr = listeners
+            .admin
+            .local_addr()
+            .map_err(|source| StartError::Listen {
+                addr: config.admin_listen,
+                source,
+            })?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let join = tokio::spawn(run(config, store.clone(), listeners, async move {
+            let _ = rx.await;
+        }));
+        Ok(Running {
+            proxy_addr,
+            admin_addr,
+            store,
+            stop: Some(tx),
+            join,
+        })
+    }
+
+    /// Shuts down gracefully and waits for the drain to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.join).await;
+    }
+}

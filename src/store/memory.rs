@@ -1,0 +1,328 @@
+//! The embedded in-memory store: one process, no dependencies.
+//!
+//! Records sit in sharded maps behind short `std` mutex sections (never held
+//! across an await). Expiry is lazy on access plus a periodic [`MemoryStore::sweep`].
+//! The store is bounded by `max_entries`: when full it sweeps expired records,
+//! and if it is still full it refuses new keys ([`StoreError::Full`]) rather
+//! than evicting a live record, which would break the at-most-once promise.
+//! Waiters park on a per-record [`Notify`] created only when someone waits.
+//! Times use tokio's clock so tests can pause and advance it.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use std::future::ready;
+
+use super::{Store, StoreError, StoreFuture};
+use crate::idempotency::key::{Fingerprint, RecordKey};
+use crate::idempotency::record::CompletedRecord;
+use crate::idempotency::state::{self, Begin, Lease, State};
+
+const SHARDS: usize = 16;
+
+/// The in-memory backend. Cheap to clone; clones share the records.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
+    len: AtomicUsize,
+    max_entries: usize,
+    /// One counter for every key: strictly increasing per key, also across
+    /// expiry, which is all a fence needs.
+    fence: AtomicU64,
+}
+
+type Shard = HashMap<RecordKey, Entry, BuildHasherDefault<KeyHasher>>;
+
+struct Entry {
+    state: State,
+    expires: Instant,
+    notify: Option<Arc<Notify>>,
+}
+
+impl Entry {
+    fn wake(&mut self) {
+        if let Some(n) = self.notify.take() {
+            n.notify_waiters();
+        }
+    }
+}
+
+/// Record keys are already SHA-256 outputs: their first eight bytes are a
+/// perfectly good hash, so skip hashing them again.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8).take(1) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+}
+
+impl MemoryStore {
+    /// A store that holds at most `max_entries` records.
+    pub fn new(max_entries: usize) -> Self {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+                len: AtomicUsize::new(0),
+                max_entries,
+                fence: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// How many records are held, expired ones not yet swept included.
+    pub fn len(&self) -> usize {
+        self.inner.len.load(Ordering::Relaxed)
+    }
+
+    /// Whether no records are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes every expired record; returns how many went.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let mut removed = 0;
+        for shard in self.inner.shards.iter() {
+            let mut shard = lock(shard);
+            shard.retain(|_, e| {
+                let live = e.expires > now;
+                if !live {
+                    e.wake();
+                    removed += 1;
+                }
+                live
+            });
+        }
+        self.inner.len.fetch_sub(removed, Ordering::Relaxed);
+        removed
+    }
+
+    fn shard(&self, key: &RecordKey) -> MutexGuard<'_, Shard> {
+        lock(&self.inner.shards[key.0[31] as usize % SHARDS])
+    }
+
+    /// The live entry for `key`, removing it first if it has expired.
+    fn live<'a>(
+        &self,
+        shard: &'a mut Shard,
+        key: &RecordKey,
+        now: Instant,
+    ) -> Option<&'a mut Entry> {
+        if shard.get(key).is_some_and(|e| e.expires <= now) {
+            if let Some(mut e) = shard.remove(key) {
+                e.wake();
+                self.inner.len.fetch_sub(1, Ordering::Relaxed);
+            }
+            return None;
+        }
+        shard.get_mut(key)
+    }
+
+    fn begin_sync(
+        &self,
+        key: &RecordKey,
+        fp: &Fingerprint,
+        lease_ttl: Duration,
+    ) -> Result<Begin, StoreError> {
+        let now = Instant::now();
+        let absent = State::Absent;
+        let mut swept = false;
+        loop {
+            let mut shard = self.shard(key);
+            let current = self.live(&mut shard, key, now).map(|e| &e.state);
+            let current = current.unwrap_or(&absent);
+            if matches!(current, State::Absent) && self.len() >= self.inner.max_entries {
+                if swept {
+                    return Err(StoreError::Full(self.inner.max_entries));
+                }
+                drop(shard);
+                self.sweep();
+                swept = true;
+                continue;
+            }
+            let (begin, next) = state::begin(current, *fp, || {
+                Lease::new(self.inner.fence.fetch_add(1, Ordering::Relaxed) + 1)
+            });
+            if let Some(state) = next {
+                let entry = Entry {
+                    state,
+                    expires: now + lease_ttl,
+                    notify: None,
+                };
+                if shard.insert(*key, entry).is_none() {
+                    self.inner.len.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return Ok(begin);
+        }
+    }
+
+    /// Runs `f` on the entry if `lease` is current; `false` otherwise.
+    fn with_lease(
+        &self,
+        key: &RecordKey,
+        lease: &Lease,
+        f: impl FnOnce(&mut Entry, Instant),
+    ) -> bool {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        match self.live(&mut shard, key, now) {
+            Some(e) if state::holds(&e.state, lease.token) => {
+                f(e, now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `key` is still in flight under the lease with `fence`.
+    fn still_waiting(&self, key: &RecordKey, fence: u64) -> bool {
+        let mut shard = self.shard(key);
+        matches!(
+            self.live(&mut shard, key, Instant::now()),
+            Some(Entry { state: State::InFlight { lease, .. }, .. }) if lease.fence == fence
+        )
+    }
+
+    fn remove(&self, key: &RecordKey) -> bool {
+        let mut shard = self.shard(key);
+        match shard.remove(key) {
+            Some(mut e) => {
+                e.wake();
+                self.inner.len.fetch_sub(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A poisoned shard only means another thread panicked mid-update of plain
+/// data; the map itself is still sound, so keep serving.
+fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Store for MemoryStore {
+    fn begin<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        fp: &'a Fingerprint,
+        lease_ttl: Duration,
+    ) -> StoreFuture<'a, Begin> {
+        Box::pin(ready(self.begin_sync(key, fp, lease_ttl)))
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        lease: &'a Lease,
+        lease_ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(ready(Ok(
+            self.with_lease(key, lease, |e, now| e.expires = now + lease_ttl)
+        )))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        lease: &'a Lease,
+        record: Arc<CompletedRecord>,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        let done = self.with_lease(key, lease, |e, now| {
+            e.state = State::Completed(record);
+            e.expires = now + ttl;
+            e.wake();
+        });
+        Box::pin(ready(Ok(done)))
+    }
+
+    fn release<'a>(&'a self, key: &'a RecordKey, lease: &'a Lease) -> StoreFuture<'a, bool> {
+        // Check and remove under one lock so a new holder can't slip between.
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        let held = self
+            .live(&mut shard, key, now)
+            .is_some_and(|e| state::holds(&e.state, lease.token));
+        if held {
+            if let Some(mut e) = shard.remove(key) {
+                e.wake();
+                self.inner.len.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        Box::pin(ready(Ok(held)))
+    }
+
+    fn wait<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        fence: u64,
+        deadline: Instant,
+    ) -> StoreFuture<'a, ()> {
+        let (notify, until) = {
+            let mut shard = self.shard(key);
+            match self.live(&mut shard, key, Instant::now()) {
+                Some(e) if matches!(e.state, State::InFlight { lease, .. } if lease.fence == fence) =>
+                {
+                    let notify: Arc<Notify> = e.notify.get_or_insert_with(Default::default).clone();
+                    // The lease may lapse without anyone completing it: wake
+                    // then too, so the waiter can take it over.
+                    (notify, deadline.min(e.expires))
+                }
+                _ => return Box::pin(ready(Ok(()))),
+            }
+        };
+        Box::pin(async move {
+            // Wakes are sent only under the shard lock, and only after the
+            // state changed; registering here is still race-free because a
+            // change between unlock and this point leaves `notify` already
+            // taken from the entry, so we re-check the state first.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.still_waiting(key, fence) {
+                return Ok(());
+            }
+            let _ = tokio::time::timeout_at(until, notified).await;
+            Ok(())
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, State> {
+        let mut shard = self.shard(key);
+        let state = self
+            .live(&mut shard, key, Instant::now())
+            .map_or(State::Absent, |e| e.state.clone());
+        Box::pin(ready(Ok(state)))
+    }
+
+    fn purge<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, bool> {
+        Box::pin(ready(Ok(self.remove(key))))
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(ready(Ok(())))
+    }
+}
