@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs idemgate's whole test suite on a fresh machine.
+#
+# Installs what the tests need when it is missing (redis-server and
+# redis-cli from Debian's packages; needs root), then runs every test. The
+# tests start their own servers (upstreams, Redis, Redis Cluster) on
+# loopback ports the OS picks, and stop them when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need_pkgs+=(redis-tools)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: ${need_pkgs[*]} missing; run as root (or install them) first" >&2
+    exit 2
+  fi
+  echo "installing ${need_pkgs[*]} ..."
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+# The Debian package starts a system redis on 6379; the tests never use it.
+
+cargo test --locked --all-targets "$@"

@@ -1,0 +1,176 @@
+//! The idempotency Service driven with `oneshot` under tokio's paused clock:
+//! lease renewal, wait timeouts and takeover of a lapsed lease, with minutes
+//! of virtual time passing instantly.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use idemgate::config::{FileConfig, OnStoreError, RunArgs};
+use idemgate::error::{full, UpstreamError};
+use idemgate::idempotency::key::{Fingerprint, RecordKey};
+use idemgate::proxy::{IdempotencyLayer, Settings};
+use idemgate::store::{AnyStore, MemoryStore, Store};
+use idemgate::Body;
+use tokio_util::task::TaskTracker;
+use tower::{Layer, Service, ServiceExt};
+
+/// An upstream that counts calls and takes `delay` of (virtual) time.
+#[derive(Clone)]
+struct Counting {
+    calls: Arc<AtomicUsize>,
+    delay: Duration,
+}
+
+impl Service<Request<Body>> for Counting {
+    type Response = Response<Body>;
+    type Error = UpstreamError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, UpstreamError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<Body>) -> Self::Future {
+        let (calls, delay) = (self.calls.clone(), self.delay);
+        Box::pin(async move {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(delay).await;
+            Ok(Response::new(full(Bytes::from(format!("call {n}")))))
+        })
+    }
+}
+
+fn settings(idempotency: &str) -> Settings {
+    let file = FileConfig::parse(&format!("[idempotency]\n{idempotency}")).unwrap();
+    let config = idemgate::config::Config::from_parts(file, &RunArgs::default()).unwrap();
+    Settings {
+        policies: config.policies,
+        on_store_error: OnStoreError::Reject,
+        upstream_timeout: Duration::from_secs(600),
+        tasks: TaskTracker::new(),
+    }
+}
+
+fn request(key: &str) -> Request<Full<Bytes>> {
+    Request::post("/v1/charges")
+        .header("idempotency-key", key)
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap()
+}
+
+async fn body(resp: Response<Body>) -> String {
+    String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap()
+}
+
+type Svc = idemgate::proxy::Idempotency<Counting>;
+
+fn service(store: &AnyStore, idempotency: &str, calls: Arc<AtomicUsize>, delay: Duration) -> Svc {
+    IdempotencyLayer::new(store.clone(), settings(idempotency)).layer(Counting { calls, delay })
+}
+
+async fn call(svc: &Svc, key: &str) -> Result<Response<Body>, Infallible> {
+    svc.clone().oneshot(request(key)).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_renewal_keeps_a_long_call_exclusive() {
+    let store = AnyStore::Memory(MemoryStore::new(100));
+    let calls = Arc::new(AtomicUsize::new(0));
+    // The call takes 10 s; the lease is 3 s and must be renewed three times.
+    let svc = service(
+        &store,
+        "lease_ttl = \"3s\"\nwait_timeout = \"20s\"",
+        calls.clone(),
+        Duration::from_secs(10),
+    );
+    let s1 = svc.clone();
+    let first = tokio::spawn(async move { call(&s1, "long").await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Past the first lease term: without renewal this would run again.
+    let dup = call(&svc, "long").await.unwrap();
+    assert_eq!(dup.headers().get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(body(dup).await, "call 1");
+    assert_eq!(body(first.await.unwrap().unwrap()).await, "call 1");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_duplicate_gives_up_at_wait_timeout() {
+    let store = AnyStore::Memory(MemoryStore::new(100));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = service(
+        &store,
+        "wait_timeout = \"10s\"",
+        calls.clone(),
+        Duration::from_secs(60),
+    );
+    let s1 = svc.clone();
+    let first = tokio::spawn(async move { call(&s1, "slow").await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = tokio::time::Instant::now();
+    let dup = call(&svc, "slow").await.unwrap();
+    assert_eq!(dup.status(), 409);
+    assert_eq!(dup.headers().get("retry-after").unwrap(), "1");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+        "{waited:?}"
+    );
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lapsed_lease_of_a_dead_holder_is_taken_over() {
+    let store = AnyStore::Memory(MemoryStore::new(100));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = service(
+        &store,
+        "lease_ttl = \"30s\"\nwait_timeout = \"60s\"",
+        calls.clone(),
+        Duration::from_millis(10),
+    );
+    // A holder that took the lease and died (never renews or completes).
+    let req = request("orphan");
+    let rk = RecordKey::derive(
+        req.headers(),
+        &[http::header::AUTHORIZATION],
+        req.method(),
+        "/v1/charges",
+        "orphan",
+    );
+    let fp = Fingerprint::compute(
+        req.method(),
+        "/v1/charges",
+        req.headers(),
+        &[http::header::CONTENT_TYPE],
+        b"{}",
+    );
+    store
+        .begin(&rk, &fp, Duration::from_secs(30))
+        .await
+        .unwrap();
+    // A duplicate waits for the lease to lapse, then runs itself.
+    let started = tokio::time::Instant::now();
+    let resp = call(&svc, "orphan").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("idempotent-replayed").is_none());
+    assert!(started.elapsed() >= Duration::from_secs(30));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

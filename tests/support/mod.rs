@@ -1,0 +1,277 @@
+//! Test support: a real upstream that counts its calls, an HTTP client, and
+//! idemgate started in-process on free loopback ports.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use idemgate::config::{Config, FileConfig, RunArgs};
+use idemgate::server::Running;
+use tokio::net::TcpListener;
+
+/// What the upstream saw of one call.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: http::Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A real HTTP/1.1 upstream on a free port. Each request may steer it:
+/// `x-delay-ms` (sleep before answering), `x-status` (default 201),
+/// `x-body-size` (answer that many bytes instead of JSON).
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestUpstream {
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (c, s) = (calls.clone(), seen.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (c, s) = (c.clone(), s.clone());
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req| answer(req, c.clone(), s.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        TestUpstream {
+            addr,
+            calls,
+            seen,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    calls: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    seen.lock().unwrap().push(Seen {
+        method: parts.method.clone(),
+        path: parts.uri.path().to_owned(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    if let Some(ms) = header("x-delay-ms").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let status = header("x-status")
+        .and_then(|v| v.parse().ok())
+        .and_then(|v| StatusCode::from_u16(v).ok())
+        .unwrap_or(StatusCode::CREATED);
+    let out = match header("x-body-size").and_then(|v| v.parse::<usize>().ok()) {
+        Some(size) => Bytes::from(vec![b'x'; size]),
+        None => Bytes::from(
+            serde_json::json!({
+                "call": n,
+                "method": parts.method.as_str(),
+                "path": parts.uri.path(),
+                "fence": header("idempotency-fence"),
+                "body_len": body.len(),
+            })
+            .to_string(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(out));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert("content-type", "application/json".parse().unwrap());
+    h.insert("x-call", n.into());
+    h.insert("set-cookie", format!("session={n}").parse().unwrap());
+    Ok(resp)
+}
+
+/// A response, read whole.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    /// Asserts an RFC 9457 problem of the given kind.
+    pub fn assert_problem(&self, status: u16, kind: &str) {
+        assert_eq!(self.status.as_u16(), status, "body: {:?}", self.body);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json")
+        );
+        let doc = self.json();
+        assert!(
+            doc["type"].as_str().unwrap().ends_with(&format!("/{kind}")),
+            "type {} is not {kind}",
+            doc["type"]
+        );
+        assert_eq!(doc["status"], status);
+        assert!(doc["title"].is_string() && doc["detail"].is_string());
+    }
+}
+
+/// A pooled HTTP/1.1 client.
+#[derive(Clone)]
+pub struct TestClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+impl TestClient {
+    pub fn new(addr: SocketAddr) -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(256)
+            .build_http();
+        TestClient {
+            client,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// An HTTP/2 prior-knowledge (h2c) client.
+    pub fn new_h2(addr: SocketAddr) -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        TestClient {
+            client,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Got {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+            .unwrap();
+        let resp = self.client.request(req).await.expect("request failed");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body failed").to_bytes();
+        Got {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    /// POST with an Idempotency-Key.
+    pub async fn post(&self, path: &str, key: &str, body: &str) -> Got {
+        self.send(
+            "POST",
+            path,
+            &[
+                ("idempotency-key", key),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .await
+    }
+}
+
+/// A config for tests: free ports, the given upstream, extra TOML.
+pub fn config(upstream: Option<&str>, extra: &str) -> Config {
+    let mut text = String::from("listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n");
+    if let Some(u) = upstream {
+        text.push_str(&format!("upstream = \"{u}\"\n"));
+    }
+    text.push_str(extra);
+    let file = FileConfig::parse(&text).unwrap_or_else(|e| panic!("bad test config: {e}\n{text}"));
+    Config::from_parts(file, &RunArgs::default())
+        .unwrap_or_else(|e| panic!("bad test config: {e}\n{text}"))
+}
+
+/// Starts idemgate in front of `upstream` with extra config TOML.
+pub async fn start(upstream: &TestUpstream, extra: &str) -> (Running, TestClient) {
+    let running = Running::start(config(Some(&upstream.url()), extra))
+        .await
+        .unwrap();
+    let client = TestClient::new(running.proxy_addr.unwrap());
+    (running, client)
+}
