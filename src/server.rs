@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::Admin;
 use crate::config::{Backend, Config};
 use crate::proxy::{IdempotencyLayer, Settings, Upstream};
-use crate::store::{AnyStore, MemoryStore};
+use crate::store::{AnyStore, MemoryStore, RedisStore};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +41,13 @@ pub enum StartError {
 pub async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
     match config.store.backend {
         Backend::Memory => Ok(AnyStore::Memory(MemoryStore::new(config.store.max_entries))),
-        Backend::Redis | Backend::RedisCluster => Err(StartError::Store(
-            "the Redis backends are not available in this build".into(),
-        )),
+        Backend::Redis | Backend::RedisCluster => {
+            let cluster = config.store.backend == Backend::RedisCluster;
+            let store = RedisStore::connect(&config.store, cluster)
+                .await
+                .map_err(|e| StartError::Store(e.to_string()))?;
+            Ok(AnyStore::Redis(store))
+        }
     }
 }
 
@@ -108,6 +112,7 @@ pub async fn run(
                 }
             }))
         }
+        AnyStore::Redis(_) => None,
     };
 
     let mut builder = auto::Builder::new(TokioExecutor::new());

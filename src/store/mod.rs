@@ -17,7 +17,9 @@ use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{Begin, Lease, State};
 
 pub mod memory;
+pub mod redis;
 
+pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 
 /// A store failure. The proxy answers every variant with 503 (or passes the
@@ -90,12 +92,14 @@ pub trait Store: Send + Sync + 'static {
 #[derive(Clone)]
 pub enum AnyStore {
     Memory(MemoryStore),
+    Redis(RedisStore),
 }
 
 impl AnyStore {
     fn backend(&self) -> &dyn Store {
         match self {
             AnyStore::Memory(s) => s,
+            AnyStore::Redis(s) => s,
         }
     }
 }

@@ -1,0 +1,407 @@
+//! The Redis store against real redis-server processes: the shared contract
+//! on standalone and Cluster, several idemgate replicas sharing one Redis,
+//! lease renewal across replicas, and Redis outages.
+
+mod support;
+
+#[path = "support/contract.rs"]
+mod contract;
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::time::Duration;
+
+use idemgate::server::Running;
+use idemgate::store::{RedisStore, Store};
+use redis_support::{RedisCluster, RedisServer};
+use support::{config, TestClient, TestUpstream};
+
+fn redis_toml(urls: &[String], cluster: bool, extra_store: &str) -> String {
+    let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        "[store]\nbackend = \"{}\"\nurls = [{}]\ntimeout = \"500ms\"\n{extra_store}\n",
+        if cluster { "redis-cluster" } else { "redis" },
+        list.join(", ")
+    )
+}
+
+async fn connect(urls: &[String], cluster: bool) -> RedisStore {
+    let cfg = config(None, &redis_toml(urls, cluster, "")).store;
+    RedisStore::connect(&cfg, cluster).await.unwrap()
+}
+
+async fn replicas(up: &TestUpstream, n: usize, toml: &str) -> Vec<(Running, TestClient)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let r = Running::start(config(Some(&up.url()), toml)).await.unwrap();
+        let c = TestClient::new(r.proxy_addr.unwrap());
+        out.push((r, c));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_meets_the_contract() {
+    let redis = RedisServer::start();
+    // A minute between re-checks: only pub/sub can wake waiters in time.
+    let store = connect(&[redis.url()], false)
+        .await
+        .with_recheck(Duration::from_secs(60));
+    contract::run_all(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_store_meets_the_contract() {
+    let cluster = RedisCluster::start();
+    let store = connect(&cluster.urls(), true)
+        .await
+        .with_recheck(Duration::from_secs(60));
+    contract::run_all(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_redis() {
+    let redis = RedisServer::start();
+    let up = TestUpstream::start().await;
+    let nodes = replicas(&up, 3, &redis_toml(&[redis.url()], false, "")).await;
+
+    // 300 concurrent duplicates spread across the replicas.
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let c = nodes[i % 3].1.clone();
+        tasks.push(tokio::spawn(async move {
+            c.send(
+                "POST",
+                "/v1/charges",
+                &[("idempotency-key", "shared"), ("x-delay-ms", "300")],
+                "{}",
+            )
+            .await
+        }));
+    }
+    let mut bodies = Vec::new();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert_eq!(got.status, 201, "{:?}", got.body);
+        bodies.push(got.body);
+    }
+    assert_eq!(up.calls(), 1);
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+
+    // 100 keys x 4 duplicates, each duplicate on a different replica.
+    let mut tasks = Vec::new();
+    for k in 0..100 {
+        for d in 0..4 {
+            let c = nodes[(k + d) % 3].1.clone();
+            tasks.push(tokio::spawn(async move {
+                c.send(
+                    "POST",
+                    "/v1/charges",
+                    &[("idempotency-key", &format!("k{k}")), ("x-delay-ms", "50")],
+                    "{}",
+                )
+                .await
+            }));
+        }
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 201);
+    }
+    assert_eq!(up.calls(), 1 + 100);
+    let mut per_key = std::collections::HashMap::new();
+    for s in up.seen() {
+        *per_key
+            .entry(s.headers["idempotency-key"].clone())
+            .or_insert(0) += 1;
+    }
+    assert!(
+        per_key.values().all(|&n| n == 1),
+        "a key ran twice: {per_key:?}"
+    );
+
+    // Every key idemgate wrote is prefix + hashed name, and has a TTL.
+    let keys = redis.cli(&["--scan", "--pattern", "*"]).unwrap();
+    let keys: Vec<&str> = keys.lines().collect();
+    assert_eq!(keys.len(), 101);
+    for k in keys {
+        assert!(
+            k.starts_with("idemgate:{") && k.ends_with('}') && k.len() == "idemgate:{}".len() + 64,
+            "{k}"
+        );
+        let ttl: i64 = redis.cli(&["PTTL", k]).unwrap().trim().parse().unwrap();
+        assert!(ttl > 0, "{k} has no TTL");
+    }
+    for (r, _) in nodes {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_is_renewed_across_replicas() {
+    let redis = RedisServer::start();
+    let up = TestUpstream::start().await;
+    let toml = format!(
+        "{}[idempotency]\nlease_ttl = \"1s\"\nwait_timeout = \"10s\"\n",
+        redis_toml(&[redis.url()], false, "")
+    );
+    let nodes = replicas(&up, 2, &toml).await;
+    let a = nodes[0].1.clone();
+    let first = tokio::spawn(async move {
+        a.send(
+            "POST",
+            "/v1/slow",
+            &[("idempotency-key", "long"), ("x-delay-ms", "4000")],
+            "{}",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Well past the 1 s lease: only renewal keeps it held.
+    let dup = nodes[1]
+        .1
+        .send(
+            "POST",
+            "/v1/slow",
+            &[("idempotency-key", "long"), ("x-delay-ms", "4000")],
+            "{}",
+        )
+        .await;
+    let first = first.await.unwrap();
+    assert_eq!(dup.status, 201);
+    assert_eq!(dup.header("idempotent-replayed"), Some("true"));
+    assert_eq!(dup.body, first.body);
+    assert_eq!(up.calls(), 1);
+    for (r, _) in nodes {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_is_503_then_recovers_without_restart() {
+    let mut redis = RedisServer::start();
+    let up = TestUpstream::start().await;
+    let (idg, client) = {
+        let r = Running::start(config(
+            Some(&up.url()),
+            &redis_toml(&[redis.url()], false, ""),
+        ))
+        .await
+        .unwrap();
+        let c = TestClient::new(r.proxy_addr.unwrap());
+        (r, c)
+    };
+    assert_eq!(client.post("/v1/x", "before", "{}").await.status, 201);
+    redis.kill();
+    let down = client.post("/v1/x", "during", "{}").await;
+    down.assert_problem(503, "store-unavailable");
+    assert_eq!(down.header("retry-after"), Some("1"));
+    assert_eq!(
+        up.calls(),
+        1,
+        "the upstream must not be called while the store is down"
+    );
+    // Keyless and uncovered requests don't need the store.
+    assert_eq!(client.send("GET", "/v1/x", &[], "").await.status, 201);
+
+    redis.restart();
+    // Reconnection happens by itself; allow it a few attempts.
+    let mut recovered = None;
+    for _ in 0..50 {
+        let got = client.post("/v1/x", "after", "{}").await;
+        if got.status == 201 {
+            recovered = Some(got);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered.is_some(), "idemgate did not reconnect to Redis");
+    let again = client.post("/v1/x", "after", "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(up.calls(), 3);
+    idg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pass_through_on_store_error_forwards_without_idempotency() {
+    let mut redis = RedisServer::start();
+    let up = TestUpstream::start().await;
+    let toml = redis_toml(&[redis.url()], false, "on_store_error = \"pass-through\"");
+    let r = Running::start(config(Some(&up.url()), &toml))
+        .await
+        .unwrap();
+    let client = TestClient::new(r.proxy_addr.unwrap());
+    redis.kill();
+    assert_eq!(client.post("/v1/x", "k", "{}").await.status, 201);
+    assert_eq!(client.post("/v1/x", "k", "{}").await.status, 201);
+    assert_eq!(up.calls(), 2);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_replicas_run_each_key_once() {
+    let cluster = RedisCluster::start();
+    let up = TestUpstream::start().await;
+    let nodes = replicas(&up, 2, &redis_toml(&cluster.urls(), true, "")).await;
+    let mut tasks = Vec::new();
+    for k in 0..60 {
+        for d in 0..3 {
+            let c = nodes[(k + d) % 2].1.clone();
+            tasks.push(tokio::spawn(async move {
+                c.send(
+                    "POST",
+                    "/v1/charges",
+                    &[
+                        ("idempotency-key", &format!("{{tag}}{k}")),
+                        ("x-delay-ms", "100"),
+                    ],
+                    "{}",
+                )
+                .await
+            }));
+        }
+    }
+    let mut by_key: std::collections::HashMap<String, Vec<bytes::Bytes>> = Default::default();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = t.await.unwrap();
+        assert_eq!(got.status, 201, "{:?}", got.body);
+        by_key
+            .entry(format!("{}", i / 3))
+            .or_default()
+            .push(got.body);
+    }
+    assert_eq!(up.calls(), 60);
+    for bodies in by_key.values() {
+        assert!(
+            bodies.iter().all(|b| *b == bodies[0]),
+            "duplicates got different answers"
+        );
+    }
+    // The user's `{tag}` did not pin every record to one slot.
+    let mut slots = std::collections::HashSet::new();
+    for n in &cluster.nodes {
+        for k in n.cli(&["--scan"]).unwrap().lines() {
+            slots.insert(n.cli(&["CLUSTER", "KEYSLOT", k]).unwrap());
+        }
+    }
+    assert!(slots.len() > 10, "records share {} slots", slots.len());
+    for (r, _) in nodes {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_record_is_a_miss_not_a_panic() {
+    let redis = RedisServer::start();
+    let store = connect(&[redis.url()], false).await;
+    let up = TestUpstream::start().await;
+    let r = Running::start(config(
+        Some(&up.url()),
+        &redis_toml(&[redis.url()], false, ""),
+    ))
+    .await
+    .unwrap();
+    let client = TestClient::new(r.proxy_addr.unwrap());
+    assert_eq!(client.post("/v1/x", "v", "{}").await.status, 201);
+    // Overwrite the record with a future encoding version.
+    let key = redis.cli(&["--scan"]).unwrap().trim().to_owned();
+    redis
+        .cli(&["HSET", &key, "r", "\u{9}future-format"])
+        .unwrap();
+    let again = client.post("/v1/x", "v", "{}").await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.header("idempotent-replayed"), None);
+    assert_eq!(up.calls(), 2);
+    // The new record is readable again.
+    assert_eq!(
+        client
+            .post("/v1/x", "v", "{}")
+            .await
+            .header("idempotent-replayed"),
+        Some("true")
+    );
+    store.ping().await.unwrap();
+    r.stop().await;
+}
+
+/// Per-command call counts from INFO commandstats (commands run inside Lua
+/// scripts count too).
+fn command_calls(redis: &RedisServer) -> std::collections::HashMap<String, u64> {
+    let info = redis.cli(&["INFO", "commandstats"]).unwrap();
+    let mut out = std::collections::HashMap::new();
+    for line in info.lines() {
+        if let Some((name, rest)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        {
+            let calls = rest
+                .split("calls=")
+                .nth(1)
+                .and_then(|s| s.split(',').next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            out.insert(name.to_owned(), calls);
+        }
+    }
+    out
+}
+
+/// Round trips idemgate made between two snapshots: script runs plus any
+/// command our scripts never issue (so it must have come from a client). Each
+/// script does exactly one HMGET, so a stray top-level HMGET shows as well.
+fn round_trips(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+) -> (u64, u64) {
+    const IN_SCRIPTS: [&str; 8] = [
+        "hmget", "time", "del", "hset", "pexpire", "hdel", "publish", "info",
+    ];
+    let delta =
+        |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
+    let scripts = delta("evalsha") + delta("eval");
+    let others: u64 = after
+        .keys()
+        .filter(|n| !IN_SCRIPTS.contains(&n.as_str()) && *n != "evalsha" && *n != "eval")
+        .map(|n| delta(n))
+        .sum();
+    assert_eq!(delta("hmget"), scripts, "a top-level HMGET was sent");
+    (scripts + others, scripts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_request_costs_two_round_trips_and_a_replay_one() {
+    let redis = RedisServer::start();
+    let up = TestUpstream::start().await;
+    let r = Running::start(config(
+        Some(&up.url()),
+        &redis_toml(&[redis.url()], false, ""),
+    ))
+    .await
+    .unwrap();
+    let client = TestClient::new(r.proxy_addr.unwrap());
+    // Warm up: scripts get loaded on first use.
+    client.post("/v1/x", "warm", "{}").await;
+    client.post("/v1/x", "warm", "{}").await;
+
+    let before = command_calls(&redis);
+    assert_eq!(client.post("/v1/x", "first", "{}").await.status, 201);
+    let after_first = command_calls(&redis);
+    assert_eq!(
+        client
+            .post("/v1/x", "first", "{}")
+            .await
+            .header("idempotent-replayed"),
+        Some("true")
+    );
+    let after_replay = command_calls(&redis);
+    assert_eq!(
+        round_trips(&before, &after_first),
+        (2, 2),
+        "first request: begin + complete"
+    );
+    assert_eq!(
+        round_trips(&after_first, &after_replay),
+        (1, 1),
+        "replay: begin only"
+    );
+    r.stop().await;
+}
