@@ -405,3 +405,99 @@ async fn a_first_request_costs_two_round_trips_and_a_replay_one() {
     );
     r.stop().await;
 }
+
+/// The ACL line the README recommends, as one string per argument.
+const README_ACL: &[&str] = &[
+    "ACL",
+    "SETUSER",
+    "idemgate",
+    "on",
+    ">s3cret",
+    "resetkeys",
+    "~idemgate:*",
+    "resetchannels",
+    "&idemgate:*",
+    "-@all",
+    "+evalsha",
+    "+eval",
+    "+script|load",
+    "+hmget",
+    "+hset",
+    "+hdel",
+    "+del",
+    "+pexpire",
+    "+time",
+    "+publish",
+    "+spublish",
+    "+subscribe",
+    "+unsubscribe",
+    "+ssubscribe",
+    "+sunsubscribe",
+    "+ping",
+    "+hello",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_acl_is_enough_and_auth_comes_from_the_url() {
+    let redis = RedisServer::start();
+    assert_eq!(redis.cli(README_ACL).unwrap().trim(), "OK");
+    // Without the password nothing works...
+    let cfg = config(
+        None,
+        &redis_toml(
+            &[redis.url().replace("redis://", "redis://idemgate:wrong@")],
+            false,
+            "",
+        ),
+    )
+    .store;
+    assert!(RedisStore::connect(&cfg, false).await.is_err());
+    // ...with it, everything idemgate does is allowed.
+    let url = redis.url().replace("redis://", "redis://idemgate:s3cret@");
+    let up = TestUpstream::start().await;
+    let toml = format!(
+        "{}[idempotency]\nwait_timeout = \"5s\"\n",
+        redis_toml(&[url], false, "")
+    );
+    let r = Running::start(config(Some(&up.url()), &toml))
+        .await
+        .unwrap();
+    let client = TestClient::new(r.proxy_addr.unwrap());
+    let c = client.clone();
+    let first = tokio::spawn(async move {
+        c.send(
+            "POST",
+            "/v1/x",
+            &[("idempotency-key", "acl"), ("x-delay-ms", "300")],
+            "{}",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A waiting duplicate exercises SUBSCRIBE and the re-check.
+    let dup = client
+        .send(
+            "POST",
+            "/v1/x",
+            &[("idempotency-key", "acl"), ("x-delay-ms", "300")],
+            "{}",
+        )
+        .await;
+    assert_eq!(first.await.unwrap().status, 201);
+    assert_eq!(dup.header("idempotent-replayed"), Some("true"));
+    // Release path (uncacheable status) too.
+    assert_eq!(
+        client
+            .send(
+                "POST",
+                "/v1/x",
+                &[("idempotency-key", "rel"), ("x-status", "503")],
+                "{}"
+            )
+            .await
+            .status,
+        503
+    );
+    assert_eq!(up.calls(), 2);
+    r.stop().await;
+}
