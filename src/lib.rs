@@ -13,12 +13,14 @@
 //! - [`server`]: listeners, connection limits, graceful drain; [`admin`]: the
 //!   admin listener.
 //! - [`error`]: typed errors and the one place they become HTTP statuses.
+//! - [`metrics`]: the Prometheus metrics, on a registry the caller owns.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
 pub mod error;
 pub mod idempotency;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod store;

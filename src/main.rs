@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use idemgate::config::{Cli, Command, Config, LogFormat};
+use idemgate::metrics::Metrics;
 use idemgate::server::{self, Listeners};
 use tracing_subscriber::EnvFilter;
 
@@ -33,7 +34,16 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let store = match server::open_store(&config).await {
+        // The one registry: made here, handed down.
+        let registry = prometheus::Registry::new();
+        let metrics = match Metrics::new(&registry) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("idemgate: cannot set up metrics: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let store = match server::open_store(&config, &metrics).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("idemgate: {e}");
@@ -51,7 +61,7 @@ fn main() -> ExitCode {
             Some(up) => tracing::info!(listen = %config.listen, upstream = %up, admin = %config.admin_listen, "idemgate proxy started"),
             None => tracing::info!(admin = %config.admin_listen, "idemgate started in dedup-only mode (no upstream)"),
         }
-        server::run(config, store, listeners, shutdown_signal()).await;
+        server::run(config, store, metrics, listeners, shutdown_signal()).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::config::{Backend, Config};
+use crate::metrics::Metrics;
 use crate::proxy::{IdempotencyLayer, Settings, Upstream};
 use crate::store::{AnyStore, MemoryStore, RedisStore};
 
@@ -37,18 +38,19 @@ pub enum StartError {
     Store(String),
 }
 
-/// Opens the configured store.
-pub async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
-    match config.store.backend {
-        Backend::Memory => Ok(AnyStore::Memory(MemoryStore::new(config.store.max_entries))),
+/// Opens the configured store, reporting into `metrics`.
+pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<AnyStore, StartError> {
+    let store = match config.store.backend {
+        Backend::Memory => AnyStore::memory(MemoryStore::new(config.store.max_entries)),
         Backend::Redis | Backend::RedisCluster => {
             let cluster = config.store.backend == Backend::RedisCluster;
             let store = RedisStore::connect(&config.store, cluster)
                 .await
                 .map_err(|e| StartError::Store(e.to_string()))?;
-            Ok(AnyStore::Redis(store))
+            AnyStore::redis(store.with_decode_counter(metrics.record_decode_errors.clone()))
         }
-    }
+    };
+    Ok(store.with_metrics(metrics.clone()))
 }
 
 /// The proxy listener (absent in dedup-only mode) and the admin listener.
@@ -80,6 +82,7 @@ impl Listeners {
 pub async fn run(
     config: Config,
     store: AnyStore,
+    metrics: Metrics,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -92,28 +95,26 @@ pub async fn run(
             on_store_error: config.store.on_store_error,
             upstream_timeout: config.upstream_timeout,
             tasks: tasks.clone(),
+            metrics: metrics.clone(),
         };
         tower::ServiceBuilder::new()
             .layer(IdempotencyLayer::new(store.clone(), settings))
             .service(Upstream::new(upstream, config.upstream_timeout))
     });
-    let admin = Admin::new(store.clone());
+    let admin = Admin::new(store.clone(), metrics.clone(), config.policies.clone());
 
     // Expired memory records are also dropped lazily on access; the sweep
     // returns memory held by keys nobody asks for again.
-    let sweeper = match &store {
-        AnyStore::Memory(m) => {
-            let m = m.clone();
-            Some(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(10));
-                loop {
-                    tick.tick().await;
-                    m.sweep();
-                }
-            }))
-        }
-        AnyStore::Redis(_) => None,
-    };
+    let sweeper = store.as_memory().map(|m| {
+        let m = m.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                m.sweep();
+            }
+        })
+    });
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -200,6 +201,8 @@ pub struct Running {
     pub proxy_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub store: AnyStore,
+    /// This instance's metrics, on its own registry.
+    pub metrics: Metrics,
     stop: Option<oneshot::Sender<()>>,
     join: JoinHandle<()>,
 }
@@ -207,12 +210,17 @@ pub struct Running {
 impl Running {
     /// Binds the configured addresses (use port 0 for free ones) and serves.
     pub async fn start(config: Config) -> Result<Self, StartError> {
-        let store = open_store(&config).await?;
-        Self::start_with(config, store).await
+        let metrics = Metrics::standalone();
+        let store = open_store(&config, &metrics).await?;
+        Self::start_with(config, store, metrics).await
     }
 
     /// Like [`Running::start`] with a store the caller opened (and may share).
-    pub async fn start_with(config: Config, store: AnyStore) -> Result<Self, StartError> {
+    pub async fn start_with(
+        config: Config,
+        store: AnyStore,
+        metrics: Metrics,
+    ) -> Result<Self, StartError> {
         let listeners = Listeners::bind(&config).await?;
         let proxy_addr = listeners.proxy.as_ref().and_then(|l| l.local_addr().ok());
         let admin_addr = listeners
@@ -223,13 +231,20 @@ impl Running {
                 source,
             })?;
         let (tx, rx) = oneshot::channel::<()>();
-        let join = tokio::spawn(run(config, store.clone(), listeners, async move {
-            let _ = rx.await;
-        }));
+        let join = tokio::spawn(run(
+            config,
+            store.clone(),
+            metrics.clone(),
+            listeners,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         Ok(Running {
             proxy_addr,
             admin_addr,
             store,
+            metrics,
             stop: Some(tx),
             join,
         })

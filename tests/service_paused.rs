@@ -56,6 +56,7 @@ fn settings(idempotency: &str) -> Settings {
         on_store_error: OnStoreError::Reject,
         upstream_timeout: Duration::from_secs(600),
         tasks: TaskTracker::new(),
+        metrics: idemgate::metrics::Metrics::standalone(),
     }
 }
 
@@ -90,7 +91,7 @@ async fn call(svc: &Svc, key: &str) -> Result<Response<Body>, Infallible> {
 
 #[tokio::test(start_paused = true)]
 async fn lease_renewal_keeps_a_long_call_exclusive() {
-    let store = AnyStore::Memory(MemoryStore::new(100));
+    let store = AnyStore::memory(MemoryStore::new(100));
     let calls = Arc::new(AtomicUsize::new(0));
     // The call takes 10 s; the lease is 3 s and must be renewed three times.
     let svc = service(
@@ -112,7 +113,7 @@ async fn lease_renewal_keeps_a_long_call_exclusive() {
 
 #[tokio::test(start_paused = true)]
 async fn a_waiting_duplicate_gives_up_at_wait_timeout() {
-    let store = AnyStore::Memory(MemoryStore::new(100));
+    let store = AnyStore::memory(MemoryStore::new(100));
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = service(
         &store,
@@ -138,7 +139,7 @@ async fn a_waiting_duplicate_gives_up_at_wait_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn a_lapsed_lease_of_a_dead_holder_is_taken_over() {
-    let store = AnyStore::Memory(MemoryStore::new(100));
+    let store = AnyStore::memory(MemoryStore::new(100));
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = service(
         &store,

@@ -34,6 +34,7 @@ use crate::error::{full, ProxyError, UpstreamError};
 use crate::idempotency::key::{parse_key, Fingerprint, KeyError, RecordKey};
 use crate::idempotency::record::{CompletedRecord, StoredResponse};
 use crate::idempotency::state::{decide, Decision, Lease};
+use crate::metrics::Metrics;
 use crate::store::{AnyStore, Store};
 use crate::{Body, BoxError};
 
@@ -108,6 +109,7 @@ pub struct Settings {
     pub upstream_timeout: Duration,
     /// Detached upstream calls are spawned here so shutdown can wait for them.
     pub tasks: TaskTracker,
+    pub metrics: Metrics,
 }
 
 /// Applies idempotency to the wrapped upstream service.
@@ -195,25 +197,51 @@ where
         Box::pin(async move {
             let started = Instant::now();
             let method = req.method().clone();
-            let (outcome, resp) = handle(shared, inner, req).await;
+            let metrics = shared.settings.metrics.clone();
+            let handled = handle(shared, inner, req).await;
+            let elapsed = started.elapsed();
+            metrics.request(handled.outcome, elapsed);
             tracing::debug!(
                 %method,
-                outcome = outcome.as_str(),
-                status = resp.status().as_u16(),
-                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                record = handled.record.map(|k| k.to_hex()),
+                outcome = handled.outcome.as_str(),
+                status = handled.response.status().as_u16(),
+                elapsed_ms = elapsed.as_secs_f64() * 1e3,
                 "request"
             );
-            let mut resp = resp;
-            resp.extensions_mut().insert(outcome);
-            Ok(resp)
+            Ok(handled.response)
         })
     }
 }
 
-type Handled = (Outcome, Response<Body>);
+/// How a request ended, and with what.
+struct Handled {
+    outcome: Outcome,
+    response: Response<Body>,
+    /// The record key, once derived (logged as its hash, never the key).
+    record: Option<RecordKey>,
+}
+
+impl Handled {
+    fn new(outcome: Outcome, response: Response<Body>) -> Self {
+        Handled {
+            outcome,
+            response,
+            record: None,
+        }
+    }
+
+    fn on(mut self, record: RecordKey) -> Self {
+        self.record = Some(record);
+        self
+    }
+}
 
 fn refuse(e: ProxyError) -> Handled {
-    (Outcome::of(&e), e.to_response())
+    if matches!(e, ProxyError::Upstream(_) | ProxyError::Store(_)) {
+        tracing::warn!(error = %e, "request failed");
+    }
+    Handled::new(Outcome::of(&e), e.to_response())
 }
 
 async fn handle<S: UpstreamService>(shared: Arc<Shared>, inner: S, req: Request<Body>) -> Handled {
@@ -224,6 +252,7 @@ async fn handle<S: UpstreamService>(shared: Arc<Shared>, inner: S, req: Request<
 
     if !policy.covers(&parts.method) {
         return forward(
+            &shared.settings.metrics,
             inner,
             Request::from_parts(parts, body),
             Outcome::PassThrough,
@@ -249,6 +278,7 @@ async fn handle<S: UpstreamService>(shared: Arc<Shared>, inner: S, req: Request<
             return refuse(ProxyError::MissingKey(policy.header.to_string()));
         }
         return forward(
+            &shared.settings.metrics,
             inner,
             Request::from_parts(parts, body),
             Outcome::PassThrough,
@@ -299,7 +329,11 @@ async fn handle<S: UpstreamService>(shared: Arc<Shared>, inner: S, req: Request<
     loop {
         let begun = match shared.store.begin(&record_key, &fp, policy.lease_ttl).await {
             Ok(b) => b,
-            Err(e) => return store_failed(&shared, inner, parts, body, e).await,
+            Err(e) => {
+                return store_failed(&shared, inner, parts, body, e)
+                    .await
+                    .on(record_key)
+            }
         };
         match decide(begun, &fp) {
             Decision::Forward(lease) => {
@@ -310,17 +344,29 @@ async fn handle<S: UpstreamService>(shared: Arc<Shared>, inner: S, req: Request<
                     fingerprint: fp,
                     policy,
                     timeout: shared.settings.upstream_timeout,
+                    metrics: shared.settings.metrics.clone(),
                 };
-                return job.spawn(&shared.settings.tasks, inner, parts, body).await;
+                return job
+                    .spawn(&shared.settings.tasks, inner, parts, body)
+                    .await
+                    .on(record_key);
             }
-            Decision::Replay(record) => return (Outcome::Replayed, replay(&record.response)),
-            Decision::Mismatch => return refuse(ProxyError::KeyReused),
+            Decision::Replay(record) => {
+                return Handled::new(Outcome::Replayed, replay(&record.response)).on(record_key)
+            }
+            Decision::Mismatch => return refuse(ProxyError::KeyReused).on(record_key),
             Decision::Wait { fence } => {
                 if Instant::now() >= deadline {
-                    return refuse(ProxyError::InProgress);
+                    return refuse(ProxyError::InProgress).on(record_key);
                 }
-                if let Err(e) = shared.store.wait(&record_key, fence, deadline).await {
-                    return store_failed(&shared, inner, parts, body, e).await;
+                let waiting = &shared.settings.metrics.waiting_duplicates;
+                waiting.inc();
+                let waited = shared.store.wait(&record_key, fence, deadline).await;
+                waiting.dec();
+                if let Err(e) = waited {
+                    return store_failed(&shared, inner, parts, body, e)
+                        .await
+                        .on(record_key);
                 }
             }
         }
@@ -391,6 +437,7 @@ async fn store_failed<S: UpstreamService>(
         OnStoreError::PassThrough => {
             tracing::warn!(error = %err, "store failed; forwarding without idempotency");
             forward(
+                &shared.settings.metrics,
                 inner,
                 Request::from_parts(parts, full(body)),
                 Outcome::PassThrough,
@@ -401,9 +448,14 @@ async fn store_failed<S: UpstreamService>(
 }
 
 /// Forwards a request untouched (streamed), mapping upstream failures.
-async fn forward<S: UpstreamService>(inner: S, req: Request<Body>, outcome: Outcome) -> Handled {
-    match call_upstream(inner, req).await {
-        Ok(resp) => (outcome, resp),
+async fn forward<S: UpstreamService>(
+    metrics: &Metrics,
+    inner: S,
+    req: Request<Body>,
+    outcome: Outcome,
+) -> Handled {
+    match call_upstream(metrics, inner, req).await {
+        Ok(resp) => Handled::new(outcome, resp),
         Err(e) => refuse(ProxyError::Upstream(e)),
     }
 }
@@ -435,6 +487,7 @@ struct Job {
     fingerprint: Fingerprint,
     policy: Arc<Policy>,
     timeout: Duration,
+    metrics: Metrics,
 }
 
 /// What the upstream answered, read up to `max_response_body`.
@@ -473,7 +526,7 @@ impl Job {
     async fn run<S: UpstreamService>(self, inner: S, req: Request<Body>) -> Handled {
         let work = tokio::time::timeout(
             self.timeout,
-            call_and_read(inner, req, self.policy.max_response_body),
+            call_and_read(&self.metrics, inner, req, self.policy.max_response_body),
         );
         tokio::pin!(work);
         let renew = self.renew_loop();
@@ -523,7 +576,7 @@ impl Job {
                 Response::from_parts(p, Prefixed::new(read, rest).boxed())
             }
         };
-        (Outcome::Forwarded, resp)
+        Handled::new(Outcome::Forwarded, resp)
     }
 
     /// Response headers worth replaying: no framing (hyper sets
@@ -546,8 +599,9 @@ impl Job {
         loop {
             tick.tick().await;
             match self.store.renew(&self.record_key, &self.lease, ttl).await {
-                Ok(true) => {}
+                Ok(true) => self.metrics.lease_renewals.inc(),
                 Ok(false) => {
+                    self.metrics.lease_lost.inc();
                     tracing::warn!(record = %self.record_key.to_hex(), fence = self.lease.fence, "lease lost while the upstream call ran");
                     return;
                 }
@@ -575,6 +629,7 @@ impl Job {
             {
                 Ok(true) => return,
                 Ok(false) => {
+                    self.metrics.lease_lost.inc();
                     tracing::warn!(record = %self.record_key.to_hex(), fence = self.lease.fence, "lease lost before completion; response returned but not stored");
                     return;
                 }
@@ -590,6 +645,7 @@ impl Job {
         match self.store.release(&self.record_key, &self.lease).await {
             Ok(true) => {}
             Ok(false) => {
+                self.metrics.lease_lost.inc();
                 tracing::warn!(record = %self.record_key.to_hex(), fence = self.lease.fence, "lease lost before release")
             }
             // The lease lapses by itself after lease_ttl.
@@ -602,11 +658,12 @@ impl Job {
 
 /// Calls the upstream and reads the body up to `max` bytes.
 async fn call_and_read<S: UpstreamService>(
+    metrics: &Metrics,
     inner: S,
     req: Request<Body>,
     max: u64,
 ) -> Result<Answer, UpstreamError> {
-    let resp = call_upstream(inner, req).await?;
+    let resp = call_upstream(metrics, inner, req).await?;
     let (parts, body) = resp.into_parts();
     match read_limited(body, max).await {
         Ok(Read::Whole(b)) => Ok(Answer::Whole(parts, b)),
@@ -620,10 +677,37 @@ async fn call_and_read<S: UpstreamService>(
 /// for every lifetime inside a spawned generic task); it is one allocation
 /// next to a network round trip.
 fn call_upstream<S: UpstreamService>(
+    metrics: &Metrics,
     inner: S,
     req: Request<Body>,
 ) -> Pin<Box<dyn Future<Output = Result<Response<Body>, UpstreamError>> + Send>> {
-    Box::pin(inner.oneshot(req))
+    Box::pin(Timed {
+        inner: inner.oneshot(req),
+        started: Instant::now(),
+        histogram: metrics.upstream_duration.clone(),
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// Observes how long a future took. A named type rather than an async
+    /// block, for the same rustc limitation as above.
+    struct Timed<F> {
+        #[pin]
+        inner: F,
+        started: Instant,
+        histogram: prometheus::Histogram,
+    }
+}
+
+impl<F: Future> Future for Timed<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        this.histogram.observe(this.started.elapsed().as_secs_f64());
+        Poll::Ready(out)
+    }
 }
 
 fn unix_ms() -> u64 {

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use std::future::ready;
 
-use super::{Store, StoreError, StoreFuture};
+use super::{Inspection, Store, StoreError, StoreFuture};
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{self, Begin, Lease, State};
@@ -310,12 +310,20 @@ impl Store for MemoryStore {
         })
     }
 
-    fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, State> {
+    fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, Inspection> {
+        let now = Instant::now();
         let mut shard = self.shard(key);
-        let state = self
-            .live(&mut shard, key, Instant::now())
-            .map_or(State::Absent, |e| e.state.clone());
-        Box::pin(ready(Ok(state)))
+        let found = match self.live(&mut shard, key, now) {
+            Some(e) => Inspection {
+                state: e.state.clone(),
+                expires_in: Some(e.expires - now),
+            },
+            None => Inspection {
+                state: State::Absent,
+                expires_in: None,
+            },
+        };
+        Box::pin(ready(Ok(found)))
     }
 
     fn purge<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, bool> {

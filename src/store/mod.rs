@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{Begin, Lease, State};
+use crate::metrics::Metrics;
 
 pub mod memory;
 pub mod redis;
@@ -77,8 +78,8 @@ pub trait Store: Send + Sync + 'static {
     fn wait<'a>(&'a self, key: &'a RecordKey, fence: u64, deadline: Instant)
         -> StoreFuture<'a, ()>;
 
-    /// The record's current state, for inspection.
-    fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, State>;
+    /// The record's current state and remaining lifetime, for inspection.
+    fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, Inspection>;
 
     /// Deletes the record whatever its state; `false` if there was none.
     fn purge<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, bool>;
@@ -87,19 +88,82 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> StoreFuture<'_, ()>;
 }
 
-/// The backend chosen at start-up. An enum rather than `dyn Store` so the
-/// choice is made once per call with a match, not a vtable per layer.
+/// What [`Store::get`] finds: the state and how long until it expires.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inspection {
+    pub state: State,
+    pub expires_in: Option<Duration>,
+}
+
+/// The backend chosen at start-up, with optional metrics on every call.
+/// Static dispatch over the backends rather than `dyn Store` layers.
 #[derive(Clone)]
-pub enum AnyStore {
+pub struct AnyStore {
+    backend: Backend,
+    metrics: Option<Metrics>,
+}
+
+#[derive(Clone)]
+enum Backend {
     Memory(MemoryStore),
     Redis(RedisStore),
 }
 
 impl AnyStore {
+    pub fn memory(store: MemoryStore) -> Self {
+        AnyStore {
+            backend: Backend::Memory(store),
+            metrics: None,
+        }
+    }
+
+    pub fn redis(store: RedisStore) -> Self {
+        AnyStore {
+            backend: Backend::Redis(store),
+            metrics: None,
+        }
+    }
+
+    /// Times every operation and counts failures in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn as_memory(&self) -> Option<&MemoryStore> {
+        match &self.backend {
+            Backend::Memory(m) => Some(m),
+            Backend::Redis(_) => None,
+        }
+    }
+
+    pub fn as_redis(&self) -> Option<&RedisStore> {
+        match &self.backend {
+            Backend::Redis(r) => Some(r),
+            Backend::Memory(_) => None,
+        }
+    }
+
     fn backend(&self) -> &dyn Store {
-        match self {
-            AnyStore::Memory(s) => s,
-            AnyStore::Redis(s) => s,
+        match &self.backend {
+            Backend::Memory(s) => s,
+            Backend::Redis(s) => s,
+        }
+    }
+
+    fn observe<'a, T: Send + 'a>(
+        &'a self,
+        op: &'static str,
+        fut: StoreFuture<'a, T>,
+    ) -> StoreFuture<'a, T> {
+        match &self.metrics {
+            None => fut,
+            Some(m) => Box::pin(async move {
+                let started = Instant::now();
+                let result = fut.await;
+                m.store_op(op, started.elapsed(), result.is_err());
+                result
+            }),
         }
     }
 }
@@ -111,7 +175,7 @@ impl Store for AnyStore {
         fp: &'a Fingerprint,
         lease_ttl: Duration,
     ) -> StoreFuture<'a, Begin> {
-        self.backend().begin(key, fp, lease_ttl)
+        self.observe("begin", self.backend().begin(key, fp, lease_ttl))
     }
     fn renew<'a>(
         &'a self,
@@ -119,7 +183,7 @@ impl Store for AnyStore {
         lease: &'a Lease,
         lease_ttl: Duration,
     ) -> StoreFuture<'a, bool> {
-        self.backend().renew(key, lease, lease_ttl)
+        self.observe("renew", self.backend().renew(key, lease, lease_ttl))
     }
     fn complete<'a>(
         &'a self,
@@ -128,10 +192,10 @@ impl Store for AnyStore {
         record: Arc<CompletedRecord>,
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
-        self.backend().complete(key, lease, record, ttl)
+        self.observe("complete", self.backend().complete(key, lease, record, ttl))
     }
     fn release<'a>(&'a self, key: &'a RecordKey, lease: &'a Lease) -> StoreFuture<'a, bool> {
-        self.backend().release(key, lease)
+        self.observe("release", self.backend().release(key, lease))
     }
     fn wait<'a>(
         &'a self,
@@ -139,13 +203,24 @@ impl Store for AnyStore {
         fence: u64,
         deadline: Instant,
     ) -> StoreFuture<'a, ()> {
-        self.backend().wait(key, fence, deadline)
+        // Not timed: its duration is the wait, not the store's latency.
+        let fut = self.backend().wait(key, fence, deadline);
+        match &self.metrics {
+            None => fut,
+            Some(m) => Box::pin(async move {
+                let result = fut.await;
+                if result.is_err() {
+                    m.store_errors.with_label_values(&["wait"]).inc();
+                }
+                result
+            }),
+        }
     }
-    fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, State> {
-        self.backend().get(key)
+    fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, Inspection> {
+        self.observe("get", self.backend().get(key))
     }
     fn purge<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, bool> {
-        self.backend().purge(key)
+        self.observe("purge", self.backend().purge(key))
     }
     fn ping(&self) -> StoreFuture<'_, ()> {
         self.backend().ping()

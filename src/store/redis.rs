@@ -32,7 +32,7 @@ use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script, Val
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Store, StoreError, StoreFuture};
+use super::{Inspection, Store, StoreError, StoreFuture};
 use crate::config::{redact_url, StoreConfig};
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::record::CompletedRecord;
@@ -89,7 +89,7 @@ return 1
 
 const GET: &str = r"
 local h = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'p', 'r')
-return {h[1], h[2], h[3], h[4], h[5]}
+return {h[1], h[2], h[3], h[4], h[5], redis.call('PTTL', KEYS[1])}
 ";
 
 const PURGE: &str = r"
@@ -138,6 +138,7 @@ struct Inner {
     recheck: Duration,
     /// Records whose encoding this build cannot read (treated as misses).
     decode_misses: AtomicU64,
+    decode_counter: Option<prometheus::IntCounter>,
 }
 
 /// Waiting duplicates by channel; the push handler wakes them.
@@ -279,6 +280,7 @@ impl RedisStore {
                 waiters,
                 recheck: RECHECK,
                 decode_misses: AtomicU64::new(0),
+                decode_counter: None,
             }),
         };
         store.ping_inner().await?;
@@ -292,6 +294,15 @@ impl RedisStore {
     pub fn with_recheck(mut self, recheck: Duration) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.recheck = recheck;
+        }
+        self
+    }
+
+    /// Also counts undecodable records in this metric. Only before the store
+    /// is cloned.
+    pub fn with_decode_counter(mut self, counter: prometheus::IntCounter) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.decode_counter = Some(counter);
         }
         self
     }
@@ -427,6 +438,9 @@ impl RedisStore {
                         Err(e) => {
                             // Written by a newer idemgate, or damaged: a miss.
                             self.inner.decode_misses.fetch_add(1, Ordering::Relaxed);
+                            if let Some(c) = &self.inner.decode_counter {
+                                c.inc();
+                            }
                             tracing::warn!(record = %key.to_hex(), error = %e, "undecodable record treated as a miss");
                             let _: i64 = self
                                 .eval(&self.inner.scripts.discard, &rkey, &[&raw])
@@ -498,11 +512,21 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn get_inner(&self, key: &RecordKey) -> Result<State, StoreError> {
+    async fn get_inner(&self, key: &RecordKey) -> Result<Inspection, StoreError> {
+        // Missing hash fields come back as nil, in place: the TTL is last.
         let v: Value = self
             .eval(&self.inner.scripts.get, &self.record_key(key), &[])
             .await?;
         let parts = array(v)?;
+        let expires_in = match parts.last() {
+            Some(Value::Int(ms)) if *ms >= 0 => Some(Duration::from_millis(*ms as u64)),
+            _ => None,
+        };
+        let state = self.state_of(key, parts)?;
+        Ok(Inspection { state, expires_in })
+    }
+
+    fn state_of(&self, key: &RecordKey, parts: Vec<Value>) -> Result<State, StoreError> {
         let field = |i: usize| match parts.get(i) {
             Some(Value::BulkString(b)) => Some(b.as_slice()),
             _ => None,
@@ -523,7 +547,11 @@ impl RedisStore {
             Some(b"c") => {
                 match field(4).map(|r| CompletedRecord::decode(Bytes::copy_from_slice(r))) {
                     Some(Ok(rec)) => Ok(State::Completed(Arc::new(rec))),
-                    _ => Ok(State::Absent),
+                    // Like begin: a record this build can't read is a miss.
+                    _ => {
+                        tracing::debug!(record = %key.to_hex(), "undecodable record inspected");
+                        Ok(State::Absent)
+                    }
                 }
             }
             _ => Ok(State::Absent),
@@ -677,7 +705,7 @@ impl Store for RedisStore {
         Box::pin(self.wait_inner(key, fence, deadline))
     }
 
-    fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, State> {
+    fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, Inspection> {
         Box::pin(self.get_inner(key))
     }
 

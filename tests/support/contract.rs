@@ -104,7 +104,10 @@ async fn only_the_current_token_acts<S: Store>(s: &S) {
     assert!(!s.renew(&k, &thief, LEASE).await.unwrap());
     assert!(!s.complete(&k, &thief, record("x"), LEASE).await.unwrap());
     assert!(!s.release(&k, &thief).await.unwrap());
-    assert!(matches!(s.get(&k).await.unwrap(), State::InFlight { .. }));
+    assert!(matches!(
+        s.get(&k).await.unwrap().state,
+        State::InFlight { .. }
+    ));
     assert!(s.renew(&k, &lease, LEASE).await.unwrap());
     assert!(s.complete(&k, &lease, record("y"), LEASE).await.unwrap());
     // Once completed the lease is over: it can neither complete again nor
@@ -112,7 +115,7 @@ async fn only_the_current_token_acts<S: Store>(s: &S) {
     assert!(!s.complete(&k, &lease, record("z"), LEASE).await.unwrap());
     assert!(!s.release(&k, &lease).await.unwrap());
     assert!(!s.renew(&k, &lease, LEASE).await.unwrap());
-    match s.get(&k).await.unwrap() {
+    match s.get(&k).await.unwrap().state {
         State::Completed(r) => assert_eq!(r.response.body, "y"),
         other => panic!("expected completed, got {other:?}"),
     }
@@ -122,7 +125,7 @@ async fn release_frees_the_key_with_a_higher_fence<S: Store>(s: &S) {
     let k = key("release");
     let first = acquire(s, &k, LEASE).await;
     assert!(s.release(&k, &first).await.unwrap());
-    assert_eq!(s.get(&k).await.unwrap(), State::Absent);
+    assert_eq!(s.get(&k).await.unwrap().state, State::Absent);
     let second = acquire(s, &k, LEASE).await;
     assert!(second.fence > first.fence);
     assert_ne!(second.token, first.token);
@@ -217,11 +220,13 @@ async fn wait_returns_at_once_when_the_lease_is_gone<S: Store>(s: &S) {
 
 async fn get_and_purge<S: Store>(s: &S) {
     let k = key("purge");
-    assert_eq!(s.get(&k).await.unwrap(), State::Absent);
+    assert_eq!(s.get(&k).await.unwrap().state, State::Absent);
     assert!(!s.purge(&k).await.unwrap());
     let lease = acquire(s, &k, LEASE).await;
-    assert!(matches!(s.get(&k).await.unwrap(), State::InFlight { lease: l, .. } if l == lease));
+    assert!(
+        matches!(s.get(&k).await.unwrap().state, State::InFlight { lease: l, .. } if l == lease)
+    );
     assert!(s.purge(&k).await.unwrap());
-    assert_eq!(s.get(&k).await.unwrap(), State::Absent);
+    assert_eq!(s.get(&k).await.unwrap().state, State::Absent);
     assert!(!s.complete(&k, &lease, record("gone"), LEASE).await.unwrap());
 }

@@ -1,0 +1,183 @@
+//! Prometheus metrics (SPEC §5). The registry is made by the caller (`main`,
+//! or a test) and passed in, so each instance's counters stand alone.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::proxy::Outcome;
+
+/// Buckets from 50 µs to a minute: fine enough to resolve sub-millisecond
+/// proxy overhead, wide enough for slow upstreams.
+const BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Store operations, as the `op` label names them.
+pub const STORE_OPS: [&str; 7] = [
+    "begin", "renew", "complete", "release", "wait", "get", "purge",
+];
+
+/// Every idemgate metric. Cheap to clone (handles to shared series).
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: Histogram,
+    pub store_duration: HistogramVec,
+    pub store_errors: IntCounterVec,
+    pub waiting_duplicates: IntGauge,
+    pub lease_renewals: IntCounter,
+    pub lease_lost: IntCounter,
+    pub dedup_operations: IntCounterVec,
+    pub record_decode_errors: IntCounter,
+    registry: Registry,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them (and the process collector).
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "idemgate_requests_total",
+                "Proxy requests by how they ended.",
+            ),
+            &["outcome"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "idemgate_request_duration_seconds",
+                "Proxy request duration by outcome.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["outcome"],
+        )?;
+        let upstream_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "idemgate_upstream_duration_seconds",
+                "Upstream call duration, to the response head.",
+            )
+            .buckets(BUCKETS.to_vec()),
+        )?;
+        let store_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "idemgate_store_operation_duration_seconds",
+                "Store operation duration.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["op"],
+        )?;
+        let store_errors = IntCounterVec::new(
+            Opts::new("idemgate_store_errors_total", "Failed store operations."),
+            &["op"],
+        )?;
+        let waiting_duplicates = IntGauge::new(
+            "idemgate_waiting_duplicates",
+            "Duplicates waiting for an in-flight original.",
+        )?;
+        let lease_renewals = IntCounter::new(
+            "idemgate_lease_renewals_total",
+            "Successful lease renewals.",
+        )?;
+        let lease_lost = IntCounter::new(
+            "idemgate_lease_lost_total",
+            "Leases found lost on renewal, completion or release.",
+        )?;
+        let dedup_operations = IntCounterVec::new(
+            Opts::new(
+                "idemgate_dedup_operations_total",
+                "Consumer dedup API operations.",
+            ),
+            &["op", "result"],
+        )?;
+        let record_decode_errors = IntCounter::new(
+            "idemgate_record_decode_errors_total",
+            "Stored records this build could not decode (treated as misses).",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "idemgate_build_info",
+                "Always 1; labelled with the build's version.",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        registry.register(Box::new(store_duration.clone()))?;
+        registry.register(Box::new(store_errors.clone()))?;
+        registry.register(Box::new(waiting_duplicates.clone()))?;
+        registry.register(Box::new(lease_renewals.clone()))?;
+        registry.register(Box::new(lease_lost.clone()))?;
+        registry.register(Box::new(dedup_operations.clone()))?;
+        registry.register(Box::new(record_decode_errors.clone()))?;
+        registry.register(Box::new(build_info))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        // Pre-create every label value so dashboards and alerts see zeros
+        // rather than absent series.
+        for o in Outcome::ALL {
+            requests.with_label_values(&[o.as_str()]);
+        }
+        for op in STORE_OPS {
+            store_errors.with_label_values(&[op]);
+        }
+
+        Ok(Metrics {
+            requests,
+            request_duration,
+            upstream_duration,
+            store_duration,
+            store_errors,
+            waiting_duplicates,
+            lease_renewals,
+            lease_lost,
+            dedup_operations,
+            record_decode_errors,
+            registry: registry.clone(),
+        })
+    }
+
+    /// Metrics on a private registry, for tests and tools.
+    pub fn standalone() -> Self {
+        Self::new(&Registry::new()).expect("fresh registry accepts every metric")
+    }
+
+    /// Counts one finished proxy request.
+    pub fn request(&self, outcome: Outcome, elapsed: Duration) {
+        let label = [outcome.as_str()];
+        self.requests.with_label_values(&label).inc();
+        self.request_duration
+            .with_label_values(&label)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one store operation.
+    pub fn store_op(&self, op: &'static str, elapsed: Duration, failed: bool) {
+        self.store_duration
+            .with_label_values(&[op])
+            .observe(elapsed.as_secs_f64());
+        if failed {
+            self.store_errors.with_label_values(&[op]).inc();
+        }
+    }
+
+    /// The text exposition of everything registered.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
