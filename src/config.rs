@@ -36,6 +36,8 @@ pub enum Command {
     /// Validate a config file: exit 0 and print the effective config, or list
     /// every problem and exit 2.
     CheckConfig,
+    /// Run a toy payments API behind idemgate and show what duplicates do.
+    Demo,
 }
 
 /// Flags that override the config file.

@@ -12,12 +12,14 @@
 //! - [`config`]: loose file/env/CLI input validated into [`config::Config`].
 //! - [`server`]: listeners, connection limits, graceful drain; [`admin`]: the
 //!   admin listener.
+//! - [`demo`]: `idemgate demo`, a guided run against a toy payments API.
 //! - [`error`]: typed errors and the one place they become HTTP statuses.
 //! - [`metrics`]: the Prometheus metrics, on a registry the caller owns.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod idempotency;
 pub mod metrics;

@@ -10,8 +10,10 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::CheckConfig) = cli.command {
-        return check_config(&cli);
+    match cli.command {
+        Some(Command::CheckConfig) => return check_config(&cli),
+        Some(Command::Demo) => return demo(),
+        None => {}
     }
     let config = match Config::load(&cli.args) {
         Ok(c) => c,
@@ -65,6 +67,27 @@ fn main() -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+fn demo() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("idemgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(idemgate::demo::run(&mut std::io::stdout())) {
+        Ok(report) if report.charges == report.keys => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("idemgate demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn check_config(cli: &Cli) -> ExitCode {

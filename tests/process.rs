@@ -1,0 +1,226 @@
+//! The real binary as an operator runs it: graceful drain on SIGTERM, logs
+//! that never carry keys or credentials, and the demo.
+
+mod support;
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{TestClient, TestUpstream};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc {
+    child: Child,
+    proxy: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+}
+
+impl Proc {
+    async fn start(upstream: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let proxy: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idemgate"));
+        cmd.args([
+            "--upstream",
+            upstream,
+            "--listen",
+            &proxy.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(admin).await.is_err() {
+            assert!(Instant::now() < deadline, "idemgate did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Proc {
+            child,
+            proxy,
+            admin,
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for exit; returns the exit code and everything logged.
+    fn finish(mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "idemgate did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut log = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+        (status.code(), log)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_an_in_flight_request_then_exits_0() {
+    let up = TestUpstream::start().await;
+    let p = Proc::start(&up.url(), &[], &[]).await;
+    let client = TestClient::new(p.proxy);
+    let c = client.clone();
+    let slow = tokio::spawn(async move {
+        c.send(
+            "POST",
+            "/v1/charges",
+            &[("idempotency-key", "drain"), ("x-delay-ms", "1500")],
+            "{}",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Draining: no new connections are accepted.
+    assert!(tokio::net::TcpStream::connect(p.proxy).await.is_err());
+    let got = slow.await.unwrap();
+    assert_eq!(got.status, 201);
+    let (code, log) = tokio::task::spawn_blocking(move || p.finish())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("draining"), "{log}");
+    assert_eq!(up.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_outcomes_but_never_keys_or_credentials() {
+    let up = TestUpstream::start().await;
+    let p = Proc::start(
+        &up.url(),
+        &["--log-format", "json"],
+        &[("RUST_LOG", "debug")],
+    )
+    .await;
+    let client = TestClient::new(p.proxy);
+    let headers = [
+        ("idempotency-key", "secret-key-8d1f"),
+        ("authorization", "Bearer tok-5ecret"),
+        ("content-type", "application/json"),
+    ];
+    client
+        .send(
+            "POST",
+            "/v1/charges",
+            &headers,
+            "{\"card\":\"4242-body-secret\"}",
+        )
+        .await;
+    client
+        .send(
+            "POST",
+            "/v1/charges",
+            &headers,
+            "{\"card\":\"4242-body-secret\"}",
+        )
+        .await;
+    p.signal("-INT");
+    let (code, log) = tokio::task::spawn_blocking(move || p.finish())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    let mut outcomes = Vec::new();
+    for line in log.lines() {
+        let doc: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        if let Some(o) = doc["fields"]["outcome"].as_str() {
+            outcomes.push(o.to_owned());
+            assert_eq!(
+                doc["fields"]["record"].as_str().unwrap().len(),
+                64,
+                "{line}"
+            );
+        }
+    }
+    assert_eq!(outcomes, ["forwarded", "replayed"], "{log}");
+    for secret in ["secret-key-8d1f", "tok-5ecret", "4242-body-secret"] {
+        assert!(!log.contains(secret), "{secret} leaked into the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_and_reports_one_charge_per_key() {
+    let out = tokio::task::spawn_blocking(|| {
+        Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            .arg("demo")
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("19 requests sent for 7 orders; the API charged 7 time(s)"),
+        "{text}"
+    );
+    assert!(text.contains("Exactly one charge per order"), "{text}");
+    assert!(text.contains("(identical answers)"), "{text}");
+    assert!(text.contains("422"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_only_mode_opens_no_proxy_listener() {
+    let admin = free_port();
+    let proxy = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args([
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--listen",
+            &format!("127.0.0.1:{proxy}"),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", admin))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "admin listener did not open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", proxy))
+        .await
+        .is_err());
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
