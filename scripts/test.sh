@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs idemgate's whole test suite on a fresh machine.
 #
-# Installs what the tests need when it is missing (redis-server and
-# redis-cli from Debian's packages; needs root), then runs every test. The
+# Installs what the tests need when it is missing (redis-server, redis-cli
+# and promtool from Debian's packages; needs root), then runs every test. The
 # tests start their own servers (upstreams, Redis, Redis Cluster) on
 # loopback ports the OS picks, and stop them when done.
 set -euo pipefail
@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 need_pkgs=()
 command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need_pkgs+=(redis-tools)
+command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: ${need_pkgs[*]} missing; run as root (or install them) first" >&2

@@ -38,6 +38,12 @@ pub enum Command {
     CheckConfig,
     /// Run a toy payments API behind idemgate and show what duplicates do.
     Demo,
+    /// Exit 0 if the admin listener's /healthz answers 200 (for container
+    /// health checks without curl); `--ready` checks /readyz instead.
+    Healthcheck {
+        #[arg(long)]
+        ready: bool,
+    },
 }
 
 /// Flags that override the config file.
@@ -47,27 +53,28 @@ pub struct RunArgs {
     #[arg(long, env = "IDEMGATE_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Proxy listener address [default: 127.0.0.1:8081].
-    #[arg(long, env = "IDEMGATE_LISTEN")]
+    #[arg(long, env = "IDEMGATE_LISTEN", global = true)]
     pub listen: Option<String>,
     /// Admin listener address [default: 127.0.0.1:9901].
-    #[arg(long, env = "IDEMGATE_ADMIN_LISTEN")]
+    #[arg(long, env = "IDEMGATE_ADMIN_LISTEN", global = true)]
     pub admin_listen: Option<String>,
     /// The API behind the proxy, e.g. http://127.0.0.1:8080. Without it only
     /// the admin listener runs (dedup-only mode).
-    #[arg(long, env = "IDEMGATE_UPSTREAM")]
+    #[arg(long, env = "IDEMGATE_UPSTREAM", global = true)]
     pub upstream: Option<String>,
     /// Redis standalone URL (redis:// or rediss://).
-    #[arg(long, env = "IDEMGATE_REDIS")]
+    #[arg(long, env = "IDEMGATE_REDIS", global = true)]
     pub redis: Option<String>,
     /// Redis Cluster seed node URL (repeatable; comma-separated in the env).
     #[arg(
         long = "redis-cluster",
         env = "IDEMGATE_REDIS_CLUSTER",
-        value_delimiter = ','
+        value_delimiter = ',',
+        global = true
     )]
     pub redis_cluster: Vec<String>,
     /// Log format: text or json. Level from RUST_LOG.
-    #[arg(long, env = "IDEMGATE_LOG_FORMAT")]
+    #[arg(long, env = "IDEMGATE_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
 }
 

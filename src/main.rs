@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig) => return check_config(&cli),
         Some(Command::Demo) => return demo(),
+        Some(Command::Healthcheck { ready }) => return healthcheck(&cli, ready),
         None => {}
     }
     let config = match Config::load(&cli.args) {
@@ -85,6 +86,56 @@ fn demo() -> ExitCode {
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("idemgate demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn healthcheck(cli: &Cli, ready: bool) -> ExitCode {
+    let config = match Config::load(&cli.args) {
+        Ok(c) => c,
+        Err(errors) => {
+            for line in &errors.0 {
+                eprintln!("idemgate: {line}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let mut addr = config.admin_listen;
+    // A wildcard listener is reached on loopback.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("idemgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let status = runtime.block_on(async move {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let uri: http::Uri = format!("http://{addr}{path}").parse().ok()?;
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(2), client.get(uri))
+            .await
+            .ok()?
+            .ok()?;
+        Some(resp.status())
+    });
+    match status {
+        Some(s) if s.is_success() => ExitCode::SUCCESS,
+        Some(s) => {
+            eprintln!("idemgate: {path} answered {s}");
+            ExitCode::FAILURE
+        }
+        None => {
+            eprintln!("idemgate: {path} on {addr} did not answer");
             ExitCode::FAILURE
         }
     }

@@ -22,6 +22,20 @@ pub const STORE_OPS: [&str; 7] = [
     "begin", "renew", "complete", "release", "wait", "get", "purge",
 ];
 
+/// The consumer dedup API's operations and their usual results, pre-created
+/// so the series exist from the start. Errors (`bad_request`,
+/// `unavailable`) appear when they first happen.
+pub const DEDUP_RESULTS: &[(&str, &[&str])] = &[
+    ("mark", &["new", "duplicate"]),
+    (
+        "claim",
+        &["acquired", "completed", "failed", "in_progress", "mismatch"],
+    ),
+    ("extend", &["ok", "lease_lost"]),
+    ("complete", &["ok", "lease_lost"]),
+    ("release", &["ok", "lease_lost"]),
+];
+
 /// Every idemgate metric. Cheap to clone (handles to shared series).
 #[derive(Clone)]
 pub struct Metrics {
@@ -129,9 +143,16 @@ impl Metrics {
         // rather than absent series.
         for o in Outcome::ALL {
             requests.with_label_values(&[o.as_str()]);
+            request_duration.with_label_values(&[o.as_str()]);
         }
         for op in STORE_OPS {
             store_errors.with_label_values(&[op]);
+            store_duration.with_label_values(&[op]);
+        }
+        for (op, results) in DEDUP_RESULTS {
+            for result in *results {
+                dedup_operations.with_label_values(&[op, result]);
+            }
         }
 
         Ok(Metrics {

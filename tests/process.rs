@@ -113,6 +113,42 @@ async fn sigterm_drains_an_in_flight_request_then_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_subcommand_probes_the_admin_listener() {
+    let up = TestUpstream::start().await;
+    let p = Proc::start(&up.url(), &[], &[]).await;
+    let admin = p.admin.to_string();
+    let check = move |extra: &'static [&'static str]| {
+        let admin = admin.clone();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_idemgate"))
+                .args(["healthcheck", "--admin-listen", &admin])
+                .args(extra)
+                .output()
+                .unwrap()
+        }
+    };
+    let live = tokio::task::spawn_blocking(check(&[])).await.unwrap();
+    assert_eq!(
+        live.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&live.stderr)
+    );
+    let ready = tokio::task::spawn_blocking(check(&["--ready"]))
+        .await
+        .unwrap();
+    assert_eq!(ready.status.code(), Some(0));
+    p.signal("-TERM");
+    let (code, _) = tokio::task::spawn_blocking(move || p.finish())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    let dead = tokio::task::spawn_blocking(check(&[])).await.unwrap();
+    assert_eq!(dead.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&dead.stderr).contains("did not answer"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_outcomes_but_never_keys_or_credentials() {
     let up = TestUpstream::start().await;
     let p = Proc::start(

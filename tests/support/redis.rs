@@ -1,5 +1,6 @@
 //! Real redis-server processes for tests: standalone and a three-master
 //! Cluster, on free loopback ports, stopped (and their files removed) on drop.
+#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::path::PathBuf;
