@@ -1,5 +1,6 @@
-//! The admin listener: health, readiness, metrics, and inspecting or purging
-//! one HTTP idempotency record (`/v1/keys`).
+//! The admin listener: health, readiness, metrics, inspecting or purging one
+//! HTTP idempotency record (`/v1/keys`), and the consumer dedup API
+//! (`/v1/dedup/...`, see [`crate::dedup::api`]).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -8,7 +9,10 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::config::Policies;
+use http_body_util::BodyExt;
+
+use crate::config::{DedupConfig, Policies};
+use crate::dedup::api::DedupApi;
 use crate::error::{full, problem};
 use crate::idempotency::key::{parse_key, RecordKey};
 use crate::idempotency::state::State;
@@ -24,11 +28,13 @@ pub struct Admin {
     store: AnyStore,
     metrics: Metrics,
     policies: Policies,
+    dedup: DedupApi,
 }
 
 impl Admin {
-    pub fn new(store: AnyStore, metrics: Metrics, policies: Policies) -> Self {
+    pub fn new(store: AnyStore, metrics: Metrics, policies: Policies, dedup: DedupConfig) -> Self {
         Admin {
+            dedup: DedupApi::new(store.clone(), dedup, metrics.clone()),
             store,
             metrics,
             policies,
@@ -49,12 +55,22 @@ impl Admin {
         let admin = self.clone();
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let admin = admin.clone();
+            let req = req.map(|b| b.map_err(Into::into).boxed());
             async move { Ok::<_, Infallible>(admin.handle(req).await) }
         })
     }
 
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body> {
-        let query = req.uri().query().unwrap_or("");
+    pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let query = req.uri().query().unwrap_or("").to_owned();
+        let query = query.as_str();
+        if let Some(rest) = req.uri().path().strip_prefix("/v1/dedup/") {
+            let rest = rest.to_owned();
+            let method = req.method().clone();
+            return self
+                .dedup
+                .handle(&method, &rest, query, req.into_body())
+                .await;
+        }
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
             (&Method::GET, "/readyz") => self.ready().await,

@@ -93,6 +93,44 @@ pub struct Config {
     pub log_format: LogFormat,
     pub store: StoreConfig,
     pub policies: Policies,
+    pub dedup: DedupConfig,
+}
+
+/// Defaults and limits of the consumer dedup API (`[dedup]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DedupConfig {
+    /// Lease of a claim that names no `lease_ms`.
+    pub lease_ttl: Duration,
+    /// How long completed (and leased, pending) records are kept, unless a
+    /// call says `retention_ms`/`ttl_ms`. Must outlast the broker's
+    /// redelivery horizon.
+    pub retention: Duration,
+    /// How long dead letters are kept.
+    pub failed_retention: Duration,
+    /// Claims allowed per key before it fails, unless a claim says.
+    pub max_attempts: u32,
+    pub max_key_length: usize,
+    /// Largest `result` a complete call may record (serialized JSON).
+    pub max_result_bytes: u64,
+    /// Most items in one `:batch` call.
+    pub max_batch: usize,
+    /// Largest request body on the dedup API.
+    pub max_request_body: u64,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            lease_ttl: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 3600),
+            failed_retention: Duration::from_secs(7 * 24 * 3600),
+            max_attempts: 10,
+            max_key_length: 512,
+            max_result_bytes: 64 << 10,
+            max_batch: 1000,
+            max_request_body: 4 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,6 +328,20 @@ pub struct FileConfig {
     store: Option<StoreFile>,
     idempotency: Option<PolicyFile>,
     routes: Option<Vec<PolicyFile>>,
+    dedup: Option<DedupFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DedupFile {
+    lease_ttl: Option<Value>,
+    retention: Option<Value>,
+    failed_retention: Option<Value>,
+    max_attempts: Option<Value>,
+    max_key_length: Option<Value>,
+    max_result_bytes: Option<Value>,
+    max_batch: Option<Value>,
+    max_request_body: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -456,6 +508,8 @@ impl Config {
             }
         }
 
+        let dedup = c.dedup(file.dedup.unwrap_or_default());
+
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
         }
@@ -469,6 +523,7 @@ impl Config {
             log_format: log_format.unwrap_or(LogFormat::Text),
             store,
             policies: Policies { default, routes },
+            dedup,
         })
     }
 
@@ -541,6 +596,20 @@ impl Config {
             let _ = writeln!(out, "\n[[routes]]\npath = {:?}", r.pattern.as_str());
             policy(&mut out, &r.policy);
         }
+        let x = &self.dedup;
+        let _ = write!(
+            out,
+            "\n[dedup]\nlease_ttl = {}\nretention = {}\nfailed_retention = {}\nmax_attempts = {}\n\
+             max_key_length = {}\nmax_result_bytes = {}\nmax_batch = {}\nmax_request_body = {}\n",
+            d(x.lease_ttl),
+            d(x.retention),
+            d(x.failed_retention),
+            x.max_attempts,
+            x.max_key_length,
+            x.max_result_bytes,
+            x.max_batch,
+            x.max_request_body
+        );
         out
     }
 }
@@ -864,6 +933,47 @@ impl Checker {
         }
     }
 
+    fn dedup(&mut self, f: DedupFile) -> DedupConfig {
+        let mut d = DedupConfig::default();
+        if let Some(v) = &f.lease_ttl {
+            d.lease_ttl = self.duration("dedup.lease_ttl", v).unwrap_or(d.lease_ttl);
+        }
+        if let Some(v) = &f.retention {
+            d.retention = self.duration("dedup.retention", v).unwrap_or(d.retention);
+        }
+        if let Some(v) = &f.failed_retention {
+            d.failed_retention = self
+                .duration("dedup.failed_retention", v)
+                .unwrap_or(d.failed_retention);
+        }
+        if let Some(v) = &f.max_attempts {
+            d.max_attempts = self
+                .uint("dedup.max_attempts", v, 1, 1000)
+                .map_or(d.max_attempts, |n| n as u32);
+        }
+        if let Some(v) = &f.max_key_length {
+            d.max_key_length = self
+                .uint("dedup.max_key_length", v, 1, 8192)
+                .map_or(d.max_key_length, |n| n as usize);
+        }
+        if let Some(v) = &f.max_result_bytes {
+            d.max_result_bytes = self
+                .size("dedup.max_result_bytes", v)
+                .unwrap_or(d.max_result_bytes);
+        }
+        if let Some(v) = &f.max_batch {
+            d.max_batch = self
+                .uint("dedup.max_batch", v, 1, 100_000)
+                .map_or(d.max_batch, |n| n as usize);
+        }
+        if let Some(v) = &f.max_request_body {
+            d.max_request_body = self
+                .size("dedup.max_request_body", v)
+                .unwrap_or(d.max_request_body);
+        }
+        d
+    }
+
     fn redis_url(&mut self, path: &str, v: &Value) -> Option<String> {
         let s = self.string(path, v)?;
         let s = s.trim().to_owned();
@@ -1001,6 +1111,7 @@ mod tests {
         let text = include_str!("../config/idemgate.example.toml");
         let c = parse(text).unwrap();
         assert_eq!(*c.policies.default, Policy::default());
+        assert_eq!(c.dedup, DedupConfig::default());
         assert!(!c.policies.routes.is_empty());
     }
 

@@ -9,6 +9,8 @@
 //!   release / wait) and its backends: in-memory and Redis.
 //! - [`proxy`]: the tower [`proxy::IdempotencyLayer`] that applies the
 //!   semantics around [`proxy::Upstream`], a pooled hyper client.
+//! - [`dedup`]: the consumer dedup API (claim / complete / release, mark)
+//!   for queue workers, on the same stores.
 //! - [`config`]: loose file/env/CLI input validated into [`config::Config`].
 //! - [`server`]: listeners, connection limits, graceful drain; [`admin`]: the
 //!   admin listener.
@@ -19,6 +21,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dedup;
 pub mod demo;
 pub mod error;
 pub mod idempotency;

@@ -101,7 +101,12 @@ pub async fn run(
             .layer(IdempotencyLayer::new(store.clone(), settings))
             .service(Upstream::new(upstream, config.upstream_timeout))
     });
-    let admin = Admin::new(store.clone(), metrics.clone(), config.policies.clone());
+    let admin = Admin::new(
+        store.clone(),
+        metrics.clone(),
+        config.policies.clone(),
+        config.dedup.clone(),
+    );
 
     // Expired memory records are also dropped lazily on access; the sweep
     // returns memory held by keys nobody asks for again.

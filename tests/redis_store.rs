@@ -6,6 +6,8 @@ mod support;
 
 #[path = "support/contract.rs"]
 mod contract;
+#[path = "support/dedup_contract.rs"]
+mod dedup_contract;
 #[path = "support/redis.rs"]
 mod redis_support;
 
@@ -57,6 +59,18 @@ async fn redis_cluster_store_meets_the_contract() {
         .await
         .with_recheck(Duration::from_secs(60));
     contract::run_all(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_meets_the_dedup_contract() {
+    let redis = RedisServer::start();
+    dedup_contract::run_all(connect(&[redis.url()], false).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_store_meets_the_dedup_contract() {
+    let cluster = RedisCluster::start();
+    dedup_contract::run_all(connect(&cluster.urls(), true).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

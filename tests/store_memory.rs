@@ -5,6 +5,8 @@ mod support;
 
 #[path = "support/contract.rs"]
 mod contract;
+#[path = "support/dedup_contract.rs"]
+mod dedup_contract;
 
 use std::time::Duration;
 
@@ -15,6 +17,11 @@ use idemgate::store::{MemoryStore, Store, StoreError};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_meets_the_contract() {
     contract::run_all(MemoryStore::new(10_000)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_meets_the_dedup_contract() {
+    dedup_contract::run_all(MemoryStore::new(10_000)).await;
 }
 
 fn k(i: u32) -> RecordKey {

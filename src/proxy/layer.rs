@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body::Body as HttpBody;
@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
 
-use super::body::Prefixed;
+use super::body::{read_limited, Prefixed, Read};
 use super::{IDEMPOTENCY_FENCE, IDEMPOTENT_BODY_OMITTED, IDEMPOTENT_REPLAYED};
 use crate::config::{OnStoreError, Policies, Policy};
 use crate::error::{full, ProxyError, UpstreamError};
@@ -384,41 +384,6 @@ async fn read_body(declared: Option<u64>, body: Body, limit: u64) -> Result<Byte
         Ok(Read::Overflow(..)) => Err(ProxyError::BodyTooLarge(limit)),
         Err(e) => Err(ProxyError::BadBody(super::error_chain(&*e))),
     }
-}
-
-/// A body read up to a limit.
-enum Read {
-    Whole(Bytes),
-    /// Over the limit: the chunks read so far and the unread rest.
-    Overflow(Vec<Bytes>, Body),
-}
-
-/// Reads `body` whole if it holds at most `max` bytes; stops just past
-/// `max` otherwise, so an oversized body is never buffered whole.
-async fn read_limited(mut body: Body, max: u64) -> Result<Read, BoxError> {
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut total: u64 = 0;
-    while let Some(frame) = body.frame().await {
-        // Trailers are neither forwarded from a buffered body nor stored.
-        if let Ok(data) = frame?.into_data() {
-            total += data.len() as u64;
-            chunks.push(data);
-            if total > max {
-                return Ok(Read::Overflow(chunks, body));
-            }
-        }
-    }
-    Ok(Read::Whole(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut buf = BytesMut::with_capacity(total as usize);
-            for c in chunks {
-                buf.extend_from_slice(&c);
-            }
-            buf.freeze()
-        }
-    }))
 }
 
 /// The store failed: refuse (503), or forward without idempotency.

@@ -10,7 +10,7 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-mod body;
+pub(crate) mod body;
 mod layer;
 mod upstream;
 

@@ -24,6 +24,8 @@ use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{self, Begin, Lease, State};
 
+mod dedup;
+
 const SHARDS: usize = 16;
 
 /// The in-memory backend. Cheap to clone; clones share the records.
@@ -39,6 +41,7 @@ struct Inner {
     /// One counter for every key: strictly increasing per key, also across
     /// expiry, which is all a fence needs.
     fence: AtomicU64,
+    dedup: dedup::Dedup,
 }
 
 type Shard = HashMap<RecordKey, Entry, BuildHasherDefault<KeyHasher>>;
@@ -84,6 +87,7 @@ impl MemoryStore {
                 len: AtomicUsize::new(0),
                 max_entries,
                 fence: AtomicU64::new(0),
+                dedup: dedup::Dedup::new(SHARDS),
             }),
         }
     }
@@ -114,7 +118,7 @@ impl MemoryStore {
             });
         }
         self.inner.len.fetch_sub(removed, Ordering::Relaxed);
-        removed
+        removed + self.sweep_dedup(now)
     }
 
     fn shard(&self, key: &RecordKey) -> MutexGuard<'_, Shard> {

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::dedup::state::{ClaimOutcome, ClaimParams, ReleaseOutcome};
+use crate::dedup::{ClaimItem, CompleteItem, Cursor, DedupStore, FailedItem, Inspected, Ttls};
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{Begin, Lease, State};
@@ -224,5 +226,102 @@ impl Store for AnyStore {
     }
     fn ping(&self) -> StoreFuture<'_, ()> {
         self.backend().ping()
+    }
+}
+
+impl AnyStore {
+    fn dedup_backend(&self) -> &dyn DedupStore {
+        match &self.backend {
+            Backend::Memory(s) => s,
+            Backend::Redis(s) => s,
+        }
+    }
+}
+
+/// Dedup calls are counted by the dedup API itself
+/// (`idemgate_dedup_operations_total`), so they pass straight through.
+impl DedupStore for AnyStore {
+    fn mark<'a>(&'a self, scope: &'a str, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+        self.dedup_backend().mark(scope, key, ttl)
+    }
+    fn claim<'a>(
+        &'a self,
+        scope: &'a str,
+        key: &'a str,
+        p: &'a ClaimParams,
+        ttls: Ttls,
+    ) -> StoreFuture<'a, ClaimOutcome> {
+        self.dedup_backend().claim(scope, key, p, ttls)
+    }
+    fn extend<'a>(
+        &'a self,
+        scope: &'a str,
+        key: &'a str,
+        lease_id: &'a str,
+        lease_ms: u64,
+    ) -> StoreFuture<'a, Option<u64>> {
+        self.dedup_backend().extend(scope, key, lease_id, lease_ms)
+    }
+    fn complete<'a>(
+        &'a self,
+        scope: &'a str,
+        key: &'a str,
+        lease_id: &'a str,
+        result: Option<String>,
+        retention: Duration,
+    ) -> StoreFuture<'a, bool> {
+        self.dedup_backend()
+            .complete(scope, key, lease_id, result, retention)
+    }
+    fn release<'a>(
+        &'a self,
+        scope: &'a str,
+        key: &'a str,
+        lease_id: &'a str,
+        outcome: ReleaseOutcome,
+        error: Option<String>,
+        ttls: Ttls,
+    ) -> StoreFuture<'a, bool> {
+        self.dedup_backend()
+            .release(scope, key, lease_id, outcome, error, ttls)
+    }
+    fn inspect<'a>(&'a self, scope: &'a str, key: &'a str) -> StoreFuture<'a, Option<Inspected>> {
+        self.dedup_backend().inspect(scope, key)
+    }
+    fn delete<'a>(&'a self, scope: &'a str, key: &'a str) -> StoreFuture<'a, bool> {
+        self.dedup_backend().delete(scope, key)
+    }
+    fn list_failed<'a>(
+        &'a self,
+        scope: &'a str,
+        limit: usize,
+        after: Option<Cursor>,
+    ) -> StoreFuture<'a, (Vec<FailedItem>, Option<Cursor>)> {
+        self.dedup_backend().list_failed(scope, limit, after)
+    }
+    fn purge_failed<'a>(&'a self, scope: &'a str) -> StoreFuture<'a, u64> {
+        self.dedup_backend().purge_failed(scope)
+    }
+    fn claim_batch<'a>(
+        &'a self,
+        scope: &'a str,
+        items: &'a [ClaimItem],
+        ttls: Ttls,
+    ) -> StoreFuture<'a, Vec<Result<ClaimOutcome, StoreError>>> {
+        self.dedup_backend().claim_batch(scope, items, ttls)
+    }
+    fn complete_batch<'a>(
+        &'a self,
+        scope: &'a str,
+        items: &'a [CompleteItem],
+    ) -> StoreFuture<'a, Vec<Result<bool, StoreError>>> {
+        self.dedup_backend().complete_batch(scope, items)
+    }
+    fn mark_batch<'a>(
+        &'a self,
+        scope: &'a str,
+        items: &'a [(String, Duration)],
+    ) -> StoreFuture<'a, Vec<Result<bool, StoreError>>> {
+        self.dedup_backend().mark_batch(scope, items)
     }
 }

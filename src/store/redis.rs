@@ -33,6 +33,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{Inspection, Store, StoreError, StoreFuture};
+
+mod dedup;
 use crate::config::{redact_url, StoreConfig};
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::record::CompletedRecord;
@@ -117,7 +119,7 @@ struct Scripts {
 }
 
 #[derive(Clone)]
-enum Conn {
+pub(crate) enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
@@ -133,6 +135,7 @@ struct Inner {
     prefix: String,
     timeout: Duration,
     scripts: Scripts,
+    dedup: dedup::DedupScripts,
     waiters: Arc<Waiters>,
     /// The longest a waiter goes without re-checking ([`RECHECK`]).
     recheck: Duration,
@@ -277,6 +280,7 @@ impl RedisStore {
                     purge: Script::new(PURGE),
                     discard: Script::new(DISCARD),
                 },
+                dedup: dedup::DedupScripts::new(),
                 waiters,
                 recheck: RECHECK,
                 decode_misses: AtomicU64::new(0),
@@ -354,6 +358,19 @@ impl RedisStore {
             match &self.inner.conn {
                 Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
                 Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+            }
+        };
+        self.bounded(fut).await
+    }
+
+    async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let fut = async {
+            match &self.inner.conn {
+                Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
+                Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
             }
         };
         self.bounded(fut).await
