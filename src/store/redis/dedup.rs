@@ -311,6 +311,9 @@ impl RedisStore {
         script: &Script,
         calls: &[(String, Vec<Vec<u8>>)],
     ) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
         if matches!(self.inner.conn, super::Conn::Cluster(_)) {
             let each = calls
                 .iter()
@@ -354,6 +357,9 @@ impl RedisStore {
         &self,
         cmds: Vec<redis::Cmd>,
     ) -> Result<Vec<T>, StoreError> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
         if matches!(self.inner.conn, super::Conn::Cluster(_)) {
             let each = cmds.into_iter().map(|c| self.query::<T>(c));
             return futures_util::future::join_all(each)
