@@ -41,11 +41,24 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let full = args.iter().any(|a| a == "--bench");
     let secs: u64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(5);
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let dir = std::env::temp_dir().join(format!("idemgate-bench-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut redis = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .arg("--dir")
         .arg(&dir)
         .stdout(Stdio::null())
@@ -56,9 +69,14 @@ async fn main() {
     let text = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[store]\nbackend = \"redis\"\nurls = [\"{url}\"]\n"
     );
-    let config = Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
+    let config =
+        Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
     let store = RedisStore::connect(&config.store, false).await.unwrap();
-    let run = if full { Duration::from_secs(secs) } else { Duration::from_millis(200) };
+    let run = if full {
+        Duration::from_secs(secs)
+    } else {
+        Duration::from_millis(200)
+    };
     println!("dedup on Redis at {url}, {run:?} per phase\n");
 
     // 1. One client, sequential: the latency of one claim + complete.
@@ -74,10 +92,15 @@ async fn main() {
     while started.elapsed() < run.min(Duration::from_secs(2)) {
         let key = format!("seq-{i}");
         let t = Instant::now();
-        let ClaimOutcome::Acquired { lease_id, .. } = store.claim("bench", &key, &params, TTLS).await.unwrap() else {
+        let ClaimOutcome::Acquired { lease_id, .. } =
+            store.claim("bench", &key, &params, TTLS).await.unwrap()
+        else {
             panic!()
         };
-        assert!(store.complete("bench", &key, &lease_id, None, TTLS.retention).await.unwrap());
+        assert!(store
+            .complete("bench", &key, &lease_id, None, TTLS.retention)
+            .await
+            .unwrap());
         lat.push(t.elapsed());
         i += 1;
     }
@@ -98,8 +121,12 @@ async fn main() {
                 let mut n = 0u64;
                 while started.elapsed() < run {
                     let key = format!("par-{w}-{n}");
-                    if let Ok(ClaimOutcome::Acquired { lease_id, .. }) = store.claim("bench", &key, &params, TTLS).await {
-                        let _ = store.complete("bench", &key, &lease_id, None, TTLS.retention).await;
+                    if let Ok(ClaimOutcome::Acquired { lease_id, .. }) =
+                        store.claim("bench", &key, &params, TTLS).await
+                    {
+                        let _ = store
+                            .complete("bench", &key, &lease_id, None, TTLS.retention)
+                            .await;
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                     n += 1;
@@ -120,7 +147,9 @@ async fn main() {
         .pool_max_idle_per_host(128)
         .build_http();
     let post = |client: Client<_, Full<Bytes>>, url: String, body: String| async move {
-        let req = http::Request::post(url).body(Full::new(Bytes::from(body))).unwrap();
+        let req = http::Request::post(url)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
         let resp = client.request(req).await.unwrap();
         let status = resp.status();
         (status, resp.into_body().collect().await.unwrap().to_bytes())
@@ -134,10 +163,18 @@ async fn main() {
                 let mut n = 0u64;
                 while started.elapsed() < run {
                     let key = format!("http-{w}-{n}");
-                    let (status, body) = post(client.clone(), format!("{base}/claim"), format!("{{\"key\":\"{key}\"}}")).await;
+                    let (status, body) = post(
+                        client.clone(),
+                        format!("{base}/claim"),
+                        format!("{{\"key\":\"{key}\"}}"),
+                    )
+                    .await;
                     if status == 201 {
                         let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                        let complete = format!("{{\"key\":\"{key}\",\"lease_id\":\"{}\"}}", doc["lease_id"].as_str().unwrap());
+                        let complete = format!(
+                            "{{\"key\":\"{key}\",\"lease_id\":\"{}\"}}",
+                            doc["lease_id"].as_str().unwrap()
+                        );
                         post(client.clone(), format!("{base}/complete"), complete).await;
                         done.fetch_add(1, Ordering::Relaxed);
                     }
@@ -161,9 +198,12 @@ async fn main() {
             tokio::spawn(async move {
                 let mut n = 0u64;
                 while started.elapsed() < run {
-                    let items: Vec<String> = (0..100).map(|i| format!("{{\"key\":\"b-{w}-{n}-{i}\"}}")).collect();
+                    let items: Vec<String> = (0..100)
+                        .map(|i| format!("{{\"key\":\"b-{w}-{n}-{i}\"}}"))
+                        .collect();
                     let body = format!("{{\"items\":[{}]}}", items.join(","));
-                    let (status, _) = post(client.clone(), format!("{base}/claim:batch"), body).await;
+                    let (status, _) =
+                        post(client.clone(), format!("{base}/claim:batch"), body).await;
                     assert_eq!(status, 200);
                     done.fetch_add(100, Ordering::Relaxed);
                     n += 1;

@@ -1,0 +1,239 @@
+//! Micro-benchmarks of the hot path: key parsing, scope hashing and
+//! fingerprinting, record encoding, the decision function, and store
+//! begin/complete/replay on memory and on a local Redis.
+//!
+//! ```sh
+//! cargo bench --bench core
+//! ```
+//!
+//! The Redis group starts its own redis-server on a free loopback port; it is
+//! skipped (with a printed reason) where redis-server is not installed.
+
+use std::hint::black_box;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use idemgate::config::{Config, FileConfig, RunArgs};
+use idemgate::idempotency::key::{parse_key, Fingerprint, RecordKey};
+use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
+use idemgate::idempotency::state::{decide, Begin, Decision};
+use idemgate::store::{MemoryStore, RedisStore, Store};
+
+fn request_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        "authorization",
+        HeaderValue::from_static("Bearer sk_live_4eC39HqLyjWDarjtT1zdp7dc"),
+    );
+    h.insert("content-type", HeaderValue::from_static("application/json"));
+    h.insert(
+        "idempotency-key",
+        HeaderValue::from_static("8e03978e-40d5-43e8-bc93-6894a57f9324"),
+    );
+    h.insert("user-agent", HeaderValue::from_static("bench/1.0"));
+    h
+}
+
+fn record(body_len: usize) -> CompletedRecord {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.insert("x-request-id", HeaderValue::from_static("req_8f3a9b2c"));
+    headers.insert("cache-control", HeaderValue::from_static("no-store"));
+    headers.insert(
+        "date",
+        HeaderValue::from_static("Sat, 28 Nov 2026 01:00:00 GMT"),
+    );
+    headers.insert("server", HeaderValue::from_static("api"));
+    CompletedRecord {
+        fingerprint: Fingerprint([7; 32]),
+        created_unix_ms: 1_764_291_600_000,
+        response: StoredResponse {
+            status: StatusCode::CREATED,
+            headers,
+            body: Bytes::from(vec![b'x'; body_len]),
+            body_omitted: false,
+        },
+    }
+}
+
+fn core(c: &mut Criterion) {
+    let headers = request_headers();
+    let scope = [http::header::AUTHORIZATION];
+    let fp_headers = [http::header::CONTENT_TYPE];
+    let body = vec![b'{'; 1024];
+
+    let mut g = c.benchmark_group("key");
+    g.bench_function("parse_key (uuid)", |b| {
+        b.iter(|| parse_key(black_box(b"8e03978e-40d5-43e8-bc93-6894a57f9324"), 255).unwrap())
+    });
+    g.bench_function("record key (scope+method+path+key)", |b| {
+        b.iter(|| {
+            RecordKey::derive(
+                black_box(&headers),
+                &scope,
+                &Method::POST,
+                "/v1/charges",
+                "8e03978e-40d5",
+            )
+        })
+    });
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("fingerprint (1 KiB body)", |b| {
+        b.iter(|| {
+            Fingerprint::compute(
+                &Method::POST,
+                "/v1/charges?x=1",
+                black_box(&headers),
+                &fp_headers,
+                &body,
+            )
+        })
+    });
+    g.finish();
+
+    let rec = record(512);
+    let encoded = rec.encode();
+    let mut g = c.benchmark_group("record");
+    g.bench_function("encode (512 B body, 5 headers)", |b| {
+        b.iter(|| black_box(&rec).encode())
+    });
+    g.bench_function("decode (512 B body, 5 headers)", |b| {
+        b.iter(|| CompletedRecord::decode(black_box(encoded.clone())).unwrap())
+    });
+    g.finish();
+
+    let fp = Fingerprint([7; 32]);
+    let done = Arc::new(record(512));
+    c.bench_function("decide (completed, same fingerprint)", |b| {
+        b.iter(
+            || match decide(Begin::Completed(black_box(done.clone())), &fp) {
+                Decision::Replay(r) => r,
+                _ => unreachable!(),
+            },
+        )
+    });
+}
+
+fn stores(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fp = Fingerprint([7; 32]);
+    let rec = Arc::new(record(512));
+    let counter = AtomicU64::new(0);
+    let next_key = || {
+        RecordKey::derive_dedup(
+            "bench",
+            &counter.fetch_add(1, Ordering::Relaxed).to_string(),
+        )
+    };
+    let lease_ttl = Duration::from_secs(30);
+    let ttl = Duration::from_secs(600);
+
+    let memory = MemoryStore::new(50_000_000);
+    let mut g = c.benchmark_group("memory store");
+    g.bench_function("begin + complete (first request)", |b| {
+        b.to_async(&rt).iter(|| {
+            let k = next_key();
+            let (memory, rec) = (&memory, rec.clone());
+            async move {
+                let Begin::Acquired(lease) = memory.begin(&k, &fp, lease_ttl).await.unwrap() else {
+                    unreachable!()
+                };
+                memory.complete(&k, &lease, rec, ttl).await.unwrap()
+            }
+        })
+    });
+    let replay_key = next_key();
+    rt.block_on(async {
+        let Begin::Acquired(lease) = memory.begin(&replay_key, &fp, lease_ttl).await.unwrap()
+        else {
+            unreachable!()
+        };
+        memory
+            .complete(&replay_key, &lease, rec.clone(), ttl)
+            .await
+            .unwrap();
+    });
+    g.bench_function("begin (replay)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { memory.begin(&replay_key, &fp, lease_ttl).await.unwrap() })
+    });
+    g.finish();
+
+    // Redis on a free loopback port, started and stopped here.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("idemgate-bench-core-{port}"));
+    let _ = std::fs::create_dir_all(&dir);
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        println!("SKIPPED redis store benchmarks: redis-server is not installed");
+        return;
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let text = format!("[store]\nbackend = \"redis\"\nurls = [\"redis://127.0.0.1:{port}\"]\n");
+    let config =
+        Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
+    let redis = rt
+        .block_on(RedisStore::connect(&config.store, false))
+        .unwrap();
+    let mut g = c.benchmark_group("redis store");
+    g.bench_function("begin + complete (first request, 2 round trips)", |b| {
+        b.to_async(&rt).iter(|| {
+            let k = next_key();
+            let (redis, rec) = (&redis, rec.clone());
+            async move {
+                let Begin::Acquired(lease) = redis.begin(&k, &fp, lease_ttl).await.unwrap() else {
+                    unreachable!()
+                };
+                redis.complete(&k, &lease, rec, ttl).await.unwrap()
+            }
+        })
+    });
+    let replay_key = next_key();
+    rt.block_on(async {
+        let Begin::Acquired(lease) = redis.begin(&replay_key, &fp, lease_ttl).await.unwrap() else {
+            unreachable!()
+        };
+        redis
+            .complete(&replay_key, &lease, rec.clone(), ttl)
+            .await
+            .unwrap();
+    });
+    g.bench_function("begin (replay, 1 round trip)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { redis.begin(&replay_key, &fp, lease_ttl).await.unwrap() })
+    });
+    g.finish();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, core, stores);
+criterion_main!(benches);
