@@ -8,6 +8,12 @@ use idemgate::metrics::Metrics;
 use idemgate::server::{self, Listeners};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc: per-thread heaps. Under load glibc malloc contends on its arena
+/// locks when one runtime thread frees what another allocated (every
+/// detached upstream call does); see benches/RESULTS.md for what it bought.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

@@ -9,6 +9,8 @@
 //! Times use tokio's clock so tests can pause and advance it.
 
 use std::collections::HashMap;
+
+use bytes::Bytes;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,9 +49,49 @@ struct Inner {
 type Shard = HashMap<RecordKey, Entry, BuildHasherDefault<KeyHasher>>;
 
 struct Entry {
-    state: State,
+    slot: Slot,
     expires: Instant,
     notify: Option<Arc<Notify>>,
+}
+
+/// What an entry holds. A completed response is kept encoded: one
+/// exact-size allocation. Holding the upstream's `Bytes` instead would pin
+/// whole hyper read buffers (body and header values are slices of them) for
+/// the record's lifetime; decoding on replay costs about 250 ns.
+enum Slot {
+    InFlight {
+        lease: Lease,
+        fingerprint: Fingerprint,
+    },
+    Completed(Bytes),
+}
+
+impl Slot {
+    fn of(state: State) -> Option<Slot> {
+        match state {
+            State::Absent => None,
+            State::InFlight { lease, fingerprint } => Some(Slot::InFlight { lease, fingerprint }),
+            State::Completed(rec) => Some(Slot::Completed(rec.encode())),
+        }
+    }
+
+    /// The state this slot stands for. A record that fails to decode (it
+    /// cannot: this process encoded it) reads as absent rather than panicking.
+    fn state(&self) -> State {
+        match self {
+            Slot::InFlight { lease, fingerprint } => State::InFlight {
+                lease: *lease,
+                fingerprint: *fingerprint,
+            },
+            Slot::Completed(bytes) => CompletedRecord::decode(bytes.clone())
+                .map(|r| State::Completed(Arc::new(r)))
+                .unwrap_or(State::Absent),
+        }
+    }
+
+    fn holds(&self, token: u128) -> bool {
+        matches!(self, Slot::InFlight { lease, .. } if lease.token == token)
+    }
 }
 
 impl Entry {
@@ -149,12 +191,13 @@ impl MemoryStore {
         lease_ttl: Duration,
     ) -> Result<Begin, StoreError> {
         let now = Instant::now();
-        let absent = State::Absent;
         let mut swept = false;
         loop {
             let mut shard = self.shard(key);
-            let current = self.live(&mut shard, key, now).map(|e| &e.state);
-            let current = current.unwrap_or(&absent);
+            let current = self
+                .live(&mut shard, key, now)
+                .map_or(State::Absent, |e| e.slot.state());
+            let current = &current;
             if matches!(current, State::Absent) && self.len() >= self.inner.max_entries {
                 if swept {
                     return Err(StoreError::Full(self.inner.max_entries));
@@ -167,9 +210,9 @@ impl MemoryStore {
             let (begin, next) = state::begin(current, *fp, || {
                 Lease::new(self.inner.fence.fetch_add(1, Ordering::Relaxed) + 1)
             });
-            if let Some(state) = next {
+            if let Some(slot) = next.and_then(Slot::of) {
                 let entry = Entry {
-                    state,
+                    slot,
                     expires: now + lease_ttl,
                     notify: None,
                 };
@@ -191,7 +234,7 @@ impl MemoryStore {
         let now = Instant::now();
         let mut shard = self.shard(key);
         match self.live(&mut shard, key, now) {
-            Some(e) if state::holds(&e.state, lease.token) => {
+            Some(e) if e.slot.holds(lease.token) => {
                 f(e, now);
                 true
             }
@@ -204,7 +247,7 @@ impl MemoryStore {
         let mut shard = self.shard(key);
         matches!(
             self.live(&mut shard, key, Instant::now()),
-            Some(Entry { state: State::InFlight { lease, .. }, .. }) if lease.fence == fence
+            Some(Entry { slot: Slot::InFlight { lease, .. }, .. }) if lease.fence == fence
         )
     }
 
@@ -255,8 +298,10 @@ impl Store for MemoryStore {
         record: Arc<CompletedRecord>,
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
+        // Encode outside the shard lock.
+        let encoded = record.encode();
         let done = self.with_lease(key, lease, |e, now| {
-            e.state = State::Completed(record);
+            e.slot = Slot::Completed(encoded);
             e.expires = now + ttl;
             e.wake();
         });
@@ -269,7 +314,7 @@ impl Store for MemoryStore {
         let mut shard = self.shard(key);
         let held = self
             .live(&mut shard, key, now)
-            .is_some_and(|e| state::holds(&e.state, lease.token));
+            .is_some_and(|e| e.slot.holds(lease.token));
         if held {
             if let Some(mut e) = shard.remove(key) {
                 e.wake();
@@ -288,7 +333,7 @@ impl Store for MemoryStore {
         let (notify, until) = {
             let mut shard = self.shard(key);
             match self.live(&mut shard, key, Instant::now()) {
-                Some(e) if matches!(e.state, State::InFlight { lease, .. } if lease.fence == fence) =>
+                Some(e) if matches!(e.slot, Slot::InFlight { lease, .. } if lease.fence == fence) =>
                 {
                     let notify: Arc<Notify> = e.notify.get_or_insert_with(Default::default).clone();
                     // The lease may lapse without anyone completing it: wake
@@ -319,7 +364,7 @@ impl Store for MemoryStore {
         let mut shard = self.shard(key);
         let found = match self.live(&mut shard, key, now) {
             Some(e) => Inspection {
-                state: e.state.clone(),
+                state: e.slot.state(),
                 expires_in: Some(e.expires - now),
             },
             None => Inspection {

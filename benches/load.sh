@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Side-by-side load harness: idemgate vs nginx proxy_pass, same machine, same run.
+#
+#   benches/load.sh                  # 3 alternated rounds of 10 s per scenario
+#   ROUNDS=5 DURATION=20 benches/load.sh
+#
+# Starts, on free loopback ports: an nginx upstream that answers a small JSON
+# body (1 worker); nginx proxy_pass with a keepalive pool as the baseline
+# (2 workers); redis-server; idemgate on the memory store and on Redis. Drives
+# each with wrk -t1 -c64, alternating baseline and candidate runs, and prints
+# req/s, p50, p99 and each candidate's ratio to nginx from the same run, then
+# idemgate's RSS under c=256 on Redis. Installs nginx, wrk and redis-server
+# from Debian's packages when missing (needs root). Stops everything at exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+ONLY=${ONLY:-mem,redis,replay,nokey,rss}   # a subset for quick iterations
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+command -v redis-server >/dev/null || need+=(redis-server)
+if [ ${#need[@]} -gt 0 ]; then
+  [ "$(id -u)" -eq 0 ] || { echo "load.sh: ${need[*]} missing; run as root" >&2; exit 2; }
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+cargo build --release --quiet --bin idemgate
+BIN=$PWD/target/release/idemgate
+
+WORK=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/up/nginx.pid" ] && kill "$(cat "$WORK/up/nginx.pid")" 2>/dev/null || true
+  [ -f "$WORK/base/nginx.pid" ] && kill "$(cat "$WORK/base/nginx.pid")" 2>/dev/null || true
+  sleep 0.3
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+UP=$(free_port); BASE=$(free_port); REDIS=$(free_port)
+MEM=$(free_port); MEM_ADMIN=$(free_port); RED=$(free_port); RED_ADMIN=$(free_port)
+
+nginx_conf() { # dir workers body
+  mkdir -p "$1"
+  cat > "$1/nginx.conf" <<NGINX
+worker_processes $2;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $1; proxy_temp_path $1; fastcgi_temp_path $1; uwsgi_temp_path $1; scgi_temp_path $1;
+  keepalive_requests 1000000;
+  $3
+}
+NGINX
+}
+nginx_conf "$WORK/up" 1 "server { listen 127.0.0.1:$UP; location / { default_type application/json; return 201 '{\"id\":\"ch_1\",\"amount\":100,\"currency\":\"eur\"}'; } }"
+nginx_conf "$WORK/base" 2 "upstream api { server 127.0.0.1:$UP; keepalive 256; }
+  server { listen 127.0.0.1:$BASE; location / { proxy_pass http://api; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+nginx -c "$WORK/up/nginx.conf"
+nginx -c "$WORK/base/nginx.conf"
+
+redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
+  --maxmemory-policy noeviction >/dev/null &
+pids+=($!)
+cat > "$WORK/idemgate.toml" <<TOML
+[store]
+max_entries = 100000000
+TOML
+env RUST_LOG=warn ${THREADS:+TOKIO_WORKER_THREADS=$THREADS} "$BIN" --config "$WORK/idemgate.toml" --upstream "http://127.0.0.1:$UP" \
+  --listen "127.0.0.1:$MEM" --admin-listen "127.0.0.1:$MEM_ADMIN" 2>"$WORK/mem.log" &
+MEM_PID=$!; pids+=($MEM_PID)
+sleep 0.5
+env RUST_LOG=warn ${THREADS:+TOKIO_WORKER_THREADS=$THREADS} "$BIN" --upstream "http://127.0.0.1:$UP" --redis "redis://127.0.0.1:$REDIS" \
+  --listen "127.0.0.1:$RED" --admin-listen "127.0.0.1:$RED_ADMIN" 2>"$WORK/red.log" &
+RED_PID=$!; pids+=($RED_PID)
+for p in $MEM_ADMIN $RED_ADMIN; do
+  for _ in $(seq 50); do curl -sf "http://127.0.0.1:$p/readyz" >/dev/null && break; sleep 0.1; done
+done
+
+# wrk request scripts: the same Lua cost for baseline and candidate.
+cat > "$WORK/unique.lua" <<'LUA'
+local n = 0
+local prefix = tostring(math.random(1, 1e9)) .. "-" .. tostring(os.time())
+wrk.method = "POST"
+wrk.body = '{"amount":100,"currency":"eur"}'
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/v1/charges", {["Content-Type"] = "application/json", ["Idempotency-Key"] = prefix .. "-" .. n})
+end
+LUA
+cat > "$WORK/replay.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"amount":100,"currency":"eur"}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Idempotency-Key"] = "replay-one-key"
+LUA
+cat > "$WORK/nokey.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"amount":100,"currency":"eur"}'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+
+# run PORT SCRIPT CONNS -> "rps p50_ms p99_ms"
+run() {
+  wrk -t1 -c"$3" -d"${DURATION}s" --latency -s "$WORK/$2" "http://127.0.0.1:$1/v1/charges" > "$WORK/out" 2>&1 || true
+  python3 - "$WORK/out" <<'PY'
+import re, sys
+t = open(sys.argv[1]).read()
+if "Requests/sec" not in t or "99%" not in t:
+    sys.exit("wrk failed:\n" + t)
+def ms(v):
+    num, unit = re.match(r"([\d.]+)(us|ms|s|m)", v).groups()
+    return float(num) * {"us": 1e-3, "ms": 1, "s": 1e3, "m": 6e4}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+p50 = ms(re.search(r"50%\s+(\S+)", t).group(1))
+p99 = ms(re.search(r"99%\s+(\S+)", t).group(1))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+errs = re.search(r"Socket errors: (.*)", t)
+print(f"{rps:.0f} {p50:.3f} {p99:.3f} {non2xx.group(1) if non2xx else 0} {'errors' if errs else 'ok'}")
+PY
+}
+
+median() { python3 -c 'import sys,statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+
+echo "idemgate $("$BIN" --version | cut -d' ' -f2) vs nginx $(nginx -v 2>&1 | cut -d/ -f2); wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS alternated rounds, $(nproc) cores"
+echo
+printf '| %-28s | %9s | %8s | %8s | %9s | %8s | %8s | %6s | %8s |\n' scenario "nginx r/s" "p50 ms" "p99 ms" "idem r/s" "p50 ms" "p99 ms" ratio "non-2xx"
+printf '|%s|\n' "------------------------------|-----------|----------|----------|-----------|----------|----------|--------|----------"
+scenario() { # name port script
+  local b_rps=() b50=() b99=() c_rps=() c50=() c99=() bad=0
+  for _ in $(seq "$ROUNDS"); do
+    read -r r a p n _ < <(run "$BASE" "$3" "$CONNS"); b_rps+=("$r"); b50+=("$a"); b99+=("$p")
+    read -r r a p n _ < <(run "$2" "$3" "$CONNS"); c_rps+=("$r"); c50+=("$a"); c99+=("$p"); bad=$((bad + n))
+  done
+  local br cr
+  br=$(median "${b_rps[@]}"); cr=$(median "${c_rps[@]}")
+  printf '| %-28s | %9.0f | %8.3f | %8.3f | %9.0f | %8.3f | %8.3f | %5.2fx | %8s |\n' "$1" "$br" \
+    "$(median "${b50[@]}")" "$(median "${b99[@]}")" "$cr" "$(median "${c50[@]}")" "$(median "${c99[@]}")" \
+    "$(python3 -c "print($cr/$br)")" "$bad"
+}
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+want mem && scenario "unique keys (memory)" "$MEM" unique.lua
+want redis && scenario "unique keys (Redis)" "$RED" unique.lua
+want replay && scenario "replay of one key (Redis)" "$RED" replay.lua
+want nokey && scenario "no key, pass-through (memory)" "$MEM" nokey.lua
+want rss || exit 0
+
+# RSS of idemgate on Redis under c=256.
+rss_max=0
+wrk -t1 -c256 -d"${DURATION}s" -s "$WORK/unique.lua" "http://127.0.0.1:$RED/v1/charges" > "$WORK/out256" 2>&1 &
+WRK=$!
+while kill -0 "$WRK" 2>/dev/null; do
+  rss=$(awk '/VmRSS/ {print $2}' "/proc/$RED_PID/status")
+  [ "$rss" -gt "$rss_max" ] && rss_max=$rss
+  sleep 0.2
+done
+echo
+echo "idemgate RSS on Redis at c=256 (unique keys): max $((rss_max / 1024)) MiB; $(grep Requests/sec "$WORK/out256" | awk '{printf "%.0f req/s", $2}')"
