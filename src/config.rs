@@ -90,6 +90,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How long a client may take to send request headers.
     pub header_read_timeout: Duration,
+    /// How long a client may take to send a covered request's body (it is
+    /// buffered before the lease is taken).
+    pub body_read_timeout: Duration,
     pub log_format: LogFormat,
     pub store: StoreConfig,
     pub policies: Policies,
@@ -324,6 +327,7 @@ pub struct FileConfig {
     upstream_timeout: Option<Value>,
     drain_timeout: Option<Value>,
     header_read_timeout: Option<Value>,
+    body_read_timeout: Option<Value>,
     log_format: Option<Value>,
     store: Option<StoreFile>,
     idempotency: Option<PolicyFile>,
@@ -467,6 +471,7 @@ impl Config {
             "header_read_timeout",
             Checker::duration,
         );
+        let body_read_timeout = c.opt(&file.body_read_timeout, "body_read_timeout", Checker::duration);
         let log_format = match &args.log_format {
             Some(v) => c.log_format(
                 &flag("log-format", "IDEMGATE_LOG_FORMAT"),
@@ -520,6 +525,7 @@ impl Config {
             upstream_timeout: upstream_timeout.unwrap_or(Duration::from_secs(60)),
             drain_timeout: drain_timeout.unwrap_or(Duration::from_secs(30)),
             header_read_timeout: header_read_timeout.unwrap_or(Duration::from_secs(10)),
+            body_read_timeout: body_read_timeout.unwrap_or(Duration::from_secs(30)),
             log_format: log_format.unwrap_or(LogFormat::Text),
             store,
             policies: Policies { default, routes },
@@ -567,6 +573,7 @@ impl Config {
         let _ = writeln!(out, "upstream_timeout = {}", d(self.upstream_timeout));
         let _ = writeln!(out, "drain_timeout = {}", d(self.drain_timeout));
         let _ = writeln!(out, "header_read_timeout = {}", d(self.header_read_timeout));
+        let _ = writeln!(out, "body_read_timeout = {}", d(self.body_read_timeout));
         let fmt = match self.log_format {
             LogFormat::Text => "text",
             LogFormat::Json => "json",

@@ -38,6 +38,8 @@ pub enum ProxyError {
     BodyTooLarge(u64),
     #[error("the request body could not be read: {0}")]
     BadBody(String),
+    #[error("the request body was not received within {0:?}")]
+    BodyTimeout(Duration),
     #[error("this key was used with a different request (method, path, query, body or fingerprinted headers differ)")]
     KeyReused,
     #[error("a request with this key is still in progress; retry later")]
@@ -72,6 +74,11 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST,
                 "bad-body",
                 "Request body unreadable",
+            ),
+            BodyTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "body-timeout",
+                "Request body too slow",
             ),
             KeyReused => (
                 StatusCode::UNPROCESSABLE_ENTITY,

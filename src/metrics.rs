@@ -1,6 +1,7 @@
 //! Prometheus metrics (SPEC §5). The registry is made by the caller (`main`,
 //! or a test) and passed in, so each instance's counters stand alone.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
@@ -49,6 +50,10 @@ pub struct Metrics {
     pub lease_lost: IntCounter,
     pub dedup_operations: IntCounterVec,
     pub record_decode_errors: IntCounter,
+    /// Per-label handles resolved once: the hot path indexes an array
+    /// instead of hashing label values under a lock on every request.
+    by_outcome: Arc<[(IntCounter, Histogram)]>,
+    by_store_op: Arc<[(Histogram, IntCounter)]>,
     registry: Registry,
 }
 
@@ -155,7 +160,22 @@ impl Metrics {
             }
         }
 
+        let by_outcome = Outcome::ALL
+            .iter()
+            .map(|o| {
+                (
+                    requests.with_label_values(&[o.as_str()]),
+                    request_duration.with_label_values(&[o.as_str()]),
+                )
+            })
+            .collect();
+        let by_store_op = STORE_OPS
+            .iter()
+            .map(|op| (store_duration.with_label_values(&[op]), store_errors.with_label_values(&[op])))
+            .collect();
         Ok(Metrics {
+            by_outcome,
+            by_store_op,
             requests,
             request_duration,
             upstream_duration,
@@ -177,20 +197,27 @@ impl Metrics {
 
     /// Counts one finished proxy request.
     pub fn request(&self, outcome: Outcome, elapsed: Duration) {
-        let label = [outcome.as_str()];
-        self.requests.with_label_values(&label).inc();
-        self.request_duration
-            .with_label_values(&label)
-            .observe(elapsed.as_secs_f64());
+        let (count, duration) = &self.by_outcome[outcome as usize];
+        count.inc();
+        duration.observe(elapsed.as_secs_f64());
     }
 
-    /// Records one store operation.
+    /// Records one store operation (`op` is one of [`STORE_OPS`]).
     pub fn store_op(&self, op: &'static str, elapsed: Duration, failed: bool) {
-        self.store_duration
-            .with_label_values(&[op])
-            .observe(elapsed.as_secs_f64());
-        if failed {
-            self.store_errors.with_label_values(&[op]).inc();
+        match STORE_OPS.iter().position(|o| *o == op) {
+            Some(i) => {
+                let (duration, errors) = &self.by_store_op[i];
+                duration.observe(elapsed.as_secs_f64());
+                if failed {
+                    errors.inc();
+                }
+            }
+            None => {
+                self.store_duration.with_label_values(&[op]).observe(elapsed.as_secs_f64());
+                if failed {
+                    self.store_errors.with_label_values(&[op]).inc();
+                }
+            }
         }
     }
 
@@ -200,5 +227,23 @@ impl Metrics {
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_index_their_own_handles() {
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*o as usize, i);
+        }
+        let m = Metrics::standalone();
+        m.request(Outcome::Replayed, Duration::from_millis(1));
+        assert_eq!(m.requests.with_label_values(&["replayed"]).get(), 1);
+        assert_eq!(m.requests.with_label_values(&["forwarded"]).get(), 0);
+        m.store_op("complete", Duration::from_millis(1), true);
+        assert_eq!(m.store_errors.with_label_values(&["complete"]).get(), 1);
     }
 }

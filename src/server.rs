@@ -94,6 +94,7 @@ pub async fn run(
             policies: config.policies.clone(),
             on_store_error: config.store.on_store_error,
             upstream_timeout: config.upstream_timeout,
+            body_read_timeout: config.body_read_timeout,
             tasks: tasks.clone(),
             metrics: metrics.clone(),
         };
@@ -126,11 +127,15 @@ pub async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
+        // Header floods end in 431 long before they cost memory.
+        .max_headers(100)
+        .max_buf_size(64 * 1024)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(1024)
+        .max_header_list_size(64 * 1024)
         .keep_alive_interval(Some(Duration::from_secs(30)));
 
     tokio::pin!(shutdown);

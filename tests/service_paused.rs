@@ -55,6 +55,7 @@ fn settings(idempotency: &str) -> Settings {
         policies: config.policies,
         on_store_error: OnStoreError::Reject,
         upstream_timeout: Duration::from_secs(600),
+        body_read_timeout: Duration::from_secs(600),
         tasks: TaskTracker::new(),
         metrics: idemgate::metrics::Metrics::standalone(),
     }

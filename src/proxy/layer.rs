@@ -56,6 +56,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in declaration order (`ALL[o as usize] == o`).
     pub const ALL: [Outcome; 11] = [
         Outcome::Forwarded,
         Outcome::Replayed,
@@ -91,7 +92,7 @@ impl Outcome {
             ProxyError::MissingKey(_) => Outcome::MissingKey,
             ProxyError::InvalidKey { .. } => Outcome::InvalidKey,
             ProxyError::BodyTooLarge(_) => Outcome::TooLarge,
-            ProxyError::BadBody(_) => Outcome::ClientError,
+            ProxyError::BadBody(_) | ProxyError::BodyTimeout(_) => Outcome::ClientError,
             ProxyError::KeyReused => Outcome::Mismatch,
             ProxyError::InProgress => Outcome::Conflict,
             ProxyError::Store(_) => Outcome::StoreUnavailable,
@@ -107,6 +108,8 @@ pub struct Settings {
     pub on_store_error: OnStoreError,
     /// Bounds a covered call: response head and buffered body together.
     pub upstream_timeout: Duration,
+    /// Bounds reading a covered request's body.
+    pub body_read_timeout: Duration,
     /// Detached upstream calls are spawned here so shutdown can wait for them.
     pub tasks: TaskTracker,
     pub metrics: Metrics,
@@ -307,9 +310,11 @@ async fn handle<S: UpstreamService>(shared: Arc<Shared>, inner: S, req: Request<
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let body = match read_body(declared, body, policy.max_request_body).await {
-        Ok(b) => b,
-        Err(e) => return refuse(e),
+    let limit = shared.settings.body_read_timeout;
+    let body = match tokio::time::timeout(limit, read_body(declared, body, policy.max_request_body)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return refuse(e),
+        Err(_) => return refuse(ProxyError::BodyTimeout(limit)),
     };
     let fp = {
         let pq = parts

@@ -54,7 +54,7 @@ local fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local last = tonumber(h[2])
 if last and last >= fence then fence = last + 1 end
 local f = string.format('%d', fence)
-redis.call('DEL', KEYS[1])
+if h[1] then redis.call('DEL', KEYS[1]) end
 redis.call('HSET', KEYS[1], 's', 'i', 't', ARGV[1], 'f', f, 'p', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {'a', f}

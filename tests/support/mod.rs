@@ -135,6 +135,7 @@ async fn answer(
                 "method": parts.method.as_str(),
                 "path": parts.uri.path(),
                 "fence": header("idempotency-fence"),
+                "auth": header("authorization"),
                 "body_len": body.len(),
             })
             .to_string(),
@@ -146,6 +147,13 @@ async fn answer(
     h.insert("content-type", "application/json".parse().unwrap());
     h.insert("x-call", n.into());
     h.insert("set-cookie", format!("session={n}").parse().unwrap());
+    if header("x-respond-hop").is_some() {
+        // Connection-specific headers a proxy must not pass on or store.
+        h.insert("connection", "x-secret".parse().unwrap());
+        h.insert("x-secret", "hop-value".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("proxy-authenticate", "Basic realm=up".parse().unwrap());
+    }
     Ok(resp)
 }
 
