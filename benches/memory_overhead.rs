@@ -45,23 +45,38 @@ fn main() {
         },
     });
     let encoded = record.encode().len() as u64;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let store = MemoryStore::new(n as usize + 1);
     let before = rss();
     rt.block_on(async {
         for i in 0..n {
             let key = RecordKey::derive_dedup("mem", &i.to_string());
-            let Begin::Acquired(lease) = store.begin(&key, &record.fingerprint, Duration::from_secs(30)).await.unwrap()
+            let Begin::Acquired(lease) = store
+                .begin(&key, &record.fingerprint, Duration::from_secs(30))
+                .await
+                .unwrap()
             else {
                 unreachable!()
             };
-            assert!(store.complete(&key, &lease, record.clone(), Duration::from_secs(3600)).await.unwrap());
+            assert!(store
+                .complete(&key, &lease, record.clone(), Duration::from_secs(3600))
+                .await
+                .unwrap());
         }
     });
     let per = (rss() - before) as f64 / n as f64;
     println!("{n} completed records, {body_len}-byte body, 1 header: {encoded} bytes encoded");
     println!("RSS per record: {per:.0} bytes");
-    println!("  overhead beyond the body:             {:.0} bytes", per - body_len as f64);
-    println!("  overhead beyond the encoded response: {:.0} bytes", per - encoded as f64);
+    println!(
+        "  overhead beyond the body:             {:.0} bytes",
+        per - body_len as f64
+    );
+    println!(
+        "  overhead beyond the encoded response: {:.0} bytes",
+        per - encoded as f64
+    );
     assert_eq!(store.len() as u64, n);
 }

@@ -471,7 +471,11 @@ impl Config {
             "header_read_timeout",
             Checker::duration,
         );
-        let body_read_timeout = c.opt(&file.body_read_timeout, "body_read_timeout", Checker::duration);
+        let body_read_timeout = c.opt(
+            &file.body_read_timeout,
+            "body_read_timeout",
+            Checker::duration,
+        );
         let log_format = match &args.log_format {
             Some(v) => c.log_format(
                 &flag("log-format", "IDEMGATE_LOG_FORMAT"),

@@ -171,7 +171,12 @@ impl Metrics {
             .collect();
         let by_store_op = STORE_OPS
             .iter()
-            .map(|op| (store_duration.with_label_values(&[op]), store_errors.with_label_values(&[op])))
+            .map(|op| {
+                (
+                    store_duration.with_label_values(&[op]),
+                    store_errors.with_label_values(&[op]),
+                )
+            })
             .collect();
         Ok(Metrics {
             by_outcome,
@@ -213,7 +218,9 @@ impl Metrics {
                 }
             }
             None => {
-                self.store_duration.with_label_values(&[op]).observe(elapsed.as_secs_f64());
+                self.store_duration
+                    .with_label_values(&[op])
+                    .observe(elapsed.as_secs_f64());
                 if failed {
                     self.store_errors.with_label_values(&[op]).inc();
                 }

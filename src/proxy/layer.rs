@@ -311,7 +311,9 @@ async fn handle<S: UpstreamService>(shared: Arc<Shared>, inner: S, req: Request<
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let limit = shared.settings.body_read_timeout;
-    let body = match tokio::time::timeout(limit, read_body(declared, body, policy.max_request_body)).await {
+    let body = match tokio::time::timeout(limit, read_body(declared, body, policy.max_request_body))
+        .await
+    {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => return refuse(e),
         Err(_) => return refuse(ProxyError::BodyTimeout(limit)),

@@ -10,7 +10,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::{header, HeaderValue, Request, Response, Uri, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -80,6 +81,19 @@ impl tower::Service<Request<Body>> for Upstream {
             }
         }
         strip_hop_by_hop(req.headers_mut());
+        // The framing sent upstream is the body's own: a Content-Length that
+        // disagrees with it (a client that sent both Content-Length and
+        // chunked) would desynchronise the pooled upstream connection.
+        match req.body().size_hint().exact() {
+            Some(n) if n > 0 || req.headers().contains_key(header::CONTENT_LENGTH) => {
+                req.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+            Some(_) => {}
+            None => {
+                req.headers_mut().remove(header::CONTENT_LENGTH);
+            }
+        }
         // The client speaks HTTP/1.1 to the upstream whatever the caller used.
         *req.version_mut() = Version::HTTP_11;
         let timeout = self.timeout;
