@@ -45,7 +45,9 @@ impl FaultProxy {
                         let _ = client.set_linger(Some(Duration::ZERO));
                         return;
                     }
-                    let Ok(server) = TcpStream::connect(target).await else { return };
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     let _ = client.set_nodelay(true);
                     let _ = server.set_nodelay(true);
                     let _ = client.set_linger(Some(Duration::ZERO));

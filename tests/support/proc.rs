@@ -1,0 +1,80 @@
+//! The idemgate binary as a child process on free loopback ports, for tests
+//! that signal it (SIGTERM, SIGKILL) or read its logs.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Proc {
+    pub child: Child,
+    pub proxy: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+}
+
+impl Proc {
+    pub async fn start(upstream: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let proxy: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idemgate"));
+        cmd.args([
+            "--upstream",
+            upstream,
+            "--listen",
+            &proxy.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(admin).await.is_err() {
+            assert!(Instant::now() < deadline, "idemgate did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Proc {
+            child,
+            proxy,
+            admin,
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for exit; returns the exit code and everything logged.
+    pub fn finish(mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "idemgate did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut log = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+        (status.code(), log)
+    }
+}
