@@ -1,0 +1,240 @@
+//! Property test: random interleavings of begin / renew / complete / release
+//! and expiry, run against a simple reference model, on the memory store
+//! (tokio's paused clock) and on Redis (expiry forced with PEXPIRE).
+
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use idemgate::idempotency::key::{Fingerprint, RecordKey};
+use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
+use idemgate::idempotency::state::{Begin, Lease};
+use idemgate::store::{MemoryStore, RedisStore, Store};
+use proptest::prelude::*;
+use redis_support::RedisServer;
+
+const KEYS: usize = 3;
+const TTL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+enum Op {
+    Begin {
+        key: usize,
+        fp: u8,
+    },
+    Renew {
+        handle: usize,
+    },
+    Complete {
+        handle: usize,
+    },
+    Release {
+        handle: usize,
+    },
+    /// Time passes beyond every lease and record.
+    Expire,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..KEYS, 0..2u8).prop_map(|(key, fp)| Op::Begin { key, fp }),
+        2 => (0..8usize).prop_map(|handle| Op::Renew { handle }),
+        3 => (0..8usize).prop_map(|handle| Op::Complete { handle }),
+        2 => (0..8usize).prop_map(|handle| Op::Release { handle }),
+        1 => Just(Op::Expire),
+    ]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Model {
+    Absent,
+    InFlight { token: u128, fence: u64, fp: u8 },
+    Completed { fp: u8 },
+}
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint([n + 1; 32])
+}
+
+fn record(n: u8) -> Arc<CompletedRecord> {
+    Arc::new(CompletedRecord {
+        fingerprint: fp(n),
+        created_unix_ms: 1,
+        response: StoredResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"r"),
+            body_omitted: false,
+        },
+    })
+}
+
+fn rk(scope: &str, key: usize) -> RecordKey {
+    RecordKey::derive_dedup(scope, &key.to_string())
+}
+
+/// Runs `ops` on `store`, checking every answer against the model.
+/// Makes time pass beyond every lease and record.
+type Expire = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+async fn check<S: Store>(store: &S, scope: &str, ops: &[Op], expire: impl Fn() -> Expire) {
+    let mut model = [Model::Absent; KEYS];
+    let mut last_fence = [0u64; KEYS];
+    let mut handles: Vec<(usize, Lease)> = Vec::new();
+    for op in ops {
+        match *op {
+            Op::Begin { key, fp: f } => {
+                let got = store.begin(&rk(scope, key), &fp(f), TTL).await.unwrap();
+                match (model[key], got) {
+                    (Model::Absent, Begin::Acquired(lease)) => {
+                        assert!(
+                            lease.fence > last_fence[key],
+                            "fence must rise: {} after {}",
+                            lease.fence,
+                            last_fence[key]
+                        );
+                        last_fence[key] = lease.fence;
+                        model[key] = Model::InFlight {
+                            token: lease.token,
+                            fence: lease.fence,
+                            fp: f,
+                        };
+                        handles.push((key, lease));
+                    }
+                    (
+                        Model::InFlight {
+                            fence, fp: held, ..
+                        },
+                        Begin::InFlight {
+                            fingerprint,
+                            fence: got_fence,
+                        },
+                    ) => {
+                        assert_eq!((fingerprint, got_fence), (fp(held), fence));
+                    }
+                    (Model::Completed { fp: held }, Begin::Completed(rec)) => {
+                        assert_eq!(rec.fingerprint, fp(held))
+                    }
+                    (m, g) => panic!("begin on {m:?} answered {g:?}"),
+                }
+            }
+            Op::Renew { handle } | Op::Complete { handle } | Op::Release { handle } => {
+                if handles.is_empty() {
+                    continue;
+                }
+                let (key, lease) = handles[handle % handles.len()];
+                let current =
+                    matches!(model[key], Model::InFlight { token, .. } if token == lease.token);
+                let k = rk(scope, key);
+                let ok = match op {
+                    Op::Renew { .. } => store.renew(&k, &lease, TTL).await.unwrap(),
+                    Op::Complete { .. } => {
+                        let f = match model[key] {
+                            Model::InFlight { fp, .. } => fp,
+                            _ => 0,
+                        };
+                        let ok = store.complete(&k, &lease, record(f), TTL).await.unwrap();
+                        if ok {
+                            model[key] = Model::Completed { fp: f };
+                        }
+                        ok
+                    }
+                    _ => {
+                        let ok = store.release(&k, &lease).await.unwrap();
+                        if ok {
+                            model[key] = Model::Absent;
+                        }
+                        ok
+                    }
+                };
+                assert_eq!(
+                    ok,
+                    current,
+                    "{op:?} by a {} lease",
+                    if current { "current" } else { "stale" }
+                );
+            }
+            Op::Expire => {
+                expire().await;
+                model = [Model::Absent; KEYS];
+            }
+        }
+    }
+}
+
+fn scope() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "model-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #[test]
+    fn memory_store_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        rt.block_on(async {
+            let store = MemoryStore::new(1000);
+            let expire = || -> Expire { Box::pin(tokio::time::advance(TTL + Duration::from_secs(1))) };
+            check(&store, &scope(), &ops, expire).await;
+        });
+    }
+}
+
+struct RedisFixture {
+    server: RedisServer,
+    rt: tokio::runtime::Runtime,
+    store: RedisStore,
+}
+
+fn redis_fixture() -> &'static RedisFixture {
+    static FIXTURE: std::sync::OnceLock<RedisFixture> = std::sync::OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let server = RedisServer::start();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let text = format!(
+            "[store]\nbackend = \"redis\"\nurls = [\"{}\"]\n",
+            server.url()
+        );
+        let cfg = idemgate::config::Config::from_parts(
+            idemgate::config::FileConfig::parse(&text).unwrap(),
+            &idemgate::config::RunArgs::default(),
+        )
+        .unwrap();
+        let store = rt.block_on(RedisStore::connect(&cfg.store, false)).unwrap();
+        RedisFixture { server, rt, store }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #[test]
+    fn redis_store_matches_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let f = redis_fixture();
+        let scope = scope();
+        let expire = || -> Expire {
+            let scope = scope.clone();
+            Box::pin(async move {
+                // Expire every record of this case now; Redis drops them on
+                // access, exactly as when their TTL runs out.
+                for key in 0..KEYS {
+                    f.server.cli(&["PEXPIRE", &f.store.record_key(&rk(&scope, key)), "1"]).unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            })
+        };
+        f.rt.block_on(check(&f.store, &scope, &ops, expire));
+    }
+}
