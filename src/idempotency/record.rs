@@ -14,7 +14,7 @@
 //!
 //! Raw body bytes, no base64: a replay is one read and one copy-free slice.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::key::Fingerprint;
@@ -57,13 +57,18 @@ pub enum DecodeError {
 impl CompletedRecord {
     /// Encodes the record in the current version.
     pub fn encode(&self) -> Bytes {
+        Bytes::from(self.encode_vec())
+    }
+
+    /// Encodes into a vector of exactly the encoded length.
+    pub fn encode_vec(&self) -> Vec<u8> {
         let r = &self.response;
         let headers_len: usize = r
             .headers
             .iter()
             .map(|(n, v)| 6 + n.as_str().len() + v.len())
             .sum();
-        let mut b = BytesMut::with_capacity(1 + 1 + 32 + 8 + 2 + 2 + headers_len + r.body.len());
+        let mut b = Vec::with_capacity(1 + 1 + 32 + 8 + 2 + 2 + headers_len + r.body.len());
         b.put_u8(VERSION);
         b.put_u8(if r.body_omitted { FLAG_BODY_OMITTED } else { 0 });
         b.put_slice(&self.fingerprint.0);
@@ -80,7 +85,7 @@ impl CompletedRecord {
             b.put_slice(v.as_bytes());
         }
         b.put_slice(&r.body);
-        b.freeze()
+        b
     }
 
     /// Decodes a record; the body is a zero-copy slice of `bytes`.
@@ -104,7 +109,12 @@ impl CompletedRecord {
         let created_unix_ms = bytes.get_u64();
         let status = StatusCode::from_u16(bytes.get_u16()).map_err(|_| DecodeError::Invalid)?;
         let count = bytes.get_u16() as usize;
-        let mut headers = HeaderMap::with_capacity(count);
+        // The count is data, not a promise: a header takes at least 6 bytes,
+        // so never reserve more than the rest could hold (and HeaderMap
+        // panics past its own maximum unless asked fallibly).
+        let capacity = count.min(bytes.remaining() / 6);
+        let mut headers =
+            HeaderMap::try_with_capacity(capacity).map_err(|_| DecodeError::Invalid)?;
         for _ in 0..count {
             need(&bytes, 2)?;
             let n = bytes.get_u16() as usize;
@@ -116,7 +126,9 @@ impl CompletedRecord {
             need(&bytes, n)?;
             let value = HeaderValue::from_maybe_shared(bytes.split_to(n))
                 .map_err(|_| DecodeError::Invalid)?;
-            headers.append(name, value);
+            headers
+                .try_append(name, value)
+                .map_err(|_| DecodeError::Invalid)?;
         }
         Ok(CompletedRecord {
             fingerprint: Fingerprint(fp),
@@ -191,6 +203,17 @@ mod tests {
             CompletedRecord::decode(Bytes::from(enc)),
             Err(DecodeError::UnknownVersion(9))
         );
+    }
+
+    /// Found by fuzzing: a record claiming more headers than a HeaderMap can
+    /// hold made the decoder panic.
+    #[test]
+    fn a_huge_header_count_is_an_error_not_a_panic() {
+        let crash = include_bytes!("../../fuzz/corpus/record/regression-huge-header-count");
+        assert!(CompletedRecord::decode(Bytes::from_static(crash)).is_err());
+        let mut enc = sample(b"", false).encode().to_vec();
+        enc[44..46].copy_from_slice(&u16::MAX.to_be_bytes());
+        assert!(CompletedRecord::decode(Bytes::from(enc)).is_err());
     }
 
     #[test]

@@ -9,17 +9,15 @@
 //! Times use tokio's clock so tests can pause and advance it.
 
 use std::collections::HashMap;
-
-use bytes::Bytes;
+use std::future::ready;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-
-use std::future::ready;
 
 use super::{Inspection, Store, StoreError, StoreFuture};
 use crate::idempotency::key::{Fingerprint, RecordKey};
@@ -46,35 +44,48 @@ struct Inner {
     /// One counter for every key: strictly increasing per key, also across
     /// expiry, which is all a fence needs.
     fence: AtomicU64,
+    /// Zero of the millisecond clock entries expire on.
+    epoch: Instant,
     dedup: dedup::Dedup,
 }
 
 type Shard = HashMap<RecordKey, Entry, BuildHasherDefault<KeyHasher>>;
 
+/// One record, kept small because most are completed records: the rare
+/// in-flight data is boxed and expiry is milliseconds on the store's clock,
+/// so a bucket is 72 bytes with its key (see benches/RESULTS.md).
 struct Entry {
     slot: Slot,
-    expires: Instant,
+    /// Milliseconds since the store's epoch.
+    expires: u64,
+}
+
+/// The in-flight part of an entry; waiters only ever wait on these.
+struct InFlight {
+    lease: Lease,
+    fingerprint: Fingerprint,
     notify: Option<Arc<Notify>>,
 }
 
-/// What an entry holds. A completed response is kept encoded: one
+/// What an entry holds. A completed response is kept encoded in one
 /// exact-size allocation. Holding the upstream's `Bytes` instead would pin
 /// whole hyper read buffers (body and header values are slices of them) for
-/// the record's lifetime; decoding on replay costs about 250 ns.
+/// the record's lifetime; decoding on replay costs a few hundred ns.
 enum Slot {
-    InFlight {
-        lease: Lease,
-        fingerprint: Fingerprint,
-    },
-    Completed(Bytes),
+    InFlight(Box<InFlight>),
+    Completed(Box<[u8]>),
 }
 
 impl Slot {
     fn of(state: State) -> Option<Slot> {
         match state {
             State::Absent => None,
-            State::InFlight { lease, fingerprint } => Some(Slot::InFlight { lease, fingerprint }),
-            State::Completed(rec) => Some(Slot::Completed(rec.encode())),
+            State::InFlight { lease, fingerprint } => Some(Slot::InFlight(Box::new(InFlight {
+                lease,
+                fingerprint,
+                notify: None,
+            }))),
+            State::Completed(rec) => Some(Slot::Completed(rec.encode_vec().into_boxed_slice())),
         }
     }
 
@@ -82,25 +93,39 @@ impl Slot {
     /// cannot: this process encoded it) reads as absent rather than panicking.
     fn state(&self) -> State {
         match self {
-            Slot::InFlight { lease, fingerprint } => State::InFlight {
-                lease: *lease,
-                fingerprint: *fingerprint,
+            Slot::InFlight(f) => State::InFlight {
+                lease: f.lease,
+                fingerprint: f.fingerprint,
             },
-            Slot::Completed(bytes) => CompletedRecord::decode(bytes.clone())
+            Slot::Completed(bytes) => CompletedRecord::decode(Bytes::copy_from_slice(bytes))
                 .map(|r| State::Completed(Arc::new(r)))
                 .unwrap_or(State::Absent),
         }
     }
 
+    fn lease(&self) -> Option<&Lease> {
+        match self {
+            Slot::InFlight(f) => Some(&f.lease),
+            Slot::Completed(_) => None,
+        }
+    }
+
     fn holds(&self, token: u128) -> bool {
-        matches!(self, Slot::InFlight { lease, .. } if lease.token == token)
+        self.lease().is_some_and(|l| l.token == token)
+    }
+
+    fn in_flight_with(&self, fence: u64) -> bool {
+        self.lease().is_some_and(|l| l.fence == fence)
     }
 }
 
 impl Entry {
+    /// Wakes whoever waits on this entry's lease.
     fn wake(&mut self) {
-        if let Some(n) = self.notify.take() {
-            n.notify_waiters();
+        if let Slot::InFlight(f) = &mut self.slot {
+            if let Some(n) = f.notify.take() {
+                n.notify_waiters();
+            }
         }
     }
 }
@@ -123,6 +148,10 @@ impl Hasher for KeyHasher {
     }
 }
 
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
 impl MemoryStore {
     /// A store that holds at most `max_entries` records.
     pub fn new(max_entries: usize) -> Self {
@@ -132,6 +161,7 @@ impl MemoryStore {
                 len: AtomicUsize::new(0),
                 max_entries,
                 fence: AtomicU64::new(0),
+                epoch: Instant::now(),
                 dedup: dedup::Dedup::new(SHARDS),
             }),
         }
@@ -147,9 +177,14 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    /// Now, in milliseconds on the store's clock.
+    fn tick(&self) -> u64 {
+        ms(Instant::now().duration_since(self.inner.epoch))
+    }
+
     /// Removes every expired record; returns how many went.
     pub fn sweep(&self) -> usize {
-        let now = Instant::now();
+        let now = self.tick();
         let mut removed = 0;
         for shard in self.inner.shards.iter() {
             let mut shard = lock(shard);
@@ -163,7 +198,7 @@ impl MemoryStore {
             });
         }
         self.inner.len.fetch_sub(removed, Ordering::Relaxed);
-        removed + self.sweep_dedup(now)
+        removed + self.sweep_dedup(Instant::now())
     }
 
     fn shard(&self, key: &RecordKey) -> MutexGuard<'_, Shard> {
@@ -171,12 +206,7 @@ impl MemoryStore {
     }
 
     /// The live entry for `key`, removing it first if it has expired.
-    fn live<'a>(
-        &self,
-        shard: &'a mut Shard,
-        key: &RecordKey,
-        now: Instant,
-    ) -> Option<&'a mut Entry> {
+    fn live<'a>(&self, shard: &'a mut Shard, key: &RecordKey, now: u64) -> Option<&'a mut Entry> {
         if shard.get(key).is_some_and(|e| e.expires <= now) {
             if let Some(mut e) = shard.remove(key) {
                 e.wake();
@@ -193,14 +223,13 @@ impl MemoryStore {
         fp: &Fingerprint,
         lease_ttl: Duration,
     ) -> Result<Begin, StoreError> {
-        let now = Instant::now();
+        let now = self.tick();
         let mut swept = false;
         loop {
             let mut shard = self.shard(key);
             let current = self
                 .live(&mut shard, key, now)
                 .map_or(State::Absent, |e| e.slot.state());
-            let current = &current;
             if matches!(current, State::Absent) && self.len() >= self.inner.max_entries {
                 if swept {
                     return Err(StoreError::Full(self.inner.max_entries));
@@ -210,14 +239,13 @@ impl MemoryStore {
                 swept = true;
                 continue;
             }
-            let (begin, next) = state::begin(current, *fp, || {
+            let (begin, next) = state::begin(&current, *fp, || {
                 Lease::new(self.inner.fence.fetch_add(1, Ordering::Relaxed) + 1)
             });
             if let Some(slot) = next.and_then(Slot::of) {
                 let entry = Entry {
                     slot,
-                    expires: now + lease_ttl,
-                    notify: None,
+                    expires: now + ms(lease_ttl),
                 };
                 if shard.insert(*key, entry).is_none() {
                     self.inner.len.fetch_add(1, Ordering::Relaxed);
@@ -228,13 +256,8 @@ impl MemoryStore {
     }
 
     /// Runs `f` on the entry if `lease` is current; `false` otherwise.
-    fn with_lease(
-        &self,
-        key: &RecordKey,
-        lease: &Lease,
-        f: impl FnOnce(&mut Entry, Instant),
-    ) -> bool {
-        let now = Instant::now();
+    fn with_lease(&self, key: &RecordKey, lease: &Lease, f: impl FnOnce(&mut Entry, u64)) -> bool {
+        let now = self.tick();
         let mut shard = self.shard(key);
         match self.live(&mut shard, key, now) {
             Some(e) if e.slot.holds(lease.token) => {
@@ -247,11 +270,10 @@ impl MemoryStore {
 
     /// Whether `key` is still in flight under the lease with `fence`.
     fn still_waiting(&self, key: &RecordKey, fence: u64) -> bool {
+        let now = self.tick();
         let mut shard = self.shard(key);
-        matches!(
-            self.live(&mut shard, key, Instant::now()),
-            Some(Entry { slot: Slot::InFlight { lease, .. }, .. }) if lease.fence == fence
-        )
+        self.live(&mut shard, key, now)
+            .is_some_and(|e| e.slot.in_flight_with(fence))
     }
 
     fn remove(&self, key: &RecordKey) -> bool {
@@ -289,9 +311,9 @@ impl Store for MemoryStore {
         lease: &'a Lease,
         lease_ttl: Duration,
     ) -> StoreFuture<'a, bool> {
-        Box::pin(ready(Ok(
-            self.with_lease(key, lease, |e, now| e.expires = now + lease_ttl)
-        )))
+        Box::pin(ready(Ok(self.with_lease(key, lease, |e, now| {
+            e.expires = now + ms(lease_ttl)
+        }))))
     }
 
     fn complete<'a>(
@@ -302,18 +324,19 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         // Encode outside the shard lock.
-        let encoded = record.encode();
+        let encoded = record.encode_vec().into_boxed_slice();
         let done = self.with_lease(key, lease, |e, now| {
-            e.slot = Slot::Completed(encoded);
-            e.expires = now + ttl;
+            // Waiters re-check under this shard lock, so they see the record.
             e.wake();
+            e.slot = Slot::Completed(encoded);
+            e.expires = now + ms(ttl);
         });
         Box::pin(ready(Ok(done)))
     }
 
     fn release<'a>(&'a self, key: &'a RecordKey, lease: &'a Lease) -> StoreFuture<'a, bool> {
         // Check and remove under one lock so a new holder can't slip between.
-        let now = Instant::now();
+        let now = self.tick();
         let mut shard = self.shard(key);
         let held = self
             .live(&mut shard, key, now)
@@ -335,22 +358,23 @@ impl Store for MemoryStore {
     ) -> StoreFuture<'a, ()> {
         let (notify, until) = {
             let mut shard = self.shard(key);
-            match self.live(&mut shard, key, Instant::now()) {
-                Some(e) if matches!(e.slot, Slot::InFlight { lease, .. } if lease.fence == fence) =>
-                {
-                    let notify: Arc<Notify> = e.notify.get_or_insert_with(Default::default).clone();
+            match self.live(&mut shard, key, self.tick()) {
+                Some(Entry {
+                    slot: Slot::InFlight(f),
+                    expires,
+                }) if f.lease.fence == fence => {
+                    let notify: Arc<Notify> = f.notify.get_or_insert_with(Default::default).clone();
                     // The lease may lapse without anyone completing it: wake
                     // then too, so the waiter can take it over.
-                    (notify, deadline.min(e.expires))
+                    let lapses = self.inner.epoch + Duration::from_millis(*expires);
+                    (notify, deadline.min(lapses))
                 }
                 _ => return Box::pin(ready(Ok(()))),
             }
         };
         Box::pin(async move {
-            // Wakes are sent only under the shard lock, and only after the
-            // state changed; registering here is still race-free because a
-            // change between unlock and this point leaves `notify` already
-            // taken from the entry, so we re-check the state first.
+            // Register, then re-check: a wake between the unlock above and
+            // this registration would otherwise be lost.
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -363,12 +387,12 @@ impl Store for MemoryStore {
     }
 
     fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, Inspection> {
-        let now = Instant::now();
+        let now = self.tick();
         let mut shard = self.shard(key);
         let found = match self.live(&mut shard, key, now) {
             Some(e) => Inspection {
                 state: e.slot.state(),
-                expires_in: Some(e.expires - now),
+                expires_in: Some(Duration::from_millis(e.expires - now)),
             },
             None => Inspection {
                 state: State::Absent,
@@ -384,5 +408,24 @@ impl Store for MemoryStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(ready(Ok(())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every stored record pays for a bucket: keep it small.
+    #[test]
+    fn a_bucket_stays_small() {
+        assert!(
+            std::mem::size_of::<Entry>() <= 32,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
+        assert_eq!(
+            std::mem::size_of::<(RecordKey, Entry)>(),
+            32 + std::mem::size_of::<Entry>()
+        );
     }
 }
