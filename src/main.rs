@@ -32,15 +32,9 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("idemgate: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         // The one registry: made here, handed down.
@@ -76,16 +70,18 @@ fn main() -> ExitCode {
     })
 }
 
+/// Builds a tokio runtime, or says why not.
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("idemgate: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 fn demo() -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("idemgate: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(idemgate::demo::run(&mut std::io::stdout())) {
         Ok(report) if report.charges == report.keys => ExitCode::SUCCESS,
@@ -113,15 +109,9 @@ fn healthcheck(cli: &Cli, ready: bool) -> ExitCode {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let path = if ready { "/readyz" } else { "/healthz" };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("idemgate: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let status = runtime.block_on(async move {
         let client =

@@ -255,6 +255,8 @@ async fn flaky_upstream(resets: usize) -> (SocketAddr, Arc<AtomicUsize>) {
                                 b"HTTP/1.1 201 Created\r\ncontent-length: 100\r\n\r\npartial",
                             )
                             .await;
+                        // Zero linger: the close sends RST (and never blocks).
+                        #[allow(deprecated)]
                         let _ = s.set_linger(Some(Duration::ZERO));
                         return;
                     }
