@@ -100,6 +100,37 @@ async fn waiting_duplicates_and_lease_renewals_are_visible() {
     );
     first.await.unwrap();
     assert_eq!(idg.metrics.waiting_duplicates.get(), 0);
+    // A waiting duplicate whose client goes away stops counting.
+    let c = client.clone();
+    let busy = tokio::spawn(async move {
+        c.send(
+            "POST",
+            "/v1/c",
+            &[("idempotency-key", "gone"), ("x-delay-ms", "800")],
+            "{}",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut s = tokio::net::TcpStream::connect(idg.proxy_addr.unwrap())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        b"POST /v1/c HTTP/1.1\r\nhost: x\r\nidempotency-key: gone\r\nx-delay-ms: 800\r\ncontent-length: 2\r\n\r\n{}",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(idg.metrics.waiting_duplicates.get(), 1);
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        idg.metrics.waiting_duplicates.get(),
+        0,
+        "a gone client still counts as waiting"
+    );
+    busy.await.unwrap();
     // 1.2 s under a 300 ms lease renewed every 100 ms.
     assert!(
         idg.metrics.lease_renewals.get() >= 8,

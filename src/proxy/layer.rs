@@ -366,10 +366,12 @@ async fn handle<S: UpstreamService>(shared: Arc<Shared>, inner: S, req: Request<
                 if Instant::now() >= deadline {
                     return refuse(ProxyError::InProgress).on(record_key);
                 }
-                let waiting = &shared.settings.metrics.waiting_duplicates;
-                waiting.inc();
-                let waited = shared.store.wait(&record_key, fence, deadline).await;
-                waiting.dec();
+                let waited = {
+                    // A guard, not inc/dec: a client that disconnects drops
+                    // this future mid-wait, and the gauge must still go down.
+                    let _waiting = Waiting::new(&shared.settings.metrics.waiting_duplicates);
+                    shared.store.wait(&record_key, fence, deadline).await
+                };
                 if let Err(e) = waited {
                     return store_failed(&shared, inner, parts, body, e)
                         .await
@@ -377,6 +379,22 @@ async fn handle<S: UpstreamService>(shared: Arc<Shared>, inner: S, req: Request<
                 }
             }
         }
+    }
+}
+
+/// Counts one waiting duplicate for as long as it lives.
+struct Waiting<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
