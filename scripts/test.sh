@@ -24,4 +24,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 # The Debian package starts a system redis on 6379; the tests never use it.
 
+# The worker end-to-end test runs the example binary itself; `cargo test`
+# builds examples only as test harnesses.
+cargo build --locked --examples
 cargo test --locked --all-targets "$@"

@@ -25,7 +25,7 @@ fn worker_bin() -> PathBuf {
     let bin = debug.join("examples").join("redis_streams_worker");
     assert!(
         bin.exists(),
-        "{} is missing: cargo test builds examples; run scripts/test.sh",
+        "{} is missing: build it with `cargo build --examples` (scripts/test.sh does)",
         bin.display()
     );
     bin
