@@ -189,52 +189,59 @@ proptest! {
     }
 }
 
-struct RedisFixture {
-    server: RedisServer,
-    rt: tokio::runtime::Runtime,
-    store: RedisStore,
-}
+/// Not `proptest!`: the Redis server must belong to this test so that it is
+/// stopped when the test ends (a static fixture is never dropped).
+#[test]
+fn redis_store_matches_the_model() {
+    use proptest::test_runner::{Config, TestRunner};
 
-fn redis_fixture() -> &'static RedisFixture {
-    static FIXTURE: std::sync::OnceLock<RedisFixture> = std::sync::OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        let server = RedisServer::start();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let text = format!(
-            "[store]\nbackend = \"redis\"\nurls = [\"{}\"]\n",
-            server.url()
-        );
-        let cfg = idemgate::config::Config::from_parts(
-            idemgate::config::FileConfig::parse(&text).unwrap(),
-            &idemgate::config::RunArgs::default(),
-        )
+    let server = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
         .unwrap();
-        let store = rt.block_on(RedisStore::connect(&cfg.store, false)).unwrap();
-        RedisFixture { server, rt, store }
-    })
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
-    #[test]
-    fn redis_store_matches_the_model(ops in proptest::collection::vec(op(), 1..40)) {
-        let f = redis_fixture();
+    let text = format!(
+        "[store]\nbackend = \"redis\"\nurls = [\"{}\"]\n",
+        server.url()
+    );
+    let cfg = idemgate::config::Config::from_parts(
+        idemgate::config::FileConfig::parse(&text).unwrap(),
+        &idemgate::config::RunArgs::default(),
+    )
+    .unwrap();
+    let store = rt.block_on(RedisStore::connect(&cfg.store, false)).unwrap();
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        ..Config::default()
+    });
+    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
         let scope = scope();
-        let expire = || -> Expire {
-            let scope = scope.clone();
+        let keys: Vec<String> = (0..KEYS)
+            .map(|k| store.record_key(&rk(&scope, k)))
+            .collect();
+        let url = server.url();
+        let expire = move || -> Expire {
+            let (keys, url) = (keys.clone(), url.clone());
             Box::pin(async move {
                 // Expire every record of this case now; Redis drops them on
                 // access, exactly as when their TTL runs out.
-                for key in 0..KEYS {
-                    f.server.cli(&["PEXPIRE", &f.store.record_key(&rk(&scope, key)), "1"]).unwrap();
+                let client = redis::Client::open(url.as_str()).unwrap();
+                let mut con = client.get_multiplexed_async_connection().await.unwrap();
+                for key in &keys {
+                    let _: i64 = redis::cmd("PEXPIRE")
+                        .arg(key)
+                        .arg(1)
+                        .query_async(&mut con)
+                        .await
+                        .unwrap();
                 }
                 tokio::time::sleep(Duration::from_millis(3)).await;
             })
         };
-        f.rt.block_on(check(&f.store, &scope, &ops, expire));
-    }
+        rt.block_on(check(&store, &scope, &ops, expire));
+        Ok(())
+    });
+    result.unwrap();
+    drop(server);
 }
