@@ -217,10 +217,7 @@ async fn keys_endpoint_inspects_and_purges_a_record() {
 async fn readiness_follows_redis_while_health_stays_up() {
     let mut redis = RedisServer::start();
     let up = TestUpstream::start().await;
-    let toml = format!(
-        "[store]\nbackend = \"redis\"\nurls = [\"{}\"]\ntimeout = \"300ms\"\n",
-        redis.url()
-    );
+    let toml = redis_support::store_toml(&redis.url());
     let idg = Running::start(config(Some(&up.url()), &toml))
         .await
         .unwrap();
@@ -249,10 +246,7 @@ async fn readiness_follows_redis_while_health_stays_up() {
 async fn store_errors_are_counted() {
     let mut redis = RedisServer::start();
     let up = TestUpstream::start().await;
-    let toml = format!(
-        "[store]\nbackend = \"redis\"\nurls = [\"{}\"]\ntimeout = \"300ms\"\n",
-        redis.url()
-    );
+    let toml = redis_support::store_toml(&redis.url());
     let idg = Running::start(config(Some(&up.url()), &toml))
         .await
         .unwrap();

@@ -45,10 +45,7 @@ impl Api {
 }
 
 fn redis_toml(redis: &RedisServer) -> String {
-    format!(
-        "[store]\nbackend = \"redis\"\nurls = [\"{}\"]\ntimeout = \"300ms\"\n",
-        redis.url()
-    )
+    redis_support::store_toml(&redis.url())
 }
 
 async fn lifecycle(api: &Api) {

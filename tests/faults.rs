@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 fn redis_toml(url: &str, extra: &str) -> String {
-    format!("[store]\nbackend = \"redis\"\nurls = [\"{url}\"]\ntimeout = \"300ms\"\n{extra}")
+    format!("{}{extra}", redis_support::store_toml(url))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

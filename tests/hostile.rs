@@ -266,10 +266,7 @@ async fn tenants_never_see_each_others_responses_on_memory() {
 async fn tenants_never_see_each_others_responses_on_redis() {
     let redis = RedisServer::start();
     let up = TestUpstream::start().await;
-    let toml = format!(
-        "[store]\nbackend = \"redis\"\nurls = [\"{}\"]\n",
-        redis.url()
-    );
+    let toml = redis_support::store_toml(&redis.url());
     let idg = Running::start(config(Some(&up.url()), &toml))
         .await
         .unwrap();

@@ -64,10 +64,7 @@ fn worker(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_never_doubles_a_side_effect() {
     let redis = RedisServer::start();
-    let toml = format!(
-        "[store]\nbackend = \"redis\"\nurls = [\"{}\"]\n",
-        redis.url()
-    );
+    let toml = redis_support::store_toml(&redis.url());
     let idg = Running::start(config(None, &toml)).await.unwrap();
     let admin = idg.admin_addr;
 

@@ -21,6 +21,12 @@ fn require(bin: &str) {
     );
 }
 
+/// The `[store]` section for Redis standalone at `url`, with a short store
+/// timeout so outages show quickly in tests.
+pub fn store_toml(url: &str) -> String {
+    format!("[store]\nbackend = \"redis\"\nurls = [\"{url}\"]\ntimeout = \"300ms\"\n")
+}
+
 /// A port the OS says is free (and, for Cluster, whose bus port +10000 is too).
 pub fn free_port(with_bus: bool) -> u16 {
     loop {
