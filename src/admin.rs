@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 
 use crate::config::{DedupConfig, Policies};
 use crate::dedup::api::DedupApi;
-use crate::error::{full, problem};
+use crate::error::{full, json, problem};
 use crate::idempotency::key::{parse_key, RecordKey};
 use crate::idempotency::state::State;
 use crate::metrics::Metrics;
@@ -230,16 +230,5 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
-}
-
-/// A JSON response.
-pub fn json(status: StatusCode, doc: &serde_json::Value) -> Response<Body> {
-    let mut resp = Response::new(full(Bytes::from(doc.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
     resp
 }

@@ -130,11 +130,21 @@ pub fn problem(status: StatusCode, slug: &str, title: &str, detail: &str) -> Res
         "status": status.as_u16(),
         "detail": detail,
     });
+    let mut resp = json(status, &doc);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    resp
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, doc: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(full(Bytes::from(doc.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
+        HeaderValue::from_static("application/json"),
     );
     resp
 }

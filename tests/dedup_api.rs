@@ -327,69 +327,49 @@ async fn bad_input(api: &Api) {
     api.raw("POST", &format!("/v1/dedup/{s}/claim"), "")
         .await
         .assert_problem(400, "invalid-json");
-    field(api.post(s, "claim", json!({})).await, "key");
-    field(api.post(s, "claim", json!({"key": ""})).await, "key");
-    field(
-        api.post(s, "claim", json!({"key": "k".repeat(513)})).await,
-        "key",
-    );
-    field(
-        api.post(s, "claim", json!({"key": "k", "content_b64": "aGk="}))
-            .await,
-        "content_b64",
-    );
-    field(
-        api.post(s, "claim", json!({"content_b64": "!!!not base64"}))
-            .await,
-        "content_b64",
-    );
-    field(
-        api.post(s, "claim", json!({"key": "k", "lease_ms": 0}))
-            .await,
-        "lease_ms",
-    );
-    field(
-        api.post(s, "claim", json!({"key": "k", "lease_ms": "10"}))
-            .await,
-        "lease_ms",
-    );
-    field(
-        api.post(s, "claim", json!({"key": "k", "max_attempts": 0}))
-            .await,
-        "max_attempts",
-    );
-    field(
-        api.post(s, "claim", json!({"key": "k", "colour": "blue"}))
-            .await,
-        "colour",
-    );
-    field(
-        api.post(
-            s,
+    // Each refused body, and the field its problem must name.
+    let cases = [
+        ("claim", json!({}), "key"),
+        ("claim", json!({"key": ""}), "key"),
+        ("claim", json!({"key": "k".repeat(513)}), "key"),
+        (
+            "claim",
+            json!({"key": "k", "content_b64": "aGk="}),
+            "content_b64",
+        ),
+        (
+            "claim",
+            json!({"content_b64": "!!!not base64"}),
+            "content_b64",
+        ),
+        ("claim", json!({"key": "k", "lease_ms": 0}), "lease_ms"),
+        ("claim", json!({"key": "k", "lease_ms": "10"}), "lease_ms"),
+        (
+            "claim",
+            json!({"key": "k", "max_attempts": 0}),
+            "max_attempts",
+        ),
+        ("claim", json!({"key": "k", "colour": "blue"}), "colour"),
+        (
             "release",
             json!({"key": "k", "lease_id": "x", "outcome": "maybe"}),
-        )
-        .await,
-        "outcome",
-    );
-    field(
-        api.post(s, "release", json!({"key": "k", "outcome": "retry"}))
-            .await,
-        "lease_id",
-    );
-    field(
-        api.post(
-            s,
+            "outcome",
+        ),
+        (
+            "release",
+            json!({"key": "k", "outcome": "retry"}),
+            "lease_id",
+        ),
+        (
             "complete",
             json!({"key": "k", "lease_id": "x", "result": "r".repeat(200)}),
-        )
-        .await,
-        "result",
-    );
-    field(
-        api.post(s, "mark", json!({"key": "k", "ttl_ms": -5})).await,
-        "ttl_ms",
-    );
+            "result",
+        ),
+        ("mark", json!({"key": "k", "ttl_ms": -5}), "ttl_ms"),
+    ];
+    for (op, body, name) in cases {
+        field(api.post(s, op, body).await, name);
+    }
     api.post("bad%20scope", "claim", json!({"key": "k"}))
         .await
         .assert_problem(404, "invalid-scope");
@@ -467,17 +447,22 @@ async fn takeover(api: &Api) {
     assert_eq!(stale.status, 409);
 }
 
+/// Everything above, in order, on one idemgate.
+async fn suite(api: &Api) {
+    lifecycle(api).await;
+    dead_letters(api).await;
+    batches(api).await;
+    bad_input(api).await;
+    racing(api).await;
+    takeover(api).await;
+}
+
 const SMALL_LIMITS: &str = "[dedup]\nmax_result_bytes = 100\nmax_request_body = \"4KiB\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedup_api_on_the_memory_store() {
     let (r, api) = dedup_only(SMALL_LIMITS).await;
-    lifecycle(&api).await;
-    dead_letters(&api).await;
-    batches(&api).await;
-    bad_input(&api).await;
-    racing(&api).await;
-    takeover(&api).await;
+    suite(&api).await;
     let m = &r.metrics.dedup_operations;
     assert!(m.with_label_values(&["claim", "acquired"]).get() > 0);
     assert_eq!(m.with_label_values(&["mark", "new"]).get(), 2);
@@ -490,12 +475,7 @@ async fn dedup_api_on_the_memory_store() {
 async fn dedup_api_on_redis() {
     let redis = RedisServer::start();
     let (r, api) = dedup_only(&format!("{}{SMALL_LIMITS}", redis_toml(&redis))).await;
-    lifecycle(&api).await;
-    dead_letters(&api).await;
-    batches(&api).await;
-    bad_input(&api).await;
-    racing(&api).await;
-    takeover(&api).await;
+    suite(&api).await;
     r.stop().await;
 }
 

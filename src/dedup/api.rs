@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::state::{ClaimOutcome, ClaimParams, DedupRecord, ReleaseOutcome};
 use super::{ClaimItem, CompleteItem, Cursor, DedupStore, Ttls};
 use crate::config::DedupConfig;
-use crate::error::{full, PROBLEM_BASE};
+use crate::error::{full, json, PROBLEM_BASE};
 use crate::idempotency::key::hex;
 use crate::metrics::Metrics;
 use crate::proxy::body::{read_limited, Read};
@@ -103,7 +103,7 @@ impl ApiError {
     }
 
     fn into_response(self) -> Response<Body> {
-        let mut resp = respond(self.status(), &self.doc());
+        let mut resp = json(self.status(), &self.doc());
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
@@ -138,16 +138,6 @@ impl Answer {
             problem: false,
         }
     }
-}
-
-fn respond(status: StatusCode, doc: &Value) -> Response<Body> {
-    let mut resp = Response::new(full(Bytes::from(doc.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
 }
 
 /// A request body's fields, taken one by one; whatever is left is unknown.
@@ -326,14 +316,14 @@ impl DedupApi {
                     .inc();
                 let mut resp = match &answer.doc {
                     Some(doc) if answer.problem => {
-                        let mut r = respond(answer.status, doc);
+                        let mut r = json(answer.status, doc);
                         r.headers_mut().insert(
                             header::CONTENT_TYPE,
                             HeaderValue::from_static("application/problem+json"),
                         );
                         r
                     }
-                    Some(doc) => respond(answer.status, doc),
+                    Some(doc) => json(answer.status, doc),
                     None => {
                         let mut r = Response::new(full(Bytes::new()));
                         *r.status_mut() = answer.status;

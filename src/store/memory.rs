@@ -289,9 +289,9 @@ impl MemoryStore {
     }
 }
 
-/// A poisoned shard only means another thread panicked mid-update of plain
+/// A poisoned lock only means another thread panicked mid-update of plain
 /// data; the map itself is still sound, so keep serving.
-fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -119,7 +119,7 @@ struct Scripts {
 }
 
 #[derive(Clone)]
-pub(crate) enum Conn {
+enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }

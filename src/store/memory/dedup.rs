@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use super::MemoryStore;
+use super::{lock, MemoryStore};
 use crate::dedup::state::{
     self, ClaimOutcome, ClaimParams, Completion, DedupRecord, ReleaseOutcome, Write,
 };
@@ -29,13 +29,9 @@ pub(super) struct Dedup {
     shards: Box<[Mutex<Shard>]>,
     /// Dead letters per scope, ordered by (failed_at_ms, key).
     failed: Mutex<HashMap<String, BTreeSet<(u64, String)>>>,
-    /// The store clock: wall time at start plus tokio's monotonic elapsed.
+    /// Wall time at the store's epoch: record times are this plus the
+    /// store's monotonic (tokio) clock.
     epoch_ms: u64,
-    epoch: Instant,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Dedup {
@@ -46,7 +42,6 @@ impl Dedup {
             epoch_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
-            epoch: Instant::now(),
         }
     }
 }
@@ -58,7 +53,7 @@ impl MemoryStore {
 
     fn now_ms(&self, now: Instant) -> u64 {
         let d = self.dedup();
-        d.epoch_ms + now.duration_since(d.epoch).as_millis() as u64
+        d.epoch_ms + now.duration_since(self.inner.epoch).as_millis() as u64
     }
 
     fn dedup_shard(&self, rk: &RecordKey) -> MutexGuard<'_, Shard> {
