@@ -22,7 +22,7 @@ use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::idempotency::key::{parse_key, Fingerprint, RecordKey};
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::state::{decide, Begin, Decision};
-use idemgate::store::{MemoryStore, RedisStore, Store};
+use idemgate::store::{MemoryStore, RecordStore, RedisStore};
 
 fn request_headers() -> HeaderMap {
     let mut h = HeaderMap::new();
@@ -200,7 +200,7 @@ fn stores(c: &mut Criterion) {
     let config =
         Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
     let redis = rt
-        .block_on(RedisStore::connect(&config.store, false))
+        .block_on(RedisStore::connect(config.store.redis_options()))
         .unwrap();
     let mut g = c.benchmark_group("redis store");
     g.bench_function("begin + complete (first request, 2 round trips)", |b| {

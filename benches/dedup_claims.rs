@@ -22,10 +22,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use idemgate::config::{Config, FileConfig, RunArgs};
-use idemgate::dedup::state::{ClaimOutcome, ClaimParams};
-use idemgate::dedup::{DedupStore, Ttls};
+use idemgate::idempotency::dedup::{ClaimOutcome, ClaimParams};
 use idemgate::server::Running;
 use idemgate::store::RedisStore;
+use idemgate::store::{DedupStore, Ttls};
 
 const TTLS: Ttls = Ttls {
     retention: Duration::from_secs(300),
@@ -71,7 +71,9 @@ async fn main() {
     );
     let config =
         Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
-    let store = RedisStore::connect(&config.store, false).await.unwrap();
+    let store = RedisStore::connect(config.store.redis_options())
+        .await
+        .unwrap();
     let run = if full {
         Duration::from_secs(secs)
     } else {
@@ -98,7 +100,7 @@ async fn main() {
             panic!()
         };
         assert!(store
-            .complete("bench", &key, &lease_id, None, TTLS.retention)
+            .complete("bench", &key, lease_id, None, TTLS.retention)
             .await
             .unwrap());
         lat.push(t.elapsed());
@@ -125,7 +127,7 @@ async fn main() {
                         store.claim("bench", &key, &params, TTLS).await
                     {
                         let _ = store
-                            .complete("bench", &key, &lease_id, None, TTLS.retention)
+                            .complete("bench", &key, lease_id, None, TTLS.retention)
                             .await;
                         done.fetch_add(1, Ordering::Relaxed);
                     }

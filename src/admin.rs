@@ -12,12 +12,13 @@ use hyper::body::Incoming;
 use http_body_util::BodyExt;
 
 use crate::config::{DedupConfig, Policies};
-use crate::dedup::api::DedupApi;
-use crate::error::{full, json, problem};
+use crate::dedup::DedupApi;
+use crate::error::{full, json, Problem};
 use crate::idempotency::key::{parse_key, RecordKey};
 use crate::idempotency::state::State;
 use crate::metrics::Metrics;
-use crate::store::{AnyStore, Store};
+use crate::metrics::StoreOp;
+use crate::store::Store;
 use crate::Body;
 
 /// How long `/readyz` waits for the store before calling it unready.
@@ -25,14 +26,14 @@ const READY_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Clone)]
 pub struct Admin {
-    store: AnyStore,
+    store: Store,
     metrics: Metrics,
     policies: Policies,
     dedup: DedupApi,
 }
 
 impl Admin {
-    pub fn new(store: AnyStore, metrics: Metrics, policies: Policies, dedup: DedupConfig) -> Self {
+    pub fn new(store: Store, metrics: Metrics, policies: Policies, dedup: DedupConfig) -> Self {
         Admin {
             dedup: DedupApi::new(store.clone(), dedup, metrics.clone()),
             store,
@@ -81,18 +82,20 @@ impl Admin {
             ),
             (&Method::GET, "/v1/keys") => self.key(query, false).await,
             (&Method::DELETE, "/v1/keys") => self.key(query, true).await,
-            (_, "/healthz" | "/readyz" | "/metrics" | "/v1/keys") => problem(
+            (_, "/healthz" | "/readyz" | "/metrics" | "/v1/keys") => Problem::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method-not-allowed",
                 "Method not allowed",
                 "this endpoint does not take that method",
-            ),
-            _ => problem(
+            )
+            .into_response(),
+            _ => Problem::new(
                 StatusCode::NOT_FOUND,
                 "not-found",
                 "Not found",
                 "no such admin endpoint",
-            ),
+            )
+            .into_response(),
         }
     }
 
@@ -102,12 +105,13 @@ impl Admin {
             Ok(Err(e)) => e.to_string(),
             Err(_) => "the store did not answer in time".to_owned(),
         };
-        problem(
+        Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not-ready",
             "Not ready",
             &detail,
         )
+        .into_response()
     }
 
     /// `GET`/`DELETE /v1/keys?key=K&scope=S&method=M&path=P`.
@@ -115,32 +119,31 @@ impl Admin {
         let record_key = match self.record_key(query) {
             Ok(k) => k,
             Err(detail) => {
-                return problem(
+                return Problem::new(
                     StatusCode::BAD_REQUEST,
                     "bad-request",
                     "Bad request",
                     &detail,
                 )
+                .into_response()
             }
         };
-        let unavailable = |e: crate::store::StoreError| {
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store-unavailable",
-                "Idempotency store unavailable",
-                &e.to_string(),
-            )
-        };
+        let unavailable = |e: crate::store::StoreError| Problem::from(&e).into_response();
         let not_found = || {
-            problem(
+            Problem::new(
                 StatusCode::NOT_FOUND,
                 "not-found",
                 "Not found",
                 "no record for that key",
             )
+            .into_response()
         };
         if delete {
-            return match self.store.purge(&record_key).await {
+            return match self
+                .store
+                .observe(StoreOp::Purge, |b| b.purge(&record_key))
+                .await
+            {
                 Ok(true) => {
                     let mut resp = Response::new(full(Bytes::new()));
                     *resp.status_mut() = StatusCode::NO_CONTENT;
@@ -150,7 +153,11 @@ impl Admin {
                 Err(e) => unavailable(e),
             };
         }
-        let found = match self.store.get(&record_key).await {
+        let found = match self
+            .store
+            .observe(StoreOp::Get, |b| b.get(&record_key))
+            .await
+        {
             Ok(f) => f,
             Err(e) => return unavailable(e),
         };

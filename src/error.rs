@@ -1,6 +1,7 @@
-//! Typed errors, and the one place they become HTTP statuses.
+//! Typed errors, and the one place they become HTTP responses.
 //!
-//! Every error idemgate itself answers with is an RFC 9457 problem document
+//! Every error idemgate itself answers with, on the proxy and the admin
+//! listener alike, is a [`Problem`]: an RFC 9457 document
 //! (`application/problem+json` with `type`, `title`, `status`, `detail`).
 
 use std::time::Duration;
@@ -10,6 +11,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 
 use crate::idempotency::key::KeyError;
+use crate::metrics::Outcome;
 use crate::store::StoreError;
 use crate::Body;
 
@@ -108,34 +110,123 @@ impl ProxyError {
         }
     }
 
+    /// The problem document for this error.
+    pub fn problem(&self) -> Problem {
+        if let ProxyError::Store(e) = self {
+            return Problem::from(e);
+        }
+        let (status, slug, title) = self.parts();
+        let problem = Problem::new(status, slug, title, self.to_string());
+        // Conflicts clear as soon as the original finishes: tell clients
+        // when to come back.
+        match self {
+            ProxyError::InProgress => problem.retry_after(1),
+            _ => problem,
+        }
+    }
+
     /// The problem response for this error.
     pub fn to_response(&self) -> Response<Body> {
-        let (status, slug, title) = self.parts();
-        let mut resp = problem(status, slug, title, &self.to_string());
-        // Conflicts clear as soon as the original finishes; store outages are
-        // usually short. Tell clients when to come back either way.
-        if matches!(self, ProxyError::InProgress | ProxyError::Store(_)) {
+        self.problem().into_response()
+    }
+
+    /// How a request that failed with this error ended, for the metrics.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ProxyError::MissingKey(_) => Outcome::MissingKey,
+            ProxyError::InvalidKey { .. } => Outcome::InvalidKey,
+            ProxyError::BodyTooLarge(_) => Outcome::TooLarge,
+            ProxyError::BadBody(_) | ProxyError::BodyTimeout(_) => Outcome::ClientError,
+            ProxyError::KeyReused => Outcome::Mismatch,
+            ProxyError::InProgress => Outcome::Conflict,
+            ProxyError::Store(_) => Outcome::StoreUnavailable,
+            ProxyError::Upstream(_) => Outcome::UpstreamError,
+        }
+    }
+}
+
+/// An RFC 9457 problem document: every error idemgate answers with, on
+/// every listener, becomes a response here and only here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub status: StatusCode,
+    /// The last segment of the `type` URI.
+    pub slug: &'static str,
+    pub title: &'static str,
+    pub detail: String,
+    /// The request field at fault (dedup API), as a `field` member.
+    pub field: Option<String>,
+    /// Seconds for `Retry-After`.
+    pub retry_after: Option<u32>,
+}
+
+impl Problem {
+    pub fn new(
+        status: StatusCode,
+        slug: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Problem {
+            status,
+            slug,
+            title,
+            detail: detail.into(),
+            field: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// The JSON document.
+    pub fn doc(&self) -> serde_json::Value {
+        let mut doc = serde_json::json!({
+            "type": format!("{PROBLEM_BASE}{}", self.slug),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        if let Some(f) = &self.field {
+            doc["field"] = serde_json::json!(f);
+        }
+        doc
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = json(self.status, &self.doc());
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(s) = self.retry_after {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         resp
     }
 }
 
-/// An RFC 9457 problem response.
-pub fn problem(status: StatusCode, slug: &str, title: &str, detail: &str) -> Response<Body> {
-    let doc = serde_json::json!({
-        "type": format!("{PROBLEM_BASE}{slug}"),
-        "title": title,
-        "status": status.as_u16(),
-        "detail": detail,
-    });
-    let mut resp = json(status, &doc);
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    resp
+/// A store that failed is 503 with `Retry-After` on every listener: outages
+/// are usually short, and the caller must not treat the key as new.
+impl From<&StoreError> for Problem {
+    fn from(e: &StoreError) -> Self {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-unavailable",
+            "Idempotency store unavailable",
+            e.to_string(),
+        )
+        .retry_after(1)
+    }
 }
 
 /// A JSON response.

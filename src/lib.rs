@@ -5,8 +5,9 @@
 //! - [`idempotency`]: socket-free core. Parses `Idempotency-Key`, derives the
 //!   scoped record key and the request fingerprint, encodes stored responses
 //!   and decides what a request's store state means ([`idempotency::state`]).
-//! - [`store`]: the [`store::Store`] trait (atomic begin / renew / complete /
-//!   release / wait) and its backends: in-memory and Redis.
+//! - [`store`]: the storage contract ([`store::RecordStore`] for HTTP records,
+//!   [`store::DedupStore`] for consumer dedup), the [`store::Store`] handle,
+//!   and the backends: in-memory and Redis.
 //! - [`proxy`]: the tower [`proxy::IdempotencyLayer`] that applies the
 //!   semantics around [`proxy::Upstream`], a pooled hyper client.
 //! - [`dedup`]: the consumer dedup API (claim / complete / release, mark)
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod body;
 pub mod config;
 pub mod dedup;
 pub mod demo;

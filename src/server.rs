@@ -24,7 +24,7 @@ use crate::admin::Admin;
 use crate::config::{Backend, Config};
 use crate::metrics::Metrics;
 use crate::proxy::{IdempotencyLayer, Settings, Upstream};
-use crate::store::{AnyStore, MemoryStore, RedisStore};
+use crate::store::{MemoryStore, RedisStore, Store};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -39,15 +39,16 @@ pub enum StartError {
 }
 
 /// Opens the configured store, reporting into `metrics`.
-pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<AnyStore, StartError> {
+pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Store, StartError> {
     let store = match config.store.backend {
-        Backend::Memory => AnyStore::memory(MemoryStore::new(config.store.max_entries)),
+        Backend::Memory => Store::new(MemoryStore::new(config.store.max_entries)),
         Backend::Redis | Backend::RedisCluster => {
-            let cluster = config.store.backend == Backend::RedisCluster;
-            let store = RedisStore::connect(&config.store, cluster)
+            let mut options = config.store.redis_options();
+            options.decode_errors = Some(metrics.record_decode_errors.clone());
+            let store = RedisStore::connect(options)
                 .await
                 .map_err(|e| StartError::Store(e.to_string()))?;
-            AnyStore::redis(store.with_decode_counter(metrics.record_decode_errors.clone()))
+            Store::new(store)
         }
     };
     Ok(store.with_metrics(metrics.clone()))
@@ -81,7 +82,7 @@ impl Listeners {
 /// Serves until `shutdown` resolves, then drains.
 pub async fn run(
     config: Config,
-    store: AnyStore,
+    store: Store,
     metrics: Metrics,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
@@ -108,19 +109,6 @@ pub async fn run(
         config.policies.clone(),
         config.dedup.clone(),
     );
-
-    // Expired memory records are also dropped lazily on access; the sweep
-    // returns memory held by keys nobody asks for again.
-    let sweeper = store.as_memory().map(|m| {
-        let m = m.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
-            loop {
-                tick.tick().await;
-                m.sweep();
-            }
-        })
-    });
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -194,9 +182,6 @@ pub async fn run(
             "drain timeout reached with upstream calls still running"
         );
     }
-    if let Some(s) = sweeper {
-        s.abort();
-    }
 }
 
 async fn accept(listener: Option<&TcpListener>) -> std::io::Result<TcpStream> {
@@ -210,7 +195,7 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<TcpStream> {
 pub struct Running {
     pub proxy_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
-    pub store: AnyStore,
+    pub store: Store,
     /// This instance's metrics, on its own registry.
     pub metrics: Metrics,
     stop: Option<oneshot::Sender<()>>,
@@ -228,7 +213,7 @@ impl Running {
     /// Like [`Running::start`] with a store the caller opened (and may share).
     pub async fn start_with(
         config: Config,
-        store: AnyStore,
+        store: Store,
         metrics: Metrics,
     ) -> Result<Self, StartError> {
         let listeners = Listeners::bind(&config).await?;

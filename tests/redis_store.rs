@@ -14,7 +14,7 @@ mod redis_support;
 use std::time::Duration;
 
 use idemgate::server::Running;
-use idemgate::store::{RedisStore, Store};
+use idemgate::store::{RecordStore, RedisStore};
 use redis_support::{RedisCluster, RedisServer};
 use support::{config, TestClient, TestUpstream};
 
@@ -27,9 +27,14 @@ fn redis_toml(urls: &[String], cluster: bool, extra_store: &str) -> String {
     )
 }
 
+/// A store whose waiters re-check only once a minute: only pub/sub can
+/// wake them in time.
 async fn connect(urls: &[String], cluster: bool) -> RedisStore {
-    let cfg = config(None, &redis_toml(urls, cluster, "")).store;
-    RedisStore::connect(&cfg, cluster).await.unwrap()
+    let mut options = config(None, &redis_toml(urls, cluster, ""))
+        .store
+        .redis_options();
+    options.recheck = Duration::from_secs(60);
+    RedisStore::connect(options).await.unwrap()
 }
 
 async fn replicas(up: &TestUpstream, n: usize, toml: &str) -> Vec<(Running, TestClient)> {
@@ -45,19 +50,14 @@ async fn replicas(up: &TestUpstream, n: usize, toml: &str) -> Vec<(Running, Test
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_meets_the_contract() {
     let redis = RedisServer::start();
-    // A minute between re-checks: only pub/sub can wake waiters in time.
-    let store = connect(&[redis.url()], false)
-        .await
-        .with_recheck(Duration::from_secs(60));
+    let store = connect(&[redis.url()], false).await;
     contract::run_all(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_store_meets_the_contract() {
     let cluster = RedisCluster::start();
-    let store = connect(&cluster.urls(), true)
-        .await
-        .with_recheck(Duration::from_secs(60));
+    let store = connect(&cluster.urls(), true).await;
     contract::run_all(store).await;
 }
 
@@ -465,7 +465,7 @@ async fn the_readme_acl_is_enough_and_auth_comes_from_the_url() {
         ),
     )
     .store;
-    assert!(RedisStore::connect(&cfg, false).await.is_err());
+    assert!(RedisStore::connect(cfg.redis_options()).await.is_err());
     // ...with it, everything idemgate does is allowed.
     let url = redis.url().replace("redis://", "redis://idemgate:s3cret@");
     let up = TestUpstream::start().await;

@@ -17,7 +17,7 @@ use idemgate::config::{FileConfig, OnStoreError, RunArgs};
 use idemgate::error::{full, UpstreamError};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::proxy::{IdempotencyLayer, Settings};
-use idemgate::store::{AnyStore, MemoryStore, Store};
+use idemgate::store::{MemoryStore, RecordStore, Store};
 use idemgate::Body;
 use tokio_util::task::TaskTracker;
 use tower::{Layer, Service, ServiceExt};
@@ -82,7 +82,7 @@ async fn body(resp: Response<Body>) -> String {
 
 type Svc = idemgate::proxy::Idempotency<Counting>;
 
-fn service(store: &AnyStore, idempotency: &str, calls: Arc<AtomicUsize>, delay: Duration) -> Svc {
+fn service(store: &Store, idempotency: &str, calls: Arc<AtomicUsize>, delay: Duration) -> Svc {
     IdempotencyLayer::new(store.clone(), settings(idempotency)).layer(Counting { calls, delay })
 }
 
@@ -92,7 +92,7 @@ async fn call(svc: &Svc, key: &str) -> Result<Response<Body>, Infallible> {
 
 #[tokio::test(start_paused = true)]
 async fn lease_renewal_keeps_a_long_call_exclusive() {
-    let store = AnyStore::memory(MemoryStore::new(100));
+    let store = Store::new(MemoryStore::new(100));
     let calls = Arc::new(AtomicUsize::new(0));
     // The call takes 10 s; the lease is 3 s and must be renewed three times.
     let svc = service(
@@ -114,7 +114,7 @@ async fn lease_renewal_keeps_a_long_call_exclusive() {
 
 #[tokio::test(start_paused = true)]
 async fn a_waiting_duplicate_gives_up_at_wait_timeout() {
-    let store = AnyStore::memory(MemoryStore::new(100));
+    let store = Store::new(MemoryStore::new(100));
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = service(
         &store,
@@ -140,7 +140,8 @@ async fn a_waiting_duplicate_gives_up_at_wait_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn a_lapsed_lease_of_a_dead_holder_is_taken_over() {
-    let store = AnyStore::memory(MemoryStore::new(100));
+    let memory = MemoryStore::new(100);
+    let store = Store::new(memory.clone());
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = service(
         &store,
@@ -164,7 +165,7 @@ async fn a_lapsed_lease_of_a_dead_holder_is_taken_over() {
         &[http::header::CONTENT_TYPE],
         b"{}",
     );
-    store
+    memory
         .begin(&rk, &fp, Duration::from_secs(30))
         .await
         .unwrap();

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::state::Begin;
-use idemgate::store::{MemoryStore, Store, StoreError};
+use idemgate::store::{MemoryStore, RecordStore, StoreError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_meets_the_contract() {

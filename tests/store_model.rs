@@ -11,9 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
+use idemgate::idempotency::lease::LeaseId;
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::state::{Begin, Lease};
-use idemgate::store::{MemoryStore, RedisStore, Store};
+use idemgate::store::{MemoryStore, RecordStore, RedisStore};
 use proptest::prelude::*;
 use redis_support::RedisServer;
 
@@ -52,7 +53,7 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Model {
     Absent,
-    InFlight { token: u128, fence: u64, fp: u8 },
+    InFlight { token: LeaseId, fence: u64, fp: u8 },
     Completed { fp: u8 },
 }
 
@@ -81,7 +82,7 @@ fn rk(scope: &str, key: usize) -> RecordKey {
 /// Makes time pass beyond every lease and record.
 type Expire = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
-async fn check<S: Store>(store: &S, scope: &str, ops: &[Op], expire: impl Fn() -> Expire) {
+async fn check<S: RecordStore>(store: &S, scope: &str, ops: &[Op], expire: impl Fn() -> Expire) {
     let mut model = [Model::Absent; KEYS];
     let mut last_fence = [0u64; KEYS];
     let mut handles: Vec<(usize, Lease)> = Vec::new();
@@ -210,7 +211,9 @@ fn redis_store_matches_the_model() {
         &idemgate::config::RunArgs::default(),
     )
     .unwrap();
-    let store = rt.block_on(RedisStore::connect(&cfg.store, false)).unwrap();
+    let store = rt
+        .block_on(RedisStore::connect(cfg.store.redis_options()))
+        .unwrap();
     let mut runner = TestRunner::new(Config {
         cases: 48,
         ..Config::default()

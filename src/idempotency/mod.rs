@@ -3,8 +3,11 @@
 //! [`key`] turns request parts into a [`key::RecordKey`] and a
 //! [`key::Fingerprint`]; [`record`] is what a completed request leaves behind
 //! and its versioned byte encoding; [`state`] is the record state model and
-//! the decisions and transitions every store backend shares.
+//! the decisions and transitions every store backend shares; [`dedup`] is
+//! the same for consumer-dedup records; [`lease`] names who holds a lease.
 
+pub mod dedup;
 pub mod key;
+pub mod lease;
 pub mod record;
 pub mod state;

@@ -10,13 +10,14 @@
 use std::sync::Arc;
 
 use super::key::Fingerprint;
+use super::lease::LeaseId;
 use super::record::CompletedRecord;
 
 /// An in-flight lease. `token` is unique per acquisition and checked on every
 /// state change; `fence` increases strictly per key and is forwarded upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
-    pub token: u128,
+    pub token: LeaseId,
     pub fence: u64,
 }
 
@@ -24,7 +25,7 @@ impl Lease {
     /// A lease with a fresh random token.
     pub fn new(fence: u64) -> Self {
         Lease {
-            token: rand::random(),
+            token: LeaseId::random(),
             fence,
         }
     }
@@ -110,7 +111,7 @@ pub fn begin(
 
 /// Whether `token` holds the current lease: the check before renew, complete
 /// and release.
-pub fn holds(current: &State, token: u128) -> bool {
+pub fn holds(current: &State, token: LeaseId) -> bool {
     matches!(current, State::InFlight { lease, .. } if lease.token == token)
 }
 
@@ -135,7 +136,7 @@ mod tests {
     const A: Fingerprint = Fingerprint([1; 32]);
     const B: Fingerprint = Fingerprint([2; 32]);
     const LEASE: Lease = Lease {
-        token: 42,
+        token: LeaseId::from_u128(42),
         fence: 7,
     };
 
@@ -194,10 +195,11 @@ mod tests {
             lease: LEASE,
             fingerprint: A,
         };
-        assert!(holds(&held, 42));
-        assert!(!holds(&held, 43));
-        assert!(!holds(&State::Absent, 42));
-        assert!(!holds(&State::Completed(record(A)), 42));
+        let id = LeaseId::from_u128;
+        assert!(holds(&held, id(42)));
+        assert!(!holds(&held, id(43)));
+        assert!(!holds(&State::Absent, id(42)));
+        assert!(!holds(&State::Completed(record(A)), id(42)));
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! The HTTP side: the idempotency [`IdempotencyLayer`] around the pooled
-//! [`Upstream`] client.
+//! [`Upstream`] client. One middleware, one folder: [`layer`] (the tower
+//! layer and service), `flow` (the life of one request), `job` (a request
+//! that holds the lease, with its guard), `timed` (the upstream call),
+//! [`upstream`] (the client).
 //!
 //! The stack, outside in: hyper connection (framing, header limits) →
 //! [`Idempotency`] (decides per request: pass through, refuse, replay, wait or
@@ -10,11 +13,13 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-pub(crate) mod body;
-mod layer;
-mod upstream;
+mod flow;
+mod job;
+pub mod layer;
+mod timed;
+pub mod upstream;
 
-pub use layer::{Idempotency, IdempotencyLayer, Outcome, Settings};
+pub use layer::{Idempotency, IdempotencyLayer, Settings};
 pub use upstream::{error_chain, Upstream};
 
 /// Request header carrying the lease's fence to the upstream.

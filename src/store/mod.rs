@@ -1,9 +1,19 @@
-//! The [`Store`] trait and its backends.
+//! The storage contract and its backends, at the bottom of the program: this
+//! module depends only on the pure core ([`crate::idempotency`]) and on the
+//! metrics it reports into.
 //!
-//! The trait is shaped for Redis: [`Store::begin`] is one atomic call that
-//! takes the lease, reports the in-flight holder, or returns the completed
-//! record, so a replay is a single round trip. Every later state change names
-//! the lease and succeeds only while that lease's token is current.
+//! - [`RecordStore`]: HTTP idempotency records (atomic begin / renew /
+//!   complete / release / wait). Shaped for Redis: begin takes the lease,
+//!   reports the in-flight holder, or returns the completed record in one
+//!   call, so a replay is one round trip.
+//! - [`DedupStore`]: consumer-dedup records (claim / extend / complete /
+//!   release / mark and the dead-letter index).
+//! - [`Store`]: the one handle the rest of the program holds: a backend
+//!   behind `Arc<dyn Backend>` and the metrics wrapper [`Store::observe`].
+//!
+//! Backends: [`MemoryStore`] (one process) and [`RedisStore`] (standalone and
+//! Cluster). Every later state change names its lease and succeeds only
+//! while that lease is current.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,18 +22,18 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::dedup::state::{ClaimOutcome, ClaimParams, ReleaseOutcome};
-use crate::dedup::{ClaimItem, CompleteItem, Cursor, DedupStore, FailedItem, Inspected, Ttls};
-use crate::idempotency::key::{Fingerprint, RecordKey};
-use crate::idempotency::record::CompletedRecord;
-use crate::idempotency::state::{Begin, Lease, State};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreOp};
 
+pub mod dedup;
 pub mod memory;
-pub mod redis;
+mod records;
+pub mod redis_store;
+mod ttl_map;
 
-pub use self::redis::RedisStore;
+pub use dedup::{ClaimItem, CompleteItem, Cursor, DedupStore, FailedItem, Inspected, Ttls};
 pub use memory::MemoryStore;
+pub use records::{Inspection, RecordStore};
+pub use redis_store::{redact_url, RedisOptions, RedisStore};
 
 /// A store failure. The proxy answers every variant with 503 (or passes the
 /// request through, when configured to).
@@ -37,291 +47,83 @@ pub enum StoreError {
     Full(usize),
 }
 
-/// A store call's future. Boxed: it keeps the trait object-safe and spares
-/// callers a rustc limitation with borrowed `impl Future` returns inside
-/// spawned tasks; one small allocation next to a store round trip.
+/// A store call's future. Boxed: it keeps the traits object-safe (the
+/// handle holds `dyn Backend`) and spares callers a rustc limitation with
+/// borrowed `impl Future` returns inside spawned tasks; one small allocation
+/// next to a store call.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
-/// Where idempotency records live. Cheap to clone; clones share state.
-pub trait Store: Send + Sync + 'static {
-    /// Atomically: absent → in flight under a new lease (`lease_ttl`); in
-    /// flight → report the holder; completed → return the record.
-    fn begin<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        fingerprint: &'a Fingerprint,
-        lease_ttl: Duration,
-    ) -> StoreFuture<'a, Begin>;
+/// Everything a backend provides: both halves of the contract.
+pub trait Backend: RecordStore + DedupStore {}
 
-    /// Extends the lease to `lease_ttl` from now; `false` if it was lost.
-    fn renew<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        lease: &'a Lease,
-        lease_ttl: Duration,
-    ) -> StoreFuture<'a, bool>;
+impl<T: RecordStore + DedupStore> Backend for T {}
 
-    /// Stores the record for `ttl`; `false` (and nothing written) if the lease
-    /// was lost.
-    fn complete<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        lease: &'a Lease,
-        record: Arc<CompletedRecord>,
-        ttl: Duration,
-    ) -> StoreFuture<'a, bool>;
-
-    /// Deletes the in-flight record so a retry runs; `false` if the lease
-    /// was lost (and then nothing is deleted).
-    fn release<'a>(&'a self, key: &'a RecordKey, lease: &'a Lease) -> StoreFuture<'a, bool>;
-
-    /// Resolves once the lease with `fence` may have ended (completed,
-    /// released, expired), or at `deadline`. Callers then `begin` again.
-    fn wait<'a>(&'a self, key: &'a RecordKey, fence: u64, deadline: Instant)
-        -> StoreFuture<'a, ()>;
-
-    /// The record's current state and remaining lifetime, for inspection.
-    fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, Inspection>;
-
-    /// Deletes the record whatever its state; `false` if there was none.
-    fn purge<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, bool>;
-
-    /// Whether the store answers.
-    fn ping(&self) -> StoreFuture<'_, ()>;
-}
-
-/// What [`Store::get`] finds: the state and how long until it expires.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Inspection {
-    pub state: State,
-    pub expires_in: Option<Duration>,
-}
-
-/// The backend chosen at start-up, with optional metrics on every call.
-/// Static dispatch over the backends rather than `dyn Store` layers.
+/// The store the program holds: the backend chosen at start-up and,
+/// optionally, metrics. Cheap to clone; clones share the backend.
+///
+/// Dynamic dispatch costs one indirect call per store operation, next to a
+/// boxed future and (on Redis) a round trip; the load harness showed no
+/// difference from the enum it replaced (benches/RESULTS.md).
 #[derive(Clone)]
-pub struct AnyStore {
-    backend: Backend,
+pub struct Store {
+    backend: Arc<dyn Backend>,
     metrics: Option<Metrics>,
 }
 
-#[derive(Clone)]
-enum Backend {
-    Memory(MemoryStore),
-    Redis(RedisStore),
-}
-
-impl AnyStore {
-    pub fn memory(store: MemoryStore) -> Self {
-        AnyStore {
-            backend: Backend::Memory(store),
+impl Store {
+    pub fn new(backend: impl Backend) -> Self {
+        Store {
+            backend: Arc::new(backend),
             metrics: None,
         }
     }
 
-    pub fn redis(store: RedisStore) -> Self {
-        AnyStore {
-            backend: Backend::Redis(store),
-            metrics: None,
-        }
-    }
-
-    /// Times every operation and counts failures in `metrics`.
+    /// Times every observed operation and counts failures in `metrics`.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = Some(metrics);
         self
     }
 
-    pub fn as_memory(&self) -> Option<&MemoryStore> {
-        match &self.backend {
-            Backend::Memory(m) => Some(m),
-            Backend::Redis(_) => None,
-        }
+    /// The consumer-dedup records. Not observed here: the dedup API counts
+    /// its operations itself (`idemgate_dedup_operations_total`).
+    pub fn dedup(&self) -> &dyn DedupStore {
+        &*self.backend
     }
 
-    pub fn as_redis(&self) -> Option<&RedisStore> {
-        match &self.backend {
-            Backend::Redis(r) => Some(r),
-            Backend::Memory(_) => None,
-        }
+    /// Whether the store answers (not observed: readiness polls it).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.backend.ping().await
     }
 
-    fn backend(&self) -> &dyn Store {
-        match &self.backend {
-            Backend::Memory(s) => s,
-            Backend::Redis(s) => s,
-        }
+    /// Runs one backend call as operation `op`: its duration and failure go
+    /// to `idemgate_store_operation_duration_seconds{op}` and
+    /// `idemgate_store_errors_total{op}`.
+    pub async fn observe<'a, T>(
+        &'a self,
+        op: StoreOp,
+        call: impl FnOnce(&'a dyn RecordStore) -> StoreFuture<'a, T>,
+    ) -> Result<T, StoreError> {
+        let fut = call(&*self.backend);
+        let Some(m) = &self.metrics else {
+            return fut.await;
+        };
+        let started = Instant::now();
+        let result = fut.await;
+        m.store_op(op, started.elapsed(), result.is_err());
+        result
     }
 
-    fn observe<'a, T: Send + 'a>(
-        &'a self,
-        op: &'static str,
-        fut: StoreFuture<'a, T>,
-    ) -> StoreFuture<'a, T> {
-        match &self.metrics {
-            None => fut,
-            Some(m) => Box::pin(async move {
-                let started = Instant::now();
-                let result = fut.await;
-                m.store_op(op, started.elapsed(), result.is_err());
-                result
-            }),
-        }
-    }
-}
-
-impl Store for AnyStore {
-    fn begin<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        fp: &'a Fingerprint,
-        lease_ttl: Duration,
-    ) -> StoreFuture<'a, Begin> {
-        self.observe("begin", self.backend().begin(key, fp, lease_ttl))
-    }
-    fn renew<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        lease: &'a Lease,
-        lease_ttl: Duration,
-    ) -> StoreFuture<'a, bool> {
-        self.observe("renew", self.backend().renew(key, lease, lease_ttl))
-    }
-    fn complete<'a>(
-        &'a self,
-        key: &'a RecordKey,
-        lease: &'a Lease,
-        record: Arc<CompletedRecord>,
-        ttl: Duration,
-    ) -> StoreFuture<'a, bool> {
-        self.observe("complete", self.backend().complete(key, lease, record, ttl))
-    }
-    fn release<'a>(&'a self, key: &'a RecordKey, lease: &'a Lease) -> StoreFuture<'a, bool> {
-        self.observe("release", self.backend().release(key, lease))
-    }
-    fn wait<'a>(
-        &'a self,
-        key: &'a RecordKey,
+    /// Waits as [`RecordStore::wait`] does; only a failure is counted.
+    pub async fn wait(
+        &self,
+        key: &crate::idempotency::key::RecordKey,
         fence: u64,
         deadline: Instant,
-    ) -> StoreFuture<'a, ()> {
-        // Not timed: its duration is the wait, not the store's latency.
-        let fut = self.backend().wait(key, fence, deadline);
-        match &self.metrics {
-            None => fut,
-            Some(m) => Box::pin(async move {
-                let result = fut.await;
-                if result.is_err() {
-                    m.store_errors.with_label_values(&["wait"]).inc();
-                }
-                result
-            }),
+    ) -> Result<(), StoreError> {
+        let result = self.backend.wait(key, fence, deadline).await;
+        if let (Err(_), Some(m)) = (&result, &self.metrics) {
+            m.store_error(StoreOp::Wait);
         }
-    }
-    fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, Inspection> {
-        self.observe("get", self.backend().get(key))
-    }
-    fn purge<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, bool> {
-        self.observe("purge", self.backend().purge(key))
-    }
-    fn ping(&self) -> StoreFuture<'_, ()> {
-        self.backend().ping()
-    }
-}
-
-impl AnyStore {
-    fn dedup_backend(&self) -> &dyn DedupStore {
-        match &self.backend {
-            Backend::Memory(s) => s,
-            Backend::Redis(s) => s,
-        }
-    }
-}
-
-/// Dedup calls are counted by the dedup API itself
-/// (`idemgate_dedup_operations_total`), so they pass straight through.
-impl DedupStore for AnyStore {
-    fn mark<'a>(&'a self, scope: &'a str, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
-        self.dedup_backend().mark(scope, key, ttl)
-    }
-    fn claim<'a>(
-        &'a self,
-        scope: &'a str,
-        key: &'a str,
-        p: &'a ClaimParams,
-        ttls: Ttls,
-    ) -> StoreFuture<'a, ClaimOutcome> {
-        self.dedup_backend().claim(scope, key, p, ttls)
-    }
-    fn extend<'a>(
-        &'a self,
-        scope: &'a str,
-        key: &'a str,
-        lease_id: &'a str,
-        lease_ms: u64,
-    ) -> StoreFuture<'a, Option<u64>> {
-        self.dedup_backend().extend(scope, key, lease_id, lease_ms)
-    }
-    fn complete<'a>(
-        &'a self,
-        scope: &'a str,
-        key: &'a str,
-        lease_id: &'a str,
-        result: Option<String>,
-        retention: Duration,
-    ) -> StoreFuture<'a, bool> {
-        self.dedup_backend()
-            .complete(scope, key, lease_id, result, retention)
-    }
-    fn release<'a>(
-        &'a self,
-        scope: &'a str,
-        key: &'a str,
-        lease_id: &'a str,
-        outcome: ReleaseOutcome,
-        error: Option<String>,
-        ttls: Ttls,
-    ) -> StoreFuture<'a, bool> {
-        self.dedup_backend()
-            .release(scope, key, lease_id, outcome, error, ttls)
-    }
-    fn inspect<'a>(&'a self, scope: &'a str, key: &'a str) -> StoreFuture<'a, Option<Inspected>> {
-        self.dedup_backend().inspect(scope, key)
-    }
-    fn delete<'a>(&'a self, scope: &'a str, key: &'a str) -> StoreFuture<'a, bool> {
-        self.dedup_backend().delete(scope, key)
-    }
-    fn list_failed<'a>(
-        &'a self,
-        scope: &'a str,
-        limit: usize,
-        after: Option<Cursor>,
-    ) -> StoreFuture<'a, (Vec<FailedItem>, Option<Cursor>)> {
-        self.dedup_backend().list_failed(scope, limit, after)
-    }
-    fn purge_failed<'a>(&'a self, scope: &'a str) -> StoreFuture<'a, u64> {
-        self.dedup_backend().purge_failed(scope)
-    }
-    fn claim_batch<'a>(
-        &'a self,
-        scope: &'a str,
-        items: &'a [ClaimItem],
-        ttls: Ttls,
-    ) -> StoreFuture<'a, Vec<Result<ClaimOutcome, StoreError>>> {
-        self.dedup_backend().claim_batch(scope, items, ttls)
-    }
-    fn complete_batch<'a>(
-        &'a self,
-        scope: &'a str,
-        items: &'a [CompleteItem],
-    ) -> StoreFuture<'a, Vec<Result<bool, StoreError>>> {
-        self.dedup_backend().complete_batch(scope, items)
-    }
-    fn mark_batch<'a>(
-        &'a self,
-        scope: &'a str,
-        items: &'a [(String, Duration)],
-    ) -> StoreFuture<'a, Vec<Result<bool, StoreError>>> {
-        self.dedup_backend().mark_batch(scope, items)
+        result
     }
 }

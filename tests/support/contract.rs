@@ -7,9 +7,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
+use idemgate::idempotency::lease::LeaseId;
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::state::{Begin, Lease, State};
-use idemgate::store::Store;
+use idemgate::store::RecordStore;
 use tokio::time::Instant;
 
 fn key(tag: &str) -> RecordKey {
@@ -48,7 +49,7 @@ pub fn record(body: &'static str) -> Arc<CompletedRecord> {
     })
 }
 
-async fn acquire<S: Store>(s: &S, k: &RecordKey, ttl: Duration) -> Lease {
+async fn acquire<S: RecordStore>(s: &S, k: &RecordKey, ttl: Duration) -> Lease {
     match s.begin(k, &FP, ttl).await.unwrap() {
         Begin::Acquired(l) => l,
         other => panic!("expected to acquire, got {other:?}"),
@@ -56,7 +57,7 @@ async fn acquire<S: Store>(s: &S, k: &RecordKey, ttl: Duration) -> Lease {
 }
 
 /// Runs every contract check against `store`.
-pub async fn run_all<S: Store + Clone>(store: S) {
+pub async fn run_all<S: RecordStore + Clone>(store: S) {
     begin_reports_holder_and_completion(&store).await;
     only_the_current_token_acts(&store).await;
     release_frees_the_key_with_a_higher_fence(&store).await;
@@ -68,7 +69,7 @@ pub async fn run_all<S: Store + Clone>(store: S) {
     store.ping().await.unwrap();
 }
 
-async fn begin_reports_holder_and_completion<S: Store>(s: &S) {
+async fn begin_reports_holder_and_completion<S: RecordStore>(s: &S) {
     let k = key("begin");
     let lease = acquire(s, &k, LEASE).await;
     assert_eq!(
@@ -94,11 +95,11 @@ async fn begin_reports_holder_and_completion<S: Store>(s: &S) {
     }
 }
 
-async fn only_the_current_token_acts<S: Store>(s: &S) {
+async fn only_the_current_token_acts<S: RecordStore>(s: &S) {
     let k = key("token");
     let lease = acquire(s, &k, LEASE).await;
     let thief = Lease {
-        token: lease.token ^ 1,
+        token: LeaseId::from_u128(lease.token.as_u128() ^ 1),
         fence: lease.fence,
     };
     assert!(!s.renew(&k, &thief, LEASE).await.unwrap());
@@ -121,7 +122,7 @@ async fn only_the_current_token_acts<S: Store>(s: &S) {
     }
 }
 
-async fn release_frees_the_key_with_a_higher_fence<S: Store>(s: &S) {
+async fn release_frees_the_key_with_a_higher_fence<S: RecordStore>(s: &S) {
     let k = key("release");
     let first = acquire(s, &k, LEASE).await;
     assert!(s.release(&k, &first).await.unwrap());
@@ -135,7 +136,7 @@ async fn release_frees_the_key_with_a_higher_fence<S: Store>(s: &S) {
     assert!(s.complete(&k, &second, record("ok"), LEASE).await.unwrap());
 }
 
-async fn expired_leases_are_taken_over_and_fences_keep_rising<S: Store>(s: &S) {
+async fn expired_leases_are_taken_over_and_fences_keep_rising<S: RecordStore>(s: &S) {
     let k = key("expiry");
     let old = acquire(s, &k, Duration::from_millis(150)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -160,7 +161,7 @@ async fn expired_leases_are_taken_over_and_fences_keep_rising<S: Store>(s: &S) {
     ));
 }
 
-async fn records_expire_after_their_ttl<S: Store>(s: &S) {
+async fn records_expire_after_their_ttl<S: RecordStore>(s: &S) {
     let k = key("ttl");
     let lease = acquire(s, &k, LEASE).await;
     assert!(s
@@ -178,7 +179,7 @@ async fn records_expire_after_their_ttl<S: Store>(s: &S) {
     ));
 }
 
-async fn waiters_are_woken_by_completion<S: Store + Clone>(s: S) {
+async fn waiters_are_woken_by_completion<S: RecordStore + Clone>(s: S) {
     let k = key("wait");
     let lease = acquire(&s, &k, LEASE).await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -208,7 +209,7 @@ async fn waiters_are_woken_by_completion<S: Store + Clone>(s: S) {
     }
 }
 
-async fn wait_returns_at_once_when_the_lease_is_gone<S: Store>(s: &S) {
+async fn wait_returns_at_once_when_the_lease_is_gone<S: RecordStore>(s: &S) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let started = Instant::now();
     s.wait(&key("absent"), 1, deadline).await.unwrap();
@@ -218,7 +219,7 @@ async fn wait_returns_at_once_when_the_lease_is_gone<S: Store>(s: &S) {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-async fn get_and_purge<S: Store>(s: &S) {
+async fn get_and_purge<S: RecordStore>(s: &S) {
     let k = key("purge");
     assert_eq!(s.get(&k).await.unwrap().state, State::Absent);
     assert!(!s.purge(&k).await.unwrap());

@@ -5,8 +5,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idemgate::dedup::state::{ClaimOutcome, ClaimParams, DedupRecord, ReleaseOutcome};
-use idemgate::dedup::{ClaimItem, CompleteItem, DedupStore, Ttls};
+use idemgate::idempotency::dedup::{ClaimOutcome, ClaimParams, DedupRecord, ReleaseOutcome};
+use idemgate::idempotency::lease::LeaseId;
+use idemgate::store::{ClaimItem, CompleteItem, DedupStore, Ttls};
 
 const TTLS: Ttls = Ttls {
     retention: Duration::from_secs(600),
@@ -37,7 +38,7 @@ async fn acquire<S: DedupStore + ?Sized>(
     scope: &str,
     key: &str,
     p: &ClaimParams,
-) -> (String, u64, u32, bool) {
+) -> (LeaseId, u64, u32, bool) {
     match s.claim(scope, key, p, TTLS).await.unwrap() {
         ClaimOutcome::Acquired {
             lease_id,
@@ -74,11 +75,13 @@ async fn lifecycle<S: DedupStore>(s: &S) {
         ClaimOutcome::InProgress { retry_after_ms } if retry_after_ms > 25_000 && retry_after_ms <= 30_000
     ));
     assert_eq!(
-        s.extend(&sc, "m1", &lease, 60_000).await.unwrap(),
+        s.extend(&sc, "m1", lease, 60_000).await.unwrap(),
         Some(60_000)
     );
     assert_eq!(
-        s.extend(&sc, "m1", "not-the-lease", 60_000).await.unwrap(),
+        s.extend(&sc, "m1", LeaseId::random(), 60_000)
+            .await
+            .unwrap(),
         None
     );
     let found = s.inspect(&sc, "m1").await.unwrap().unwrap();
@@ -94,20 +97,20 @@ async fn lifecycle<S: DedupStore>(s: &S) {
         other => panic!("{other:?}"),
     }
     assert!(!s
-        .complete(&sc, "m1", "wrong", None, TTLS.retention)
+        .complete(&sc, "m1", LeaseId::random(), None, TTLS.retention)
         .await
         .unwrap());
     assert!(s
-        .complete(&sc, "m1", &lease, Some("{\"n\":1}".into()), TTLS.retention)
+        .complete(&sc, "m1", lease, Some("{\"n\":1}".into()), TTLS.retention)
         .await
         .unwrap());
     // Idempotent for the same lease; refused for another.
     assert!(s
-        .complete(&sc, "m1", &lease, Some("{\"n\":2}".into()), TTLS.retention)
+        .complete(&sc, "m1", lease, Some("{\"n\":2}".into()), TTLS.retention)
         .await
         .unwrap());
     assert!(!s
-        .complete(&sc, "m1", "other", None, TTLS.retention)
+        .complete(&sc, "m1", LeaseId::random(), None, TTLS.retention)
         .await
         .unwrap());
     match s.claim(&sc, "m1", &p, TTLS).await.unwrap() {
@@ -121,7 +124,7 @@ async fn lifecycle<S: DedupStore>(s: &S) {
         other => panic!("{other:?}"),
     }
     assert!(!s
-        .release(&sc, "m1", &lease, ReleaseOutcome::Retry, None, TTLS)
+        .release(&sc, "m1", lease, ReleaseOutcome::Retry, None, TTLS)
         .await
         .unwrap());
     assert!(s.delete(&sc, "m1").await.unwrap());
@@ -161,16 +164,16 @@ async fn expired_leases_are_taken_over<S: DedupStore>(s: &S) {
     assert_ne!(new, old);
     // The old holder is fenced off.
     assert!(!s
-        .complete(&sc, "m", &old, None, TTLS.retention)
+        .complete(&sc, "m", old, None, TTLS.retention)
         .await
         .unwrap());
     assert!(!s
-        .release(&sc, "m", &old, ReleaseOutcome::Retry, None, TTLS)
+        .release(&sc, "m", old, ReleaseOutcome::Retry, None, TTLS)
         .await
         .unwrap());
-    assert_eq!(s.extend(&sc, "m", &old, 1000).await.unwrap(), None);
+    assert_eq!(s.extend(&sc, "m", old, 1000).await.unwrap(), None);
     assert!(s
-        .complete(&sc, "m", &new, None, TTLS.retention)
+        .complete(&sc, "m", new, None, TTLS.retention)
         .await
         .unwrap());
 }
@@ -183,7 +186,7 @@ async fn attempts_run_out_into_a_dead_letter<S: DedupStore>(s: &S) {
         assert_eq!(attempt, expect);
         let err = format!("boom {expect}");
         assert!(s
-            .release(&sc, "m", &lease, ReleaseOutcome::Retry, Some(err), TTLS)
+            .release(&sc, "m", lease, ReleaseOutcome::Retry, Some(err), TTLS)
             .await
             .unwrap());
     }
@@ -207,7 +210,7 @@ async fn dead_letters_are_listed_reset_and_purged<S: DedupStore>(s: &S) {
         let (lease, ..) = acquire(s, &sc, &key, &params(30_000, 5)).await;
         let err = Some(format!("bad {i}"));
         assert!(s
-            .release(&sc, &key, &lease, ReleaseOutcome::Permanent, err, TTLS)
+            .release(&sc, &key, lease, ReleaseOutcome::Permanent, err, TTLS)
             .await
             .unwrap());
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -283,11 +286,11 @@ async fn batches_answer_in_order<S: DedupStore>(s: &S) {
         .claim_batch(&sc, &[item("x"), item("y"), item("x")], TTLS)
         .await
         .unwrap();
-    let leases: Vec<String> = out
+    let leases: Vec<LeaseId> = out
         .iter()
         .take(2)
         .map(|o| match o.as_ref().unwrap() {
-            ClaimOutcome::Acquired { lease_id, .. } => lease_id.clone(),
+            ClaimOutcome::Acquired { lease_id, .. } => *lease_id,
             other => panic!("{other:?}"),
         })
         .collect();
@@ -301,13 +304,13 @@ async fn batches_answer_in_order<S: DedupStore>(s: &S) {
             &[
                 CompleteItem {
                     key: "x".into(),
-                    lease_id: leases[0].clone(),
+                    lease_id: leases[0],
                     result: None,
                     retention: TTLS.retention,
                 },
                 CompleteItem {
                     key: "y".into(),
-                    lease_id: "stale".into(),
+                    lease_id: LeaseId::random(),
                     result: None,
                     retention: TTLS.retention,
                 },
@@ -339,14 +342,14 @@ async fn batches_answer_in_order<S: DedupStore>(s: &S) {
     // share one, e.g. on two Cluster nodes in the same microsecond.)
     let many: Vec<ClaimItem> = (0..200).map(|i| item(&format!("many-{i}"))).collect();
     let out = s.claim_batch(&sc, &many, TTLS).await.unwrap();
-    let leases: HashSet<String> = out
+    let leases: HashSet<LeaseId> = out
         .iter()
         .map(|o| match o.as_ref().unwrap() {
             ClaimOutcome::Acquired {
                 lease_id,
                 attempt: 1,
                 ..
-            } => lease_id.clone(),
+            } => *lease_id,
             other => panic!("{other:?}"),
         })
         .collect();
@@ -357,7 +360,7 @@ async fn retention_bounds_completed_records<S: DedupStore>(s: &S) {
     let sc = scope("retention");
     let (lease, ..) = acquire(s, &sc, "r", &params(30_000, 5)).await;
     assert!(s
-        .complete(&sc, "r", &lease, None, Duration::from_millis(150))
+        .complete(&sc, "r", lease, None, Duration::from_millis(150))
         .await
         .unwrap());
     assert!(matches!(
@@ -381,7 +384,7 @@ async fn fingerprints<S: DedupStore>(s: &S) {
         ClaimOutcome::Mismatch
     );
     assert!(s
-        .complete(&sc, "f", &lease, None, TTLS.retention)
+        .complete(&sc, "f", lease, None, TTLS.retention)
         .await
         .unwrap());
     assert_eq!(

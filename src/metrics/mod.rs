@@ -9,18 +9,15 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::proxy::Outcome;
+mod outcome;
+
+pub use outcome::{Outcome, StoreOp};
 
 /// Buckets from 50 µs to a minute: fine enough to resolve sub-millisecond
 /// proxy overhead, wide enough for slow upstreams.
 const BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0, 30.0, 60.0,
-];
-
-/// Store operations, as the `op` label names them.
-pub const STORE_OPS: [&str; 7] = [
-    "begin", "renew", "complete", "release", "wait", "get", "purge",
 ];
 
 /// The consumer dedup API's operations and their usual results, pre-created
@@ -150,9 +147,9 @@ impl Metrics {
             requests.with_label_values(&[o.as_str()]);
             request_duration.with_label_values(&[o.as_str()]);
         }
-        for op in STORE_OPS {
-            store_errors.with_label_values(&[op]);
-            store_duration.with_label_values(&[op]);
+        for op in StoreOp::ALL {
+            store_errors.with_label_values(&[op.as_str()]);
+            store_duration.with_label_values(&[op.as_str()]);
         }
         for (op, results) in DEDUP_RESULTS {
             for result in *results {
@@ -169,12 +166,12 @@ impl Metrics {
                 )
             })
             .collect();
-        let by_store_op = STORE_OPS
+        let by_store_op = StoreOp::ALL
             .iter()
             .map(|op| {
                 (
-                    store_duration.with_label_values(&[op]),
-                    store_errors.with_label_values(&[op]),
+                    store_duration.with_label_values(&[op.as_str()]),
+                    store_errors.with_label_values(&[op.as_str()]),
                 )
             })
             .collect();
@@ -207,25 +204,18 @@ impl Metrics {
         duration.observe(elapsed.as_secs_f64());
     }
 
-    /// Records one store operation (`op` is one of [`STORE_OPS`]).
-    pub fn store_op(&self, op: &'static str, elapsed: Duration, failed: bool) {
-        match STORE_OPS.iter().position(|o| *o == op) {
-            Some(i) => {
-                let (duration, errors) = &self.by_store_op[i];
-                duration.observe(elapsed.as_secs_f64());
-                if failed {
-                    errors.inc();
-                }
-            }
-            None => {
-                self.store_duration
-                    .with_label_values(&[op])
-                    .observe(elapsed.as_secs_f64());
-                if failed {
-                    self.store_errors.with_label_values(&[op]).inc();
-                }
-            }
+    /// Records one store operation.
+    pub fn store_op(&self, op: StoreOp, elapsed: Duration, failed: bool) {
+        let (duration, errors) = &self.by_store_op[op as usize];
+        duration.observe(elapsed.as_secs_f64());
+        if failed {
+            errors.inc();
         }
+    }
+
+    /// Counts one failed store operation whose duration is not observed.
+    pub fn store_error(&self, op: StoreOp) {
+        self.by_store_op[op as usize].1.inc();
     }
 
     /// The text exposition of everything registered.
@@ -250,7 +240,10 @@ mod tests {
         m.request(Outcome::Replayed, Duration::from_millis(1));
         assert_eq!(m.requests.with_label_values(&["replayed"]).get(), 1);
         assert_eq!(m.requests.with_label_values(&["forwarded"]).get(), 0);
-        m.store_op("complete", Duration::from_millis(1), true);
+        for (i, op) in StoreOp::ALL.iter().enumerate() {
+            assert_eq!(*op as usize, i);
+        }
+        m.store_op(StoreOp::Complete, Duration::from_millis(1), true);
         assert_eq!(m.store_errors.with_label_values(&["complete"]).get(), 1);
     }
 }

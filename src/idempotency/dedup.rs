@@ -11,11 +11,13 @@
 //! after it expired; only the current `lease_id` can extend, complete or
 //! release.
 
+use super::lease::LeaseId;
+
 /// One key's record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DedupRecord {
     Leased {
-        lease_id: String,
+        lease_id: LeaseId,
         fence: u64,
         attempt: u32,
         lease_until_ms: u64,
@@ -32,7 +34,7 @@ pub enum DedupRecord {
         result: Option<String>,
         completed_at_ms: u64,
         attempts: u32,
-        lease_id: String,
+        lease_id: LeaseId,
         fingerprint: Option<String>,
     },
     Failed {
@@ -80,7 +82,7 @@ pub struct ClaimParams {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClaimOutcome {
     Acquired {
-        lease_id: String,
+        lease_id: LeaseId,
         fence: u64,
         attempt: u32,
         lease_expires_in_ms: u64,
@@ -121,7 +123,7 @@ pub fn claim(
     current: Option<&DedupRecord>,
     now_ms: u64,
     p: &ClaimParams,
-    new_lease: impl FnOnce(u64) -> (String, u64),
+    new_lease: impl FnOnce(u64) -> (LeaseId, u64),
 ) -> (ClaimOutcome, Write) {
     let (attempts, fingerprint, recovered, last_error, last_fence) = match current {
         None => (0, p.fingerprint.clone(), false, None, 0),
@@ -215,7 +217,7 @@ pub fn claim(
     let (lease_id, fence) = new_lease(current.map_or(0, DedupRecord::fence));
     let attempt = attempts + 1;
     let record = DedupRecord::Leased {
-        lease_id: lease_id.clone(),
+        lease_id,
         fence,
         attempt,
         lease_until_ms: now_ms + p.lease_ms,
@@ -235,7 +237,7 @@ pub fn claim(
 /// Extends the current lease to `now_ms + lease_ms`.
 pub fn extend(
     current: Option<&DedupRecord>,
-    lease_id: &str,
+    lease_id: LeaseId,
     now_ms: u64,
     lease_ms: u64,
 ) -> Option<DedupRecord> {
@@ -247,8 +249,8 @@ pub fn extend(
             fingerprint,
             worker,
             ..
-        }) if held == lease_id => Some(DedupRecord::Leased {
-            lease_id: held.clone(),
+        }) if *held == lease_id => Some(DedupRecord::Leased {
+            lease_id: *held,
             fence: *fence,
             attempt: *attempt,
             lease_until_ms: now_ms + lease_ms,
@@ -272,7 +274,7 @@ pub enum Completion {
 /// Records the outcome for the current lease (idempotent for that lease).
 pub fn complete(
     current: Option<&DedupRecord>,
-    lease_id: &str,
+    lease_id: LeaseId,
     now_ms: u64,
     result: Option<String>,
 ) -> Completion {
@@ -282,14 +284,14 @@ pub fn complete(
             attempt,
             fingerprint,
             ..
-        }) if held == lease_id => Completion::Recorded(DedupRecord::Completed {
+        }) if *held == lease_id => Completion::Recorded(DedupRecord::Completed {
             result,
             completed_at_ms: now_ms,
             attempts: *attempt,
-            lease_id: held.clone(),
+            lease_id: *held,
             fingerprint: fingerprint.clone(),
         }),
-        Some(DedupRecord::Completed { lease_id: by, .. }) if by == lease_id => Completion::Again,
+        Some(DedupRecord::Completed { lease_id: by, .. }) if *by == lease_id => Completion::Again,
         _ => Completion::LeaseLost,
     }
 }
@@ -306,7 +308,7 @@ pub enum ReleaseOutcome {
 /// Releases the current lease; `None` if it was lost.
 pub fn release(
     current: Option<&DedupRecord>,
-    lease_id: &str,
+    lease_id: LeaseId,
     now_ms: u64,
     outcome: ReleaseOutcome,
     error: Option<String>,
@@ -318,7 +320,7 @@ pub fn release(
             attempt,
             fingerprint,
             ..
-        }) if held == lease_id => Some(match outcome {
+        }) if *held == lease_id => Some(match outcome {
             ReleaseOutcome::Retry => DedupRecord::Pending {
                 attempts: *attempt,
                 fence: *fence,
@@ -349,14 +351,17 @@ mod tests {
         }
     }
 
-    fn lease(id: &str, fence: u64) -> impl FnOnce(u64) -> (String, u64) + '_ {
+    const L1: LeaseId = LeaseId::from_u128(1);
+    const L2: LeaseId = LeaseId::from_u128(2);
+
+    fn lease(id: LeaseId, fence: u64) -> impl FnOnce(u64) -> (LeaseId, u64) {
         move |min| {
             assert!(fence > min, "fence {fence} must exceed {min}");
-            (id.to_owned(), fence)
+            (id, fence)
         }
     }
 
-    fn no_lease(_: u64) -> (String, u64) {
+    fn no_lease(_: u64) -> (LeaseId, u64) {
         panic!("must not acquire")
     }
 
@@ -369,11 +374,11 @@ mod tests {
 
     #[test]
     fn first_claim_acquires_attempt_one() {
-        let (out, w) = claim(None, 100, &params(3), lease("L1", 5));
+        let (out, w) = claim(None, 100, &params(3), lease(L1, 5));
         assert_eq!(
             out,
             ClaimOutcome::Acquired {
-                lease_id: "L1".into(),
+                lease_id: L1,
                 fence: 5,
                 attempt: 1,
                 lease_expires_in_ms: 1000,
@@ -392,7 +397,7 @@ mod tests {
 
     #[test]
     fn a_live_lease_answers_in_progress_and_an_expired_one_is_taken_over() {
-        let (_, w) = claim(None, 100, &params(3), lease("L1", 5));
+        let (_, w) = claim(None, 100, &params(3), lease(L1, 5));
         let rec = put(w);
         let (out, w) = claim(Some(&rec), 600, &params(3), no_lease);
         assert_eq!(
@@ -402,7 +407,7 @@ mod tests {
             }
         );
         assert_eq!(w, Write::None);
-        let (out, w) = claim(Some(&rec), 1100, &params(3), lease("L2", 6));
+        let (out, w) = claim(Some(&rec), 1100, &params(3), lease(L2, 6));
         assert!(matches!(
             out,
             ClaimOutcome::Acquired {
@@ -415,27 +420,26 @@ mod tests {
         let taken = put(w);
         // The old holder can no longer act.
         assert_eq!(
-            complete(Some(&taken), "L1", 1200, None),
+            complete(Some(&taken), L1, 1200, None),
             Completion::LeaseLost
         );
         assert_eq!(
-            release(Some(&taken), "L1", 1200, ReleaseOutcome::Retry, None),
+            release(Some(&taken), L1, 1200, ReleaseOutcome::Retry, None),
             None
         );
-        assert_eq!(extend(Some(&taken), "L1", 1200, 1000), None);
+        assert_eq!(extend(Some(&taken), L1, 1200, 1000), None);
     }
 
     #[test]
     fn complete_is_idempotent_for_its_lease_and_answers_later_claims() {
-        let (_, w) = claim(None, 0, &params(3), lease("L1", 1));
+        let (_, w) = claim(None, 0, &params(3), lease(L1, 1));
         let rec = put(w);
-        let Completion::Recorded(done) =
-            complete(Some(&rec), "L1", 50, Some("{\"ok\":true}".into()))
+        let Completion::Recorded(done) = complete(Some(&rec), L1, 50, Some("{\"ok\":true}".into()))
         else {
             panic!()
         };
-        assert_eq!(complete(Some(&done), "L1", 60, None), Completion::Again);
-        assert_eq!(complete(Some(&done), "L2", 60, None), Completion::LeaseLost);
+        assert_eq!(complete(Some(&done), L1, 60, None), Completion::Again);
+        assert_eq!(complete(Some(&done), L2, 60, None), Completion::LeaseLost);
         let (out, w) = claim(Some(&done), 70, &params(3), no_lease);
         assert_eq!(
             out,
@@ -455,13 +459,13 @@ mod tests {
                 rec.as_ref(),
                 0,
                 &params(2),
-                lease("L", u64::from(attempt) + 10),
+                lease(L1, u64::from(attempt) + 10),
             );
             assert!(matches!(out, ClaimOutcome::Acquired { attempt: a, .. } if a == attempt));
             let leased = put(w);
             rec = release(
                 Some(&leased),
-                "L",
+                L1,
                 0,
                 ReleaseOutcome::Retry,
                 Some(format!("boom {attempt}")),
@@ -489,7 +493,7 @@ mod tests {
 
     #[test]
     fn expired_leases_count_as_attempts() {
-        let (_, w) = claim(None, 0, &params(1), lease("L1", 1));
+        let (_, w) = claim(None, 0, &params(1), lease(L1, 1));
         let rec = put(w);
         let (out, w) = claim(Some(&rec), 5000, &params(1), no_lease);
         assert!(matches!(out, ClaimOutcome::Failed { attempts: 1, .. }));
@@ -498,10 +502,10 @@ mod tests {
 
     #[test]
     fn permanent_release_is_a_dead_letter() {
-        let (_, w) = claim(None, 0, &params(5), lease("L1", 1));
+        let (_, w) = claim(None, 0, &params(5), lease(L1, 1));
         let failed = release(
             Some(&put(w)),
-            "L1",
+            L1,
             9,
             ReleaseOutcome::Permanent,
             Some("bad input".into()),
@@ -522,7 +526,7 @@ mod tests {
     fn fingerprints_must_agree_when_both_are_given() {
         let mut p = params(3);
         p.fingerprint = Some("A".into());
-        let (_, w) = claim(None, 0, &p, lease("L1", 1));
+        let (_, w) = claim(None, 0, &p, lease(L1, 1));
         let rec = put(w);
         let mut other = p.clone();
         other.fingerprint = Some("B".into());
@@ -552,9 +556,9 @@ mod tests {
 
     #[test]
     fn extend_moves_the_lease_end() {
-        let (_, w) = claim(None, 0, &params(3), lease("L1", 1));
+        let (_, w) = claim(None, 0, &params(3), lease(L1, 1));
         let rec = put(w);
-        let ext = extend(Some(&rec), "L1", 900, 5000).unwrap();
+        let ext = extend(Some(&rec), L1, 900, 5000).unwrap();
         assert!(matches!(
             ext,
             DedupRecord::Leased {

@@ -1,5 +1,5 @@
-//! Consumer dedup on Redis: the rules of [`crate::dedup::state`] as Lua
-//! scripts, one key per transition (Cluster-safe), times and fences from
+//! Consumer dedup on Redis: the rules of [`crate::idempotency::dedup`] as
+//! Lua scripts (`lua/dedup_*.lua`), one key per transition (Cluster-safe), times and fences from
 //! Redis `TIME`.
 //!
 //! A record is a hash at `{prefix}:d:{<sha256(scope, key)>}` with fields
@@ -14,161 +14,20 @@
 
 use std::time::Duration;
 
-use redis::{Script, Value};
+use redis::Value;
 use sha2::{Digest, Sha256};
 
 use super::{array, malformed, millis, RedisStore};
-use crate::dedup::state::{ClaimOutcome, ClaimParams, DedupRecord, ReleaseOutcome};
-use crate::dedup::{ClaimItem, CompleteItem, Cursor, DedupStore, FailedItem, Inspected, Ttls};
+use crate::idempotency::dedup::{ClaimOutcome, ClaimParams, DedupRecord, ReleaseOutcome};
 use crate::idempotency::key::{hex, RecordKey};
-use crate::store::{StoreError, StoreFuture};
-
-const NOW: &str = "local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-";
-
-const CLAIM: &str = r"
-local h = redis.call('HMGET', KEYS[1], 's', 'fe', 'at', 'lu', 'fp', 'r', 'e', 'ts')
-local s, fe, at, lu, fp, r, e, ts = h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8]
-local given = ARGV[3]
-local differs = fp and given ~= '' and fp ~= given
-if s == 'c' then
-  if differs then return {'mismatch'} end
-  return {'completed', r, tonumber(ts)}
-end
-if s == 'm' then return {'completed', false, tonumber(ts)} end
-if s == 'f' then return {'failed', e, tonumber(at), tonumber(ts)} end
-local attempts, recovered, err = 0, 0, false
-if s == 'l' then
-  if differs then return {'mismatch'} end
-  if tonumber(lu) > now then return {'in_progress', tonumber(lu) - now} end
-  attempts, recovered, err = tonumber(at), 1, 'lease expired during attempt ' .. at
-elseif s == 'p' then
-  if differs then return {'mismatch'} end
-  attempts, err = tonumber(at), e
-end
-if attempts >= tonumber(ARGV[4]) and (s == 'l' or s == 'p') then
-  redis.call('HDEL', KEYS[1], 'lid', 'lu', 'wk', 'e')
-  redis.call('HSET', KEYS[1], 's', 'f', 'ts', string.format('%d', now))
-  if err then redis.call('HSET', KEYS[1], 'e', err) end
-  redis.call('PEXPIRE', KEYS[1], ARGV[7])
-  return {'failed_new', err, attempts, now}
-end
-local fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local last = tonumber(fe)
-if last and last >= fence then fence = last + 1 end
-local f = string.format('%d', fence)
-local keepfp = fp or (given ~= '' and given)
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 's', 'l', 'k', ARGV[8], 'lid', ARGV[1], 'fe', f,
-  'at', string.format('%d', attempts + 1), 'lu', string.format('%d', now + tonumber(ARGV[2])))
-if keepfp then redis.call('HSET', KEYS[1], 'fp', keepfp) end
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'wk', ARGV[5]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-return {'acquired', f, attempts + 1, recovered}
-";
-
-const EXTEND: &str = r"
-local h = redis.call('HMGET', KEYS[1], 's', 'lid')
-if h[1] ~= 'l' or h[2] ~= ARGV[1] then return -1 end
-redis.call('HSET', KEYS[1], 'lu', string.format('%d', now + tonumber(ARGV[2])))
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return tonumber(ARGV[2])
-";
-
-const COMPLETE: &str = r"
-local h = redis.call('HMGET', KEYS[1], 's', 'lid')
-if h[1] == 'c' and h[2] == ARGV[1] then return 1 end
-if h[1] ~= 'l' or h[2] ~= ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[1], 'lu', 'wk', 'e')
-redis.call('HSET', KEYS[1], 's', 'c', 'ts', string.format('%d', now))
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'r', ARGV[2]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-";
-
-const RELEASE: &str = r"
-local h = redis.call('HMGET', KEYS[1], 's', 'lid')
-if h[1] ~= 'l' or h[2] ~= ARGV[1] then return {0} end
-redis.call('HDEL', KEYS[1], 'lid', 'lu', 'wk', 'e')
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'e', ARGV[3]) end
-if ARGV[2] == 'permanent' then
-  redis.call('HSET', KEYS[1], 's', 'f', 'ts', string.format('%d', now))
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  return {2, now}
-end
-redis.call('HSET', KEYS[1], 's', 'p')
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {1}
-";
-
-const MARK: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 's', 'm', 'k', ARGV[2], 'ts', string.format('%d', now))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return 1
-";
-
-const INSPECT: &str = r"
-local h = redis.call('HMGET', KEYS[1], 's', 'lid', 'fe', 'at', 'lu', 'fp', 'wk', 'r', 'e', 'ts')
-return {h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9], h[10], redis.call('PTTL', KEYS[1]), now}
-";
-
-/// Deletes the record only if it is (still) a dead letter.
-const DELETE_FAILED: &str = r"
-if redis.call('HGET', KEYS[1], 's') == 'f' then return redis.call('DEL', KEYS[1]) end
-return 0
-";
-
-/// Dead letters after a cursor, oldest first: member/score pairs.
-const LIST_FAILED: &str = r"
-local limit, res, offset = tonumber(ARGV[3]), {}, 0
-local from = ARGV[1]
-if from == '' then from = '-inf' end
-while #res < 2 * limit do
-  local batch = redis.call('ZRANGE', KEYS[1], from, '+inf', 'BYSCORE', 'LIMIT', offset, 200, 'WITHSCORES')
-  if #batch == 0 then break end
-  for i = 1, #batch, 2 do
-    if ARGV[1] == '' or not (tonumber(batch[i + 1]) == tonumber(ARGV[1]) and batch[i] <= ARGV[2]) then
-      table.insert(res, batch[i])
-      table.insert(res, batch[i + 1])
-      if #res >= 2 * limit then break end
-    end
-  end
-  offset = offset + 200
-end
-return res
-";
+use crate::idempotency::lease::LeaseId;
+use crate::store::{
+    ClaimItem, CompleteItem, Cursor, DedupStore, FailedItem, Inspected, StoreError, StoreFuture,
+    Ttls,
+};
 
 /// A dead letter's fields as read back: state, attempts, error, failed at.
 type FailedRow = (Option<String>, Option<u64>, Option<String>, Option<u64>);
-
-pub(super) struct DedupScripts {
-    claim: Script,
-    extend: Script,
-    complete: Script,
-    release: Script,
-    mark: Script,
-    inspect: Script,
-    delete_failed: Script,
-    list_failed: Script,
-}
-
-impl DedupScripts {
-    pub(super) fn new() -> Self {
-        let with_now = |body: &str| Script::new(&format!("{NOW}{body}"));
-        DedupScripts {
-            claim: with_now(CLAIM),
-            extend: with_now(EXTEND),
-            complete: with_now(COMPLETE),
-            release: with_now(RELEASE),
-            mark: with_now(MARK),
-            inspect: with_now(INSPECT),
-            delete_failed: Script::new(DELETE_FAILED),
-            list_failed: Script::new(LIST_FAILED),
-        }
-    }
-}
 
 fn text(v: &Value) -> Option<String> {
     match v {
@@ -209,18 +68,21 @@ impl RedisStore {
         format!("{}:dlq:{{{}}}", self.inner.prefix, hex(&h.finalize()))
     }
 
-    fn claim_args(p: &ClaimParams, lease_id: &str, key: &str, ttls: Ttls) -> Vec<Vec<u8>> {
+    /// ARGV of `lua/dedup_claim.lua`, in its header's order.
+    fn claim_args(p: &ClaimParams, lease_id: LeaseId, key: &str, ttls: Ttls) -> Vec<Vec<u8>> {
         let keep = ttls.retention.max(Duration::from_millis(p.lease_ms));
-        vec![
-            lease_id.as_bytes().to_vec(),
-            p.lease_ms.max(1).to_string().into_bytes(),
-            p.fingerprint.clone().unwrap_or_default().into_bytes(),
-            p.max_attempts.to_string().into_bytes(),
-            p.worker.clone().unwrap_or_default().into_bytes(),
-            millis(keep).to_string().into_bytes(),
-            millis(ttls.failed_retention).to_string().into_bytes(),
-            key.as_bytes().to_vec(),
+        [
+            lease_id.to_string(),
+            p.lease_ms.max(1).to_string(),
+            p.fingerprint.clone().unwrap_or_default(),
+            p.max_attempts.to_string(),
+            p.worker.clone().unwrap_or_default(),
+            millis(keep),
+            millis(ttls.failed_retention),
+            key.to_owned(),
         ]
+        .map(String::into_bytes)
+        .to_vec()
     }
 
     /// Turns a claim script's answer into an outcome, indexing new dead
@@ -229,7 +91,8 @@ impl RedisStore {
         &self,
         scope: &str,
         key: &str,
-        lease_id: String,
+        lease_id: LeaseId,
+        lease_ms: u64,
         v: Value,
     ) -> Result<ClaimOutcome, StoreError> {
         let parts = array(v)?;
@@ -240,7 +103,7 @@ impl RedisStore {
                 lease_id,
                 fence: need(parts.get(1).and_then(num))?,
                 attempt: need(parts.get(2).and_then(num))? as u32,
-                lease_expires_in_ms: 0, // filled by the caller, who knows lease_ms
+                lease_expires_in_ms: lease_ms,
                 recovered: parts.get(3).and_then(num) == Some(1),
             },
             "completed" => ClaimOutcome::Completed {
@@ -271,117 +134,15 @@ impl RedisStore {
             _ => return Err(malformed("claim")),
         })
     }
-
-    fn with_lease_ms(out: ClaimOutcome, lease_ms: u64) -> ClaimOutcome {
-        match out {
-            ClaimOutcome::Acquired {
-                lease_id,
-                fence,
-                attempt,
-                recovered,
-                ..
-            } => ClaimOutcome::Acquired {
-                lease_id,
-                fence,
-                attempt,
-                lease_expires_in_ms: lease_ms,
-                recovered,
-            },
-            other => other,
-        }
-    }
-
-    async fn eval_owned<T: redis::FromRedisValue>(
-        &self,
-        script: &Script,
-        key: &str,
-        args: &[Vec<u8>],
-    ) -> Result<T, StoreError> {
-        let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-        self.eval(script, key, &refs).await
-    }
-
-    /// Runs one script for many keys without a round trip each: one
-    /// pipeline on standalone; on Cluster (whose pipelines cannot span
-    /// slots) concurrent calls, which the multiplexed connections pipeline
-    /// per node. Items whose script was not loaded (NOSCRIPT: a restarted
-    /// Redis) run again one by one, which loads it.
-    async fn pipelined(
-        &self,
-        script: &Script,
-        calls: &[(String, Vec<Vec<u8>>)],
-    ) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
-        if calls.is_empty() {
-            return Ok(Vec::new());
-        }
-        if matches!(self.inner.conn, super::Conn::Cluster(_)) {
-            let each = calls
-                .iter()
-                .map(|(key, args)| self.eval_owned::<Value>(script, key, args));
-            return Ok(futures_util::future::join_all(each).await);
-        }
-        let invocations: Vec<_> = calls
-            .iter()
-            .map(|(key, args)| {
-                let mut inv = script.key(key.as_str());
-                for a in args {
-                    inv.arg(a.as_slice());
-                }
-                inv
-            })
-            .collect();
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for inv in &invocations {
-            pipe.invoke_script(inv);
-        }
-        let results: Vec<redis::RedisResult<Value>> = self.query_pipe(pipe).await?;
-        let mut out = Vec::with_capacity(results.len());
-        for (r, (key, args)) in results.into_iter().zip(calls) {
-            out.push(match r {
-                Ok(v) => Ok(v),
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    self.eval_owned(script, key, args).await
-                }
-                Err(e) => Err(StoreError::Unavailable(e.to_string())),
-            });
-        }
-        Ok(out)
-    }
-
-    /// Runs commands on many keys without a round trip each (see
-    /// [`Self::pipelined`]).
-    async fn query_many<T: redis::FromRedisValue>(
-        &self,
-        cmds: Vec<redis::Cmd>,
-    ) -> Result<Vec<T>, StoreError> {
-        if cmds.is_empty() {
-            return Ok(Vec::new());
-        }
-        if matches!(self.inner.conn, super::Conn::Cluster(_)) {
-            let each = cmds.into_iter().map(|c| self.query::<T>(c));
-            return futures_util::future::join_all(each)
-                .await
-                .into_iter()
-                .collect();
-        }
-        let mut pipe = redis::pipe();
-        for c in &cmds {
-            pipe.add_command(c.clone());
-        }
-        self.query_pipe(pipe).await
-    }
 }
 
 impl DedupStore for RedisStore {
     fn mark<'a>(&'a self, scope: &'a str, key: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let ms = millis(ttl).to_string();
+            let ms = millis(ttl);
             let n: i64 = self
                 .eval(
-                    &self.inner.dedup.mark,
+                    &self.inner.scripts.dedup_mark,
                     &self.dedup_key(scope, key),
                     &[ms.as_bytes(), key.as_bytes()],
                 )
@@ -398,13 +159,16 @@ impl DedupStore for RedisStore {
         ttls: Ttls,
     ) -> StoreFuture<'a, ClaimOutcome> {
         Box::pin(async move {
-            let lease_id = format!("{:032x}", rand::random::<u128>());
-            let args = Self::claim_args(p, &lease_id, key, ttls);
+            let lease_id = LeaseId::random();
+            let args = Self::claim_args(p, lease_id, key, ttls);
             let v: Value = self
-                .eval_owned(&self.inner.dedup.claim, &self.dedup_key(scope, key), &args)
+                .eval_args(
+                    &self.inner.scripts.dedup_claim,
+                    &self.dedup_key(scope, key),
+                    &args,
+                )
                 .await?;
-            let out = self.claim_answer(scope, key, lease_id, v).await?;
-            Ok(Self::with_lease_ms(out, p.lease_ms))
+            self.claim_answer(scope, key, lease_id, p.lease_ms, v).await
         })
     }
 
@@ -412,16 +176,16 @@ impl DedupStore for RedisStore {
         &'a self,
         scope: &'a str,
         key: &'a str,
-        lease_id: &'a str,
+        lease_id: LeaseId,
         lease_ms: u64,
     ) -> StoreFuture<'a, Option<u64>> {
         Box::pin(async move {
             let ms = lease_ms.max(1).to_string();
             let n: i64 = self
                 .eval(
-                    &self.inner.dedup.extend,
+                    &self.inner.scripts.dedup_extend,
                     &self.dedup_key(scope, key),
-                    &[lease_id.as_bytes(), ms.as_bytes()],
+                    &[lease_id.to_string().as_bytes(), ms.as_bytes()],
                 )
                 .await?;
             Ok(u64::try_from(n).ok())
@@ -432,18 +196,22 @@ impl DedupStore for RedisStore {
         &'a self,
         scope: &'a str,
         key: &'a str,
-        lease_id: &'a str,
+        lease_id: LeaseId,
         result: Option<String>,
         retention: Duration,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let ms = millis(retention).to_string();
+            let ms = millis(retention);
             let result = result.unwrap_or_default();
             let n: i64 = self
                 .eval(
-                    &self.inner.dedup.complete,
+                    &self.inner.scripts.dedup_complete,
                     &self.dedup_key(scope, key),
-                    &[lease_id.as_bytes(), result.as_bytes(), ms.as_bytes()],
+                    &[
+                        lease_id.to_string().as_bytes(),
+                        result.as_bytes(),
+                        ms.as_bytes(),
+                    ],
                 )
                 .await?;
             Ok(n == 1)
@@ -454,7 +222,7 @@ impl DedupStore for RedisStore {
         &'a self,
         scope: &'a str,
         key: &'a str,
-        lease_id: &'a str,
+        lease_id: LeaseId,
         outcome: ReleaseOutcome,
         error: Option<String>,
         ttls: Ttls,
@@ -465,14 +233,14 @@ impl DedupStore for RedisStore {
                 ReleaseOutcome::Permanent => "permanent",
             };
             let error = error.unwrap_or_default();
-            let keep = millis(ttls.retention).to_string();
-            let failed_keep = millis(ttls.failed_retention).to_string();
+            let keep = millis(ttls.retention);
+            let failed_keep = millis(ttls.failed_retention);
             let v: Value = self
                 .eval(
-                    &self.inner.dedup.release,
+                    &self.inner.scripts.dedup_release,
                     &self.dedup_key(scope, key),
                     &[
-                        lease_id.as_bytes(),
+                        lease_id.to_string().as_bytes(),
                         how.as_bytes(),
                         error.as_bytes(),
                         keep.as_bytes(),
@@ -501,7 +269,11 @@ impl DedupStore for RedisStore {
     fn inspect<'a>(&'a self, scope: &'a str, key: &'a str) -> StoreFuture<'a, Option<Inspected>> {
         Box::pin(async move {
             let v: Value = self
-                .eval(&self.inner.dedup.inspect, &self.dedup_key(scope, key), &[])
+                .eval(
+                    &self.inner.scripts.dedup_inspect,
+                    &self.dedup_key(scope, key),
+                    &[],
+                )
                 .await?;
             let f = array(v)?;
             let s = |i: usize| f.get(i).and_then(text);
@@ -514,7 +286,7 @@ impl DedupStore for RedisStore {
             let record = match s(0).as_deref() {
                 None => return Ok(None),
                 Some("l") => DedupRecord::Leased {
-                    lease_id: need(s(1))?,
+                    lease_id: need(s(1).and_then(|l| l.parse().ok()))?,
                     fence: need(n(2))?,
                     attempt: need(n(3))? as u32,
                     lease_until_ms: need(n(4))?,
@@ -531,7 +303,7 @@ impl DedupStore for RedisStore {
                     result: s(7),
                     completed_at_ms: need(n(9))?,
                     attempts: n(3).unwrap_or(0) as u32,
-                    lease_id: s(1).unwrap_or_default(),
+                    lease_id: need(s(1).and_then(|l| l.parse().ok()))?,
                     fingerprint: s(5),
                 },
                 Some("f") => DedupRecord::Failed {
@@ -580,7 +352,7 @@ impl DedupStore for RedisStore {
             let want = (limit + 1).to_string();
             let pairs: Vec<Value> = self
                 .eval(
-                    &self.inner.dedup.list_failed,
+                    &self.inner.scripts.dedup_list_failed,
                     &index,
                     &[from.as_bytes(), from_key.as_bytes(), want.as_bytes()],
                 )
@@ -658,7 +430,7 @@ impl DedupStore for RedisStore {
                     .map(|k| (self.dedup_key(scope, k), Vec::new()))
                     .collect();
                 for r in self
-                    .pipelined(&self.inner.dedup.delete_failed, &calls)
+                    .pipelined(&self.inner.scripts.dedup_delete_failed, &calls)
                     .await?
                 {
                     if matches!(r?, Value::Int(1)) {
@@ -680,28 +452,27 @@ impl DedupStore for RedisStore {
         ttls: Ttls,
     ) -> StoreFuture<'a, Vec<Result<ClaimOutcome, StoreError>>> {
         Box::pin(async move {
-            let leases: Vec<String> = items
-                .iter()
-                .map(|_| format!("{:032x}", rand::random::<u128>()))
-                .collect();
+            let leases: Vec<LeaseId> = items.iter().map(|_| LeaseId::random()).collect();
             let calls: Vec<(String, Vec<Vec<u8>>)> = items
                 .iter()
                 .zip(&leases)
                 .map(|(it, lid)| {
                     (
                         self.dedup_key(scope, &it.key),
-                        Self::claim_args(&it.params, lid, &it.key, ttls),
+                        Self::claim_args(&it.params, *lid, &it.key, ttls),
                     )
                 })
                 .collect();
-            let answers = self.pipelined(&self.inner.dedup.claim, &calls).await?;
+            let answers = self
+                .pipelined(&self.inner.scripts.dedup_claim, &calls)
+                .await?;
             let mut out = Vec::with_capacity(items.len());
             for ((answer, it), lid) in answers.into_iter().zip(items).zip(leases) {
                 out.push(match answer {
-                    Ok(v) => self
-                        .claim_answer(scope, &it.key, lid, v)
-                        .await
-                        .map(|o| Self::with_lease_ms(o, it.params.lease_ms)),
+                    Ok(v) => {
+                        self.claim_answer(scope, &it.key, lid, it.params.lease_ms, v)
+                            .await
+                    }
                     Err(e) => Err(e),
                 });
             }
@@ -719,14 +490,16 @@ impl DedupStore for RedisStore {
                 .iter()
                 .map(|it| {
                     let args = vec![
-                        it.lease_id.as_bytes().to_vec(),
+                        it.lease_id.to_string().into_bytes(),
                         it.result.clone().unwrap_or_default().into_bytes(),
-                        millis(it.retention).to_string().into_bytes(),
+                        millis(it.retention).into_bytes(),
                     ];
                     (self.dedup_key(scope, &it.key), args)
                 })
                 .collect();
-            let answers = self.pipelined(&self.inner.dedup.complete, &calls).await?;
+            let answers = self
+                .pipelined(&self.inner.scripts.dedup_complete, &calls)
+                .await?;
             Ok(answers
                 .into_iter()
                 .map(|a| a.map(|v| matches!(v, Value::Int(1))))
@@ -745,14 +518,13 @@ impl DedupStore for RedisStore {
                 .map(|(key, ttl)| {
                     (
                         self.dedup_key(scope, key),
-                        vec![
-                            millis(*ttl).to_string().into_bytes(),
-                            key.as_bytes().to_vec(),
-                        ],
+                        vec![millis(*ttl).into_bytes(), key.as_bytes().to_vec()],
                     )
                 })
                 .collect();
-            let answers = self.pipelined(&self.inner.dedup.mark, &calls).await?;
+            let answers = self
+                .pipelined(&self.inner.scripts.dedup_mark, &calls)
+                .await?;
             Ok(answers
                 .into_iter()
                 .map(|a| a.map(|v| matches!(v, Value::Int(1))))

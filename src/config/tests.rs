@@ -1,0 +1,192 @@
+//! Tests of the config checks.
+
+use std::time::Duration;
+
+use http::Method;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    Config::from_parts(FileConfig::parse(text)?, &RunArgs::default())
+}
+
+#[test]
+fn defaults_match_the_spec() {
+    let c = parse("").unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8081");
+    assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9901");
+    assert!(c.upstream.is_none());
+    assert_eq!(c.upstream_timeout, Duration::from_secs(60));
+    assert_eq!(c.store.backend, Backend::Memory);
+    assert_eq!(c.store.key_prefix, "idemgate");
+    assert_eq!(c.store.on_store_error, OnStoreError::Reject);
+    assert_eq!(*c.policies.default, Policy::default());
+    let p = Policy::default();
+    assert_eq!(p.max_request_body, 1024 * 1024);
+    assert_eq!(p.max_response_body, 4 * 1024 * 1024);
+    assert_eq!(p.uncacheable_statuses, [408, 429, 502, 503, 504]);
+}
+
+#[test]
+fn the_example_file_is_valid() {
+    let text = include_str!("../../config/idemgate.example.toml");
+    let c = parse(text).unwrap();
+    assert_eq!(*c.policies.default, Policy::default());
+    assert_eq!(c.dedup, DedupConfig::default());
+    assert!(!c.policies.routes.is_empty());
+}
+
+#[test]
+fn every_problem_is_listed_with_its_path() {
+    let err = parse(
+        r#"
+        listen = "nowhere"
+        upstream = "ftp://x"
+        [store]
+        backend = "etcd"
+        [idempotency]
+        record_ttl = "forever"
+        methods = ["POST", "B@D"]
+        max_key_length = 0
+        max_request_body = "lots"
+        [[routes]]
+        required = "yes"
+        "#,
+    )
+    .unwrap_err();
+    let lines = err.0.join("\n");
+    for want in [
+        "listen: \"nowhere\" is not an address",
+        "upstream: \"ftp://x\" must be an http:// URL",
+        "store.backend: \"etcd\" is not",
+        "idempotency.record_ttl: \"forever\" is not a duration",
+        "idempotency.methods[1]: \"B@D\" is not an HTTP method",
+        "idempotency.max_key_length: 0 is out of range",
+        "idempotency.max_request_body: \"lots\" is not a size",
+        "routes[0].path: is required",
+        "routes[0].required: \"yes\" is not true or false",
+    ] {
+        assert!(lines.contains(want), "missing {want:?} in:\n{lines}");
+    }
+    assert_eq!(err.0.len(), 9, "{lines}");
+}
+
+#[test]
+fn unknown_keys_and_syntax_errors_are_one_line_with_a_place() {
+    let err = parse("[idempotency]\nrecord_tl = \"1h\"\n").unwrap_err();
+    assert_eq!(err.0.len(), 1);
+    assert!(
+        err.0[0].contains("record_tl") && err.0[0].contains("line 2"),
+        "{err}"
+    );
+    let err = parse("listen = \n").unwrap_err();
+    assert!(!err.0[0].contains('\n'));
+}
+
+#[test]
+fn routes_inherit_the_defaults_and_override_keys() {
+    let c = parse(
+        r#"
+        [idempotency]
+        wait_timeout = "3s"
+        [[routes]]
+        path = "/v1/payments/**"
+        required = true
+        record_ttl = "48h"
+        [[routes]]
+        path = "/v1/*/refunds"
+        methods = ["post", "put"]
+        "#,
+    )
+    .unwrap();
+    let pay = c.policies.for_path("/v1/payments/abc");
+    assert!(pay.required);
+    assert_eq!(pay.record_ttl, Duration::from_secs(48 * 3600));
+    assert_eq!(pay.wait_timeout, Duration::from_secs(3));
+    let refunds = c.policies.for_path("/v1/orders/refunds");
+    assert_eq!(refunds.methods, [Method::POST, Method::PUT]);
+    let other = c.policies.for_path("/v2/x");
+    assert!(!other.required);
+    assert_eq!(other.wait_timeout, Duration::from_secs(3));
+}
+
+#[test]
+fn flags_override_the_file() {
+    let file =
+        FileConfig::parse("listen = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:2\"").unwrap();
+    let args = RunArgs {
+        listen: Some("127.0.0.1:3".into()),
+        ..Default::default()
+    };
+    let c = Config::from_parts(file, &args).unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:3");
+    assert_eq!(c.upstream.unwrap().to_string(), "http://127.0.0.1:2/");
+    let bad = RunArgs {
+        upstream: Some("nope".into()),
+        ..Default::default()
+    };
+    let err = Config::from_parts(FileConfig::default(), &bad).unwrap_err();
+    assert!(
+        err.0[0].starts_with("--upstream (or IDEMGATE_UPSTREAM): \"nope\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn redis_flags_choose_the_backend() {
+    let args = RunArgs {
+        redis: Some("redis://127.0.0.1:6379".into()),
+        ..Default::default()
+    };
+    let c = Config::from_parts(FileConfig::default(), &args).unwrap();
+    assert_eq!(c.store.backend, Backend::Redis);
+    let args = RunArgs {
+        redis_cluster: vec!["redis://a:1".into(), "redis://b:2".into()],
+        ..Default::default()
+    };
+    let c = Config::from_parts(FileConfig::default(), &args).unwrap();
+    assert_eq!(c.store.backend, Backend::RedisCluster);
+    assert_eq!(c.store.urls.len(), 2);
+    let both = RunArgs {
+        redis: Some("redis://a:1".into()),
+        redis_cluster: vec!["redis://b:2".into()],
+        ..Default::default()
+    };
+    assert!(Config::from_parts(FileConfig::default(), &both).is_err());
+    assert!(parse("[store]\nbackend = \"redis\"").is_err());
+}
+
+#[test]
+fn sizes_parse() {
+    assert_eq!(parse_size("1MiB"), Some(1 << 20));
+    assert_eq!(parse_size("512KiB"), Some(512 << 10));
+    assert_eq!(parse_size("2MB"), Some(2_000_000));
+    assert_eq!(parse_size("4096"), Some(4096));
+    assert_eq!(parse_size("1 MiB"), Some(1 << 20));
+    assert_eq!(parse_size("MiB"), None);
+    assert_eq!(parse_size("1XB"), None);
+    assert_eq!(parse_size("99999999999999999999GiB"), None);
+}
+
+#[test]
+fn path_patterns() {
+    let m = |p: &str, path: &str| PathPattern::parse(p).unwrap().matches(path);
+    assert!(m("/v1/payments/**", "/v1/payments"));
+    assert!(m("/v1/payments/**", "/v1/payments/a/b/c"));
+    assert!(!m("/v1/payments/**", "/v1/paymentsx"));
+    assert!(m("/v1/*/refunds", "/v1/abc/refunds"));
+    assert!(!m("/v1/*/refunds", "/v1/a/b/refunds"));
+    assert!(m("/v1/**/refunds", "/v1/a/b/refunds"));
+    assert!(m("/v1/**/refunds", "/v1/refunds"));
+    assert!(m("/v1/pay*", "/v1/payments"));
+    assert!(!m("/v1/pay*", "/v1/payments/x"));
+    assert!(m("/**", "/anything/at/all"));
+    assert!(m("/exact", "/exact"));
+    assert!(!m("/exact", "/exact/"));
+    assert!(m("/a/*x*y", "/a/1x2y"));
+    assert!(!m("/a/*x*y", "/a/1x2z"));
+    assert!(PathPattern::parse("v1").is_err());
+    // A long hostile path stays cheap with several wildcards.
+    let long = format!("/{}", "a/".repeat(2000));
+    assert!(!m("/**/b/**/c/**/d", &long));
+}

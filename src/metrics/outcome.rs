@@ -1,0 +1,90 @@
+//! How a proxy request ended: the `outcome` label of
+//! `idemgate_requests_total` and `idemgate_request_duration_seconds`, and of
+//! the request log line. Next to the metrics so they depend on nothing above.
+
+/// How a request ended; one per request, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Forwarded,
+    Replayed,
+    Conflict,
+    Mismatch,
+    MissingKey,
+    InvalidKey,
+    TooLarge,
+    PassThrough,
+    StoreUnavailable,
+    UpstreamError,
+    /// The client's own request body failed mid-read (it went away).
+    ClientError,
+}
+
+impl Outcome {
+    /// Every outcome, in declaration order (`ALL[o as usize] == o`).
+    pub const ALL: [Outcome; 11] = [
+        Outcome::Forwarded,
+        Outcome::Replayed,
+        Outcome::Conflict,
+        Outcome::Mismatch,
+        Outcome::MissingKey,
+        Outcome::InvalidKey,
+        Outcome::TooLarge,
+        Outcome::PassThrough,
+        Outcome::StoreUnavailable,
+        Outcome::UpstreamError,
+        Outcome::ClientError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Replayed => "replayed",
+            Outcome::Conflict => "conflict",
+            Outcome::Mismatch => "mismatch",
+            Outcome::MissingKey => "missing_key",
+            Outcome::InvalidKey => "invalid_key",
+            Outcome::TooLarge => "too_large",
+            Outcome::PassThrough => "pass_through",
+            Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::ClientError => "client_error",
+        }
+    }
+}
+
+/// A store operation, as the `op` label of the store metrics names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreOp {
+    Begin,
+    Renew,
+    Complete,
+    Release,
+    Wait,
+    Get,
+    Purge,
+}
+
+impl StoreOp {
+    /// Every operation, in declaration order (`ALL[op as usize] == op`).
+    pub const ALL: [StoreOp; 7] = [
+        StoreOp::Begin,
+        StoreOp::Renew,
+        StoreOp::Complete,
+        StoreOp::Release,
+        StoreOp::Wait,
+        StoreOp::Get,
+        StoreOp::Purge,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreOp::Begin => "begin",
+            StoreOp::Renew => "renew",
+            StoreOp::Complete => "complete",
+            StoreOp::Release => "release",
+            StoreOp::Wait => "wait",
+            StoreOp::Get => "get",
+            StoreOp::Purge => "purge",
+        }
+    }
+}

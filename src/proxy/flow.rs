@@ -1,0 +1,265 @@
+//! The life of one proxied request: find the route's policy; pass uncovered
+//! methods and keyless requests through streamed; refuse bad keys and
+//! oversized bodies before any state is taken; then loop on the store's
+//! atomic begin until the request can be run (it took the lease: see
+//! [`super::job`]), replayed (completed), refused (different fingerprint)
+//! or timed out waiting for an in-flight original.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderValue, Request, Response};
+use tokio::time::Instant;
+
+use super::job::Job;
+use super::layer::{Shared, UpstreamService};
+use super::timed::call_upstream;
+use super::{IDEMPOTENCY_FENCE, IDEMPOTENT_BODY_OMITTED, IDEMPOTENT_REPLAYED};
+use crate::body::{read_limited, Read};
+use crate::config::OnStoreError;
+use crate::error::{full, ProxyError};
+use crate::idempotency::key::{parse_key, Fingerprint, KeyError, RecordKey};
+use crate::idempotency::record::StoredResponse;
+use crate::idempotency::state::{decide, Decision};
+use crate::metrics::{Outcome, StoreOp};
+use crate::store::StoreError;
+use crate::Body;
+
+/// How a request ended, and with what.
+pub(super) struct Handled {
+    pub outcome: Outcome,
+    pub response: Response<Body>,
+    /// The record key, once derived (logged as its hash, never the key).
+    pub record: Option<RecordKey>,
+}
+
+impl Handled {
+    pub fn new(outcome: Outcome, response: Response<Body>) -> Self {
+        Handled {
+            outcome,
+            response,
+            record: None,
+        }
+    }
+
+    fn on(mut self, record: RecordKey) -> Self {
+        self.record = Some(record);
+        self
+    }
+}
+
+/// A request idemgate answers itself, with a problem.
+pub(super) fn refuse(e: ProxyError) -> Handled {
+    if matches!(e, ProxyError::Upstream(_) | ProxyError::Store(_)) {
+        tracing::warn!(error = %e, "request failed");
+    }
+    Handled::new(e.outcome(), e.to_response())
+}
+
+pub(super) async fn handle<S: UpstreamService>(
+    shared: Arc<Shared>,
+    inner: S,
+    req: Request<Body>,
+) -> Handled {
+    let (mut parts, body) = req.into_parts();
+    // Only idemgate chooses the fence an upstream sees.
+    parts.headers.remove(IDEMPOTENCY_FENCE);
+    let policy = shared.settings.policies.for_path(parts.uri.path()).clone();
+
+    if !policy.covers(&parts.method) {
+        return pass_through(&shared, inner, parts, body).await;
+    }
+    // Look at the key header without holding a borrow of it across an await.
+    let raw_key = {
+        let mut values = parts.headers.get_all(&policy.header).iter();
+        match (values.next(), values.next()) {
+            (None, _) => None,
+            (Some(_), Some(_)) => {
+                return refuse(ProxyError::InvalidKey {
+                    header: policy.header.to_string(),
+                    reason: KeyError::Repeated,
+                })
+            }
+            (Some(v), None) => Some(v.clone()),
+        }
+    };
+    let Some(raw_key) = raw_key else {
+        if policy.required {
+            return refuse(ProxyError::MissingKey(policy.header.to_string()));
+        }
+        return pass_through(&shared, inner, parts, body).await;
+    };
+    // Borrowed key text must not live across an await (the future would not
+    // be provably Send), so derive the record key in this block.
+    let record_key = match parse_key(raw_key.as_bytes(), policy.max_key_length) {
+        Ok(key) => RecordKey::derive(
+            &parts.headers,
+            &policy.scope_headers,
+            &parts.method,
+            parts.uri.path(),
+            &key,
+        ),
+        Err(reason) => {
+            return refuse(ProxyError::InvalidKey {
+                header: policy.header.to_string(),
+                reason,
+            })
+        }
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let limit = shared.settings.body_read_timeout;
+    let body = match tokio::time::timeout(limit, read_body(declared, body, policy.max_request_body))
+        .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return refuse(e),
+        Err(_) => return refuse(ProxyError::BodyTimeout(limit)),
+    };
+    let fp = {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or(parts.uri.path(), |pq| pq.as_str());
+        Fingerprint::compute(
+            &parts.method,
+            pq,
+            &parts.headers,
+            &policy.fingerprint_headers,
+            &body,
+        )
+    };
+
+    let store = &shared.store;
+    let deadline = Instant::now() + policy.wait_timeout;
+    loop {
+        let begun = store
+            .observe(StoreOp::Begin, |b| {
+                b.begin(&record_key, &fp, policy.lease_ttl)
+            })
+            .await;
+        let begun = match begun {
+            Ok(b) => b,
+            Err(e) => {
+                return store_failed(&shared, inner, parts, body, e)
+                    .await
+                    .on(record_key)
+            }
+        };
+        match decide(begun, &fp) {
+            Decision::Forward(lease) => {
+                let job = Job::new(&shared, record_key, lease, fp, policy);
+                return job
+                    .spawn(&shared.settings.tasks, inner, parts, body)
+                    .await
+                    .on(record_key);
+            }
+            Decision::Replay(record) => {
+                return Handled::new(Outcome::Replayed, replay(&record.response)).on(record_key)
+            }
+            Decision::Mismatch => return refuse(ProxyError::KeyReused).on(record_key),
+            Decision::Wait { fence } => {
+                if Instant::now() >= deadline {
+                    return refuse(ProxyError::InProgress).on(record_key);
+                }
+                let waited = {
+                    // A guard, not inc/dec: a client that disconnects drops
+                    // this future mid-wait, and the gauge must still go down.
+                    let _waiting = Waiting::new(&shared.settings.metrics.waiting_duplicates);
+                    store.wait(&record_key, fence, deadline).await
+                };
+                if let Err(e) = waited {
+                    return store_failed(&shared, inner, parts, body, e)
+                        .await
+                        .on(record_key);
+                }
+            }
+        }
+    }
+}
+
+/// Counts one waiting duplicate for as long as it lives.
+struct Waiting<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Reads a covered request's body, refusing it past `limit` without reading
+/// it whole: a declared Content-Length over the limit is refused at once.
+async fn read_body(declared: Option<u64>, body: Body, limit: u64) -> Result<Bytes, ProxyError> {
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ProxyError::BodyTooLarge(limit));
+    }
+    match read_limited(body, limit).await {
+        Ok(Read::Whole(b)) => Ok(b),
+        Ok(Read::Overflow(..)) => Err(ProxyError::BodyTooLarge(limit)),
+        Err(e) => Err(ProxyError::BadBody(super::error_chain(&*e))),
+    }
+}
+
+/// The store failed: refuse (503), or forward without idempotency.
+async fn store_failed<S: UpstreamService>(
+    shared: &Shared,
+    inner: S,
+    parts: Parts,
+    body: Bytes,
+    err: StoreError,
+) -> Handled {
+    match shared.settings.on_store_error {
+        OnStoreError::Reject => {
+            tracing::warn!(error = %err, "store failed; refusing the request");
+            refuse(ProxyError::Store(err))
+        }
+        OnStoreError::PassThrough => {
+            tracing::warn!(error = %err, "store failed; forwarding without idempotency");
+            pass_through(shared, inner, parts, full(body)).await
+        }
+    }
+}
+
+/// Forwards a request untouched (streamed) and without state.
+async fn pass_through<S: UpstreamService>(
+    shared: &Shared,
+    inner: S,
+    parts: Parts,
+    body: Body,
+) -> Handled {
+    let req = Request::from_parts(parts, body);
+    match call_upstream(&shared.settings.metrics, inner, req).await {
+        Ok(resp) => Handled::new(Outcome::PassThrough, resp),
+        Err(e) => refuse(ProxyError::Upstream(e)),
+    }
+}
+
+/// A stored response, as a duplicate receives it.
+fn replay(stored: &StoredResponse) -> Response<Body> {
+    let body = if stored.body_omitted {
+        Bytes::new()
+    } else {
+        stored.body.clone()
+    };
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = stored.status;
+    *resp.headers_mut() = stored.headers.clone();
+    resp.headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    if stored.body_omitted {
+        resp.headers_mut()
+            .insert(IDEMPOTENT_BODY_OMITTED, HeaderValue::from_static("true"));
+    }
+    resp
+}

@@ -1,0 +1,111 @@
+//! The embedded in-memory store: one process, no dependencies.
+//!
+//! Both keyspaces, HTTP records ([`records`]) and consumer-dedup records
+//! ([`dedup`]), are [`TtlMap`]s on one [`Clock`] and one bound,
+//! `max_entries`: when full the store sweeps expired entries, and if it is
+//! still full it refuses new keys ([`StoreError::Full`]) rather than
+//! evicting a live record, which would break the at-most-once promise. The
+//! store starts its own sweeper, which returns memory held by keys nobody
+//! asks for again and stops when the last clone of the store is dropped.
+//! Times use tokio's clock so tests can pause and advance it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use super::ttl_map::{Bound, Clock, TtlMap};
+use super::StoreError;
+
+mod dedup;
+mod records;
+
+/// How often the store's own sweeper runs.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// The in-memory backend. Cheap to clone; clones share the records.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    records: TtlMap<records::Slot>,
+    dedup: TtlMap<dedup::Slot>,
+    /// Dead letters per scope, ordered by (failed_at_ms, key).
+    failed: Mutex<HashMap<String, BTreeSet<(u64, String)>>>,
+    bound: Arc<Bound>,
+    clock: Clock,
+    /// One counter for every key: strictly increasing per key, also across
+    /// expiry, which is all a fence needs.
+    fence: AtomicU64,
+}
+
+impl MemoryStore {
+    /// A store that holds at most `max_entries` records. Inside a tokio
+    /// runtime it starts its sweeper there.
+    pub fn new(max_entries: usize) -> Self {
+        let bound = Bound::new(max_entries);
+        let store = MemoryStore {
+            inner: Arc::new(Inner {
+                records: TtlMap::new(bound.clone()),
+                dedup: TtlMap::new(bound.clone()),
+                failed: Mutex::default(),
+                bound,
+                clock: Clock::start(),
+                fence: AtomicU64::new(0),
+            }),
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweeper(Arc::downgrade(&store.inner)));
+        }
+        store
+    }
+
+    /// How many records are held, expired ones not yet swept included.
+    pub fn len(&self) -> usize {
+        self.inner.bound.len()
+    }
+
+    /// Whether no records are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes every expired record; returns how many went.
+    pub fn sweep(&self) -> usize {
+        let now = self.inner.clock.now();
+        self.inner.records.sweep(now) + self.inner.dedup.sweep(now)
+    }
+
+    /// Before writing a new key: room for it, after a sweep if need be.
+    fn ensure_room(&self) -> Result<(), StoreError> {
+        if self.inner.bound.full() {
+            self.sweep();
+            if self.inner.bound.full() {
+                return Err(StoreError::Full(self.inner.bound.max));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next fence: above every fence this store handed out.
+    fn next_fence(&self) -> u64 {
+        self.inner.fence.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Sweeps every [`SWEEP_EVERY`] while the store lives.
+async fn sweeper(store: Weak<Inner>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match store.upgrade() {
+            Some(inner) => {
+                MemoryStore { inner }.sweep();
+            }
+            None => return,
+        }
+    }
+}

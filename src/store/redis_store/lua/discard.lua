@@ -1,0 +1,8 @@
+-- discard: delete a completed record only if it still holds the bytes this
+-- build could not decode, so a newer record written meanwhile survives.
+-- KEYS[1]  the record hash
+-- ARGV[1]  the undecodable encoded record
+-- returns  1 deleted, 0 left alone
+local h = redis.call('HMGET', KEYS[1], 's', 'r')
+if h[1] == 'c' and h[2] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0

@@ -1,0 +1,8 @@
+-- purge: delete a record whatever its state and wake its waiters.
+-- KEYS[1]  the record hash
+-- ARGV[1]  waiters' channel
+-- ARGV[2]  '1' on Cluster (sharded pub/sub), else '0'
+-- returns  1 deleted, 0 there was none
+local n = redis.call('DEL', KEYS[1])
+if n > 0 then notify(ARGV[1], ARGV[2], 'p') end
+return n

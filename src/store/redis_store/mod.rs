@@ -1,0 +1,438 @@
+//! The Redis store, standalone and Cluster: several idemgate replicas share
+//! state through it.
+//!
+//! Every transition is one Lua script over one key ([`scripts`], EVALSHA of
+//! constant text), so it is atomic and Cluster never sees CROSSSLOT:
+//!
+//! - a record is one hash at `{prefix}:{hex}` where `hex` is the record key's
+//!   SHA-256, inside the hash tag: user text never chooses a slot;
+//! - fields: `s` state (`i` in flight, `c` completed, `r` released
+//!   tombstone), `t` lease id, `f` fence, `p` fingerprint, `r` the encoded
+//!   record ([`crate::idempotency::record::CompletedRecord::encode`]);
+//! - the fence is Redis `TIME` in microseconds, and never below the last
+//!   fence the key held, so it rises strictly per key, across expiry too; a
+//!   release leaves a one-second tombstone holding the fence for the same
+//!   reason.
+//!
+//! Begin returns the completed record in the same round trip, so a replay
+//! costs one round trip and a first request two (begin, complete). Waiting
+//! duplicates subscribe to `{prefix}:done:{hex}` (sharded pub/sub on
+//! Cluster, same slot as the record) over RESP3 push messages
+//! ([`waiters`]), and re-check at least every [`RECHECK`] so a lost message
+//! only delays them. Consumer-dedup records are in [`dedup`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, Script, Value};
+
+use super::StoreError;
+use crate::idempotency::key::{Fingerprint, RecordKey};
+
+mod dedup;
+mod records;
+mod scripts;
+mod waiters;
+
+use scripts::Scripts;
+use waiters::Waiters;
+
+/// The longest a waiter goes without re-checking the record itself.
+pub const RECHECK: Duration = Duration::from_millis(500);
+
+/// How to reach Redis and how to behave there.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// One URL (standalone) or seed URLs (Cluster).
+    pub urls: Vec<String>,
+    pub cluster: bool,
+    pub key_prefix: String,
+    /// Upper bound on any one call.
+    pub timeout: Duration,
+    /// The longest a waiter goes without re-checking ([`RECHECK`]). Tests set
+    /// it long to prove that pub/sub, not the re-check, wakes waiters.
+    pub recheck: Duration,
+    /// Counts records this build cannot decode (they are treated as misses).
+    pub decode_errors: Option<prometheus::IntCounter>,
+}
+
+impl RedisOptions {
+    pub fn new(urls: Vec<String>, cluster: bool) -> Self {
+        RedisOptions {
+            urls,
+            cluster,
+            key_prefix: "idemgate".into(),
+            timeout: Duration::from_secs(1),
+            recheck: RECHECK,
+            decode_errors: None,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// The Redis backend. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Conn,
+    prefix: String,
+    timeout: Duration,
+    recheck: Duration,
+    scripts: Scripts,
+    waiters: Arc<Waiters>,
+    decode_errors: Option<prometheus::IntCounter>,
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// A Redis URL with its password replaced, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl RedisStore {
+    /// Connects to Redis (standalone: one URL; Cluster: seed URLs).
+    pub async fn connect(options: RedisOptions) -> Result<Self, StoreError> {
+        let waiters = Arc::new(Waiters::default());
+        let w = waiters.clone();
+        let push = move |info: PushInfo| {
+            w.on_push(info);
+            Ok::<(), std::convert::Infallible>(())
+        };
+        let timeout = options.timeout;
+        // RESP3 carries pub/sub messages on the same multiplexed connection.
+        let infos = options
+            .urls
+            .iter()
+            .map(|u| {
+                let info = u
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(|e| StoreError::Unavailable(format!("{}: {e}", redact_url(u))))?;
+                let redis = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3);
+                Ok(info.set_redis_settings(redis))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let conn = if options.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(infos)
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(push)
+                .connection_timeout(timeout.max(Duration::from_secs(1)))
+                .response_timeout(timeout)
+                .retries(2)
+                .build()
+                .map_err(unavailable)?;
+            Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+        } else {
+            let info = infos
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::Unavailable("no Redis URL".into()))?;
+            let client = redis::Client::open(info).map_err(unavailable)?;
+            let cfg = ConnectionManagerConfig::new()
+                .set_push_sender(push)
+                .set_automatic_resubscription()
+                .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            let manager = tokio::time::timeout(
+                timeout.max(Duration::from_secs(5)),
+                ConnectionManager::new_with_config(client, cfg),
+            )
+            .await
+            .map_err(|_| StoreError::Timeout(timeout.max(Duration::from_secs(5))))?
+            .map_err(unavailable)?;
+            Conn::Single(manager)
+        };
+        let store = RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                prefix: options.key_prefix,
+                timeout,
+                recheck: options.recheck,
+                scripts: Scripts::load(),
+                waiters,
+                decode_errors: options.decode_errors,
+            }),
+        };
+        store.ping_inner().await?;
+        store.warn_if_evicting().await;
+        Ok(store)
+    }
+
+    /// The Redis key of a record.
+    pub fn record_key(&self, key: &RecordKey) -> String {
+        format!("{}:{{{}}}", self.inner.prefix, key.to_hex())
+    }
+
+    fn channel(&self, key: &RecordKey) -> String {
+        format!("{}:done:{{{}}}", self.inner.prefix, key.to_hex())
+    }
+
+    /// The scripts' `sharded` argument: `1` on Cluster (SPUBLISH).
+    fn sharded(&self) -> &'static [u8] {
+        match self.inner.conn {
+            Conn::Single(_) => b"0",
+            Conn::Cluster(_) => b"1",
+        }
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.inner.conn, Conn::Cluster(_))
+    }
+
+    /// Runs a script over one key, bounded by the store timeout.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
+        let mut inv = script.key(key);
+        for a in args {
+            inv.arg(*a);
+        }
+        let fut = async {
+            match &self.inner.conn {
+                Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
+                Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+            }
+        };
+        self.bounded(fut).await
+    }
+
+    /// [`Self::eval`] with owned arguments.
+    async fn eval_args<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[Vec<u8>],
+    ) -> Result<T, StoreError> {
+        let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        self.eval(script, key, &refs).await
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
+        let fut = async {
+            match &self.inner.conn {
+                Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+                Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+            }
+        };
+        self.bounded(fut).await
+    }
+
+    async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let fut = async {
+            match &self.inner.conn {
+                Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
+                Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+            }
+        };
+        self.bounded(fut).await
+    }
+
+    async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.inner.timeout, fut).await {
+            Err(_) => Err(StoreError::Timeout(self.inner.timeout)),
+            Ok(r) => r.map_err(unavailable),
+        }
+    }
+
+    /// Runs one script for many keys without a round trip each: one
+    /// pipeline on standalone; on Cluster (whose pipelines cannot span
+    /// slots) concurrent calls, which the multiplexed connections pipeline
+    /// per node. Items whose script was not loaded (NOSCRIPT: a restarted
+    /// Redis) run again one by one, which loads it.
+    async fn pipelined(
+        &self,
+        script: &Script,
+        calls: &[(String, Vec<Vec<u8>>)],
+    ) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.is_cluster() {
+            let each = calls
+                .iter()
+                .map(|(key, args)| self.eval_args(script, key, args));
+            return Ok(futures_util::future::join_all(each).await);
+        }
+        let invocations: Vec<_> = calls
+            .iter()
+            .map(|(key, args)| {
+                let mut inv = script.key(key.as_str());
+                for a in args {
+                    inv.arg(a.as_slice());
+                }
+                inv
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for inv in &invocations {
+            pipe.invoke_script(inv);
+        }
+        let results: Vec<redis::RedisResult<Value>> = self.query_pipe(pipe).await?;
+        let mut out = Vec::with_capacity(results.len());
+        for (r, (key, args)) in results.into_iter().zip(calls) {
+            out.push(match r {
+                Ok(v) => Ok(v),
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    self.eval_args(script, key, args).await
+                }
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Runs commands on many keys without a round trip each (see
+    /// [`Self::pipelined`]).
+    async fn query_many<T: redis::FromRedisValue>(
+        &self,
+        cmds: Vec<redis::Cmd>,
+    ) -> Result<Vec<T>, StoreError> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.is_cluster() {
+            let each = cmds.into_iter().map(|c| self.query::<T>(c));
+            return futures_util::future::join_all(each)
+                .await
+                .into_iter()
+                .collect();
+        }
+        let mut pipe = redis::pipe();
+        for c in &cmds {
+            pipe.add_command(c.clone());
+        }
+        self.query_pipe(pipe).await
+    }
+
+    async fn ping_inner(&self) -> Result<(), StoreError> {
+        let pong: String = self.query(redis::cmd("PING")).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(format!(
+                "unexpected PING answer {pong:?}"
+            )))
+        }
+    }
+
+    /// Records have TTLs, so every policy but `noeviction` may evict one
+    /// early and let a duplicate run. Warn when we can tell.
+    async fn warn_if_evicting(&self) {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("maxmemory-policy");
+        match self.query::<Vec<String>>(cmd).await {
+            Ok(v) => match v.get(1).map(String::as_str) {
+                Some("noeviction") | None => {}
+                Some(policy) => tracing::warn!(
+                    policy,
+                    "Redis maxmemory-policy may evict idempotency records; set it to noeviction"
+                ),
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read maxmemory-policy (CONFIG GET not allowed?)")
+            }
+        }
+    }
+}
+
+/// Milliseconds as a script argument; at least 1 (PEXPIRE 0 deletes).
+fn millis(d: Duration) -> String {
+    (d.as_millis() as u64).max(1).to_string()
+}
+
+fn malformed(op: &str) -> StoreError {
+    StoreError::Unavailable(format!("unexpected answer from the {op} script"))
+}
+
+fn array(v: Value) -> Result<Vec<Value>, StoreError> {
+    match v {
+        Value::Array(a) => Ok(a),
+        _ => Err(malformed("store")),
+    }
+}
+
+fn tag(parts: &[Value]) -> Result<&str, StoreError> {
+    match parts.first() {
+        Some(Value::BulkString(b)) => std::str::from_utf8(b).map_err(|_| malformed("store")),
+        Some(Value::SimpleString(s)) => Ok(s),
+        _ => Err(malformed("store")),
+    }
+}
+
+fn parse_u64(v: &Value) -> Result<u64, StoreError> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).map_err(|_| malformed("store")),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| malformed("store")),
+        _ => Err(malformed("store")),
+    }
+}
+
+fn fingerprint(v: &Value) -> Result<Fingerprint, StoreError> {
+    match v {
+        Value::BulkString(b) => <[u8; 32]>::try_from(b.as_slice())
+            .map(Fingerprint)
+            .map_err(|_| malformed("store")),
+        _ => Err(malformed("store")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::idempotency::key::hex;
+
+    #[test]
+    fn record_keys_hash_tag_only_the_digest() {
+        let k = RecordKey::derive_dedup("s", "{user-chosen-tag}");
+        let hexed = k.to_hex();
+        let name = format!("idemgate:{{{hexed}}}");
+        assert!(!name.contains("user-chosen-tag"));
+        assert_eq!(hex(&k.0), hexed);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+    }
+}

@@ -1,0 +1,299 @@
+//! HTTP idempotency records on Redis: [`RecordStore`] over the scripts
+//! `begin`, `renew`, `complete`, `release`, `get`, `purge` and `discard`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::Value;
+use tokio::time::Instant;
+
+use super::{array, fingerprint, malformed, millis, parse_u64, tag, Conn, RedisStore};
+use crate::idempotency::key::{Fingerprint, RecordKey};
+use crate::idempotency::lease::LeaseId;
+use crate::idempotency::record::CompletedRecord;
+use crate::idempotency::state::{Begin, Lease, State};
+use crate::store::{Inspection, RecordStore, StoreError, StoreFuture};
+
+/// How long a released key keeps its fence.
+const TOMBSTONE_MS: &[u8] = b"1000";
+
+impl RedisStore {
+    async fn begin_inner(
+        &self,
+        key: &RecordKey,
+        fp: &Fingerprint,
+        lease_ttl: Duration,
+    ) -> Result<Begin, StoreError> {
+        let rkey = self.record_key(key);
+        loop {
+            let token = LeaseId::random();
+            let v: Value = self
+                .eval(
+                    &self.inner.scripts.begin,
+                    &rkey,
+                    &[
+                        token.to_string().as_bytes(),
+                        &fp.0,
+                        millis(lease_ttl).as_bytes(),
+                    ],
+                )
+                .await?;
+            let parts = array(v)?;
+            match (tag(&parts)?, parts.as_slice()) {
+                ("a", [_, f]) => {
+                    return Ok(Begin::Acquired(Lease {
+                        token,
+                        fence: parse_u64(f)?,
+                    }))
+                }
+                ("i", [_, f, p]) => {
+                    return Ok(Begin::InFlight {
+                        fingerprint: fingerprint(p)?,
+                        fence: parse_u64(f)?,
+                    })
+                }
+                ("c", [_, Value::BulkString(r)]) => match self.decode(key, r) {
+                    Some(rec) => return Ok(Begin::Completed(rec)),
+                    // Drop it (unless rewritten meanwhile) and begin again.
+                    None => {
+                        let _: i64 = self.eval(&self.inner.scripts.discard, &rkey, &[r]).await?;
+                    }
+                },
+                _ => return Err(malformed("begin")),
+            }
+        }
+    }
+
+    /// Decodes a stored record. One written by a newer idemgate, or damaged,
+    /// is a miss: counted and logged once here, never served.
+    fn decode(&self, key: &RecordKey, raw: &[u8]) -> Option<Arc<CompletedRecord>> {
+        match CompletedRecord::decode(Bytes::copy_from_slice(raw)) {
+            Ok(rec) => Some(Arc::new(rec)),
+            Err(e) => {
+                if let Some(c) = &self.inner.decode_errors {
+                    c.inc();
+                }
+                tracing::warn!(record = %key.to_hex(), error = %e, "undecodable record treated as a miss");
+                None
+            }
+        }
+    }
+
+    /// Whether the record is still in flight under `fence`.
+    async fn still_in_flight(&self, key: &RecordKey, fence: u64) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.record_key(key)).arg("s").arg("f");
+        let (s, f): (Option<String>, Option<String>) = self.query(cmd).await?;
+        Ok(s.as_deref() == Some("i") && f.and_then(|f| f.parse().ok()) == Some(fence))
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<(), StoreError> {
+        let fut = async {
+            match &self.inner.conn {
+                Conn::Single(c) => c.clone().subscribe(channel).await,
+                Conn::Cluster(c) => c.clone().ssubscribe(channel).await,
+            }
+        };
+        self.bounded(fut).await
+    }
+
+    fn unsubscribe_later(&self, channel: String) {
+        let conn = self.inner.conn.clone();
+        tokio::spawn(async move {
+            let r = match conn {
+                Conn::Single(mut c) => c.unsubscribe(&channel).await,
+                Conn::Cluster(mut c) => c.sunsubscribe(&channel).await,
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "unsubscribe failed");
+            }
+        });
+    }
+
+    async fn wait_inner(
+        &self,
+        key: &RecordKey,
+        fence: u64,
+        deadline: Instant,
+    ) -> Result<(), StoreError> {
+        let channel = self.channel(key);
+        let (notify, first) = self.inner.waiters.add(channel.as_bytes());
+        let _registered = Unregister {
+            store: self,
+            channel: &channel,
+        };
+        if first {
+            self.subscribe(&channel).await?;
+        }
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // Subscribed before this check, so a completion after it is heard;
+        // one before it is seen here.
+        if !self.still_in_flight(key, fence).await? {
+            return Ok(());
+        }
+        let until = deadline.min(Instant::now() + self.inner.recheck);
+        let _ = tokio::time::timeout_at(until, notified).await;
+        Ok(())
+    }
+
+    async fn get_inner(&self, key: &RecordKey) -> Result<Inspection, StoreError> {
+        let v: Value = self
+            .eval(&self.inner.scripts.get, &self.record_key(key), &[])
+            .await?;
+        let parts = array(v)?;
+        let expires_in = match parts.last() {
+            Some(Value::Int(ms)) if *ms >= 0 => Some(Duration::from_millis(*ms as u64)),
+            _ => None,
+        };
+        let state = self.state_of(key, parts)?;
+        Ok(Inspection { state, expires_in })
+    }
+
+    fn state_of(&self, key: &RecordKey, parts: Vec<Value>) -> Result<State, StoreError> {
+        let field = |i: usize| match parts.get(i) {
+            Some(Value::BulkString(b)) => Some(b.as_slice()),
+            _ => None,
+        };
+        match field(0) {
+            Some(b"i") => {
+                let token = field(1)
+                    .and_then(|t| std::str::from_utf8(t).ok())
+                    .and_then(|t| t.parse().ok())
+                    .ok_or_else(|| malformed("get"))?;
+                let fence = parse_u64(parts.get(2).ok_or_else(|| malformed("get"))?)?;
+                let fingerprint = fingerprint(parts.get(3).ok_or_else(|| malformed("get"))?)?;
+                Ok(State::InFlight {
+                    lease: Lease { token, fence },
+                    fingerprint,
+                })
+            }
+            // Like begin: a record this build can't read is a miss.
+            Some(b"c") => Ok(field(4)
+                .and_then(|r| self.decode(key, r))
+                .map_or(State::Absent, State::Completed)),
+            _ => Ok(State::Absent),
+        }
+    }
+}
+
+/// Drops a waiter's registration, unsubscribing after the last one.
+struct Unregister<'a> {
+    store: &'a RedisStore,
+    channel: &'a str,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        if self.store.inner.waiters.remove(self.channel.as_bytes()) {
+            self.store.unsubscribe_later(self.channel.to_owned());
+        }
+    }
+}
+
+impl RecordStore for RedisStore {
+    fn begin<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        fp: &'a Fingerprint,
+        lease_ttl: Duration,
+    ) -> StoreFuture<'a, Begin> {
+        Box::pin(self.begin_inner(key, fp, lease_ttl))
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        lease: &'a Lease,
+        lease_ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let n: i64 = self
+                .eval(
+                    &self.inner.scripts.renew,
+                    &self.record_key(key),
+                    &[
+                        lease.token.to_string().as_bytes(),
+                        millis(lease_ttl).as_bytes(),
+                    ],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        lease: &'a Lease,
+        record: Arc<CompletedRecord>,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let n: i64 = self
+                .eval(
+                    &self.inner.scripts.complete,
+                    &self.record_key(key),
+                    &[
+                        lease.token.to_string().as_bytes(),
+                        &record.encode(),
+                        millis(ttl).as_bytes(),
+                        self.channel(key).as_bytes(),
+                        self.sharded(),
+                    ],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a RecordKey, lease: &'a Lease) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let n: i64 = self
+                .eval(
+                    &self.inner.scripts.release,
+                    &self.record_key(key),
+                    &[
+                        lease.token.to_string().as_bytes(),
+                        self.channel(key).as_bytes(),
+                        self.sharded(),
+                        TOMBSTONE_MS,
+                    ],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn wait<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        fence: u64,
+        deadline: Instant,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(self.wait_inner(key, fence, deadline))
+    }
+
+    fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, Inspection> {
+        Box::pin(self.get_inner(key))
+    }
+
+    fn purge<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let n: i64 = self
+                .eval(
+                    &self.inner.scripts.purge,
+                    &self.record_key(key),
+                    &[self.channel(key).as_bytes(), self.sharded()],
+                )
+                .await?;
+            Ok(n > 0)
+        })
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(self.ping_inner())
+    }
+}
