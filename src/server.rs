@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -15,7 +16,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -126,14 +127,19 @@ pub async fn run(
         .max_header_list_size(64 * 1024)
         .keep_alive_interval(Some(Duration::from_secs(30)));
 
+    // Each listener serves at most `max_connections` at once: a permit is
+    // taken before accepting, so the next connection waits in the kernel's
+    // listen backlog (not refused, not lost) until one closes.
+    let proxy_limit = Arc::new(Semaphore::new(config.max_connections));
+    let admin_limit = Arc::new(Semaphore::new(config.max_connections));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
-            a = accept(listeners.proxy.as_ref()) => a.map(|s| (s, true)),
-            a = accept(Some(&listeners.admin)) => a.map(|s| (s, false)),
+            a = accept(listeners.proxy.as_ref(), &proxy_limit) => a.map(|s| (s, true)),
+            a = accept(Some(&listeners.admin), &admin_limit) => a.map(|s| (s, false)),
         };
-        let (stream, is_proxy) = match accepted {
+        let ((stream, permit), is_proxy) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // Usually EMFILE: back off instead of spinning on the error.
@@ -152,6 +158,7 @@ pub async fn run(
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "proxy connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
         } else {
@@ -159,6 +166,7 @@ pub async fn run(
             let conn = graceful.watch(conn.into_owned());
             tokio::spawn(async move {
                 let _ = conn.await;
+                drop(permit);
             });
         }
     }
@@ -184,11 +192,19 @@ pub async fn run(
     }
 }
 
-async fn accept(listener: Option<&TcpListener>) -> std::io::Result<TcpStream> {
-    match listener {
-        Some(l) => l.accept().await.map(|(s, _)| s),
-        None => std::future::pending().await,
-    }
+/// The next connection, once `limit` has room for it.
+async fn accept(
+    listener: Option<&TcpListener>,
+    limit: &Arc<Semaphore>,
+) -> std::io::Result<(TcpStream, OwnedSemaphorePermit)> {
+    let Some(listener) = listener else {
+        return std::future::pending().await;
+    };
+    // Never closed: a closed semaphore would only end accepting.
+    let Ok(permit) = limit.clone().acquire_owned().await else {
+        return std::future::pending().await;
+    };
+    listener.accept().await.map(|(s, _)| (s, permit))
 }
 
 /// A server started in the background, as tests and `demo` use it.

@@ -548,3 +548,70 @@ async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Sends one keep-alive GET and reads until the response head and its
+/// body have arrived (the test upstream answers with Content-Length).
+async fn get_on(s: &mut TcpStream) -> String {
+    s.write_all(b"GET /v1/limits HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed before a full response");
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return head.to_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn max_connections_holds_the_next_connection_until_one_closes() {
+    let up = TestUpstream::start().await;
+    let (running, _client) = start(&up, "max_connections = 2\n").await;
+    let addr = running.proxy_addr.unwrap();
+    let mut a = TcpStream::connect(addr).await.unwrap();
+    let mut b = TcpStream::connect(addr).await.unwrap();
+    let head = get_on(&mut a).await;
+    assert!(head.starts_with("HTTP/1.1 201"), "{head}");
+    assert!(get_on(&mut b).await.starts_with("HTTP/1.1 201"));
+    // A third connection is accepted by the kernel but not served...
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /v1/limits HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), c.read(&mut byte)).await;
+    assert!(early.is_err(), "the third connection was served at once");
+    assert_eq!(up.calls(), 2);
+    // ...until one of the two closes: then its request runs, not lost.
+    drop(a);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&rest).contains("\r\n\r\n") {
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            rest.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the waiting connection was never served");
+    assert!(String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 201"));
+    assert_eq!(up.calls(), 3);
+    drop(b);
+    running.stop().await;
+}

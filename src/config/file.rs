@@ -17,6 +17,7 @@ pub struct FileConfig {
     pub(super) upstream: Option<Value>,
     pub(super) upstream_timeout: Option<Value>,
     pub(super) drain_timeout: Option<Value>,
+    pub(super) max_connections: Option<Value>,
     pub(super) header_read_timeout: Option<Value>,
     pub(super) body_read_timeout: Option<Value>,
     pub(super) log_format: Option<Value>,

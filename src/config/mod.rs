@@ -41,6 +41,9 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Open connections each listener serves at once; the next waits in
+    /// the listen backlog until one closes.
+    pub max_connections: usize,
     /// How long a client may take to send request headers.
     pub header_read_timeout: Duration,
     /// How long a client may take to send a covered request's body (it is
@@ -193,6 +196,10 @@ impl Config {
             Checker::duration,
         );
         let drain_timeout = c.opt(&file.drain_timeout, "drain_timeout", Checker::duration);
+        let max_connections = file
+            .max_connections
+            .as_ref()
+            .and_then(|v| c.uint("max_connections", v, 1, 1_000_000));
         let header_read_timeout = c.opt(
             &file.header_read_timeout,
             "header_read_timeout",
@@ -255,6 +262,7 @@ impl Config {
             upstream,
             upstream_timeout: upstream_timeout.unwrap_or(Duration::from_secs(60)),
             drain_timeout: drain_timeout.unwrap_or(Duration::from_secs(30)),
+            max_connections: max_connections.map_or(10_000, |n| n as usize),
             header_read_timeout: header_read_timeout.unwrap_or(Duration::from_secs(10)),
             body_read_timeout: body_read_timeout.unwrap_or(Duration::from_secs(30)),
             log_format: log_format.unwrap_or(LogFormat::Text),

@@ -47,6 +47,7 @@ impl Config {
         }
         let _ = writeln!(out, "upstream_timeout = {}", d(self.upstream_timeout));
         let _ = writeln!(out, "drain_timeout = {}", d(self.drain_timeout));
+        let _ = writeln!(out, "max_connections = {}", self.max_connections);
         let _ = writeln!(out, "header_read_timeout = {}", d(self.header_read_timeout));
         let _ = writeln!(out, "body_read_timeout = {}", d(self.body_read_timeout));
         let fmt = match self.log_format {
