@@ -15,16 +15,19 @@
 //! - [`config`]: loose file/env/CLI input validated into [`config::Config`].
 //! - [`server`]: listeners, connection limits, graceful drain; [`admin`]: the
 //!   admin listener.
-//! - [`demo`]: `idemgate demo`, a guided run against a toy payments API.
-//! - [`error`]: typed errors and the one place they become HTTP statuses.
+//! - [`body`]: reading bodies up to a limit.
+//! - [`error`]: typed errors and the one place they become HTTP responses.
 //! - [`metrics`]: the Prometheus metrics, on a registry the caller owns.
+//!
+//! The binary (`src/bin/idemgate/`) is the edge: `main` (errors to exit
+//! codes, in one place), `demo` and `healthcheck`. ARCHITECTURE.md draws the
+//! module graph and the life of a request.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod body;
 pub mod config;
 pub mod dedup;
-pub mod demo;
 pub mod error;
 pub mod idempotency;
 pub mod metrics;

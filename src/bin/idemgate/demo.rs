@@ -15,8 +15,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-use crate::config::{Config, FileConfig, RunArgs};
-use crate::server::Running;
+use idemgate::config::{Config, FileConfig, RunArgs};
+use idemgate::server::Running;
 
 /// What the demo saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,166 @@
+//! The `idemgate` binary: parse the CLI, load the config, start tracing, run.
+//!
+//! The edge of the program: the library returns typed errors; here they are
+//! `anyhow` errors and become exit codes in one place, [`exit_code`]: 2 for
+//! bad input (flags, config), 1 for everything else.
+
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+use clap::Parser;
+use idemgate::config::{Cli, Command, Config, ConfigErrors, LogFormat};
+use idemgate::metrics::Metrics;
+use idemgate::server::{self, Listeners};
+use tracing_subscriber::EnvFilter;
+
+mod demo;
+mod healthcheck;
+
+/// mimalloc: per-thread heaps. Under load glibc malloc contends on its arena
+/// locks when one runtime thread frees what another allocated (every
+/// detached upstream call does); see benches/RESULTS.md for what it bought.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::CheckConfig) => check_config(&cli),
+        Some(Command::Demo) => demo(),
+        Some(Command::Healthcheck { ready }) => healthcheck(&cli, ready),
+        None => serve(&cli),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            exit_code(&e)
+        }
+    }
+}
+
+/// Why the command failed, on stderr: each config problem on its line, any
+/// other error on one line with its causes.
+fn report(e: &anyhow::Error) {
+    match e.downcast_ref::<ConfigErrors>() {
+        // check-config lists problems bare: its whole output is the list.
+        Some(errors) if e.downcast_ref::<CheckConfig>().is_some() => {
+            for line in &errors.0 {
+                eprintln!("{line}");
+            }
+        }
+        Some(errors) => {
+            for line in &errors.0 {
+                eprintln!("idemgate: {line}");
+            }
+        }
+        None => eprintln!("idemgate: {e:#}"),
+    }
+}
+
+/// The one place errors become exit codes.
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    if e.downcast_ref::<ConfigErrors>().is_some() || e.downcast_ref::<Usage>().is_some() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// A command used wrongly (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(&'static str);
+
+/// The context `check-config` wraps its problems in: listed bare.
+#[derive(Debug, thiserror::Error)]
+#[error("check-config")]
+struct CheckConfig;
+
+/// Builds a tokio runtime.
+fn runtime(mut builder: tokio::runtime::Builder) -> anyhow::Result<tokio::runtime::Runtime> {
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+fn serve(cli: &idemgate::config::Cli) -> anyhow::Result<()> {
+    let config = Config::load(&cli.args)?;
+    init_tracing(config.log_format);
+    let runtime = runtime(tokio::runtime::Builder::new_multi_thread())?;
+    runtime.block_on(async move {
+        // The one registry: made here, handed down.
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::new(&registry).context("cannot set up metrics")?;
+        let store = server::open_store(&config, &metrics).await?;
+        let listeners = Listeners::bind(&config).await?;
+        match &config.upstream {
+            Some(up) => tracing::info!(listen = %config.listen, upstream = %up, admin = %config.admin_listen, "idemgate proxy started"),
+            None => tracing::info!(admin = %config.admin_listen, "idemgate started in dedup-only mode (no upstream)"),
+        }
+        server::run(config, store, metrics, listeners, shutdown_signal()).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+fn demo() -> anyhow::Result<()> {
+    let runtime = runtime(tokio::runtime::Builder::new_multi_thread())?;
+    let report = runtime
+        .block_on(demo::run(&mut std::io::stdout()))
+        .context("demo")?;
+    if report.charges == report.keys {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "demo: {} charges for {} orders",
+            report.charges,
+            report.keys
+        ))
+    }
+}
+
+fn healthcheck(cli: &Cli, ready: bool) -> anyhow::Result<()> {
+    let config = Config::load(&cli.args)?;
+    let runtime = runtime(tokio::runtime::Builder::new_current_thread())?;
+    runtime.block_on(healthcheck::check(config.admin_listen, ready))
+}
+
+fn check_config(cli: &Cli) -> anyhow::Result<()> {
+    if cli.args.config.is_none() {
+        return Err(Usage("check-config needs --config FILE").into());
+    }
+    let config = Config::load(&cli.args).map_err(|e| anyhow::Error::new(e).context(CheckConfig))?;
+    print!("{}", config.to_toml());
+    Ok(())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
