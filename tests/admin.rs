@@ -3,13 +3,10 @@
 
 mod support;
 
-#[path = "support/redis.rs"]
-mod redis_support;
-
 use std::time::Duration;
 
 use idemgate::server::Running;
-use redis_support::RedisServer;
+use support::redis_server::RedisServer;
 use support::{config, start, TestClient, TestUpstream};
 
 fn count(r: &Running, outcome: &str) -> u64 {
@@ -217,7 +214,7 @@ async fn keys_endpoint_inspects_and_purges_a_record() {
 async fn readiness_follows_redis_while_health_stays_up() {
     let mut redis = RedisServer::start();
     let up = TestUpstream::start().await;
-    let toml = redis_support::store_toml(&redis.url());
+    let toml = support::redis_server::store_toml(&redis.url());
     let idg = Running::start(config(Some(&up.url()), &toml))
         .await
         .unwrap();
@@ -246,7 +243,7 @@ async fn readiness_follows_redis_while_health_stays_up() {
 async fn store_errors_are_counted() {
     let mut redis = RedisServer::start();
     let up = TestUpstream::start().await;
-    let toml = redis_support::store_toml(&redis.url());
+    let toml = support::redis_server::store_toml(&redis.url());
     let idg = Running::start(config(Some(&up.url()), &toml))
         .await
         .unwrap();

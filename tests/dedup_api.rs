@@ -4,15 +4,13 @@
 
 mod support;
 
-#[path = "support/redis.rs"]
-mod redis_support;
-
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use idemgate::server::Running;
-use redis_support::RedisServer;
 use serde_json::{json, Value};
+use support::redis_server::{shared_server, RedisServer};
 use support::{config, Got, TestClient};
 
 /// idemgate in dedup-only mode (no upstream).
@@ -45,10 +43,10 @@ impl Api {
 }
 
 fn redis_toml(redis: &RedisServer) -> String {
-    redis_support::store_toml(&redis.url())
+    support::redis_server::store_toml(&redis.url())
 }
 
-async fn lifecycle(api: &Api) {
+async fn lifecycle(r: &Running, api: &Api) {
     let s = "orders.billing";
     let got = api
         .post(
@@ -177,9 +175,12 @@ async fn lifecycle(api: &Api) {
         )
         .await;
     assert_eq!(same.json()["status"], "duplicate");
+    let m = &r.metrics.dedup_operations;
+    assert!(m.with_label_values(&["claim", "acquired"]).get() > 0);
+    assert_eq!(m.with_label_values(&["mark", "new"]).get(), 2);
 }
 
-async fn dead_letters(api: &Api) {
+async fn dead_letters(_r: &Running, api: &Api) {
     let s = "dlq.scope";
     // Out of attempts.
     for attempt in 1..=2 {
@@ -260,7 +261,7 @@ async fn dead_letters(api: &Api) {
     assert_eq!(empty["items"], json!([]));
 }
 
-async fn batches(api: &Api) {
+async fn batches(r: &Running, api: &Api) {
     let s = "batch.scope";
     let got = api
         .post(
@@ -310,9 +311,11 @@ async fn batches(api: &Api) {
         .assert_problem(422, "invalid-field");
     let empty = api.post(s, "claim:batch", json!({"items": []})).await;
     assert_eq!(empty.json(), json!({"results": []}));
+    let m = &r.metrics.dedup_operations;
+    assert_eq!(m.with_label_values(&["mark_batch", "ok"]).get(), 1);
 }
 
-async fn bad_input(api: &Api) {
+async fn bad_input(r: &Running, api: &Api) {
     let s = "bad.scope";
     let field = |got: Got, name: &str| {
         got.assert_problem(422, "invalid-field");
@@ -395,9 +398,11 @@ async fn bad_input(api: &Api) {
     // Nothing above created a record.
     let none = api.raw("GET", &format!("/v1/dedup/{s}/keys/k"), "").await;
     none.assert_problem(404, "not-found");
+    let m = &r.metrics.dedup_operations;
+    assert!(m.with_label_values(&["claim", "bad_request"]).get() >= 8);
 }
 
-async fn racing(api: &Api) {
+async fn racing(_r: &Running, api: &Api) {
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let c = api.0.clone();
@@ -422,7 +427,7 @@ async fn racing(api: &Api) {
     assert_eq!(codes.iter().filter(|&&c| c == 409).count(), 49);
 }
 
-async fn takeover(api: &Api) {
+async fn takeover(_r: &Running, api: &Api) {
     let s = "takeover";
     let first = api
         .post(s, "claim", json!({"key": "t", "lease_ms": 150}))
@@ -447,37 +452,40 @@ async fn takeover(api: &Api) {
     assert_eq!(stale.status, 409);
 }
 
-/// Everything above, in order, on one idemgate.
-async fn suite(api: &Api) {
-    lifecycle(api).await;
-    dead_letters(api).await;
-    batches(api).await;
-    bad_input(api).await;
-    racing(api).await;
-    takeover(api).await;
-}
-
 const SMALL_LIMITS: &str = "[dedup]\nmax_result_bytes = 100\nmax_request_body = \"4KiB\"\n";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dedup_api_on_the_memory_store() {
+/// A dedup-only idemgate on the memory store.
+async fn memory() -> ((), Running, Api) {
     let (r, api) = dedup_only(SMALL_LIMITS).await;
-    suite(&api).await;
-    let m = &r.metrics.dedup_operations;
-    assert!(m.with_label_values(&["claim", "acquired"]).get() > 0);
-    assert_eq!(m.with_label_values(&["mark", "new"]).get(), 2);
-    assert_eq!(m.with_label_values(&["mark_batch", "ok"]).get(), 1);
-    assert!(m.with_label_values(&["claim", "bad_request"]).get() >= 8);
-    r.stop().await;
+    ((), r, api)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dedup_api_on_redis() {
-    let redis = RedisServer::start();
+/// A dedup-only idemgate on a Redis shared by the cases running at the same
+/// time (each case uses its own scopes).
+async fn redis() -> (Arc<RedisServer>, Running, Api) {
+    let redis = shared_server();
     let (r, api) = dedup_only(&format!("{}{SMALL_LIMITS}", redis_toml(&redis))).await;
-    suite(&api).await;
-    r.stop().await;
+    (redis, r, api)
 }
+
+/// One `#[test]` per case, each on its own idemgate from `$setup`.
+macro_rules! api_cases {
+    ($name:ident, $setup:ident; $($case:ident),*) => {
+        mod $name {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let (_guard, r, api) = super::$setup().await;
+                    super::$case(&r, &api).await;
+                    r.stop().await;
+                }
+            )*
+        }
+    };
+}
+
+api_cases!(on_memory, memory; lifecycle, dead_letters, batches, bad_input, racing, takeover);
+api_cases!(on_redis, redis; lifecycle, dead_letters, batches, bad_input, racing, takeover);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_outage_is_503_never_new() {

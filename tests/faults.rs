@@ -6,29 +6,22 @@
 
 mod support;
 
-#[path = "support/faults.rs"]
-mod faults;
-#[path = "support/proc.rs"]
-mod proc;
-#[path = "support/redis.rs"]
-mod redis_support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use faults::{Fault, FaultProxy};
 use idemgate::server::Running;
-use proc::Proc;
-use redis_support::RedisServer;
+use support::faults::{Fault, FaultProxy};
+use support::proc::Proc;
+use support::redis_server::RedisServer;
 use support::{config, TestClient, TestUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 fn redis_toml(url: &str, extra: &str) -> String {
-    format!("{}{extra}", redis_support::store_toml(url))
+    format!("{}{extra}", support::redis_server::store_toml(url))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,14 +5,11 @@
 
 mod support;
 
-#[path = "support/redis.rs"]
-mod redis_support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use idemgate::server::Running;
-use redis_support::RedisServer;
+use support::redis_server::RedisServer;
 use support::{config, start, TestClient, TestUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -266,7 +263,7 @@ async fn tenants_never_see_each_others_responses_on_memory() {
 async fn tenants_never_see_each_others_responses_on_redis() {
     let redis = RedisServer::start();
     let up = TestUpstream::start().await;
-    let toml = redis_support::store_toml(&redis.url());
+    let toml = support::redis_server::store_toml(&redis.url());
     let idg = Running::start(config(Some(&up.url()), &toml))
         .await
         .unwrap();

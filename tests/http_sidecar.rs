@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{start, TestUpstream};
+use support::{duplicates_agree, start, TestUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -37,27 +37,8 @@ async fn replay_is_byte_identical_and_marked() {
 async fn concurrent_duplicates_run_once_and_get_the_same_answer() {
     let up = TestUpstream::start().await;
     let (idg, client) = start(&up, "").await;
-    let mut tasks = Vec::new();
-    for _ in 0..200 {
-        let c = client.clone();
-        tasks.push(tokio::spawn(async move {
-            c.send(
-                "POST",
-                "/v1/charges",
-                &[("idempotency-key", "same"), ("x-delay-ms", "300")],
-                "{}",
-            )
-            .await
-        }));
-    }
-    let mut bodies = Vec::new();
-    for t in tasks {
-        let got = t.await.unwrap();
-        assert_eq!(got.status, 201, "{:?}", got.body);
-        bodies.push(got.body);
-    }
+    duplicates_agree(&[client], 200, "same").await;
     assert_eq!(up.calls(), 1);
-    assert!(bodies.iter().all(|b| *b == bodies[0]));
     idg.stop().await;
 }
 

@@ -3,10 +3,7 @@
 
 mod support;
 
-#[path = "support/proc.rs"]
-mod proc;
-
-use proc::{free_port, Proc};
+use support::proc::{free_port, Proc};
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

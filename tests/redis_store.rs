@@ -4,19 +4,13 @@
 
 mod support;
 
-#[path = "support/contract.rs"]
-mod contract;
-#[path = "support/dedup_contract.rs"]
-mod dedup_contract;
-#[path = "support/redis.rs"]
-mod redis_support;
-
+use std::sync::Arc;
 use std::time::Duration;
 
 use idemgate::server::Running;
 use idemgate::store::{RecordStore, RedisStore};
-use redis_support::{RedisCluster, RedisServer};
-use support::{config, TestClient, TestUpstream};
+use support::redis_server::{shared_cluster, shared_server, RedisCluster, RedisServer};
+use support::{config, duplicates_agree, TestClient, TestUpstream};
 
 fn redis_toml(urls: &[String], cluster: bool, extra_store: &str) -> String {
     let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
@@ -47,31 +41,24 @@ async fn replicas(up: &TestUpstream, n: usize, toml: &str) -> Vec<(Running, Test
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_store_meets_the_contract() {
-    let redis = RedisServer::start();
+/// Contract cases share one server per kind while they run (their keys
+/// and scopes are unique per case), each with its own connection.
+async fn standalone(_case: &str) -> (Arc<RedisServer>, RedisStore) {
+    let redis = shared_server();
     let store = connect(&[redis.url()], false).await;
-    contract::run_all(store).await;
+    (redis, store)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_cluster_store_meets_the_contract() {
-    let cluster = RedisCluster::start();
+async fn cluster(_case: &str) -> (Arc<RedisCluster>, RedisStore) {
+    let cluster = shared_cluster();
     let store = connect(&cluster.urls(), true).await;
-    contract::run_all(store).await;
+    (cluster, store)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_store_meets_the_dedup_contract() {
-    let redis = RedisServer::start();
-    dedup_contract::run_all(connect(&[redis.url()], false).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_cluster_store_meets_the_dedup_contract() {
-    let cluster = RedisCluster::start();
-    dedup_contract::run_all(connect(&cluster.urls(), true).await).await;
-}
+support::contract::record_contract!(standalone_record_contract, standalone);
+support::contract::record_contract!(cluster_record_contract, cluster);
+support::dedup_contract::dedup_contract!(standalone_dedup_contract, standalone);
+support::dedup_contract::dedup_contract!(cluster_dedup_contract, cluster);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_redis() {
@@ -80,27 +67,9 @@ async fn three_replicas_share_one_redis() {
     let nodes = replicas(&up, 3, &redis_toml(&[redis.url()], false, "")).await;
 
     // 300 concurrent duplicates spread across the replicas.
-    let mut tasks = Vec::new();
-    for i in 0..300 {
-        let c = nodes[i % 3].1.clone();
-        tasks.push(tokio::spawn(async move {
-            c.send(
-                "POST",
-                "/v1/charges",
-                &[("idempotency-key", "shared"), ("x-delay-ms", "300")],
-                "{}",
-            )
-            .await
-        }));
-    }
-    let mut bodies = Vec::new();
-    for t in tasks {
-        let got = t.await.unwrap();
-        assert_eq!(got.status, 201, "{:?}", got.body);
-        bodies.push(got.body);
-    }
+    let clients: Vec<TestClient> = nodes.iter().map(|(_, c)| c.clone()).collect();
+    duplicates_agree(&clients, 300, "shared").await;
     assert_eq!(up.calls(), 1);
-    assert!(bodies.iter().all(|b| *b == bodies[0]));
 
     // 100 keys x 4 duplicates, each duplicate on a different replica.
     let mut tasks = Vec::new();

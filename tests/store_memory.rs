@@ -3,26 +3,19 @@
 
 mod support;
 
-#[path = "support/contract.rs"]
-mod contract;
-#[path = "support/dedup_contract.rs"]
-mod dedup_contract;
-
 use std::time::Duration;
 
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::state::Begin;
 use idemgate::store::{MemoryStore, RecordStore, StoreError};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_store_meets_the_contract() {
-    contract::run_all(MemoryStore::new(10_000)).await;
+/// A fresh store per contract case.
+async fn memory(_case: &str) -> ((), MemoryStore) {
+    ((), MemoryStore::new(10_000))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_store_meets_the_dedup_contract() {
-    dedup_contract::run_all(MemoryStore::new(10_000)).await;
-}
+support::contract::record_contract!(record_contract, memory);
+support::dedup_contract::dedup_contract!(dedup_contract, memory);
 
 fn k(i: u32) -> RecordKey {
     RecordKey::derive_dedup("bound", &i.to_string())

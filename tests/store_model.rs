@@ -2,8 +2,7 @@
 //! and expiry, run against a simple reference model, on the memory store
 //! (tokio's paused clock) and on Redis (expiry forced with PEXPIRE).
 
-#[path = "support/redis.rs"]
-mod redis_support;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +15,7 @@ use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::state::{Begin, Lease};
 use idemgate::store::{MemoryStore, RecordStore, RedisStore};
 use proptest::prelude::*;
-use redis_support::RedisServer;
+use support::redis_server::RedisServer;
 
 const KEYS: usize = 3;
 const TTL: Duration = Duration::from_secs(30);

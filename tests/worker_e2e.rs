@@ -5,17 +5,14 @@
 
 mod support;
 
-#[path = "support/redis.rs"]
-mod redis_support;
-
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use idemgate::server::Running;
-use redis_support::RedisServer;
 use serde_json::json;
+use support::redis_server::RedisServer;
 use support::{config, TestClient};
 
 /// The example binary cargo built next to this test.
@@ -64,7 +61,7 @@ fn worker(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_never_doubles_a_side_effect() {
     let redis = RedisServer::start();
-    let toml = redis_support::store_toml(&redis.url());
+    let toml = support::redis_server::store_toml(&redis.url());
     let idg = Running::start(config(None, &toml)).await.unwrap();
     let admin = idg.admin_addr;
 

@@ -56,20 +56,44 @@ async fn acquire<S: RecordStore>(s: &S, k: &RecordKey, ttl: Duration) -> Lease {
     }
 }
 
-/// Runs every contract check against `store`.
-pub async fn run_all<S: RecordStore + Clone>(store: S) {
-    begin_reports_holder_and_completion(&store).await;
-    only_the_current_token_acts(&store).await;
-    release_frees_the_key_with_a_higher_fence(&store).await;
-    expired_leases_are_taken_over_and_fences_keep_rising(&store).await;
-    records_expire_after_their_ttl(&store).await;
-    waiters_are_woken_by_completion(store.clone()).await;
-    wait_returns_at_once_when_the_lease_is_gone(&store).await;
-    get_and_purge(&store).await;
-    store.ping().await.unwrap();
+/// One `#[test]` per case of the record contract. `$setup` is an async fn
+/// (a name in the test's module) taking the case's name and returning (a guard kept for the test, the
+/// store).
+#[allow(unused_macros)] // each test binary uses a part of support
+macro_rules! record_contract {
+    ($name:ident, $setup:ident) => {
+        $crate::support::contract::record_contract!(@cases $name, $setup;
+            begin_reports_holder_and_completion,
+            only_the_current_token_acts,
+            release_frees_the_key_with_a_higher_fence,
+            expired_leases_are_taken_over_and_fences_keep_rising,
+            records_expire_after_their_ttl,
+            waiters_are_woken_by_completion,
+            wait_returns_at_once_when_the_lease_is_gone,
+            get_and_purge,
+            the_store_answers_ping
+        );
+    };
+    (@cases $name:ident, $setup:ident; $($case:ident),*) => {
+        mod $name {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let (_guard, store) = super::$setup(stringify!($case)).await;
+                    $crate::support::contract::$case(&store).await;
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use record_contract;
+
+pub async fn the_store_answers_ping<S: RecordStore>(s: &S) {
+    s.ping().await.unwrap();
 }
 
-async fn begin_reports_holder_and_completion<S: RecordStore>(s: &S) {
+pub async fn begin_reports_holder_and_completion<S: RecordStore>(s: &S) {
     let k = key("begin");
     let lease = acquire(s, &k, LEASE).await;
     assert_eq!(
@@ -95,7 +119,7 @@ async fn begin_reports_holder_and_completion<S: RecordStore>(s: &S) {
     }
 }
 
-async fn only_the_current_token_acts<S: RecordStore>(s: &S) {
+pub async fn only_the_current_token_acts<S: RecordStore>(s: &S) {
     let k = key("token");
     let lease = acquire(s, &k, LEASE).await;
     let thief = Lease {
@@ -122,7 +146,7 @@ async fn only_the_current_token_acts<S: RecordStore>(s: &S) {
     }
 }
 
-async fn release_frees_the_key_with_a_higher_fence<S: RecordStore>(s: &S) {
+pub async fn release_frees_the_key_with_a_higher_fence<S: RecordStore>(s: &S) {
     let k = key("release");
     let first = acquire(s, &k, LEASE).await;
     assert!(s.release(&k, &first).await.unwrap());
@@ -136,7 +160,7 @@ async fn release_frees_the_key_with_a_higher_fence<S: RecordStore>(s: &S) {
     assert!(s.complete(&k, &second, record("ok"), LEASE).await.unwrap());
 }
 
-async fn expired_leases_are_taken_over_and_fences_keep_rising<S: RecordStore>(s: &S) {
+pub async fn expired_leases_are_taken_over_and_fences_keep_rising<S: RecordStore>(s: &S) {
     let k = key("expiry");
     let old = acquire(s, &k, Duration::from_millis(150)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -161,7 +185,7 @@ async fn expired_leases_are_taken_over_and_fences_keep_rising<S: RecordStore>(s:
     ));
 }
 
-async fn records_expire_after_their_ttl<S: RecordStore>(s: &S) {
+pub async fn records_expire_after_their_ttl<S: RecordStore>(s: &S) {
     let k = key("ttl");
     let lease = acquire(s, &k, LEASE).await;
     assert!(s
@@ -179,7 +203,8 @@ async fn records_expire_after_their_ttl<S: RecordStore>(s: &S) {
     ));
 }
 
-async fn waiters_are_woken_by_completion<S: RecordStore + Clone>(s: S) {
+pub async fn waiters_are_woken_by_completion<S: RecordStore + Clone>(s: &S) {
+    let s = s.clone();
     let k = key("wait");
     let lease = acquire(&s, &k, LEASE).await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -209,7 +234,7 @@ async fn waiters_are_woken_by_completion<S: RecordStore + Clone>(s: S) {
     }
 }
 
-async fn wait_returns_at_once_when_the_lease_is_gone<S: RecordStore>(s: &S) {
+pub async fn wait_returns_at_once_when_the_lease_is_gone<S: RecordStore>(s: &S) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let started = Instant::now();
     s.wait(&key("absent"), 1, deadline).await.unwrap();
@@ -219,7 +244,7 @@ async fn wait_returns_at_once_when_the_lease_is_gone<S: RecordStore>(s: &S) {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-async fn get_and_purge<S: RecordStore>(s: &S) {
+pub async fn get_and_purge<S: RecordStore>(s: &S) {
     let k = key("purge");
     assert_eq!(s.get(&k).await.unwrap().state, State::Absent);
     assert!(!s.purge(&k).await.unwrap());

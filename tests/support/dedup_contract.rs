@@ -51,20 +51,40 @@ async fn acquire<S: DedupStore + ?Sized>(
     }
 }
 
-pub async fn run_all<S: DedupStore + Clone + 'static>(s: S) {
-    lifecycle(&s).await;
-    racing_claims_have_one_winner(s.clone()).await;
-    expired_leases_are_taken_over(&s).await;
-    attempts_run_out_into_a_dead_letter(&s).await;
-    dead_letters_are_listed_reset_and_purged(&s).await;
-    marks(&s).await;
-    scopes_are_apart(&s).await;
-    batches_answer_in_order(&s).await;
-    retention_bounds_completed_records(&s).await;
-    fingerprints(&s).await;
+/// One `#[test]` per case of the dedup contract; `$setup` as for
+/// [`super::contract::record_contract`].
+#[allow(unused_macros)] // each test binary uses a part of support
+macro_rules! dedup_contract {
+    ($name:ident, $setup:ident) => {
+        $crate::support::dedup_contract::dedup_contract!(@cases $name, $setup;
+            lifecycle,
+            racing_claims_have_one_winner,
+            expired_leases_are_taken_over,
+            attempts_run_out_into_a_dead_letter,
+            dead_letters_are_listed_reset_and_purged,
+            marks,
+            scopes_are_apart,
+            batches_answer_in_order,
+            retention_bounds_completed_records,
+            fingerprints
+        );
+    };
+    (@cases $name:ident, $setup:ident; $($case:ident),*) => {
+        mod $name {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let (_guard, store) = super::$setup(stringify!($case)).await;
+                    $crate::support::dedup_contract::$case(&store).await;
+                }
+            )*
+        }
+    };
 }
+#[allow(unused_imports)]
+pub(crate) use dedup_contract;
 
-async fn lifecycle<S: DedupStore>(s: &S) {
+pub async fn lifecycle<S: DedupStore>(s: &S) {
     let sc = scope("life");
     let p = params(30_000, 5);
     let (lease, fence, attempt, recovered) = acquire(s, &sc, "m1", &p).await;
@@ -132,7 +152,8 @@ async fn lifecycle<S: DedupStore>(s: &S) {
     assert!(s.inspect(&sc, "m1").await.unwrap().is_none());
 }
 
-async fn racing_claims_have_one_winner<S: DedupStore + Clone + 'static>(s: S) {
+pub async fn racing_claims_have_one_winner<S: DedupStore + Clone + 'static>(s: &S) {
+    let s = s.clone();
     let sc = Arc::new(scope("race"));
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -153,7 +174,7 @@ async fn racing_claims_have_one_winner<S: DedupStore + Clone + 'static>(s: S) {
     assert_eq!(acquired, 1);
 }
 
-async fn expired_leases_are_taken_over<S: DedupStore>(s: &S) {
+pub async fn expired_leases_are_taken_over<S: DedupStore>(s: &S) {
     let sc = scope("expiry");
     let (old, old_fence, _, _) = acquire(s, &sc, "m", &params(150, 5)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -178,7 +199,7 @@ async fn expired_leases_are_taken_over<S: DedupStore>(s: &S) {
         .unwrap());
 }
 
-async fn attempts_run_out_into_a_dead_letter<S: DedupStore>(s: &S) {
+pub async fn attempts_run_out_into_a_dead_letter<S: DedupStore>(s: &S) {
     let sc = scope("attempts");
     let p = params(30_000, 2);
     for expect in 1..=2 {
@@ -203,7 +224,7 @@ async fn attempts_run_out_into_a_dead_letter<S: DedupStore>(s: &S) {
     assert_eq!(next, None);
 }
 
-async fn dead_letters_are_listed_reset_and_purged<S: DedupStore>(s: &S) {
+pub async fn dead_letters_are_listed_reset_and_purged<S: DedupStore>(s: &S) {
     let sc = scope("dlq");
     for i in 0..5 {
         let key = format!("k{i}");
@@ -250,7 +271,7 @@ async fn dead_letters_are_listed_reset_and_purged<S: DedupStore>(s: &S) {
     assert!(s.inspect(&sc, "k1").await.unwrap().is_some());
 }
 
-async fn marks<S: DedupStore>(s: &S) {
+pub async fn marks<S: DedupStore>(s: &S) {
     let sc = scope("mark");
     assert!(s.mark(&sc, "e1", TTLS.retention).await.unwrap());
     assert!(!s.mark(&sc, "e1", TTLS.retention).await.unwrap());
@@ -268,7 +289,7 @@ async fn marks<S: DedupStore>(s: &S) {
     assert!(s.mark(&sc, "short", TTLS.retention).await.unwrap());
 }
 
-async fn scopes_are_apart<S: DedupStore>(s: &S) {
+pub async fn scopes_are_apart<S: DedupStore>(s: &S) {
     let (a, b) = (scope("a"), scope("b"));
     acquire(s, &a, "same", &params(30_000, 5)).await;
     acquire(s, &b, "same", &params(30_000, 5)).await;
@@ -276,7 +297,7 @@ async fn scopes_are_apart<S: DedupStore>(s: &S) {
     assert!(s.mark(&b, "m", TTLS.retention).await.unwrap());
 }
 
-async fn batches_answer_in_order<S: DedupStore>(s: &S) {
+pub async fn batches_answer_in_order<S: DedupStore>(s: &S) {
     let sc = scope("batch");
     let item = |k: &str| ClaimItem {
         key: k.into(),
@@ -356,7 +377,7 @@ async fn batches_answer_in_order<S: DedupStore>(s: &S) {
     assert_eq!(leases.len(), 200);
 }
 
-async fn retention_bounds_completed_records<S: DedupStore>(s: &S) {
+pub async fn retention_bounds_completed_records<S: DedupStore>(s: &S) {
     let sc = scope("retention");
     let (lease, ..) = acquire(s, &sc, "r", &params(30_000, 5)).await;
     assert!(s
@@ -372,7 +393,7 @@ async fn retention_bounds_completed_records<S: DedupStore>(s: &S) {
     assert_eq!(attempt, 1);
 }
 
-async fn fingerprints<S: DedupStore>(s: &S) {
+pub async fn fingerprints<S: DedupStore>(s: &S) {
     let sc = scope("fp");
     let mut p = params(30_000, 5);
     p.fingerprint = Some("v1".into());

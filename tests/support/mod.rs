@@ -1,6 +1,15 @@
 //! Test support: a real upstream that counts its calls, an HTTP client, and
-//! idemgate started in-process on free loopback ports.
+//! idemgate started in-process on free loopback ports; and, as modules, the
+//! store contracts ([`contract`], [`dedup_contract`]), real Redis servers
+//! ([`redis_server`]), idemgate as a process ([`proc`]) and a
+//! fault-injecting TCP proxy ([`faults`]). Each test binary uses a part.
 #![allow(dead_code)]
+
+pub mod contract;
+pub mod dedup_contract;
+pub mod faults;
+pub mod proc;
+pub mod redis_server;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -273,6 +282,33 @@ pub fn config(upstream: Option<&str>, extra: &str) -> Config {
     let file = FileConfig::parse(&text).unwrap_or_else(|e| panic!("bad test config: {e}\n{text}"));
     Config::from_parts(file, &RunArgs::default())
         .unwrap_or_else(|e| panic!("bad test config: {e}\n{text}"))
+}
+
+/// Sends `n` concurrent duplicates of one slow covered request (key `key`),
+/// spread over `clients`, and asserts that each got 201 and that every body
+/// is the same. The caller checks how often the upstream ran.
+pub async fn duplicates_agree(clients: &[TestClient], n: usize, key: &str) {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let c = clients[i % clients.len()].clone();
+        let key = key.to_owned();
+        tasks.push(tokio::spawn(async move {
+            c.send(
+                "POST",
+                "/v1/charges",
+                &[("idempotency-key", &key), ("x-delay-ms", "300")],
+                "{}",
+            )
+            .await
+        }));
+    }
+    let mut bodies = Vec::new();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert_eq!(got.status, 201, "{:?}", got.body);
+        bodies.push(got.body);
+    }
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
 }
 
 /// Starts idemgate in front of `upstream` with extra config TOML.

@@ -6,6 +6,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 fn require(bin: &str) {
@@ -210,4 +211,28 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.url()).collect()
     }
+}
+
+/// One server shared by the tests that run at the same time: started by
+/// the first, stopped when the last lets go of it (a static would never be
+/// dropped and would leak the process).
+pub fn shared_server() -> Arc<RedisServer> {
+    static SHARED: Mutex<Weak<RedisServer>> = Mutex::new(Weak::new());
+    shared(&SHARED, RedisServer::start)
+}
+
+/// One Cluster shared as [`shared_server`] shares a server.
+pub fn shared_cluster() -> Arc<RedisCluster> {
+    static SHARED: Mutex<Weak<RedisCluster>> = Mutex::new(Weak::new());
+    shared(&SHARED, RedisCluster::start)
+}
+
+fn shared<T>(slot: &Mutex<Weak<T>>, start: impl FnOnce() -> T) -> Arc<T> {
+    let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(live) = slot.upgrade() {
+        return live;
+    }
+    let fresh = Arc::new(start());
+    *slot = Arc::downgrade(&fresh);
+    fresh
 }
