@@ -7,10 +7,7 @@ use std::time::Duration;
 use http::{HeaderName, Method, Uri};
 use toml::Value;
 
-use super::file::{DedupFile, PolicyFile, StoreFile};
-use super::{
-    parse_size, Backend, DedupConfig, LogFormat, OnStoreError, Policy, RunArgs, StoreConfig,
-};
+use super::parse_size;
 use crate::store::redact_url;
 
 /// Collects problems while converting loose values.
@@ -31,13 +28,67 @@ impl Checker {
         self.errors.push(format!("{path}: {msg}"));
     }
 
-    pub(super) fn opt<T>(
+    /// Overwrites `slot` with the checked value of the key at `path`, if the
+    /// file sets it and it checks out; a problem is recorded otherwise.
+    pub(super) fn set<T>(
         &mut self,
+        slot: &mut T,
         v: &Option<Value>,
         path: &str,
-        f: fn(&mut Self, &str, &Value) -> Option<T>,
-    ) -> Option<T> {
-        v.as_ref().and_then(|v| f(self, path, v))
+        check: impl FnOnce(&mut Self, &str, &Value) -> Option<T>,
+    ) {
+        if let Some(x) = v.as_ref().and_then(|v| check(self, path, v)) {
+            *slot = x;
+        }
+    }
+
+    /// [`Self::set`] with a flag (or its environment variable) that wins over
+    /// the file: `flag` names both for messages.
+    pub(super) fn set_flagged<T>(
+        &mut self,
+        slot: &mut T,
+        flag: (&Option<String>, &str),
+        v: &Option<Value>,
+        path: &str,
+        check: impl FnOnce(&mut Self, &str, &Value) -> Option<T>,
+    ) {
+        match flag {
+            (Some(given), name) => {
+                if let Some(x) = check(self, name, &Value::String(given.clone())) {
+                    *slot = x;
+                }
+            }
+            (None, _) => self.set(slot, v, path, check),
+        }
+    }
+
+    /// A whole number in `min..=max`, as any integer type.
+    pub(super) fn int<T: TryFrom<i64>>(
+        min: i64,
+        max: i64,
+    ) -> impl FnOnce(&mut Self, &str, &Value) -> Option<T> {
+        move |c, path, v| c.uint(path, v, min, max).and_then(|n| T::try_from(n).ok())
+    }
+
+    /// One of `choices` (text → value).
+    pub(super) fn one_of<T: Copy>(
+        choices: &'static [(&'static str, T)],
+    ) -> impl FnOnce(&mut Self, &str, &Value) -> Option<T> {
+        move |c, path, v| {
+            let s = c.string(path, v)?;
+            if let Some((_, x)) = choices.iter().find(|(name, _)| *name == s) {
+                return Some(*x);
+            }
+            let names: Vec<String> = choices.iter().map(|(n, _)| format!("{n:?}")).collect();
+            let (last, rest) = names.split_last()?;
+            let listed = if rest.is_empty() {
+                last.clone()
+            } else {
+                format!("{} or {last}", rest.join(", "))
+            };
+            c.err(path, format!("{s:?} is not {listed}"));
+            None
+        }
     }
 
     pub(super) fn string(&mut self, path: &str, v: &Value) -> Option<String> {
@@ -209,158 +260,6 @@ impl Checker {
         Some(uri)
     }
 
-    pub(super) fn log_format(&mut self, path: &str, v: &Value) -> Option<LogFormat> {
-        match self.string(path, v)?.as_str() {
-            "text" => Some(LogFormat::Text),
-            "json" => Some(LogFormat::Json),
-            other => {
-                self.err(path, format!("{other:?} is not \"text\" or \"json\""));
-                None
-            }
-        }
-    }
-
-    pub(super) fn store(&mut self, f: StoreFile, args: &RunArgs) -> StoreConfig {
-        let backend =
-            f.backend
-                .as_ref()
-                .and_then(|v| match self.string("store.backend", v)?.as_str() {
-                    "memory" => Some(Backend::Memory),
-                    "redis" => Some(Backend::Redis),
-                    "redis-cluster" => Some(Backend::RedisCluster),
-                    other => {
-                        self.err(
-                            "store.backend",
-                            format!("{other:?} is not \"memory\", \"redis\" or \"redis-cluster\""),
-                        );
-                        None
-                    }
-                });
-        let urls = f
-            .urls
-            .as_ref()
-            .and_then(|v| self.each("store.urls", v, |c, p, v| c.redis_url(p, v)));
-        let on_store_error = f.on_store_error.as_ref().and_then(|v| {
-            match self.string("store.on_store_error", v)?.as_str() {
-                "reject" => Some(OnStoreError::Reject),
-                "pass-through" => Some(OnStoreError::PassThrough),
-                other => {
-                    self.err(
-                        "store.on_store_error",
-                        format!("{other:?} is not \"reject\" or \"pass-through\""),
-                    );
-                    None
-                }
-            }
-        });
-        let key_prefix = f.key_prefix.as_ref().and_then(|v| {
-            let s = self.string("store.key_prefix", v)?;
-            if s.is_empty()
-                || s.contains(['{', '}'])
-                || s.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
-                self.err(
-                    "store.key_prefix",
-                    format!("{s:?} must be non-empty, without spaces or braces"),
-                );
-                return None;
-            }
-            Some(s)
-        });
-        let timeout = self.opt(&f.timeout, "store.timeout", Checker::duration);
-        let max_entries = f
-            .max_entries
-            .as_ref()
-            .and_then(|v| self.uint("store.max_entries", v, 1, i64::MAX));
-
-        // Flags choose the backend over the file.
-        let (backend, urls) = match (&args.redis, args.redis_cluster.as_slice()) {
-            (Some(_), [_, ..]) => {
-                self.err(
-                    "--redis / --redis-cluster",
-                    "give one or the other, not both".into(),
-                );
-                (Backend::Memory, vec![])
-            }
-            (Some(url), []) => {
-                let u = self.redis_url("--redis (or IDEMGATE_REDIS)", &Value::String(url.clone()));
-                (Backend::Redis, u.into_iter().collect())
-            }
-            (None, seeds @ [_, ..]) => {
-                let mut v = Vec::new();
-                for s in seeds {
-                    v.extend(self.redis_url(
-                        "--redis-cluster (or IDEMGATE_REDIS_CLUSTER)",
-                        &Value::String(s.clone()),
-                    ));
-                }
-                (Backend::RedisCluster, v)
-            }
-            (None, []) => (backend.unwrap_or(Backend::Memory), urls.unwrap_or_default()),
-        };
-        if backend != Backend::Memory && urls.is_empty() && self.errors.is_empty() {
-            self.err(
-                "store.urls",
-                "a Redis backend needs at least one URL".into(),
-            );
-        }
-        if backend == Backend::Redis && urls.len() > 1 {
-            self.err(
-                "store.urls",
-                "the \"redis\" backend takes one URL; use \"redis-cluster\" for several".into(),
-            );
-        }
-        StoreConfig {
-            backend,
-            urls,
-            key_prefix: key_prefix.unwrap_or_else(|| "idemgate".into()),
-            on_store_error: on_store_error.unwrap_or(OnStoreError::Reject),
-            timeout: timeout.unwrap_or(Duration::from_secs(1)),
-            max_entries: max_entries.map_or(1_000_000, |n| n as usize),
-        }
-    }
-
-    pub(super) fn dedup(&mut self, f: DedupFile) -> DedupConfig {
-        let mut d = DedupConfig::default();
-        if let Some(v) = &f.lease_ttl {
-            d.lease_ttl = self.duration("dedup.lease_ttl", v).unwrap_or(d.lease_ttl);
-        }
-        if let Some(v) = &f.retention {
-            d.retention = self.duration("dedup.retention", v).unwrap_or(d.retention);
-        }
-        if let Some(v) = &f.failed_retention {
-            d.failed_retention = self
-                .duration("dedup.failed_retention", v)
-                .unwrap_or(d.failed_retention);
-        }
-        if let Some(v) = &f.max_attempts {
-            d.max_attempts = self
-                .uint("dedup.max_attempts", v, 1, 1000)
-                .map_or(d.max_attempts, |n| n as u32);
-        }
-        if let Some(v) = &f.max_key_length {
-            d.max_key_length = self
-                .uint("dedup.max_key_length", v, 1, 8192)
-                .map_or(d.max_key_length, |n| n as usize);
-        }
-        if let Some(v) = &f.max_result_bytes {
-            d.max_result_bytes = self
-                .size("dedup.max_result_bytes", v)
-                .unwrap_or(d.max_result_bytes);
-        }
-        if let Some(v) = &f.max_batch {
-            d.max_batch = self
-                .uint("dedup.max_batch", v, 1, 100_000)
-                .map_or(d.max_batch, |n| n as usize);
-        }
-        if let Some(v) = &f.max_request_body {
-            d.max_request_body = self
-                .size("dedup.max_request_body", v)
-                .unwrap_or(d.max_request_body);
-        }
-        d
-    }
-
     pub(super) fn redis_url(&mut self, path: &str, v: &Value) -> Option<String> {
         let s = self.string(path, v)?;
         let s = s.trim().to_owned();
@@ -374,77 +273,5 @@ impl Checker {
             return None;
         }
         Some(s)
-    }
-
-    /// `base` with the keys `f` sets; problems reported under `at`.
-    pub(super) fn policy(&mut self, at: &str, f: &PolicyFile, base: &Policy) -> Policy {
-        let mut p = base.clone();
-        let k = |name: &str| format!("{at}.{name}");
-        if let Some(v) = &f.header {
-            p.header = self.header_name(&k("header"), v).unwrap_or(p.header);
-        }
-        if let Some(v) = &f.methods {
-            p.methods = self
-                .each(&k("methods"), v, Checker::method)
-                .unwrap_or(p.methods);
-        }
-        if let Some(v) = &f.required {
-            p.required = self.bool(&k("required"), v).unwrap_or(p.required);
-        }
-        if let Some(v) = &f.record_ttl {
-            p.record_ttl = self.duration(&k("record_ttl"), v).unwrap_or(p.record_ttl);
-        }
-        if let Some(v) = &f.lease_ttl {
-            p.lease_ttl = self.duration(&k("lease_ttl"), v).unwrap_or(p.lease_ttl);
-        }
-        if let Some(v) = &f.wait_timeout {
-            p.wait_timeout = self
-                .duration(&k("wait_timeout"), v)
-                .unwrap_or(p.wait_timeout);
-        }
-        if let Some(v) = &f.scope_headers {
-            p.scope_headers = self
-                .each(&k("scope_headers"), v, Checker::header_name)
-                .unwrap_or(p.scope_headers);
-        }
-        if let Some(v) = &f.fingerprint_headers {
-            p.fingerprint_headers = self
-                .each(&k("fingerprint_headers"), v, Checker::header_name)
-                .unwrap_or(p.fingerprint_headers);
-        }
-        if let Some(v) = &f.max_key_length {
-            p.max_key_length = self
-                .uint(&k("max_key_length"), v, 1, 8192)
-                .map_or(p.max_key_length, |n| n as usize);
-        }
-        if let Some(v) = &f.max_request_body {
-            p.max_request_body = self
-                .size(&k("max_request_body"), v)
-                .unwrap_or(p.max_request_body);
-        }
-        if let Some(v) = &f.max_response_body {
-            p.max_response_body = self
-                .size(&k("max_response_body"), v)
-                .unwrap_or(p.max_response_body);
-        }
-        if let Some(v) = &f.uncacheable_statuses {
-            p.uncacheable_statuses = self
-                .each(&k("uncacheable_statuses"), v, |c, path, v| {
-                    c.uint(path, v, 100, 599).map(|n| n as u16)
-                })
-                .unwrap_or(p.uncacheable_statuses);
-        }
-        if let Some(v) = &f.replay_strip_headers {
-            p.replay_strip_headers = self
-                .each(&k("replay_strip_headers"), v, Checker::header_name)
-                .unwrap_or(p.replay_strip_headers);
-        }
-        if p.lease_ttl < Duration::from_millis(30) {
-            self.err(
-                &k("lease_ttl"),
-                "must be at least 30ms so it can be renewed in time".into(),
-            );
-        }
-        p
     }
 }

@@ -8,25 +8,26 @@
 //! default.
 //!
 //! Rooms: [`cli`] (flags and subcommands), [`file`] (the file as written),
-//! `check` (loose values → checked ones, every problem named), [`routes`]
-//! (policies and path patterns), `render` (the effective config as TOML).
+//! `defaults` (every default, once), `check` (loose values → checked ones,
+//! every problem named), `sections` (each section over its defaults),
+//! [`routes`] (policies and path patterns), `render` (the effective config
+//! as TOML, through serde).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
-use toml::Value;
 
 use crate::store::RedisOptions;
 
 mod check;
 pub mod cli;
+mod defaults;
 pub mod file;
 mod render;
 pub mod routes;
+mod sections;
 
-use check::Checker;
 pub use cli::{Cli, Command, RunArgs};
 pub use file::FileConfig;
 pub use routes::{PathPattern, Policies, Policy, Route};
@@ -75,21 +76,6 @@ pub struct DedupConfig {
     pub max_batch: usize,
     /// Largest request body on the dedup API.
     pub max_request_body: u64,
-}
-
-impl Default for DedupConfig {
-    fn default() -> Self {
-        DedupConfig {
-            lease_ttl: Duration::from_secs(30),
-            retention: Duration::from_secs(24 * 3600),
-            failed_retention: Duration::from_secs(7 * 24 * 3600),
-            max_attempts: 10,
-            max_key_length: 512,
-            max_result_bytes: 64 << 10,
-            max_batch: 1000,
-            max_request_body: 4 << 20,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,120 +142,6 @@ impl Config {
             None => FileConfig::default(),
         };
         Self::from_parts(file, args)
-    }
-
-    /// Validates file values with flag/env overrides; lists every problem.
-    pub fn from_parts(file: FileConfig, args: &RunArgs) -> Result<Self, ConfigErrors> {
-        let mut c = Checker::default();
-        let flag = |name: &str, env: &str| format!("--{name} (or {env})");
-
-        let listen = match &args.listen {
-            Some(v) => c.addr(
-                &flag("listen", "IDEMGATE_LISTEN"),
-                &Value::String(v.clone()),
-            ),
-            None => file.listen.as_ref().and_then(|v| c.addr("listen", v)),
-        };
-        let admin_listen = match &args.admin_listen {
-            Some(v) => c.addr(
-                &flag("admin-listen", "IDEMGATE_ADMIN_LISTEN"),
-                &Value::String(v.clone()),
-            ),
-            None => file
-                .admin_listen
-                .as_ref()
-                .and_then(|v| c.addr("admin_listen", v)),
-        };
-        let upstream = match &args.upstream {
-            Some(v) => c.upstream(
-                &flag("upstream", "IDEMGATE_UPSTREAM"),
-                &Value::String(v.clone()),
-            ),
-            None => file
-                .upstream
-                .as_ref()
-                .and_then(|v| c.upstream("upstream", v)),
-        };
-        let upstream_timeout = c.opt(
-            &file.upstream_timeout,
-            "upstream_timeout",
-            Checker::duration,
-        );
-        let drain_timeout = c.opt(&file.drain_timeout, "drain_timeout", Checker::duration);
-        let max_connections = file
-            .max_connections
-            .as_ref()
-            .and_then(|v| c.uint("max_connections", v, 1, 1_000_000));
-        let header_read_timeout = c.opt(
-            &file.header_read_timeout,
-            "header_read_timeout",
-            Checker::duration,
-        );
-        let body_read_timeout = c.opt(
-            &file.body_read_timeout,
-            "body_read_timeout",
-            Checker::duration,
-        );
-        let log_format = match &args.log_format {
-            Some(v) => c.log_format(
-                &flag("log-format", "IDEMGATE_LOG_FORMAT"),
-                &Value::String(v.clone()),
-            ),
-            None => file
-                .log_format
-                .as_ref()
-                .and_then(|v| c.log_format("log_format", v)),
-        };
-
-        let store = c.store(file.store.unwrap_or_default(), args);
-
-        let idem = file.idempotency.unwrap_or_default();
-        if idem.path.is_some() {
-            c.err(
-                "idempotency.path",
-                "only [[routes]] entries take a path".into(),
-            );
-        }
-        let default = Arc::new(c.policy("idempotency", &idem, &Policy::default()));
-        let mut routes = Vec::new();
-        for (i, r) in file.routes.unwrap_or_default().iter().enumerate() {
-            let at = format!("routes[{i}]");
-            let pattern = match &r.path {
-                None => {
-                    c.err(&format!("{at}.path"), "is required".into());
-                    None
-                }
-                Some(v) => c.string(&format!("{at}.path"), v).and_then(|s| {
-                    PathPattern::parse(&s)
-                        .map_err(|e| c.err(&format!("{at}.path"), e))
-                        .ok()
-                }),
-            };
-            let policy = Arc::new(c.policy(&at, r, &default));
-            if let Some(pattern) = pattern {
-                routes.push(Route { pattern, policy });
-            }
-        }
-
-        let dedup = c.dedup(file.dedup.unwrap_or_default());
-
-        if !c.errors.is_empty() {
-            return Err(ConfigErrors(c.errors));
-        }
-        Ok(Config {
-            listen: listen.unwrap_or(([127, 0, 0, 1], 8081).into()),
-            admin_listen: admin_listen.unwrap_or(([127, 0, 0, 1], 9901).into()),
-            upstream,
-            upstream_timeout: upstream_timeout.unwrap_or(Duration::from_secs(60)),
-            drain_timeout: drain_timeout.unwrap_or(Duration::from_secs(30)),
-            max_connections: max_connections.map_or(10_000, |n| n as usize),
-            header_read_timeout: header_read_timeout.unwrap_or(Duration::from_secs(10)),
-            body_read_timeout: body_read_timeout.unwrap_or(Duration::from_secs(30)),
-            log_format: log_format.unwrap_or(LogFormat::Text),
-            store,
-            policies: Policies { default, routes },
-            dedup,
-        })
     }
 }
 

@@ -1,98 +1,167 @@
-//! The effective configuration as TOML, as `check-config` prints it.
-
-use std::time::Duration;
+//! The effective configuration as TOML, as `check-config` prints it: a
+//! serde view of [`Config`] in the file's own layout, so what it prints can
+//! be read back as a config file. Redis passwords are shown as `***`.
 
 use http::HeaderName;
+use serde::Serialize;
 
-use super::{Backend, Config, LogFormat, OnStoreError, Policy};
+use super::{Backend, Config, DedupConfig, LogFormat, OnStoreError, Policy, StoreConfig};
 use crate::store::redact_url;
+
+/// A duration as the file writes it (`"30s"`, `"1day"`).
+fn d(d: std::time::Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn names(v: &[HeaderName]) -> Vec<&str> {
+    v.iter().map(HeaderName::as_str).collect()
+}
+
+#[derive(Serialize)]
+struct FileView<'a> {
+    listen: String,
+    admin_listen: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<String>,
+    upstream_timeout: String,
+    drain_timeout: String,
+    max_connections: usize,
+    header_read_timeout: String,
+    body_read_timeout: String,
+    log_format: &'static str,
+    store: StoreView,
+    idempotency: PolicyView<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    routes: Vec<PolicyView<'a>>,
+    dedup: DedupView,
+}
+
+#[derive(Serialize)]
+struct StoreView {
+    backend: &'static str,
+    urls: Vec<String>,
+    key_prefix: String,
+    on_store_error: &'static str,
+    timeout: String,
+    max_entries: usize,
+}
+
+#[derive(Serialize)]
+struct PolicyView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'a str>,
+    header: &'a str,
+    methods: Vec<&'a str>,
+    required: bool,
+    record_ttl: String,
+    lease_ttl: String,
+    wait_timeout: String,
+    scope_headers: Vec<&'a str>,
+    fingerprint_headers: Vec<&'a str>,
+    max_key_length: usize,
+    max_request_body: u64,
+    max_response_body: u64,
+    uncacheable_statuses: &'a [u16],
+    replay_strip_headers: Vec<&'a str>,
+}
+
+#[derive(Serialize)]
+struct DedupView {
+    lease_ttl: String,
+    retention: String,
+    failed_retention: String,
+    max_attempts: u32,
+    max_key_length: usize,
+    max_result_bytes: u64,
+    max_batch: usize,
+    max_request_body: u64,
+}
+
+impl<'a> PolicyView<'a> {
+    fn of(path: Option<&'a str>, p: &'a Policy) -> Self {
+        PolicyView {
+            path,
+            header: p.header.as_str(),
+            methods: p.methods.iter().map(|m| m.as_str()).collect(),
+            required: p.required,
+            record_ttl: d(p.record_ttl),
+            lease_ttl: d(p.lease_ttl),
+            wait_timeout: d(p.wait_timeout),
+            scope_headers: names(&p.scope_headers),
+            fingerprint_headers: names(&p.fingerprint_headers),
+            max_key_length: p.max_key_length,
+            max_request_body: p.max_request_body,
+            max_response_body: p.max_response_body,
+            uncacheable_statuses: &p.uncacheable_statuses,
+            replay_strip_headers: names(&p.replay_strip_headers),
+        }
+    }
+}
+
+impl StoreView {
+    fn of(s: &StoreConfig) -> Self {
+        StoreView {
+            backend: match s.backend {
+                Backend::Memory => "memory",
+                Backend::Redis => "redis",
+                Backend::RedisCluster => "redis-cluster",
+            },
+            // URLs may carry passwords: show only that they are set.
+            urls: s.urls.iter().map(|u| redact_url(u)).collect(),
+            key_prefix: s.key_prefix.clone(),
+            on_store_error: match s.on_store_error {
+                OnStoreError::Reject => "reject",
+                OnStoreError::PassThrough => "pass-through",
+            },
+            timeout: d(s.timeout),
+            max_entries: s.max_entries,
+        }
+    }
+}
+
+impl DedupView {
+    fn of(x: &DedupConfig) -> Self {
+        DedupView {
+            lease_ttl: d(x.lease_ttl),
+            retention: d(x.retention),
+            failed_retention: d(x.failed_retention),
+            max_attempts: x.max_attempts,
+            max_key_length: x.max_key_length,
+            max_result_bytes: x.max_result_bytes,
+            max_batch: x.max_batch,
+            max_request_body: x.max_request_body,
+        }
+    }
+}
 
 impl Config {
     /// The effective configuration as TOML, for `check-config`.
     pub fn to_toml(&self) -> String {
-        use std::fmt::Write;
-        let d = |d: Duration| format!("{:?}", humantime::format_duration(d).to_string());
-        let names =
-            |v: &[HeaderName]| format!("{:?}", v.iter().map(|h| h.as_str()).collect::<Vec<_>>());
-        let policy = |out: &mut String, p: &Policy| {
-            let methods: Vec<&str> = p.methods.iter().map(|m| m.as_str()).collect();
-            let _ = write!(
-                out,
-                "header = {:?}\nmethods = {:?}\nrequired = {}\nrecord_ttl = {}\nlease_ttl = {}\nwait_timeout = {}\n\
-                 scope_headers = {}\nfingerprint_headers = {}\nmax_key_length = {}\nmax_request_body = {}\n\
-                 max_response_body = {}\nuncacheable_statuses = {:?}\nreplay_strip_headers = {}\n",
-                p.header.as_str(),
-                methods,
-                p.required,
-                d(p.record_ttl),
-                d(p.lease_ttl),
-                d(p.wait_timeout),
-                names(&p.scope_headers),
-                names(&p.fingerprint_headers),
-                p.max_key_length,
-                p.max_request_body,
-                p.max_response_body,
-                p.uncacheable_statuses,
-                names(&p.replay_strip_headers),
-            );
+        let view = FileView {
+            listen: self.listen.to_string(),
+            admin_listen: self.admin_listen.to_string(),
+            upstream: self.upstream.as_ref().map(|u| u.to_string()),
+            upstream_timeout: d(self.upstream_timeout),
+            drain_timeout: d(self.drain_timeout),
+            max_connections: self.max_connections,
+            header_read_timeout: d(self.header_read_timeout),
+            body_read_timeout: d(self.body_read_timeout),
+            log_format: match self.log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            },
+            store: StoreView::of(&self.store),
+            idempotency: PolicyView::of(None, &self.policies.default),
+            routes: self
+                .policies
+                .routes
+                .iter()
+                .map(|r| PolicyView::of(Some(r.pattern.as_str()), &r.policy))
+                .collect(),
+            dedup: DedupView::of(&self.dedup),
         };
-        let mut out = String::new();
-        let _ = writeln!(out, "listen = {:?}", self.listen.to_string());
-        let _ = writeln!(out, "admin_listen = {:?}", self.admin_listen.to_string());
-        match &self.upstream {
-            Some(u) => {
-                let _ = writeln!(out, "upstream = {:?}", u.to_string());
-            }
-            None => out.push_str("# upstream: not set (dedup-only mode)\n"),
-        }
-        let _ = writeln!(out, "upstream_timeout = {}", d(self.upstream_timeout));
-        let _ = writeln!(out, "drain_timeout = {}", d(self.drain_timeout));
-        let _ = writeln!(out, "max_connections = {}", self.max_connections);
-        let _ = writeln!(out, "header_read_timeout = {}", d(self.header_read_timeout));
-        let _ = writeln!(out, "body_read_timeout = {}", d(self.body_read_timeout));
-        let fmt = match self.log_format {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        };
-        let _ = writeln!(out, "log_format = {fmt:?}\n\n[store]");
-        let s = &self.store;
-        let backend = match s.backend {
-            Backend::Memory => "memory",
-            Backend::Redis => "redis",
-            Backend::RedisCluster => "redis-cluster",
-        };
-        let on_err = match s.on_store_error {
-            OnStoreError::Reject => "reject",
-            OnStoreError::PassThrough => "pass-through",
-        };
-        // URLs may carry passwords: show only that they are set.
-        let urls: Vec<String> = s.urls.iter().map(|u| redact_url(u)).collect();
-        let _ = writeln!(
-            out,
-            "backend = {backend:?}\nurls = {urls:?}\nkey_prefix = {:?}\non_store_error = {on_err:?}\ntimeout = {}\nmax_entries = {}\n\n[idempotency]",
-            s.key_prefix,
-            d(s.timeout),
-            s.max_entries
-        );
-        policy(&mut out, &self.policies.default);
-        for r in &self.policies.routes {
-            let _ = writeln!(out, "\n[[routes]]\npath = {:?}", r.pattern.as_str());
-            policy(&mut out, &r.policy);
-        }
-        let x = &self.dedup;
-        let _ = write!(
-            out,
-            "\n[dedup]\nlease_ttl = {}\nretention = {}\nfailed_retention = {}\nmax_attempts = {}\n\
-             max_key_length = {}\nmax_result_bytes = {}\nmax_batch = {}\nmax_request_body = {}\n",
-            d(x.lease_ttl),
-            d(x.retention),
-            d(x.failed_retention),
-            x.max_attempts,
-            x.max_key_length,
-            x.max_result_bytes,
-            x.max_batch,
-            x.max_request_body
-        );
-        out
+        // Every field is a string, number, bool or list of those: always
+        // representable in TOML.
+        toml::to_string(&view).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

@@ -24,26 +24,6 @@ pub struct Policy {
     pub replay_strip_headers: Vec<HeaderName>,
 }
 
-impl Default for Policy {
-    fn default() -> Self {
-        Policy {
-            header: HeaderName::from_static("idempotency-key"),
-            methods: vec![Method::POST, Method::PATCH],
-            required: false,
-            record_ttl: Duration::from_secs(24 * 3600),
-            lease_ttl: Duration::from_secs(30),
-            wait_timeout: Duration::from_secs(10),
-            scope_headers: vec![http::header::AUTHORIZATION],
-            fingerprint_headers: vec![http::header::CONTENT_TYPE],
-            max_key_length: 255,
-            max_request_body: 1 << 20,
-            max_response_body: 4 << 20,
-            uncacheable_statuses: vec![408, 429, 502, 503, 504],
-            replay_strip_headers: vec![http::header::SET_COOKIE],
-        }
-    }
-}
-
 impl Policy {
     pub fn covers(&self, method: &Method) -> bool {
         self.methods.iter().any(|m| m == method)
@@ -69,15 +49,6 @@ impl Policies {
             .iter()
             .find(|r| r.pattern.matches(path))
             .map_or(&self.default, |r| &r.policy)
-    }
-}
-
-impl Default for Policies {
-    fn default() -> Self {
-        Policies {
-            default: Arc::new(Policy::default()),
-            routes: Vec::new(),
-        }
     }
 }
 

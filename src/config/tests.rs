@@ -190,3 +190,13 @@ fn path_patterns() {
     let long = format!("/{}", "a/".repeat(2000));
     assert!(!m("/**/b/**/c/**/d", &long));
 }
+
+#[test]
+fn the_rendered_config_reads_back_the_same() {
+    let c = parse(include_str!("../../config/idemgate.example.toml")).unwrap();
+    let text = c.to_toml();
+    let again = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(again.to_toml(), text);
+    assert_eq!(*again.policies.default, *c.policies.default);
+    assert_eq!(again.dedup, c.dedup);
+}

@@ -1,0 +1,86 @@
+//! Every default, in one place: what idemgate does for each key the file,
+//! the flags and the environment leave unset (the README and
+//! `config/idemgate.example.toml` list the same values).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderName, Method};
+
+use super::{Backend, Config, DedupConfig, LogFormat, OnStoreError, Policies, Policy, StoreConfig};
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: ([127, 0, 0, 1], 8081).into(),
+            admin_listen: ([127, 0, 0, 1], 9901).into(),
+            upstream: None,
+            upstream_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            log_format: LogFormat::Text,
+            store: StoreConfig::default(),
+            policies: Policies::default(),
+            dedup: DedupConfig::default(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: Backend::Memory,
+            urls: Vec::new(),
+            key_prefix: "idemgate".into(),
+            on_store_error: OnStoreError::Reject,
+            timeout: Duration::from_secs(1),
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            header: HeaderName::from_static("idempotency-key"),
+            methods: vec![Method::POST, Method::PATCH],
+            required: false,
+            record_ttl: Duration::from_secs(24 * 3600),
+            lease_ttl: Duration::from_secs(30),
+            wait_timeout: Duration::from_secs(10),
+            scope_headers: vec![header::AUTHORIZATION],
+            fingerprint_headers: vec![header::CONTENT_TYPE],
+            max_key_length: 255,
+            max_request_body: 1 << 20,
+            max_response_body: 4 << 20,
+            uncacheable_statuses: vec![408, 429, 502, 503, 504],
+            replay_strip_headers: vec![header::SET_COOKIE],
+        }
+    }
+}
+
+impl Default for Policies {
+    fn default() -> Self {
+        Policies {
+            default: Arc::new(Policy::default()),
+            routes: Vec::new(),
+        }
+    }
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            lease_ttl: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 3600),
+            failed_retention: Duration::from_secs(7 * 24 * 3600),
+            max_attempts: 10,
+            max_key_length: 512,
+            max_result_bytes: 64 << 10,
+            max_batch: 1000,
+            max_request_body: 4 << 20,
+        }
+    }
+}

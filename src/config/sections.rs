@@ -1,0 +1,341 @@
+//! Each section of the file, checked over its defaults: the top level with
+//! its flags, `[store]`, `[idempotency]` and `[[routes]]`, `[dedup]`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::Value;
+
+use super::check::Checker;
+use super::file::{DedupFile, FileConfig, PolicyFile, StoreFile};
+use super::{
+    Backend, Config, ConfigErrors, DedupConfig, LogFormat, OnStoreError, PathPattern, Policies,
+    Policy, Route, RunArgs, StoreConfig,
+};
+
+const LOG_FORMATS: &[(&str, LogFormat)] = &[("text", LogFormat::Text), ("json", LogFormat::Json)];
+const BACKENDS: &[(&str, Backend)] = &[
+    ("memory", Backend::Memory),
+    ("redis", Backend::Redis),
+    ("redis-cluster", Backend::RedisCluster),
+];
+const ON_STORE_ERROR: &[(&str, OnStoreError)] = &[
+    ("reject", OnStoreError::Reject),
+    ("pass-through", OnStoreError::PassThrough),
+];
+
+impl Config {
+    /// Validates file values with flag/env overrides; lists every problem.
+    pub fn from_parts(file: FileConfig, args: &RunArgs) -> Result<Self, ConfigErrors> {
+        let mut c = Checker::default();
+        let mut cfg = Config::default();
+        let f = &file;
+        c.set_flagged(
+            &mut cfg.listen,
+            (&args.listen, "--listen (or IDEMGATE_LISTEN)"),
+            &f.listen,
+            "listen",
+            Checker::addr,
+        );
+        c.set_flagged(
+            &mut cfg.admin_listen,
+            (
+                &args.admin_listen,
+                "--admin-listen (or IDEMGATE_ADMIN_LISTEN)",
+            ),
+            &f.admin_listen,
+            "admin_listen",
+            Checker::addr,
+        );
+        c.set_flagged(
+            &mut cfg.upstream,
+            (&args.upstream, "--upstream (or IDEMGATE_UPSTREAM)"),
+            &f.upstream,
+            "upstream",
+            |c, path, v| c.upstream(path, v).map(Some),
+        );
+        c.set_flagged(
+            &mut cfg.log_format,
+            (&args.log_format, "--log-format (or IDEMGATE_LOG_FORMAT)"),
+            &f.log_format,
+            "log_format",
+            Checker::one_of(LOG_FORMATS),
+        );
+        let durations = [
+            (
+                &mut cfg.upstream_timeout,
+                &f.upstream_timeout,
+                "upstream_timeout",
+            ),
+            (&mut cfg.drain_timeout, &f.drain_timeout, "drain_timeout"),
+            (
+                &mut cfg.header_read_timeout,
+                &f.header_read_timeout,
+                "header_read_timeout",
+            ),
+            (
+                &mut cfg.body_read_timeout,
+                &f.body_read_timeout,
+                "body_read_timeout",
+            ),
+        ];
+        for (slot, v, path) in durations {
+            c.set(slot, v, path, Checker::duration);
+        }
+        c.set(
+            &mut cfg.max_connections,
+            &f.max_connections,
+            "max_connections",
+            Checker::int(1, 1_000_000),
+        );
+        cfg.store = c.store(file.store.unwrap_or_default(), args);
+        cfg.policies = c.policies(file.idempotency.unwrap_or_default(), file.routes);
+        cfg.dedup = c.dedup(file.dedup.unwrap_or_default());
+        if c.errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(c.errors))
+        }
+    }
+}
+
+impl Checker {
+    fn store(&mut self, f: StoreFile, args: &RunArgs) -> StoreConfig {
+        let mut s = StoreConfig::default();
+        self.set(
+            &mut s.backend,
+            &f.backend,
+            "store.backend",
+            Checker::one_of(BACKENDS),
+        );
+        self.set(&mut s.urls, &f.urls, "store.urls", |c, p, v| {
+            c.each(p, v, Checker::redis_url)
+        });
+        self.set(
+            &mut s.on_store_error,
+            &f.on_store_error,
+            "store.on_store_error",
+            Checker::one_of(ON_STORE_ERROR),
+        );
+        self.set(
+            &mut s.key_prefix,
+            &f.key_prefix,
+            "store.key_prefix",
+            |c, p, v| {
+                let s = c.string(p, v)?;
+                if s.is_empty()
+                    || s.contains(['{', '}'])
+                    || s.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    c.err(
+                        p,
+                        format!("{s:?} must be non-empty, without spaces or braces"),
+                    );
+                    return None;
+                }
+                Some(s)
+            },
+        );
+        self.set(
+            &mut s.timeout,
+            &f.timeout,
+            "store.timeout",
+            Checker::duration,
+        );
+        self.set(
+            &mut s.max_entries,
+            &f.max_entries,
+            "store.max_entries",
+            Checker::int(1, i64::MAX),
+        );
+
+        // Flags choose the backend over the file.
+        match (&args.redis, args.redis_cluster.as_slice()) {
+            (Some(_), [_, ..]) => {
+                self.err(
+                    "--redis / --redis-cluster",
+                    "give one or the other, not both".into(),
+                );
+            }
+            (Some(url), []) => {
+                let flag = "--redis (or IDEMGATE_REDIS)";
+                s.backend = Backend::Redis;
+                s.urls = self
+                    .redis_url(flag, &Value::String(url.clone()))
+                    .into_iter()
+                    .collect();
+            }
+            (None, seeds @ [_, ..]) => {
+                let flag = "--redis-cluster (or IDEMGATE_REDIS_CLUSTER)";
+                s.backend = Backend::RedisCluster;
+                s.urls = seeds
+                    .iter()
+                    .filter_map(|u| self.redis_url(flag, &Value::String(u.clone())))
+                    .collect();
+            }
+            (None, []) => {}
+        }
+        if s.backend != Backend::Memory && s.urls.is_empty() && self.errors.is_empty() {
+            self.err(
+                "store.urls",
+                "a Redis backend needs at least one URL".into(),
+            );
+        }
+        if s.backend == Backend::Redis && s.urls.len() > 1 {
+            self.err(
+                "store.urls",
+                "the \"redis\" backend takes one URL; use \"redis-cluster\" for several".into(),
+            );
+        }
+        s
+    }
+
+    /// `[idempotency]` over the defaults, and each `[[routes]]` over that.
+    fn policies(&mut self, idem: PolicyFile, routes: Option<Vec<PolicyFile>>) -> Policies {
+        if idem.path.is_some() {
+            self.err(
+                "idempotency.path",
+                "only [[routes]] entries take a path".into(),
+            );
+        }
+        let default = Arc::new(self.policy("idempotency", &idem, &Policy::default()));
+        let mut out = Vec::new();
+        for (i, r) in routes.unwrap_or_default().iter().enumerate() {
+            let at = format!("routes[{i}]");
+            let path = format!("{at}.path");
+            let pattern = match &r.path {
+                None => {
+                    self.err(&path, "is required".into());
+                    None
+                }
+                Some(v) => self
+                    .string(&path, v)
+                    .and_then(|s| PathPattern::parse(&s).map_err(|e| self.err(&path, e)).ok()),
+            };
+            let policy = Arc::new(self.policy(&at, r, &default));
+            if let Some(pattern) = pattern {
+                out.push(Route { pattern, policy });
+            }
+        }
+        Policies {
+            default,
+            routes: out,
+        }
+    }
+
+    /// `base` with the keys `f` sets; problems reported under `at`.
+    fn policy(&mut self, at: &str, f: &PolicyFile, base: &Policy) -> Policy {
+        let mut p = base.clone();
+        let k = |name: &str| format!("{at}.{name}");
+        self.set(&mut p.header, &f.header, &k("header"), Checker::header_name);
+        self.set(&mut p.methods, &f.methods, &k("methods"), |c, path, v| {
+            c.each(path, v, Checker::method)
+        });
+        self.set(&mut p.required, &f.required, &k("required"), Checker::bool);
+        for (slot, v, name) in [
+            (&mut p.record_ttl, &f.record_ttl, "record_ttl"),
+            (&mut p.lease_ttl, &f.lease_ttl, "lease_ttl"),
+            (&mut p.wait_timeout, &f.wait_timeout, "wait_timeout"),
+        ] {
+            self.set(slot, v, &k(name), Checker::duration);
+        }
+        for (slot, v, name) in [
+            (&mut p.scope_headers, &f.scope_headers, "scope_headers"),
+            (
+                &mut p.fingerprint_headers,
+                &f.fingerprint_headers,
+                "fingerprint_headers",
+            ),
+            (
+                &mut p.replay_strip_headers,
+                &f.replay_strip_headers,
+                "replay_strip_headers",
+            ),
+        ] {
+            self.set(slot, v, &k(name), |c, path, v| {
+                c.each(path, v, Checker::header_name)
+            });
+        }
+        self.set(
+            &mut p.max_key_length,
+            &f.max_key_length,
+            &k("max_key_length"),
+            Checker::int(1, 8192),
+        );
+        for (slot, v, name) in [
+            (
+                &mut p.max_request_body,
+                &f.max_request_body,
+                "max_request_body",
+            ),
+            (
+                &mut p.max_response_body,
+                &f.max_response_body,
+                "max_response_body",
+            ),
+        ] {
+            self.set(slot, v, &k(name), Checker::size);
+        }
+        self.set(
+            &mut p.uncacheable_statuses,
+            &f.uncacheable_statuses,
+            &k("uncacheable_statuses"),
+            |c, path, v| c.each(path, v, |c, path, v| Checker::int(100, 599)(c, path, v)),
+        );
+        if p.lease_ttl < Duration::from_millis(30) {
+            self.err(
+                &k("lease_ttl"),
+                "must be at least 30ms so it can be renewed in time".into(),
+            );
+        }
+        p
+    }
+
+    fn dedup(&mut self, f: DedupFile) -> DedupConfig {
+        let mut d = DedupConfig::default();
+        for (slot, v, path) in [
+            (&mut d.lease_ttl, &f.lease_ttl, "dedup.lease_ttl"),
+            (&mut d.retention, &f.retention, "dedup.retention"),
+            (
+                &mut d.failed_retention,
+                &f.failed_retention,
+                "dedup.failed_retention",
+            ),
+        ] {
+            self.set(slot, v, path, Checker::duration);
+        }
+        for (slot, v, path) in [
+            (
+                &mut d.max_result_bytes,
+                &f.max_result_bytes,
+                "dedup.max_result_bytes",
+            ),
+            (
+                &mut d.max_request_body,
+                &f.max_request_body,
+                "dedup.max_request_body",
+            ),
+        ] {
+            self.set(slot, v, path, Checker::size);
+        }
+        self.set(
+            &mut d.max_attempts,
+            &f.max_attempts,
+            "dedup.max_attempts",
+            Checker::int(1, 1000),
+        );
+        self.set(
+            &mut d.max_key_length,
+            &f.max_key_length,
+            "dedup.max_key_length",
+            Checker::int(1, 8192),
+        );
+        self.set(
+            &mut d.max_batch,
+            &f.max_batch,
+            "dedup.max_batch",
+            Checker::int(1, 100_000),
+        );
+        d
+    }
+}
