@@ -21,7 +21,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::idempotency::key::{parse_key, Fingerprint, RecordKey};
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
-use idemgate::idempotency::state::{decide, Begin, Decision};
+use idemgate::idempotency::state::{decide, Begin, BeginOptions, Decision};
 use idemgate::store::{MemoryStore, RecordStore, RedisStore};
 
 fn request_headers() -> HeaderMap {
@@ -144,7 +144,11 @@ fn stores(c: &mut Criterion) {
             let k = next_key();
             let (memory, rec) = (&memory, rec.clone());
             async move {
-                let Begin::Acquired(lease) = memory.begin(&k, &fp, lease_ttl).await.unwrap() else {
+                let Begin::Acquired(lease) = memory
+                    .begin(&k, &fp, BeginOptions::lease(lease_ttl))
+                    .await
+                    .unwrap()
+                else {
                     unreachable!()
                 };
                 memory.complete(&k, &lease, rec, ttl).await.unwrap()
@@ -153,7 +157,10 @@ fn stores(c: &mut Criterion) {
     });
     let replay_key = next_key();
     rt.block_on(async {
-        let Begin::Acquired(lease) = memory.begin(&replay_key, &fp, lease_ttl).await.unwrap()
+        let Begin::Acquired(lease) = memory
+            .begin(&replay_key, &fp, BeginOptions::lease(lease_ttl))
+            .await
+            .unwrap()
         else {
             unreachable!()
         };
@@ -163,8 +170,12 @@ fn stores(c: &mut Criterion) {
             .unwrap();
     });
     g.bench_function("begin (replay)", |b| {
-        b.to_async(&rt)
-            .iter(|| async { memory.begin(&replay_key, &fp, lease_ttl).await.unwrap() })
+        b.to_async(&rt).iter(|| async {
+            memory
+                .begin(&replay_key, &fp, BeginOptions::lease(lease_ttl))
+                .await
+                .unwrap()
+        })
     });
     g.finish();
 
@@ -208,7 +219,11 @@ fn stores(c: &mut Criterion) {
             let k = next_key();
             let (redis, rec) = (&redis, rec.clone());
             async move {
-                let Begin::Acquired(lease) = redis.begin(&k, &fp, lease_ttl).await.unwrap() else {
+                let Begin::Acquired(lease) = redis
+                    .begin(&k, &fp, BeginOptions::lease(lease_ttl))
+                    .await
+                    .unwrap()
+                else {
                     unreachable!()
                 };
                 redis.complete(&k, &lease, rec, ttl).await.unwrap()
@@ -217,7 +232,11 @@ fn stores(c: &mut Criterion) {
     });
     let replay_key = next_key();
     rt.block_on(async {
-        let Begin::Acquired(lease) = redis.begin(&replay_key, &fp, lease_ttl).await.unwrap() else {
+        let Begin::Acquired(lease) = redis
+            .begin(&replay_key, &fp, BeginOptions::lease(lease_ttl))
+            .await
+            .unwrap()
+        else {
             unreachable!()
         };
         redis
@@ -226,8 +245,12 @@ fn stores(c: &mut Criterion) {
             .unwrap();
     });
     g.bench_function("begin (replay, 1 round trip)", |b| {
-        b.to_async(&rt)
-            .iter(|| async { redis.begin(&replay_key, &fp, lease_ttl).await.unwrap() })
+        b.to_async(&rt).iter(|| async {
+            redis
+                .begin(&replay_key, &fp, BeginOptions::lease(lease_ttl))
+                .await
+                .unwrap()
+        })
     });
     g.finish();
     let _ = child.kill();

@@ -27,8 +27,8 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-cargo build --release --quiet --bin idemgate
-BIN=$PWD/target/release/idemgate
+[ -n "${BIN:-}" ] || cargo build --release --quiet --bin idemgate
+BIN=${BIN:-$PWD/target/release/idemgate}   # BIN=... measures another build
 
 WORK=$(mktemp -d)
 pids=()

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
-use idemgate::idempotency::state::Begin;
+use idemgate::idempotency::state::{Begin, BeginOptions};
 use idemgate::store::{MemoryStore, RecordStore};
 
 #[global_allocator]
@@ -55,7 +55,11 @@ fn main() {
         for i in 0..n {
             let key = RecordKey::derive_dedup("mem", &i.to_string());
             let Begin::Acquired(lease) = store
-                .begin(&key, &record.fingerprint, Duration::from_secs(30))
+                .begin(
+                    &key,
+                    &record.fingerprint,
+                    BeginOptions::lease(Duration::from_secs(30)),
+                )
                 .await
                 .unwrap()
             else {

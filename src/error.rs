@@ -11,6 +11,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 
 use crate::idempotency::key::KeyError;
+use crate::idempotency::state::{Unknown, UnknownCause};
 use crate::metrics::Outcome;
 use crate::store::StoreError;
 use crate::Body;
@@ -18,15 +19,33 @@ use crate::Body;
 /// Where problem `type` URIs live; the last segment names the problem.
 pub const PROBLEM_BASE: &str = "https://idemgate.dev/problems/";
 
-/// Why the upstream call failed.
+/// Why the upstream call failed, by whether the request could have reached
+/// the application.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
+    /// Nothing was sent: no connection could be made.
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
+    /// The request was (maybe partly) sent; no answer in time.
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
+    /// The request was (maybe partly) sent, then the connection failed.
+    #[error("upstream connection failed after the request was sent: {0}")]
+    Failed(String),
+    /// The answer began, then broke off.
     #[error("upstream response broke off: {0}")]
     Broken(String),
+}
+
+impl UpstreamError {
+    /// Why the request may have run, or `None` if it cannot have.
+    pub fn unknown_cause(&self) -> Option<UnknownCause> {
+        match self {
+            UpstreamError::Unreachable(_) => None,
+            UpstreamError::Timeout(_) => Some(UnknownCause::Timeout),
+            UpstreamError::Failed(_) | UpstreamError::Broken(_) => Some(UnknownCause::Reset),
+        }
+    }
 }
 
 /// Everything the proxy can refuse or fail with.
@@ -46,6 +65,8 @@ pub enum ProxyError {
     KeyReused,
     #[error("a request with this key is still in progress; retry later")]
     InProgress,
+    #[error("an earlier request with this key was forwarded and may have been processed (cause: {}); idemgate will not run it again until the upstream or an operator settles it", .0.cause.encode())]
+    OutcomeUnknown(Unknown),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -91,6 +112,11 @@ impl ProxyError {
                 StatusCode::CONFLICT,
                 "request-in-progress",
                 "Request in progress",
+            ),
+            OutcomeUnknown(_) => (
+                StatusCode::CONFLICT,
+                "outcome-unknown",
+                "Outcome of an earlier attempt unknown",
             ),
             Store(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -139,6 +165,7 @@ impl ProxyError {
             ProxyError::BadBody(_) | ProxyError::BodyTimeout(_) => Outcome::ClientError,
             ProxyError::KeyReused => Outcome::Mismatch,
             ProxyError::InProgress => Outcome::Conflict,
+            ProxyError::OutcomeUnknown(_) => Outcome::OutcomeUnknown,
             ProxyError::Store(_) => Outcome::StoreUnavailable,
             ProxyError::Upstream(_) => Outcome::UpstreamError,
         }

@@ -46,6 +46,7 @@ pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Store, Sta
         Backend::Redis | Backend::RedisCluster => {
             let mut options = config.store.redis_options();
             options.decode_errors = Some(metrics.record_decode_errors.clone());
+            options.ack_failures = Some(metrics.replica_ack_failures.clone());
             let store = RedisStore::connect(options)
                 .await
                 .map_err(|e| StartError::Store(e.to_string()))?;

@@ -38,7 +38,7 @@ fn alert_rules_pass_promtool() {
             "{out}{}",
             String::from_utf8_lossy(&o.stderr)
         );
-        assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
+        assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
     }
 }
 

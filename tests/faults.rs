@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use idemgate::server::Running;
 use support::faults::{Fault, FaultProxy};
+use support::ledger::Ledger;
 use support::proc::Proc;
 use support::redis_server::RedisServer;
 use support::{config, TestClient, TestUpstream};
@@ -25,13 +26,13 @@ fn redis_toml(url: &str, extra: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_lease_holder_is_taken_over_once_its_lease_lapses() {
+async fn a_killed_lease_holder_is_taken_over_once_its_lease_lapses_under_release() {
     let redis = RedisServer::start();
     let up = TestUpstream::start().await;
     let file = std::env::temp_dir().join(format!("idemgate-faults-{}.toml", std::process::id()));
     std::fs::write(
         &file,
-        "[idempotency]\nlease_ttl = \"1s\"\nwait_timeout = \"10s\"\n",
+        "[idempotency]\nlease_ttl = \"1s\"\nwait_timeout = \"10s\"\non_unknown_outcome = \"release\"\n",
     )
     .unwrap();
     let args = ["--redis", &redis.url(), "--config", file.to_str().unwrap()];
@@ -87,6 +88,65 @@ async fn a_killed_lease_holder_is_taken_over_once_its_lease_lapses() {
     b.signal("-TERM");
     let _ = tokio::task::spawn_blocking(move || b.finish()).await;
     let _ = std::fs::remove_file(file);
+}
+
+/// A holder SIGKILLed after it forwarded: under `hold` the retry through
+/// another replica gets `outcome-unknown` once the lease lapses (never a
+/// second charge); under `reconcile` the upstream is asked and its answer
+/// replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_lease_holder_leaves_an_unknown_outcome_not_a_second_charge() {
+    let redis = RedisServer::start();
+    let ledger = Ledger::start().await;
+    for (policy, tag) in [
+        (String::new(), "hold"),
+        (ledger.reconcile_toml("10s"), "reconcile"),
+    ] {
+        let file =
+            std::env::temp_dir().join(format!("idemgate-faults-{tag}-{}.toml", std::process::id()));
+        std::fs::write(
+            &file,
+            format!("[idempotency]\nlease_ttl = \"1s\"\nwait_timeout = \"10s\"\n{policy}"),
+        )
+        .unwrap();
+        let args = ["--redis", &redis.url(), "--config", file.to_str().unwrap()];
+        let a = Proc::start(&ledger.url(), &args, &[]).await;
+        let b = Proc::start(&ledger.url(), &args, &[]).await;
+        let calls = ledger.calls();
+        let key = format!("killed-{tag}");
+        let headers = [("idempotency-key", key.as_str()), ("x-delay-ms", "3000")];
+        let ca = TestClient::new(a.proxy);
+        let h = headers.map(|(k, v)| (k, v.to_owned()));
+        let first = tokio::spawn(async move {
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            ca.send("POST", "/v1/charges", &h, "{}").await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ledger.calls(), calls + 1);
+        let mut a = a;
+        a.child.kill().unwrap(); // SIGKILL after it forwarded
+        a.child.wait().unwrap();
+        drop(first);
+        let retry = TestClient::new(b.proxy)
+            .send(
+                "POST",
+                "/v1/charges",
+                &[("idempotency-key", key.as_str())],
+                "{}",
+            )
+            .await;
+        if tag == "hold" {
+            retry.assert_problem(409, "outcome-unknown");
+        } else {
+            assert_eq!(retry.status, 201, "{:?}", retry.body);
+            assert_eq!(retry.header("idempotent-reconciled"), Some("true"));
+            assert_eq!(ledger.asks(), 1);
+        }
+        assert_eq!(ledger.calls(), calls + 1, "{tag}: the charge ran once");
+        b.signal("-TERM");
+        let _ = tokio::task::spawn_blocking(move || b.finish()).await;
+        let _ = std::fs::remove_file(file);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,11 +332,14 @@ async fn flaky_upstream(resets: usize) -> (SocketAddr, Arc<AtomicUsize>) {
 }
 
 #[tokio::test]
-async fn an_upstream_reset_mid_response_is_502_and_frees_the_key() {
+async fn an_upstream_reset_mid_response_is_502_and_frees_the_key_under_release() {
     let (addr, calls) = flaky_upstream(1).await;
-    let idg = Running::start(config(Some(&format!("http://{addr}")), ""))
-        .await
-        .unwrap();
+    let idg = Running::start(config(
+        Some(&format!("http://{addr}")),
+        "[idempotency]\non_unknown_outcome = \"release\"\n",
+    ))
+    .await
+    .unwrap();
     let client = TestClient::new(idg.proxy_addr.unwrap());
     client
         .post("/v1/x", "reset", "{}")

@@ -383,9 +383,13 @@ async fn oversized_responses_pass_through_and_replay_without_body() {
 }
 
 #[tokio::test]
-async fn upstream_timeout_is_504_and_releases_the_lease() {
+async fn upstream_timeout_is_504_and_releases_the_lease_under_release() {
     let up = TestUpstream::start().await;
-    let (idg, client) = start(&up, "upstream_timeout = \"200ms\"\n").await;
+    let (idg, client) = start(
+        &up,
+        "upstream_timeout = \"200ms\"\n[idempotency]\non_unknown_outcome = \"release\"\n",
+    )
+    .await;
     let slow = client
         .send(
             "POST",

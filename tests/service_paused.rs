@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full};
 use idemgate::config::{FileConfig, OnStoreError, RunArgs};
 use idemgate::error::{full, UpstreamError};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
+use idemgate::idempotency::state::BeginOptions;
 use idemgate::proxy::{IdempotencyLayer, Settings};
 use idemgate::store::{MemoryStore, RecordStore, Store};
 use idemgate::Body;
@@ -166,7 +167,7 @@ async fn a_lapsed_lease_of_a_dead_holder_is_taken_over() {
         b"{}",
     );
     memory
-        .begin(&rk, &fp, Duration::from_secs(30))
+        .begin(&rk, &fp, BeginOptions::lease(Duration::from_secs(30)))
         .await
         .unwrap();
     // A duplicate waits for the lease to lapse, then runs itself.

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
-use idemgate::idempotency::state::Begin;
+use idemgate::idempotency::state::{Begin, BeginOptions};
 use idemgate::store::{MemoryStore, RecordStore, StoreError};
 
 /// A fresh store per contract case.
@@ -28,23 +28,30 @@ async fn full_store_refuses_new_keys_but_never_evicts_live_ones() {
     let s = MemoryStore::new(3);
     for i in 0..3 {
         assert!(matches!(
-            s.begin(&k(i), &FP, Duration::from_secs(10)).await.unwrap(),
+            s.begin(&k(i), &FP, BeginOptions::lease(Duration::from_secs(10)))
+                .await
+                .unwrap(),
             Begin::Acquired(_)
         ));
     }
     assert!(matches!(
-        s.begin(&k(3), &FP, Duration::from_secs(10)).await,
+        s.begin(&k(3), &FP, BeginOptions::lease(Duration::from_secs(10)))
+            .await,
         Err(StoreError::Full(3))
     ));
     // Existing keys still answer.
     assert!(matches!(
-        s.begin(&k(0), &FP, Duration::from_secs(10)).await.unwrap(),
+        s.begin(&k(0), &FP, BeginOptions::lease(Duration::from_secs(10)))
+            .await
+            .unwrap(),
         Begin::InFlight { .. }
     ));
     // Once records expire, the sweep on a full store makes room.
     tokio::time::advance(Duration::from_secs(11)).await;
     assert!(matches!(
-        s.begin(&k(3), &FP, Duration::from_secs(10)).await.unwrap(),
+        s.begin(&k(3), &FP, BeginOptions::lease(Duration::from_secs(10)))
+            .await
+            .unwrap(),
         Begin::Acquired(_)
     ));
     assert_eq!(s.len(), 1);
@@ -53,16 +60,25 @@ async fn full_store_refuses_new_keys_but_never_evicts_live_ones() {
 #[tokio::test(start_paused = true)]
 async fn leases_lapse_on_the_paused_clock() {
     let s = MemoryStore::new(100);
-    let Begin::Acquired(first) = s.begin(&k(1), &FP, Duration::from_secs(30)).await.unwrap() else {
+    let Begin::Acquired(first) = s
+        .begin(&k(1), &FP, BeginOptions::lease(Duration::from_secs(30)))
+        .await
+        .unwrap()
+    else {
         panic!()
     };
     tokio::time::advance(Duration::from_secs(29)).await;
     assert!(matches!(
-        s.begin(&k(1), &FP, Duration::from_secs(30)).await.unwrap(),
+        s.begin(&k(1), &FP, BeginOptions::lease(Duration::from_secs(30)))
+            .await
+            .unwrap(),
         Begin::InFlight { .. }
     ));
     tokio::time::advance(Duration::from_secs(2)).await;
-    let Begin::Acquired(second) = s.begin(&k(1), &FP, Duration::from_secs(30)).await.unwrap()
+    let Begin::Acquired(second) = s
+        .begin(&k(1), &FP, BeginOptions::lease(Duration::from_secs(30)))
+        .await
+        .unwrap()
     else {
         panic!("the lapsed lease was not taken over")
     };
@@ -76,8 +92,12 @@ async fn leases_lapse_on_the_paused_clock() {
 #[tokio::test(start_paused = true)]
 async fn sweep_drops_only_expired_records() {
     let s = MemoryStore::new(100);
-    s.begin(&k(1), &FP, Duration::from_secs(5)).await.unwrap();
-    s.begin(&k(2), &FP, Duration::from_secs(50)).await.unwrap();
+    s.begin(&k(1), &FP, BeginOptions::lease(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    s.begin(&k(2), &FP, BeginOptions::lease(Duration::from_secs(50)))
+        .await
+        .unwrap();
     tokio::time::advance(Duration::from_secs(10)).await;
     assert_eq!(s.sweep(), 1);
     assert_eq!(s.len(), 1);

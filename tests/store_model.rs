@@ -12,7 +12,7 @@ use http::{HeaderMap, StatusCode};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::lease::LeaseId;
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
-use idemgate::idempotency::state::{Begin, Lease};
+use idemgate::idempotency::state::{Begin, BeginOptions, Lease, Resolution, UnknownCause};
 use idemgate::store::{MemoryStore, RecordStore, RedisStore};
 use proptest::prelude::*;
 use support::redis_server::RedisServer;
@@ -35,6 +35,16 @@ enum Op {
     Release {
         handle: usize,
     },
+    /// The holder's request may have run: hold the key as unknown.
+    MarkUnknown {
+        handle: usize,
+    },
+    /// Settle the key's unknown record (named by the model's fence, or a
+    /// stale one): as completed, or released.
+    Resolve {
+        key: usize,
+        complete: bool,
+    },
     /// Time passes beyond every lease and record.
     Expire,
 }
@@ -45,6 +55,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..8usize).prop_map(|handle| Op::Renew { handle }),
         3 => (0..8usize).prop_map(|handle| Op::Complete { handle }),
         2 => (0..8usize).prop_map(|handle| Op::Release { handle }),
+        2 => (0..8usize).prop_map(|handle| Op::MarkUnknown { handle }),
+        2 => (0..KEYS, any::<bool>()).prop_map(|(key, complete)| Op::Resolve { key, complete }),
         1 => Just(Op::Expire),
     ]
 }
@@ -54,6 +66,7 @@ enum Model {
     Absent,
     InFlight { token: LeaseId, fence: u64, fp: u8 },
     Completed { fp: u8 },
+    Unknown { fence: u64, fp: u8 },
 }
 
 fn fp(n: u8) -> Fingerprint {
@@ -88,7 +101,10 @@ async fn check<S: RecordStore>(store: &S, scope: &str, ops: &[Op], expire: impl 
     for op in ops {
         match *op {
             Op::Begin { key, fp: f } => {
-                let got = store.begin(&rk(scope, key), &fp(f), TTL).await.unwrap();
+                let got = store
+                    .begin(&rk(scope, key), &fp(f), BeginOptions::lease(TTL))
+                    .await
+                    .unwrap();
                 match (model[key], got) {
                     (Model::Absent, Begin::Acquired(lease)) => {
                         assert!(
@@ -119,10 +135,39 @@ async fn check<S: RecordStore>(store: &S, scope: &str, ops: &[Op], expire: impl 
                     (Model::Completed { fp: held }, Begin::Completed(rec)) => {
                         assert_eq!(rec.fingerprint, fp(held))
                     }
+                    (Model::Unknown { fence, fp: held }, Begin::Unknown { unknown, .. }) => {
+                        assert_eq!((unknown.fence, unknown.fingerprint), (fence, fp(held)));
+                    }
                     (m, g) => panic!("begin on {m:?} answered {g:?}"),
                 }
             }
-            Op::Renew { handle } | Op::Complete { handle } | Op::Release { handle } => {
+            Op::Resolve { key, complete } => {
+                let (fence, held) = match model[key] {
+                    Model::Unknown { fence, fp } => (fence, Some(fp)),
+                    // Nothing unknown there: any fence must be refused.
+                    _ => (last_fence[key], None),
+                };
+                let resolution = match (complete, held) {
+                    (true, f) => Resolution::Completed(record(f.unwrap_or(0)), TTL),
+                    (false, _) => Resolution::Release,
+                };
+                let ok = store
+                    .resolve(&rk(scope, key), fence, resolution)
+                    .await
+                    .unwrap();
+                assert_eq!(ok, held.is_some(), "resolve on {:?}", model[key]);
+                if let Some(f) = held {
+                    model[key] = if complete {
+                        Model::Completed { fp: f }
+                    } else {
+                        Model::Absent
+                    };
+                }
+            }
+            Op::Renew { handle }
+            | Op::Complete { handle }
+            | Op::Release { handle }
+            | Op::MarkUnknown { handle } => {
                 if handles.is_empty() {
                     continue;
                 }
@@ -140,6 +185,16 @@ async fn check<S: RecordStore>(store: &S, scope: &str, ops: &[Op], expire: impl 
                         let ok = store.complete(&k, &lease, record(f), TTL).await.unwrap();
                         if ok {
                             model[key] = Model::Completed { fp: f };
+                        }
+                        ok
+                    }
+                    Op::MarkUnknown { .. } => {
+                        let ok = store
+                            .mark_unknown(&k, &lease, UnknownCause::Timeout, TTL)
+                            .await
+                            .unwrap();
+                        if let (true, Model::InFlight { fence, fp, .. }) = (ok, model[key]) {
+                            model[key] = Model::Unknown { fence, fp };
                         }
                         ok
                     }

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use http::{header, HeaderName, Method};
 
-use super::{Backend, Config, DedupConfig, LogFormat, OnStoreError, Policies, Policy, StoreConfig};
+use super::{
+    Backend, Config, DedupConfig, LogFormat, OnStoreError, OnUnknownOutcome, Policies, Policy,
+    StoreConfig,
+};
 
 impl Default for Config {
     fn default() -> Self {
@@ -37,6 +40,8 @@ impl Default for StoreConfig {
             on_store_error: OnStoreError::Reject,
             timeout: Duration::from_secs(1),
             max_entries: 1_000_000,
+            min_replicas: 0,
+            replica_ack_timeout: Duration::from_millis(100),
         }
     }
 }
@@ -57,6 +62,12 @@ impl Default for Policy {
             max_response_body: 4 << 20,
             uncacheable_statuses: vec![408, 429, 502, 503, 504],
             replay_strip_headers: vec![header::SET_COOKIE],
+            on_unknown_outcome: OnUnknownOutcome::Hold,
+            unknown_statuses: vec![502, 504],
+            unknown_ttl: None,
+            reconcile_url: None,
+            reconcile_timeout: Duration::from_secs(2),
+            reconcile_interval: Duration::from_secs(10),
         }
     }
 }

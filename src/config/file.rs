@@ -49,6 +49,8 @@ pub(super) struct StoreFile {
     pub(super) on_store_error: Option<Value>,
     pub(super) timeout: Option<Value>,
     pub(super) max_entries: Option<Value>,
+    pub(super) min_replicas: Option<Value>,
+    pub(super) replica_ack_timeout: Option<Value>,
 }
 
 /// `[idempotency]` and each `[[routes]]` entry (which adds `path`).
@@ -69,6 +71,12 @@ pub(super) struct PolicyFile {
     pub(super) max_response_body: Option<Value>,
     pub(super) uncacheable_statuses: Option<Value>,
     pub(super) replay_strip_headers: Option<Value>,
+    pub(super) on_unknown_outcome: Option<Value>,
+    pub(super) unknown_statuses: Option<Value>,
+    pub(super) unknown_ttl: Option<Value>,
+    pub(super) reconcile_url: Option<Value>,
+    pub(super) reconcile_timeout: Option<Value>,
+    pub(super) reconcile_interval: Option<Value>,
 }
 
 impl FileConfig {

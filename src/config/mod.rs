@@ -30,7 +30,7 @@ mod sections;
 
 pub use cli::{Cli, Command, RunArgs};
 pub use file::FileConfig;
-pub use routes::{PathPattern, Policies, Policy, Route};
+pub use routes::{OnUnknownOutcome, PathPattern, Policies, Policy, ReconcileUrl, Route};
 
 /// The checked configuration.
 #[derive(Debug, Clone)]
@@ -109,6 +109,10 @@ pub struct StoreConfig {
     pub timeout: Duration,
     /// Memory store bound; new keys get 503 beyond it.
     pub max_entries: usize,
+    /// Redis: replicas that must acknowledge a lease (and a record) before
+    /// idemgate relies on it (`WAIT`); 0: none.
+    pub min_replicas: u32,
+    pub replica_ack_timeout: Duration,
 }
 
 impl StoreConfig {
@@ -117,6 +121,8 @@ impl StoreConfig {
         RedisOptions {
             key_prefix: self.key_prefix.clone(),
             timeout: self.timeout,
+            min_replicas: self.min_replicas,
+            replica_ack_timeout: self.replica_ack_timeout,
             ..RedisOptions::new(self.urls.clone(), self.backend == Backend::RedisCluster)
         }
     }

@@ -5,7 +5,10 @@
 use http::HeaderName;
 use serde::Serialize;
 
-use super::{Backend, Config, DedupConfig, LogFormat, OnStoreError, Policy, StoreConfig};
+use super::{
+    Backend, Config, DedupConfig, LogFormat, OnStoreError, OnUnknownOutcome, Policy, ReconcileUrl,
+    StoreConfig,
+};
 use crate::store::redact_url;
 
 /// A duration as the file writes it (`"30s"`, `"1day"`).
@@ -44,6 +47,8 @@ struct StoreView {
     on_store_error: &'static str,
     timeout: String,
     max_entries: usize,
+    min_replicas: u32,
+    replica_ack_timeout: String,
 }
 
 #[derive(Serialize)]
@@ -63,6 +68,15 @@ struct PolicyView<'a> {
     max_response_body: u64,
     uncacheable_statuses: &'a [u16],
     replay_strip_headers: Vec<&'a str>,
+    on_unknown_outcome: &'static str,
+    unknown_statuses: &'a [u16],
+    /// Only when set: unset, it follows `record_ttl`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unknown_ttl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reconcile_url: Option<&'a str>,
+    reconcile_timeout: String,
+    reconcile_interval: String,
 }
 
 #[derive(Serialize)]
@@ -94,6 +108,16 @@ impl<'a> PolicyView<'a> {
             max_response_body: p.max_response_body,
             uncacheable_statuses: &p.uncacheable_statuses,
             replay_strip_headers: names(&p.replay_strip_headers),
+            on_unknown_outcome: match p.on_unknown_outcome {
+                OnUnknownOutcome::Hold => "hold",
+                OnUnknownOutcome::Release => "release",
+                OnUnknownOutcome::Reconcile => "reconcile",
+            },
+            unknown_statuses: &p.unknown_statuses,
+            unknown_ttl: p.unknown_ttl.map(d),
+            reconcile_url: p.reconcile_url.as_ref().map(ReconcileUrl::as_str),
+            reconcile_timeout: d(p.reconcile_timeout),
+            reconcile_interval: d(p.reconcile_interval),
         }
     }
 }
@@ -115,6 +139,8 @@ impl StoreView {
             },
             timeout: d(s.timeout),
             max_entries: s.max_entries,
+            min_replicas: s.min_replicas,
+            replica_ack_timeout: d(s.replica_ack_timeout),
         }
     }
 }

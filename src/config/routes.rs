@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
+use crate::idempotency::state::BeginOptions;
+
 /// The idempotency rules for one path (the defaults, or a route's).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -22,9 +24,86 @@ pub struct Policy {
     pub max_response_body: u64,
     pub uncacheable_statuses: Vec<u16>,
     pub replay_strip_headers: Vec<HeaderName>,
+    /// What a forwarded request whose outcome is unknown leaves behind.
+    pub on_unknown_outcome: OnUnknownOutcome,
+    /// Upstream statuses that mean "a gateway behind the upstream gave up":
+    /// the request may have run (checked before `uncacheable_statuses`).
+    pub unknown_statuses: Vec<u16>,
+    /// How long an unknown record is held; `None`: `record_ttl`.
+    pub unknown_ttl: Option<Duration>,
+    /// Where to ask the upstream whether a request ran (`reconcile`).
+    pub reconcile_url: Option<ReconcileUrl>,
+    pub reconcile_timeout: Duration,
+    /// The least time between two questions about one key.
+    pub reconcile_interval: Duration,
+}
+
+/// `on_unknown_outcome`: what to do when idemgate cannot know whether the
+/// upstream acted on a forwarded request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnknownOutcome {
+    /// Keep the key: duplicates get 409 `outcome-unknown`, never a rerun.
+    Hold,
+    /// Free the key: a retry runs again (the fence tells the upstream).
+    Release,
+    /// Keep the key and ask the upstream's reconcile endpoint.
+    Reconcile,
+}
+
+/// A reconcile URL template: `http://host:port/path/{key}`, `{key}`
+/// replaced by the percent-encoded idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconcileUrl(String);
+
+impl ReconcileUrl {
+    /// Checks the template: an http:// URL once `{key}` is filled in.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let probe = text.replace("{key}", "k");
+        match probe.parse::<http::Uri>() {
+            Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {
+                Ok(ReconcileUrl(text.to_owned()))
+            }
+            _ => Err(format!(
+                "{text:?} is not an http:// URL template (e.g. \"http://127.0.0.1:8080/idempotency/{{key}}\")"
+            )),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL for `key`: unreserved characters kept, the rest %XX.
+    pub fn for_key(&self, key: &str) -> String {
+        let mut encoded = String::with_capacity(key.len());
+        for b in key.bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                encoded.push(b as char);
+            } else {
+                encoded.push_str(&format!("%{b:02X}"));
+            }
+        }
+        self.0.replace("{key}", &encoded)
+    }
 }
 
 impl Policy {
+    /// How long an unknown record is held.
+    pub fn unknown_ttl(&self) -> Duration {
+        self.unknown_ttl.unwrap_or(self.record_ttl)
+    }
+
+    /// What a begin on this route asks of the store.
+    pub fn begin_options(&self) -> BeginOptions {
+        BeginOptions {
+            lease_ttl: self.lease_ttl,
+            hold_lapsed: (self.on_unknown_outcome != OnUnknownOutcome::Release)
+                .then(|| self.unknown_ttl()),
+            reconcile_every: (self.on_unknown_outcome == OnUnknownOutcome::Reconcile)
+                .then_some(self.reconcile_interval),
+        }
+    }
+
     pub fn covers(&self, method: &Method) -> bool {
         self.methods.iter().any(|m| m == method)
     }

@@ -9,8 +9,8 @@ use toml::Value;
 use super::check::Checker;
 use super::file::{DedupFile, FileConfig, PolicyFile, StoreFile};
 use super::{
-    Backend, Config, ConfigErrors, DedupConfig, LogFormat, OnStoreError, PathPattern, Policies,
-    Policy, Route, RunArgs, StoreConfig,
+    Backend, Config, ConfigErrors, DedupConfig, LogFormat, OnStoreError, OnUnknownOutcome,
+    PathPattern, Policies, Policy, ReconcileUrl, Route, RunArgs, StoreConfig,
 };
 
 const LOG_FORMATS: &[(&str, LogFormat)] = &[("text", LogFormat::Text), ("json", LogFormat::Json)];
@@ -18,6 +18,11 @@ const BACKENDS: &[(&str, Backend)] = &[
     ("memory", Backend::Memory),
     ("redis", Backend::Redis),
     ("redis-cluster", Backend::RedisCluster),
+];
+const ON_UNKNOWN: &[(&str, OnUnknownOutcome)] = &[
+    ("hold", OnUnknownOutcome::Hold),
+    ("release", OnUnknownOutcome::Release),
+    ("reconcile", OnUnknownOutcome::Reconcile),
 ];
 const ON_STORE_ERROR: &[(&str, OnStoreError)] = &[
     ("reject", OnStoreError::Reject),
@@ -148,6 +153,18 @@ impl Checker {
             "store.max_entries",
             Checker::int(1, i64::MAX),
         );
+        self.set(
+            &mut s.min_replicas,
+            &f.min_replicas,
+            "store.min_replicas",
+            Checker::int(0, 16),
+        );
+        self.set(
+            &mut s.replica_ack_timeout,
+            &f.replica_ack_timeout,
+            "store.replica_ack_timeout",
+            Checker::duration,
+        );
 
         // Flags choose the backend over the file.
         match (&args.redis, args.redis_cluster.as_slice()) {
@@ -179,6 +196,12 @@ impl Checker {
             self.err(
                 "store.urls",
                 "a Redis backend needs at least one URL".into(),
+            );
+        }
+        if s.min_replicas > 0 && s.backend != Backend::Redis {
+            self.err(
+                "store.min_replicas",
+                "is supported on the \"redis\" backend (a primary with replicas) only".into(),
             );
         }
         if s.backend == Backend::Redis && s.urls.len() > 1 {
@@ -276,12 +299,66 @@ impl Checker {
         ] {
             self.set(slot, v, &k(name), Checker::size);
         }
+        for (slot, v, name) in [
+            (
+                &mut p.uncacheable_statuses,
+                &f.uncacheable_statuses,
+                "uncacheable_statuses",
+            ),
+            (
+                &mut p.unknown_statuses,
+                &f.unknown_statuses,
+                "unknown_statuses",
+            ),
+        ] {
+            self.set(slot, v, &k(name), |c, path, v| {
+                c.each(path, v, |c, path, v| Checker::int(100, 599)(c, path, v))
+            });
+        }
         self.set(
-            &mut p.uncacheable_statuses,
-            &f.uncacheable_statuses,
-            &k("uncacheable_statuses"),
-            |c, path, v| c.each(path, v, |c, path, v| Checker::int(100, 599)(c, path, v)),
+            &mut p.on_unknown_outcome,
+            &f.on_unknown_outcome,
+            &k("on_unknown_outcome"),
+            Checker::one_of(ON_UNKNOWN),
         );
+        self.set(
+            &mut p.unknown_ttl,
+            &f.unknown_ttl,
+            &k("unknown_ttl"),
+            |c, path, v| c.duration(path, v).map(Some),
+        );
+        for (slot, v, name) in [
+            (
+                &mut p.reconcile_timeout,
+                &f.reconcile_timeout,
+                "reconcile_timeout",
+            ),
+            (
+                &mut p.reconcile_interval,
+                &f.reconcile_interval,
+                "reconcile_interval",
+            ),
+        ] {
+            self.set(slot, v, &k(name), Checker::duration);
+        }
+        self.set(
+            &mut p.reconcile_url,
+            &f.reconcile_url,
+            &k("reconcile_url"),
+            |c, path, v| {
+                let s = c.string(path, v)?;
+                ReconcileUrl::parse(s.trim())
+                    .map(Some)
+                    .map_err(|e| c.err(path, e))
+                    .ok()
+            },
+        );
+        if p.on_unknown_outcome == OnUnknownOutcome::Reconcile && p.reconcile_url.is_none() {
+            self.err(
+                &k("reconcile_url"),
+                "is required when on_unknown_outcome = \"reconcile\"".into(),
+            );
+        }
         if p.lease_ttl < Duration::from_millis(30) {
             self.err(
                 &k("lease_ttl"),

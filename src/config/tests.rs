@@ -200,3 +200,63 @@ fn the_rendered_config_reads_back_the_same() {
     assert_eq!(*again.policies.default, *c.policies.default);
     assert_eq!(again.dedup, c.dedup);
 }
+
+#[test]
+fn unknown_outcome_keys_are_checked_and_named() {
+    let c = parse(
+        r#"
+        [idempotency]
+        on_unknown_outcome = "reconcile"
+        reconcile_url = "http://127.0.0.1:8080/idempotency/{key}"
+        unknown_statuses = [504]
+        unknown_ttl = "1h"
+        [[routes]]
+        path = "/v1/exports/**"
+        on_unknown_outcome = "release"
+        "#,
+    )
+    .unwrap();
+    let p = &c.policies.default;
+    assert_eq!(p.on_unknown_outcome, OnUnknownOutcome::Reconcile);
+    assert_eq!(p.unknown_ttl(), Duration::from_secs(3600));
+    assert_eq!(
+        p.reconcile_url.as_ref().unwrap().for_key("a b/c"),
+        "http://127.0.0.1:8080/idempotency/a%20b%2Fc"
+    );
+    let b = p.begin_options();
+    assert_eq!(b.hold_lapsed, Some(Duration::from_secs(3600)));
+    assert_eq!(b.reconcile_every, Some(Duration::from_secs(10)));
+    let exports = c.policies.for_path("/v1/exports/1");
+    assert_eq!(exports.begin_options().hold_lapsed, None);
+    // The default holds, and an unknown outcome lives as long as a record.
+    let d = Policy::default();
+    assert_eq!(d.on_unknown_outcome, OnUnknownOutcome::Hold);
+    assert_eq!(d.unknown_ttl(), d.record_ttl);
+    assert_eq!(d.unknown_statuses, [502, 504]);
+
+    let err = parse(
+        r#"
+        [idempotency]
+        on_unknown_outcome = "maybe"
+        unknown_statuses = [999]
+        reconcile_timeout = "soon"
+        [[routes]]
+        path = "/x"
+        on_unknown_outcome = "reconcile"
+        [[routes]]
+        path = "/y"
+        reconcile_url = "ftp://nope/{key}"
+        "#,
+    )
+    .unwrap_err();
+    let lines = err.0.join("\n");
+    for want in [
+        "idempotency.on_unknown_outcome: \"maybe\" is not \"hold\", \"release\" or \"reconcile\"",
+        "idempotency.unknown_statuses[0]: 999 is out of range",
+        "idempotency.reconcile_timeout: \"soon\" is not a duration",
+        "routes[0].reconcile_url: is required when on_unknown_outcome = \"reconcile\"",
+        "routes[1].reconcile_url: \"ftp://nope/{key}\" is not an http:// URL template",
+    ] {
+        assert!(lines.contains(want), "missing {want:?} in:\n{lines}");
+    }
+}

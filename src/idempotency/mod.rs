@@ -4,10 +4,13 @@
 //! [`key::Fingerprint`]; [`record`] is what a completed request leaves behind
 //! and its versioned byte encoding; [`state`] is the record state model and
 //! the decisions and transitions every store backend shares; [`dedup`] is
-//! the same for consumer-dedup records; [`lease`] names who holds a lease.
+//! the same for consumer-dedup records; [`lease`] names who holds a lease;
+//! [`settlement`] reads what an upstream or operator says an earlier request
+//! answered.
 
 pub mod dedup;
 pub mod key;
 pub mod lease;
 pub mod record;
+pub mod settlement;
 pub mod state;

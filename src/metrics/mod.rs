@@ -34,6 +34,19 @@ pub const DEDUP_RESULTS: &[(&str, &[&str])] = &[
     ("release", &["ok", "lease_lost"]),
 ];
 
+/// Why an outcome was unknown (`cause` label).
+pub const UNKNOWN_CAUSES: [&str; 4] = ["timeout", "reset", "status", "lapsed"];
+
+/// What became of an unknown outcome (`resolution` label).
+pub const UNKNOWN_RESOLUTIONS: [&str; 6] = [
+    "held",
+    "released",
+    "reconciled_found",
+    "reconciled_missing",
+    "reconcile_failed",
+    "settled_by_admin",
+];
+
 /// Every idemgate metric. Cheap to clone (handles to shared series).
 #[derive(Clone)]
 pub struct Metrics {
@@ -47,6 +60,10 @@ pub struct Metrics {
     pub lease_lost: IntCounter,
     pub dedup_operations: IntCounterVec,
     pub record_decode_errors: IntCounter,
+    /// `{cause, resolution}`: see [`UNKNOWN_CAUSES`], [`UNKNOWN_RESOLUTIONS`].
+    pub unknown_outcomes: IntCounterVec,
+    /// `{op}`: a begin or complete Redis did not confirm on `min_replicas`.
+    pub replica_ack_failures: IntCounterVec,
     /// Per-label handles resolved once: the hot path indexes an array
     /// instead of hashing label values under a lock on every request.
     by_outcome: Arc<[(IntCounter, Histogram)]>,
@@ -114,6 +131,20 @@ impl Metrics {
             "idemgate_record_decode_errors_total",
             "Stored records this build could not decode (treated as misses).",
         )?;
+        let unknown_outcomes = IntCounterVec::new(
+            Opts::new(
+                "idemgate_unknown_outcomes_total",
+                "Forwarded requests whose outcome was unknown, by cause and what became of them.",
+            ),
+            &["cause", "resolution"],
+        )?;
+        let replica_ack_failures = IntCounterVec::new(
+            Opts::new(
+                "idemgate_replica_ack_failures_total",
+                "Redis writes not acknowledged by min_replicas replicas in time.",
+            ),
+            &["op"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "idemgate_build_info",
@@ -135,6 +166,8 @@ impl Metrics {
         registry.register(Box::new(lease_lost.clone()))?;
         registry.register(Box::new(dedup_operations.clone()))?;
         registry.register(Box::new(record_decode_errors.clone()))?;
+        registry.register(Box::new(unknown_outcomes.clone()))?;
+        registry.register(Box::new(replica_ack_failures.clone()))?;
         registry.register(Box::new(build_info))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -150,6 +183,14 @@ impl Metrics {
         for op in StoreOp::ALL {
             store_errors.with_label_values(&[op.as_str()]);
             store_duration.with_label_values(&[op.as_str()]);
+        }
+        for cause in UNKNOWN_CAUSES {
+            for resolution in UNKNOWN_RESOLUTIONS {
+                unknown_outcomes.with_label_values(&[cause, resolution]);
+            }
+        }
+        for op in ["begin", "complete"] {
+            replica_ack_failures.with_label_values(&[op]);
         }
         for (op, results) in DEDUP_RESULTS {
             for result in *results {
@@ -188,6 +229,8 @@ impl Metrics {
             lease_lost,
             dedup_operations,
             record_decode_errors,
+            unknown_outcomes,
+            replica_ack_failures,
             registry: registry.clone(),
         })
     }
@@ -216,6 +259,14 @@ impl Metrics {
     /// Counts one failed store operation whose duration is not observed.
     pub fn store_error(&self, op: StoreOp) {
         self.by_store_op[op as usize].1.inc();
+    }
+
+    /// Counts one unknown outcome's `resolution` (one of
+    /// [`UNKNOWN_RESOLUTIONS`]) under its cause label.
+    pub fn unknown_outcome(&self, cause: &'static str, resolution: &'static str) {
+        self.unknown_outcomes
+            .with_label_values(&[cause, resolution])
+            .inc();
     }
 
     /// The text exposition of everything registered.

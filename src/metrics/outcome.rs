@@ -17,11 +17,14 @@ pub enum Outcome {
     UpstreamError,
     /// The client's own request body failed mid-read (it went away).
     ClientError,
+    /// An earlier attempt may have run: 409 `outcome-unknown`, no upstream
+    /// call.
+    OutcomeUnknown,
 }
 
 impl Outcome {
     /// Every outcome, in declaration order (`ALL[o as usize] == o`).
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Forwarded,
         Outcome::Replayed,
         Outcome::Conflict,
@@ -33,6 +36,7 @@ impl Outcome {
         Outcome::StoreUnavailable,
         Outcome::UpstreamError,
         Outcome::ClientError,
+        Outcome::OutcomeUnknown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +52,7 @@ impl Outcome {
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::UpstreamError => "upstream_error",
             Outcome::ClientError => "client_error",
+            Outcome::OutcomeUnknown => "outcome_unknown",
         }
     }
 }
@@ -62,11 +67,13 @@ pub enum StoreOp {
     Wait,
     Get,
     Purge,
+    MarkUnknown,
+    Resolve,
 }
 
 impl StoreOp {
     /// Every operation, in declaration order (`ALL[op as usize] == op`).
-    pub const ALL: [StoreOp; 7] = [
+    pub const ALL: [StoreOp; 9] = [
         StoreOp::Begin,
         StoreOp::Renew,
         StoreOp::Complete,
@@ -74,6 +81,8 @@ impl StoreOp {
         StoreOp::Wait,
         StoreOp::Get,
         StoreOp::Purge,
+        StoreOp::MarkUnknown,
+        StoreOp::Resolve,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +94,8 @@ impl StoreOp {
             StoreOp::Wait => "wait",
             StoreOp::Get => "get",
             StoreOp::Purge => "purge",
+            StoreOp::MarkUnknown => "mark_unknown",
+            StoreOp::Resolve => "resolve",
         }
     }
 }

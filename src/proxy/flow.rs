@@ -9,19 +9,23 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderValue, Request, Response};
+use http::{header, HeaderMap, HeaderValue, Request, Response};
 use tokio::time::Instant;
 
-use super::job::Job;
+use super::job::{stored_headers, unix_ms, Job};
 use super::layer::{Shared, UpstreamService};
+use super::reconcile::Answer;
 use super::timed::call_upstream;
-use super::{IDEMPOTENCY_FENCE, IDEMPOTENT_BODY_OMITTED, IDEMPOTENT_REPLAYED};
+use super::{
+    strip_hop_by_hop, IDEMPOTENCY_FENCE, IDEMPOTENT_BODY_OMITTED, IDEMPOTENT_RECONCILED,
+    IDEMPOTENT_REPLAYED,
+};
 use crate::body::{read_limited, Read};
-use crate::config::OnStoreError;
+use crate::config::{OnStoreError, Policy};
 use crate::error::{full, ProxyError};
 use crate::idempotency::key::{parse_key, Fingerprint, KeyError, RecordKey};
-use crate::idempotency::record::StoredResponse;
-use crate::idempotency::state::{decide, Decision};
+use crate::idempotency::record::{CompletedRecord, StoredResponse};
+use crate::idempotency::state::{decide, Begin, Decision, Resolution, Unknown};
 use crate::metrics::{Outcome, StoreOp};
 use crate::store::StoreError;
 use crate::Body;
@@ -139,7 +143,7 @@ pub(super) async fn handle<S: UpstreamService>(
     loop {
         let begun = store
             .observe(StoreOp::Begin, |b| {
-                b.begin(&record_key, &fp, policy.lease_ttl)
+                b.begin(&record_key, &fp, policy.begin_options())
             })
             .await;
         let begun = match begun {
@@ -150,6 +154,13 @@ pub(super) async fn handle<S: UpstreamService>(
                     .on(record_key)
             }
         };
+        let lapsed_now = matches!(
+            begun,
+            Begin::Unknown {
+                lapsed_now: true,
+                ..
+            }
+        );
         match decide(begun, &fp) {
             Decision::Forward(lease) => {
                 let job = Job::new(&shared, record_key, lease, fp, policy);
@@ -162,6 +173,35 @@ pub(super) async fn handle<S: UpstreamService>(
                 return Handled::new(Outcome::Replayed, replay(&record.response)).on(record_key)
             }
             Decision::Mismatch => return refuse(ProxyError::KeyReused).on(record_key),
+            Decision::Unknown { unknown, reconcile } => {
+                if lapsed_now {
+                    shared.settings.metrics.unknown_outcome("lapsed", "held");
+                    tracing::warn!(record = %record_key.to_hex(), fence = unknown.fence, "outcome unknown: the lease holder stopped renewing after it forwarded; holding the key");
+                }
+                if !reconcile {
+                    return refuse(ProxyError::OutcomeUnknown(unknown)).on(record_key);
+                }
+                let asked = ask(
+                    &shared,
+                    &policy,
+                    &record_key,
+                    &raw_key,
+                    &parts.headers,
+                    &fp,
+                    unknown,
+                )
+                .await;
+                match asked {
+                    Asked::Replay(resp) => {
+                        return Handled::new(Outcome::Replayed, resp).on(record_key);
+                    }
+                    // It did not run (or was settled meanwhile): begin again.
+                    Asked::Again => continue,
+                    Asked::Unknown => {
+                        return refuse(ProxyError::OutcomeUnknown(unknown)).on(record_key);
+                    }
+                }
+            }
             Decision::Wait { fence } => {
                 if Instant::now() >= deadline {
                     return refuse(ProxyError::InProgress).on(record_key);
@@ -178,6 +218,85 @@ pub(super) async fn handle<S: UpstreamService>(
                         .on(record_key);
                 }
             }
+        }
+    }
+}
+
+/// What reconciling an unknown record came to.
+enum Asked {
+    /// The upstream knew the answer: it is stored and replayed.
+    Replay(Response<Body>),
+    /// It did not run (the key is free now) or was settled meanwhile.
+    Again,
+    /// Still unknown.
+    Unknown,
+}
+
+/// Asks the upstream whether the attempt with `unknown.fence` ran, and
+/// settles the record by the answer.
+async fn ask(
+    shared: &Shared,
+    policy: &Policy,
+    record_key: &RecordKey,
+    raw_key: &HeaderValue,
+    headers: &HeaderMap,
+    fp: &Fingerprint,
+    unknown: Unknown,
+) -> Asked {
+    let metrics = &shared.settings.metrics;
+    let cause = unknown.cause.label();
+    // Owned: borrowed key text must not live across an await (see handle).
+    let Ok(key) = parse_key(raw_key.as_bytes(), policy.max_key_length).map(|k| k.into_owned())
+    else {
+        return Asked::Unknown;
+    };
+    let answer = shared
+        .reconciler
+        .ask(policy, &key, raw_key, unknown.fence, headers)
+        .await;
+    let (resolution, found) = match answer {
+        Answer::Found(mut response) => {
+            strip_hop_by_hop(&mut response.headers);
+            response.headers = stored_headers(policy, &response.headers);
+            let record = Arc::new(CompletedRecord {
+                fingerprint: *fp,
+                created_unix_ms: unix_ms(),
+                response,
+            });
+            (
+                Resolution::Completed(record.clone(), policy.record_ttl),
+                Some(record),
+            )
+        }
+        Answer::Missing => (Resolution::Release, None),
+        Answer::Failed(why) => {
+            metrics.unknown_outcome(cause, "reconcile_failed");
+            tracing::warn!(fence = unknown.fence, error = %why, "reconciling an unknown outcome failed; still unknown");
+            return Asked::Unknown;
+        }
+    };
+    let settled = shared
+        .store
+        .observe(StoreOp::Resolve, |b| {
+            b.resolve(record_key, unknown.fence, resolution)
+        })
+        .await;
+    match (settled, found) {
+        (Ok(true), Some(record)) => {
+            metrics.unknown_outcome(cause, "reconciled_found");
+            let mut resp = replay(&record.response);
+            resp.headers_mut()
+                .insert(IDEMPOTENT_RECONCILED, HeaderValue::from_static("true"));
+            Asked::Replay(resp)
+        }
+        (Ok(true), None) => {
+            metrics.unknown_outcome(cause, "reconciled_missing");
+            Asked::Again
+        }
+        (Ok(false), _) => Asked::Again,
+        (Err(e), _) => {
+            tracing::warn!(error = %e, "settling a reconciled outcome failed; still unknown");
+            Asked::Unknown
         }
     }
 }

@@ -24,11 +24,11 @@ use super::layer::{Shared, UpstreamService};
 use super::timed::call_upstream;
 use super::IDEMPOTENCY_FENCE;
 use crate::body::{read_limited, Prefixed, Read};
-use crate::config::Policy;
+use crate::config::{OnUnknownOutcome, Policy};
 use crate::error::{full, ProxyError, UpstreamError};
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::record::{CompletedRecord, StoredResponse};
-use crate::idempotency::state::Lease;
+use crate::idempotency::state::{Lease, UnknownCause};
 use crate::metrics::{Metrics, Outcome, StoreOp};
 use crate::store::Store;
 use crate::Body;
@@ -120,23 +120,27 @@ impl Job {
         let answer = match answer {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
-                self.guard.release().await;
+                self.failed(&e).await;
                 return refuse(ProxyError::Upstream(e));
             }
             Err(_) => {
-                self.guard.release().await;
-                return refuse(ProxyError::Upstream(UpstreamError::Timeout(self.timeout)));
+                let e = UpstreamError::Timeout(self.timeout);
+                self.failed(&e).await;
+                return refuse(ProxyError::Upstream(e));
             }
         };
         let (parts, whole) = match &answer {
             Answer::Whole(p, b) => (p, Some(b)),
             Answer::Overflow(p, _, _) => (p, None),
         };
-        if self
-            .policy
-            .uncacheable_statuses
-            .contains(&parts.status.as_u16())
-        {
+        let status = parts.status.as_u16();
+        if self.policy.unknown_statuses.contains(&status) {
+            // A gateway behind the upstream gave up: the client gets its
+            // answer, the key is held as the policy says.
+            self.guard
+                .unknown(&self.policy, UnknownCause::Status(status))
+                .await;
+        } else if self.policy.uncacheable_statuses.contains(&status) {
             self.guard.release().await;
         } else {
             let record = CompletedRecord {
@@ -163,9 +167,20 @@ impl Job {
     }
 }
 
+impl Job {
+    /// The upstream call failed: free the key if nothing was sent, else the
+    /// outcome is unknown.
+    async fn failed(self, e: &UpstreamError) {
+        match e.unknown_cause() {
+            None => self.guard.release().await,
+            Some(cause) => self.guard.unknown(&self.policy, cause).await,
+        }
+    }
+}
+
 /// Response headers worth replaying: no framing (hyper sets Content-Length
 /// from the stored body) and none of `replay_strip_headers`.
-fn stored_headers(policy: &Policy, headers: &HeaderMap) -> HeaderMap {
+pub(super) fn stored_headers(policy: &Policy, headers: &HeaderMap) -> HeaderMap {
     let mut h = headers.clone();
     h.remove(header::CONTENT_LENGTH);
     for name in &policy.replay_strip_headers {
@@ -239,6 +254,37 @@ impl LeaseGuard {
         }
     }
 
+    /// The request may have run: hold the key as unknown, or free it, as
+    /// the route's `on_unknown_outcome` says.
+    async fn unknown(mut self, policy: &Policy, cause: UnknownCause) {
+        if policy.on_unknown_outcome == OnUnknownOutcome::Release {
+            self.metrics.unknown_outcome(cause.label(), "released");
+            return self.release().await;
+        }
+        self.settled = true;
+        tracing::warn!(
+            record = %self.key.to_hex(),
+            fence = self.lease.fence,
+            cause = %cause.encode(),
+            "outcome unknown: the request may have been processed; holding the key"
+        );
+        let ttl = policy.unknown_ttl();
+        let marked = self
+            .store
+            .observe(StoreOp::MarkUnknown, |b| {
+                b.mark_unknown(&self.key, &self.lease, cause, ttl)
+            })
+            .await;
+        match marked {
+            Ok(true) => self.metrics.unknown_outcome(cause.label(), "held"),
+            Ok(false) => self.lost("before the outcome could be recorded as unknown"),
+            // The lease lapses; the next begin holds the key as lapsed.
+            Err(e) => {
+                tracing::error!(record = %self.key.to_hex(), error = %e, "recording an unknown outcome failed")
+            }
+        }
+    }
+
     /// Frees the key so a retry runs.
     async fn release(mut self) {
         self.settled = true;
@@ -263,7 +309,7 @@ impl Drop for LeaseGuard {
             tracing::warn!(
                 record = %self.key.to_hex(),
                 fence = self.lease.fence,
-                "upstream call abandoned with the lease held; it lapses after lease_ttl"
+                "upstream call abandoned with the lease held; it lapses after lease_ttl, then follows on_unknown_outcome"
             );
         }
     }
@@ -285,7 +331,7 @@ async fn call_and_read<S: UpstreamService>(
     }
 }
 
-fn unix_ms() -> u64 {
+pub(super) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

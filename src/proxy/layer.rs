@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use super::flow;
+use super::reconcile::Reconciler;
 use crate::config::{OnStoreError, Policies};
 use crate::error::UpstreamError;
 use crate::metrics::Metrics;
@@ -48,12 +49,17 @@ pub struct IdempotencyLayer {
 pub(super) struct Shared {
     pub store: Store,
     pub settings: Settings,
+    pub reconciler: Reconciler,
 }
 
 impl IdempotencyLayer {
     pub fn new(store: Store, settings: Settings) -> Self {
         IdempotencyLayer {
-            shared: Arc::new(Shared { store, settings }),
+            shared: Arc::new(Shared {
+                store,
+                settings,
+                reconciler: Reconciler::new(),
+            }),
         }
     }
 }

@@ -16,6 +16,7 @@ use http::header::{self, HeaderMap, HeaderName};
 mod flow;
 mod job;
 pub mod layer;
+mod reconcile;
 mod timed;
 pub mod upstream;
 
@@ -26,6 +27,9 @@ pub use upstream::{error_chain, Upstream};
 pub const IDEMPOTENCY_FENCE: HeaderName = HeaderName::from_static("idempotency-fence");
 /// Response header marking a replayed response.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// Response header marking a replay whose record came from reconciliation
+/// (the upstream's own account of an earlier attempt).
+pub const IDEMPOTENT_RECONCILED: HeaderName = HeaderName::from_static("idempotent-reconciled");
 /// Response header marking a replay whose body was too large to store.
 pub const IDEMPOTENT_BODY_OMITTED: HeaderName = HeaderName::from_static("idempotent-body-omitted");
 

@@ -101,7 +101,10 @@ impl tower::Service<Request<Body>> for Upstream {
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {
                 Err(_) => Err(UpstreamError::Timeout(timeout)),
-                Ok(Err(e)) => Err(UpstreamError::Unreachable(error_chain(&e))),
+                // Only a failed connect proves nothing was sent; any other
+                // client error may come after the request was written.
+                Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Unreachable(error_chain(&e))),
+                Ok(Err(e)) => Err(UpstreamError::Failed(error_chain(&e))),
                 Ok(Ok(resp)) => {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);

@@ -9,17 +9,20 @@ use tokio::time::Instant;
 use super::StoreFuture;
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::record::CompletedRecord;
-use crate::idempotency::state::{Begin, Lease, State};
+use crate::idempotency::state::{Begin, BeginOptions, Lease, Resolution, State, UnknownCause};
 
 /// Where idempotency records live. Cheap to clone; clones share state.
 pub trait RecordStore: Send + Sync + 'static {
-    /// Atomically: absent → in flight under a new lease (`lease_ttl`); in
-    /// flight → report the holder; completed → return the record.
+    /// Atomically: absent → in flight under a new lease (`opts.lease_ttl`);
+    /// in flight → report the holder (or, if its lease lapsed, take it over
+    /// or hold the record as unknown, as `opts` says); completed → return
+    /// the record; unknown → report it (telling one caller per
+    /// `opts.reconcile_every` to reconcile).
     fn begin<'a>(
         &'a self,
         key: &'a RecordKey,
         fingerprint: &'a Fingerprint,
-        lease_ttl: Duration,
+        opts: BeginOptions,
     ) -> StoreFuture<'a, Begin>;
 
     /// Extends the lease to `lease_ttl` from now; `false` if it was lost.
@@ -43,6 +46,26 @@ pub trait RecordStore: Send + Sync + 'static {
     /// Deletes the in-flight record so a retry runs; `false` if the lease
     /// was lost (and then nothing is deleted).
     fn release<'a>(&'a self, key: &'a RecordKey, lease: &'a Lease) -> StoreFuture<'a, bool>;
+
+    /// In flight → unknown (`cause`), kept for `ttl` with its fence, waiters
+    /// woken; `false` (and nothing written) if the lease was lost.
+    fn mark_unknown<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        lease: &'a Lease,
+        cause: UnknownCause,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool>;
+
+    /// Settles the unknown record with `fence`: completed, or released so
+    /// the next request runs; `false` (nothing written) if the record is not
+    /// (or no longer) unknown with that fence.
+    fn resolve<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        fence: u64,
+        resolution: Resolution,
+    ) -> StoreFuture<'a, bool>;
 
     /// Resolves once the lease with `fence` may have ended (completed,
     /// released, expired), or at `deadline`. Callers then `begin` again.

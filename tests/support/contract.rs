@@ -9,7 +9,9 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::lease::LeaseId;
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
-use idemgate::idempotency::state::{Begin, Lease, State};
+use idemgate::idempotency::state::{
+    Begin, BeginOptions, Lease, Resolution, State, Unknown, UnknownCause,
+};
 use idemgate::store::RecordStore;
 use tokio::time::Instant;
 
@@ -50,7 +52,7 @@ pub fn record(body: &'static str) -> Arc<CompletedRecord> {
 }
 
 async fn acquire<S: RecordStore>(s: &S, k: &RecordKey, ttl: Duration) -> Lease {
-    match s.begin(k, &FP, ttl).await.unwrap() {
+    match s.begin(k, &FP, BeginOptions::lease(ttl)).await.unwrap() {
         Begin::Acquired(l) => l,
         other => panic!("expected to acquire, got {other:?}"),
     }
@@ -71,7 +73,13 @@ macro_rules! record_contract {
             waiters_are_woken_by_completion,
             wait_returns_at_once_when_the_lease_is_gone,
             get_and_purge,
-            the_store_answers_ping
+            the_store_answers_ping,
+            an_unknown_outcome_keeps_its_fence_until_it_expires,
+            only_the_current_lease_marks_an_outcome_unknown,
+            a_lapsed_lease_is_held_as_unknown_or_taken_over,
+            resolve_settles_only_the_named_unknown_record,
+            one_caller_per_interval_reconciles,
+            waiters_are_woken_when_the_outcome_becomes_unknown
         );
     };
     (@cases $name:ident, $setup:ident; $($case:ident),*) => {
@@ -97,7 +105,7 @@ pub async fn begin_reports_holder_and_completion<S: RecordStore>(s: &S) {
     let k = key("begin");
     let lease = acquire(s, &k, LEASE).await;
     assert_eq!(
-        s.begin(&k, &FP, LEASE).await.unwrap(),
+        s.begin(&k, &FP, BeginOptions::lease(LEASE)).await.unwrap(),
         Begin::InFlight {
             fingerprint: FP,
             fence: lease.fence
@@ -105,7 +113,9 @@ pub async fn begin_reports_holder_and_completion<S: RecordStore>(s: &S) {
     );
     // The holder's fingerprint is reported whatever the caller's.
     assert_eq!(
-        s.begin(&k, &OTHER_FP, LEASE).await.unwrap(),
+        s.begin(&k, &OTHER_FP, BeginOptions::lease(LEASE))
+            .await
+            .unwrap(),
         Begin::InFlight {
             fingerprint: FP,
             fence: lease.fence
@@ -113,7 +123,7 @@ pub async fn begin_reports_holder_and_completion<S: RecordStore>(s: &S) {
     );
     let rec = record(r#"{"id":1}"#);
     assert!(s.complete(&k, &lease, rec.clone(), LEASE).await.unwrap());
-    match s.begin(&k, &FP, LEASE).await.unwrap() {
+    match s.begin(&k, &FP, BeginOptions::lease(LEASE)).await.unwrap() {
         Begin::Completed(got) => assert_eq!(*got, *rec),
         other => panic!("expected completed, got {other:?}"),
     }
@@ -180,7 +190,7 @@ pub async fn expired_leases_are_taken_over_and_fences_keep_rising<S: RecordStore
             .unwrap());
     }
     assert!(matches!(
-        s.begin(&k2, &FP, LEASE).await.unwrap(),
+        s.begin(&k2, &FP, BeginOptions::lease(LEASE)).await.unwrap(),
         Begin::InFlight { .. }
     ));
 }
@@ -193,12 +203,12 @@ pub async fn records_expire_after_their_ttl<S: RecordStore>(s: &S) {
         .await
         .unwrap());
     assert!(matches!(
-        s.begin(&k, &FP, LEASE).await.unwrap(),
+        s.begin(&k, &FP, BeginOptions::lease(LEASE)).await.unwrap(),
         Begin::Completed(_)
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(matches!(
-        s.begin(&k, &FP, LEASE).await.unwrap(),
+        s.begin(&k, &FP, BeginOptions::lease(LEASE)).await.unwrap(),
         Begin::Acquired(_)
     ));
 }
@@ -255,4 +265,225 @@ pub async fn get_and_purge<S: RecordStore>(s: &S) {
     assert!(s.purge(&k).await.unwrap());
     assert_eq!(s.get(&k).await.unwrap().state, State::Absent);
     assert!(!s.complete(&k, &lease, record("gone"), LEASE).await.unwrap());
+}
+
+/// Options of a route that holds unknown outcomes for `hold`.
+fn holding(lease: Duration, hold: Duration) -> BeginOptions {
+    BeginOptions {
+        lease_ttl: lease,
+        hold_lapsed: Some(hold),
+        reconcile_every: None,
+    }
+}
+
+async fn unknown_of<S: RecordStore>(s: &S, k: &RecordKey) -> Unknown {
+    match s.get(k).await.unwrap().state {
+        State::Unknown(u) => u,
+        other => panic!("expected unknown, got {other:?}"),
+    }
+}
+
+pub async fn an_unknown_outcome_keeps_its_fence_until_it_expires<S: RecordStore>(s: &S) {
+    let k = key("unknown");
+    let lease = acquire(s, &k, LEASE).await;
+    assert!(s
+        .mark_unknown(
+            &k,
+            &lease,
+            UnknownCause::Timeout,
+            Duration::from_millis(300)
+        )
+        .await
+        .unwrap());
+    let u = unknown_of(s, &k).await;
+    assert_eq!(
+        (u.fence, u.cause, u.fingerprint),
+        (lease.fence, UnknownCause::Timeout, FP)
+    );
+    assert!(u.since_unix_ms > 1_700_000_000_000);
+    // Whatever the asking route's policy: never run again, never replayed.
+    for opts in [BeginOptions::lease(LEASE), holding(LEASE, LEASE)] {
+        match s.begin(&k, &FP, opts).await.unwrap() {
+            Begin::Unknown {
+                unknown,
+                reconcile: false,
+                lapsed_now: false,
+            } => assert_eq!(unknown.fence, lease.fence),
+            other => panic!("expected unknown, got {other:?}"),
+        }
+    }
+    // The lease is gone: its holder can do nothing more.
+    assert!(!s.complete(&k, &lease, record("late"), LEASE).await.unwrap());
+    assert!(!s.release(&k, &lease).await.unwrap());
+    // It expires by itself; the next lease's fence is higher.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(s.get(&k).await.unwrap().state, State::Absent);
+    let next = acquire(s, &k, LEASE).await;
+    assert!(next.fence > lease.fence);
+}
+
+pub async fn only_the_current_lease_marks_an_outcome_unknown<S: RecordStore>(s: &S) {
+    let k = key("unknown-thief");
+    let lease = acquire(s, &k, LEASE).await;
+    let thief = Lease {
+        token: LeaseId::random(),
+        fence: lease.fence,
+    };
+    assert!(!s
+        .mark_unknown(&k, &thief, UnknownCause::Reset, LEASE)
+        .await
+        .unwrap());
+    assert!(matches!(
+        s.get(&k).await.unwrap().state,
+        State::InFlight { .. }
+    ));
+    assert!(s
+        .mark_unknown(&k, &lease, UnknownCause::Status(504), LEASE)
+        .await
+        .unwrap());
+    assert_eq!(unknown_of(s, &k).await.cause, UnknownCause::Status(504));
+    // Marking twice is refused: the lease ended with the first.
+    assert!(!s
+        .mark_unknown(&k, &lease, UnknownCause::Reset, LEASE)
+        .await
+        .unwrap());
+}
+
+pub async fn a_lapsed_lease_is_held_as_unknown_or_taken_over<S: RecordStore>(s: &S) {
+    let short = Duration::from_millis(100);
+    let hold = holding(short, Duration::from_secs(30));
+    let k = key("lapsed");
+    let Begin::Acquired(dead) = s.begin(&k, &FP, hold).await.unwrap() else {
+        panic!("expected to acquire")
+    };
+    // Live: in flight.
+    assert!(matches!(
+        s.begin(&k, &FP, hold).await.unwrap(),
+        Begin::InFlight { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // Lapsed under a holding route: unknown, counted once by whoever saw it.
+    match s.begin(&k, &FP, hold).await.unwrap() {
+        Begin::Unknown {
+            unknown,
+            lapsed_now: true,
+            ..
+        } => {
+            assert_eq!(unknown.cause, UnknownCause::Lapsed);
+            assert_eq!(unknown.fence, dead.fence);
+        }
+        other => panic!("expected a lapsed unknown, got {other:?}"),
+    }
+    assert!(matches!(
+        s.begin(&k, &FP, hold).await.unwrap(),
+        Begin::Unknown {
+            lapsed_now: false,
+            ..
+        }
+    ));
+    // The dead holder cannot come back and complete it.
+    assert!(!s.complete(&k, &dead, record("late"), LEASE).await.unwrap());
+
+    // Under a releasing route a lapsed lease is taken over, fence higher.
+    let k = key("lapsed-release");
+    let dead = acquire(s, &k, short).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    match s.begin(&k, &FP, BeginOptions::lease(LEASE)).await.unwrap() {
+        Begin::Acquired(next) => assert!(next.fence > dead.fence),
+        other => panic!("expected a takeover, got {other:?}"),
+    }
+}
+
+pub async fn resolve_settles_only_the_named_unknown_record<S: RecordStore>(s: &S) {
+    let k = key("resolve");
+    let lease = acquire(s, &k, LEASE).await;
+    // Not unknown yet: nothing to settle.
+    assert!(!s
+        .resolve(&k, lease.fence, Resolution::Release)
+        .await
+        .unwrap());
+    assert!(s
+        .mark_unknown(&k, &lease, UnknownCause::Timeout, LEASE)
+        .await
+        .unwrap());
+    assert!(!s
+        .resolve(&k, lease.fence + 1, Resolution::Release)
+        .await
+        .unwrap());
+    let settled = record("settled");
+    assert!(s
+        .resolve(
+            &k,
+            lease.fence,
+            Resolution::Completed(settled.clone(), LEASE)
+        )
+        .await
+        .unwrap());
+    match s.begin(&k, &FP, BeginOptions::lease(LEASE)).await.unwrap() {
+        Begin::Completed(r) => assert_eq!(r, settled),
+        other => panic!("expected the settled record, got {other:?}"),
+    }
+    assert!(!s
+        .resolve(&k, lease.fence, Resolution::Release)
+        .await
+        .unwrap());
+
+    // Released: the next request runs, with a higher fence.
+    let k = key("resolve-release");
+    let lease = acquire(s, &k, LEASE).await;
+    assert!(s
+        .mark_unknown(&k, &lease, UnknownCause::Reset, LEASE)
+        .await
+        .unwrap());
+    assert!(s
+        .resolve(&k, lease.fence, Resolution::Release)
+        .await
+        .unwrap());
+    let next = acquire(s, &k, LEASE).await;
+    assert!(next.fence > lease.fence);
+}
+
+pub async fn one_caller_per_interval_reconciles<S: RecordStore>(s: &S) {
+    let k = key("reconcile");
+    let lease = acquire(s, &k, LEASE).await;
+    assert!(s
+        .mark_unknown(&k, &lease, UnknownCause::Timeout, LEASE)
+        .await
+        .unwrap());
+    let opts = BeginOptions {
+        reconcile_every: Some(Duration::from_millis(300)),
+        ..holding(LEASE, LEASE)
+    };
+    let reconciles = |b: Begin| match b {
+        Begin::Unknown { reconcile, .. } => reconcile,
+        other => panic!("expected unknown, got {other:?}"),
+    };
+    assert!(reconciles(s.begin(&k, &FP, opts).await.unwrap()));
+    assert!(!reconciles(s.begin(&k, &FP, opts).await.unwrap()));
+    assert!(!reconciles(s.begin(&k, &FP, opts).await.unwrap()));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(reconciles(s.begin(&k, &FP, opts).await.unwrap()));
+    assert!(!reconciles(s.begin(&k, &FP, opts).await.unwrap()));
+}
+
+pub async fn waiters_are_woken_when_the_outcome_becomes_unknown<S: RecordStore + Clone>(s: &S) {
+    let k = key("unknown-wait");
+    let lease = acquire(s, &k, LEASE).await;
+    let waiter = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            s.wait(&k, lease.fence, Instant::now() + Duration::from_secs(5))
+                .await
+                .unwrap();
+            started.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(s
+        .mark_unknown(&k, &lease, UnknownCause::Reset, LEASE)
+        .await
+        .unwrap());
+    let waited = waiter.await.unwrap();
+    assert!(waited < Duration::from_secs(3), "waited {waited:?}");
 }

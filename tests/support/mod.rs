@@ -8,6 +8,7 @@
 pub mod contract;
 pub mod dedup_contract;
 pub mod faults;
+pub mod ledger;
 pub mod proc;
 pub mod redis_server;
 

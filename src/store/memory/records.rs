@@ -13,7 +13,9 @@ use tokio::time::Instant;
 use super::MemoryStore;
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::record::CompletedRecord;
-use crate::idempotency::state::{self, Begin, Lease, State};
+use crate::idempotency::state::{
+    self, Begin, BeginOptions, Lease, Resolution, State, Unknown, UnknownCause,
+};
 use crate::store::ttl_map::{ms, Entry, OnRemove};
 use crate::store::{Inspection, RecordStore, StoreError, StoreFuture};
 
@@ -26,12 +28,16 @@ use crate::store::{Inspection, RecordStore, StoreError, StoreFuture};
 pub(super) enum Slot {
     InFlight(Box<InFlight>),
     Completed(Box<[u8]>),
+    Unknown(Box<Unknown>),
 }
 
 /// The in-flight part of a record; waiters only ever wait on these.
 pub(super) struct InFlight {
     lease: Lease,
     fingerprint: Fingerprint,
+    /// When the lease lapses unless renewed (ms on the store's clock); the
+    /// record itself may live longer, so that a lapse can be seen.
+    lease_until: u64,
     notify: Option<Arc<Notify>>,
 }
 
@@ -47,15 +53,19 @@ impl OnRemove for Slot {
 }
 
 impl Slot {
-    fn of(state: State) -> Option<Slot> {
+    /// The slot for a state; an in-flight one with its lease until
+    /// `lease_until`.
+    fn of(state: State, lease_until: u64) -> Option<Slot> {
         match state {
             State::Absent => None,
             State::InFlight { lease, fingerprint } => Some(Slot::InFlight(Box::new(InFlight {
                 lease,
                 fingerprint,
+                lease_until,
                 notify: None,
             }))),
             State::Completed(rec) => Some(Slot::Completed(rec.encode_vec().into_boxed_slice())),
+            State::Unknown(u) => Some(Slot::Unknown(Box::new(u))),
         }
     }
 
@@ -70,14 +80,20 @@ impl Slot {
             Slot::Completed(bytes) => CompletedRecord::decode(Bytes::copy_from_slice(bytes))
                 .map(|r| State::Completed(Arc::new(r)))
                 .unwrap_or(State::Absent),
+            Slot::Unknown(u) => State::Unknown(**u),
         }
     }
 
     fn lease(&self) -> Option<&Lease> {
         match self {
             Slot::InFlight(f) => Some(&f.lease),
-            Slot::Completed(_) => None,
+            Slot::Completed(_) | Slot::Unknown(_) => None,
         }
+    }
+
+    /// Whether an in-flight lease lapsed at `now`.
+    fn lapsed(&self, now: u64) -> bool {
+        matches!(self, Slot::InFlight(f) if f.lease_until <= now)
     }
 
     fn holds(&self, lease: &Lease) -> bool {
@@ -90,24 +106,38 @@ impl MemoryStore {
         &self,
         key: &RecordKey,
         fp: &Fingerprint,
-        lease_ttl: Duration,
+        opts: BeginOptions,
     ) -> Result<Begin, StoreError> {
         let now = self.inner.clock.now();
         let mut checked_room = false;
         loop {
             let mut shard = self.inner.records.lock(key);
-            let current = shard
-                .live(key, now)
-                .map_or(State::Absent, |e| e.value.state());
+            let (current, lapsed, expires) = match shard.live(key, now) {
+                Some(e) => (e.value.state(), e.value.lapsed(now), e.expires),
+                None => (State::Absent, false, 0),
+            };
             if matches!(current, State::Absent) && !checked_room && self.inner.bound.full() {
                 drop(shard);
                 self.ensure_room()?;
                 checked_room = true;
                 continue;
             }
-            let (begin, next) = state::begin(&current, *fp, || Lease::new(self.next_fence()));
-            if let Some(slot) = next.and_then(Slot::of) {
-                shard.put(*key, slot, now + ms(lease_ttl));
+            let (begin, next) = state::begin(
+                &current,
+                lapsed,
+                *fp,
+                &opts,
+                self.inner.clock.unix_ms(now),
+                || Lease::new(self.next_fence()),
+            );
+            let expires = match (&begin, &current) {
+                (Begin::Acquired(_), _) => now + ms(opts.in_flight_ttl()),
+                // A lapsed lease held as unknown: kept for hold_lapsed.
+                (_, State::InFlight { .. }) => now + ms(opts.hold_lapsed.unwrap_or_default()),
+                _ => expires,
+            };
+            if let Some(slot) = next.and_then(|n| Slot::of(n, now + ms(opts.lease_ttl))) {
+                shard.put(*key, slot, expires);
             }
             return Ok(begin);
         }
@@ -131,13 +161,13 @@ impl MemoryStore {
         }
     }
 
-    /// Whether `key` is still in flight under the lease with `fence`.
+    /// Whether `key` is still in flight under the live lease with `fence`.
     fn still_waiting(&self, key: &RecordKey, fence: u64) -> bool {
         let now = self.inner.clock.now();
         let mut shard = self.inner.records.lock(key);
-        shard
-            .live(key, now)
-            .is_some_and(|e| e.value.lease().is_some_and(|l| l.fence == fence))
+        shard.live(key, now).is_some_and(|e| {
+            !e.value.lapsed(now) && e.value.lease().is_some_and(|l| l.fence == fence)
+        })
     }
 }
 
@@ -146,9 +176,9 @@ impl RecordStore for MemoryStore {
         &'a self,
         key: &'a RecordKey,
         fp: &'a Fingerprint,
-        lease_ttl: Duration,
+        opts: BeginOptions,
     ) -> StoreFuture<'a, Begin> {
-        Box::pin(ready(self.begin_sync(key, fp, lease_ttl)))
+        Box::pin(ready(self.begin_sync(key, fp, opts)))
     }
 
     fn renew<'a>(
@@ -158,8 +188,63 @@ impl RecordStore for MemoryStore {
         lease_ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         Box::pin(ready(Ok(self.with_lease(key, lease, |e, now| {
-            e.expires = now + ms(lease_ttl)
+            let until = now + ms(lease_ttl);
+            if let Slot::InFlight(f) = &mut e.value {
+                f.lease_until = until;
+            }
+            e.expires = e.expires.max(until);
         }))))
+    }
+
+    fn mark_unknown<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        lease: &'a Lease,
+        cause: UnknownCause,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        let unix = self.inner.clock.unix_ms(self.inner.clock.now());
+        let done = self.with_lease(key, lease, |e, now| {
+            let State::InFlight { fingerprint, .. } = e.value.state() else {
+                return;
+            };
+            e.value.removed();
+            e.value = Slot::Unknown(Box::new(Unknown {
+                fence: lease.fence,
+                fingerprint,
+                cause,
+                since_unix_ms: unix,
+                next_check_unix_ms: 0,
+            }));
+            e.expires = now + ms(ttl);
+        });
+        Box::pin(ready(Ok(done)))
+    }
+
+    fn resolve<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        fence: u64,
+        resolution: Resolution,
+    ) -> StoreFuture<'a, bool> {
+        let now = self.inner.clock.now();
+        let mut shard = self.inner.records.lock(key);
+        let Some(e) = shard
+            .live(key, now)
+            .filter(|e| state::is_unknown_with(&e.value.state(), fence))
+        else {
+            return Box::pin(ready(Ok(false)));
+        };
+        match resolution {
+            Resolution::Completed(record, ttl) => {
+                e.value = Slot::Completed(record.encode_vec().into_boxed_slice());
+                e.expires = now + ms(ttl);
+            }
+            Resolution::Release => {
+                shard.remove(key);
+            }
+        }
+        Box::pin(ready(Ok(true)))
     }
 
     fn complete<'a>(
@@ -203,12 +288,15 @@ impl RecordStore for MemoryStore {
             match shard.live(key, now) {
                 Some(Entry {
                     value: Slot::InFlight(f),
-                    expires,
-                }) if f.lease.fence == fence => {
+                    ..
+                }) if f.lease.fence == fence && f.lease_until > now => {
                     let notify: Arc<Notify> = f.notify.get_or_insert_with(Default::default).clone();
                     // The lease may lapse without anyone completing it: wake
-                    // then too, so the waiter can take it over.
-                    (notify, deadline.min(self.inner.clock.instant(*expires)))
+                    // then too, so the waiter can act on the lapse.
+                    (
+                        notify,
+                        deadline.min(self.inner.clock.instant(f.lease_until)),
+                    )
                 }
                 _ => return Box::pin(ready(Ok(()))),
             }

@@ -56,6 +56,12 @@ pub struct RedisOptions {
     pub recheck: Duration,
     /// Counts records this build cannot decode (they are treated as misses).
     pub decode_errors: Option<prometheus::IntCounter>,
+    /// Replicas that must acknowledge a begin (else it is undone and
+    /// refused) and a complete (else it is logged and counted); 0: none.
+    pub min_replicas: u32,
+    pub replica_ack_timeout: Duration,
+    /// Counts writes not acknowledged in time, by `op`.
+    pub ack_failures: Option<prometheus::IntCounterVec>,
 }
 
 impl RedisOptions {
@@ -67,6 +73,9 @@ impl RedisOptions {
             timeout: Duration::from_secs(1),
             recheck: RECHECK,
             decode_errors: None,
+            min_replicas: 0,
+            replica_ack_timeout: Duration::from_millis(100),
+            ack_failures: None,
         }
     }
 }
@@ -91,6 +100,9 @@ struct Inner {
     scripts: Scripts,
     waiters: Arc<Waiters>,
     decode_errors: Option<prometheus::IntCounter>,
+    min_replicas: u32,
+    replica_ack_timeout: Duration,
+    ack_failures: Option<prometheus::IntCounterVec>,
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -176,6 +188,9 @@ impl RedisStore {
                 scripts: Scripts::load(),
                 waiters,
                 decode_errors: options.decode_errors,
+                min_replicas: options.min_replicas,
+                replica_ack_timeout: options.replica_ack_timeout,
+                ack_failures: options.ack_failures,
             }),
         };
         store.ping_inner().await?;
@@ -339,6 +354,39 @@ impl RedisStore {
             pipe.add_command(c.clone());
         }
         self.query_pipe(pipe).await
+    }
+
+    /// Whether `min_replicas` replicas acknowledged this connection's
+    /// writes within `replica_ack_timeout` (`WAIT`; always with none
+    /// required). A refusal is counted under `op`.
+    async fn replicated(&self, op: &str) -> Result<bool, StoreError> {
+        let need = self.inner.min_replicas;
+        if need == 0 {
+            return Ok(true);
+        }
+        let wait_ms = self.inner.replica_ack_timeout.as_millis().max(1) as u64;
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(need).arg(wait_ms);
+        let fut = async {
+            match &self.inner.conn {
+                Conn::Single(c) => cmd.query_async::<i64>(&mut c.clone()).await,
+                Conn::Cluster(c) => cmd.query_async::<i64>(&mut c.clone()).await,
+            }
+        };
+        // WAIT itself blocks up to replica_ack_timeout: bound the call by
+        // that plus the store timeout.
+        let bound = self.inner.replica_ack_timeout + self.inner.timeout;
+        let acked = match tokio::time::timeout(bound, fut).await {
+            Err(_) => return Err(StoreError::Timeout(bound)),
+            Ok(r) => r.map_err(unavailable)?,
+        };
+        let ok = acked >= i64::from(need);
+        if !ok {
+            if let Some(c) = &self.inner.ack_failures {
+                c.with_label_values(&[op]).inc();
+            }
+        }
+        Ok(ok)
     }
 
     async fn ping_inner(&self) -> Result<(), StoreError> {

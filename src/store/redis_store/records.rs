@@ -12,7 +12,9 @@ use super::{array, fingerprint, malformed, millis, parse_u64, tag, Conn, RedisSt
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::lease::LeaseId;
 use crate::idempotency::record::CompletedRecord;
-use crate::idempotency::state::{Begin, Lease, State};
+use crate::idempotency::state::{
+    Begin, BeginOptions, Lease, Resolution, State, Unknown, UnknownCause,
+};
 use crate::store::{Inspection, RecordStore, StoreError, StoreFuture};
 
 /// How long a released key keeps its fence.
@@ -23,9 +25,10 @@ impl RedisStore {
         &self,
         key: &RecordKey,
         fp: &Fingerprint,
-        lease_ttl: Duration,
+        opts: BeginOptions,
     ) -> Result<Begin, StoreError> {
         let rkey = self.record_key(key);
+        let optional = |d: Option<Duration>| d.map(millis).unwrap_or_default();
         loop {
             let token = LeaseId::random();
             let v: Value = self
@@ -35,22 +38,41 @@ impl RedisStore {
                     &[
                         token.to_string().as_bytes(),
                         &fp.0,
-                        millis(lease_ttl).as_bytes(),
+                        millis(opts.lease_ttl).as_bytes(),
+                        millis(opts.in_flight_ttl()).as_bytes(),
+                        optional(opts.hold_lapsed).as_bytes(),
+                        optional(opts.reconcile_every).as_bytes(),
                     ],
                 )
                 .await?;
             let parts = array(v)?;
             match (tag(&parts)?, parts.as_slice()) {
                 ("a", [_, f]) => {
-                    return Ok(Begin::Acquired(Lease {
+                    let lease = Lease {
                         token,
                         fence: parse_u64(f)?,
-                    }))
+                    };
+                    if !self.replicated("begin").await? {
+                        // Not durable enough to rely on: undo it, refuse.
+                        let _ = RecordStore::release(self, key, &lease).await;
+                        return Err(StoreError::Unavailable(format!(
+                            "the lease was not acknowledged by {} replica(s) within {:?}",
+                            self.inner.min_replicas, self.inner.replica_ack_timeout
+                        )));
+                    }
+                    return Ok(Begin::Acquired(lease));
                 }
                 ("i", [_, f, p]) => {
                     return Ok(Begin::InFlight {
                         fingerprint: fingerprint(p)?,
                         fence: parse_u64(f)?,
+                    })
+                }
+                ("u", [_, f, p, cause, since, next, reconcile, held_now]) => {
+                    return Ok(Begin::Unknown {
+                        unknown: unknown(f, p, cause, since, next)?,
+                        reconcile: parse_u64(reconcile)? == 1,
+                        lapsed_now: parse_u64(held_now)? == 1,
                     })
                 }
                 ("c", [_, Value::BulkString(r)]) => match self.decode(key, r) {
@@ -174,9 +196,41 @@ impl RedisStore {
             Some(b"c") => Ok(field(4)
                 .and_then(|r| self.decode(key, r))
                 .map_or(State::Absent, State::Completed)),
+            Some(b"u") => {
+                let at = |i: usize| parts.get(i).ok_or_else(|| malformed("get"));
+                Ok(State::Unknown(unknown(
+                    at(2)?,
+                    at(3)?,
+                    at(5)?,
+                    at(6)?,
+                    at(7)?,
+                )?))
+            }
             _ => Ok(State::Absent),
         }
     }
+}
+
+/// An unknown record from its fields: fence, fingerprint, cause, since,
+/// next check.
+fn unknown(
+    fence: &Value,
+    fp: &Value,
+    cause: &Value,
+    since: &Value,
+    next: &Value,
+) -> Result<Unknown, StoreError> {
+    let cause = match cause {
+        Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(UnknownCause::decode),
+        _ => None,
+    };
+    Ok(Unknown {
+        fence: parse_u64(fence)?,
+        fingerprint: fingerprint(fp)?,
+        cause: cause.ok_or_else(|| malformed("unknown record"))?,
+        since_unix_ms: parse_u64(since)?,
+        next_check_unix_ms: parse_u64(next).unwrap_or(0),
+    })
 }
 
 /// Drops a waiter's registration, unsubscribing after the last one.
@@ -198,9 +252,64 @@ impl RecordStore for RedisStore {
         &'a self,
         key: &'a RecordKey,
         fp: &'a Fingerprint,
-        lease_ttl: Duration,
+        opts: BeginOptions,
     ) -> StoreFuture<'a, Begin> {
-        Box::pin(self.begin_inner(key, fp, lease_ttl))
+        Box::pin(self.begin_inner(key, fp, opts))
+    }
+
+    fn mark_unknown<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        lease: &'a Lease,
+        cause: UnknownCause,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let n: i64 = self
+                .eval(
+                    &self.inner.scripts.mark_unknown,
+                    &self.record_key(key),
+                    &[
+                        lease.token.to_string().as_bytes(),
+                        cause.encode().as_bytes(),
+                        millis(ttl).as_bytes(),
+                        self.channel(key).as_bytes(),
+                        self.sharded(),
+                    ],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn resolve<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        fence: u64,
+        resolution: Resolution,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let (how, record, ttl) = match &resolution {
+                Resolution::Completed(record, ttl) => ("complete", record.encode(), millis(*ttl)),
+                Resolution::Release => ("release", Default::default(), String::new()),
+            };
+            let n: i64 = self
+                .eval(
+                    &self.inner.scripts.resolve,
+                    &self.record_key(key),
+                    &[
+                        fence.to_string().as_bytes(),
+                        how.as_bytes(),
+                        &record,
+                        ttl.as_bytes(),
+                        self.channel(key).as_bytes(),
+                        self.sharded(),
+                        TOMBSTONE_MS,
+                    ],
+                )
+                .await?;
+            Ok(n == 1)
+        })
     }
 
     fn renew<'a>(
@@ -245,6 +354,15 @@ impl RecordStore for RedisStore {
                     ],
                 )
                 .await?;
+            // Stored either way; a record not yet on a replica is at risk
+            // only if the primary fails before it gets there.
+            if n == 1 && !self.replicated("complete").await.unwrap_or(false) {
+                tracing::warn!(
+                    record = %key.to_hex(),
+                    min_replicas = self.inner.min_replicas,
+                    "record stored but not acknowledged by the replicas in time"
+                );
+            }
             Ok(n == 1)
         })
     }

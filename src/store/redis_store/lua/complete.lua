@@ -8,7 +8,7 @@
 -- returns  1 stored, 0 the lease was lost (nothing written)
 local h = redis.call('HMGET', KEYS[1], 's', 't')
 if h[1] ~= 'i' or h[2] ~= ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[1], 't', 'p')
+redis.call('HDEL', KEYS[1], 't', 'p', 'l')
 redis.call('HSET', KEYS[1], 's', 'c', 'r', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 notify(ARGV[4], ARGV[5], 'c')
