@@ -249,6 +249,11 @@ async fn release_runs_the_retry_with_a_higher_fence() {
     let retry = charge(&c, "again", &[]).await;
     assert_eq!(retry.status, 201);
     assert_eq!(ledger.calls(), 2, "release: may run twice");
+    let fences = ledger.fences();
+    assert!(
+        fences.len() == 2 && fences[1] > fences[0],
+        "the rerun carries a higher fence: {fences:?}"
+    );
     assert_eq!(count(&r, "timeout", "released"), 1);
     r.stop().await;
 }

@@ -159,38 +159,37 @@ impl PathPattern {
     }
 }
 
-/// Greedy matching with one backtrack point for the last `**`, as in the
-/// classic wildcard algorithm: linear in practice, never exponential.
+/// `**` segments match any run of segments; other segments match one
+/// segment, `*` in them any run of characters.
 fn match_segments(pat: &[&str], segs: &[&str]) -> bool {
-    let (mut p, mut s) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while s < segs.len() {
-        if p < pat.len() && pat[p] == "**" {
-            star = Some((p, s));
-            p += 1;
-        } else if p < pat.len() && match_segment(pat[p].as_bytes(), segs[s].as_bytes()) {
-            p += 1;
-            s += 1;
-        } else if let Some((sp, ss)) = star {
-            p = sp + 1;
-            s = ss + 1;
-            star = Some((sp, ss + 1));
-        } else {
-            return false;
-        }
-    }
-    pat[p..].iter().all(|x| *x == "**")
+    wildcard(
+        pat,
+        segs,
+        |p| *p == "**",
+        |p, s| match_segment(p.as_bytes(), s.as_bytes()),
+    )
 }
 
 /// `*` matches any run of characters within a segment.
 fn match_segment(pat: &[u8], seg: &[u8]) -> bool {
+    wildcard(pat, seg, |p| *p == b'*', |p, s| p == s)
+}
+
+/// Greedy wildcard matching with one backtrack point for the last star, as
+/// in the classic algorithm: linear in practice, never exponential.
+fn wildcard<P, S>(
+    pat: &[P],
+    items: &[S],
+    is_star: impl Fn(&P) -> bool,
+    matches: impl Fn(&P, &S) -> bool,
+) -> bool {
     let (mut p, mut s) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
-    while s < seg.len() {
-        if p < pat.len() && pat[p] == b'*' {
+    while s < items.len() {
+        if p < pat.len() && is_star(&pat[p]) {
             star = Some((p, s));
             p += 1;
-        } else if p < pat.len() && pat[p] == seg[s] {
+        } else if p < pat.len() && matches(&pat[p], &items[s]) {
             p += 1;
             s += 1;
         } else if let Some((sp, ss)) = star {
@@ -201,5 +200,5 @@ fn match_segment(pat: &[u8], seg: &[u8]) -> bool {
             return false;
         }
     }
-    pat[p..].iter().all(|&c| c == b'*')
+    pat[p..].iter().all(is_star)
 }

@@ -28,6 +28,8 @@ struct Books {
     down: AtomicBool,
     /// The fence and key header each question carried.
     asked_with: Mutex<Vec<(Option<String>, Option<String>)>>,
+    /// The Idempotency-Fence of each charge request, in arrival order.
+    fences: Mutex<Vec<u64>>,
 }
 
 pub struct Ledger {
@@ -92,6 +94,11 @@ impl Ledger {
         self.books.asked_with.lock().unwrap().clone()
     }
 
+    /// The `Idempotency-Fence` of each charge request received.
+    pub fn fences(&self) -> Vec<u64> {
+        self.books.fences.lock().unwrap().clone()
+    }
+
     pub fn set_down(&self, down: bool) {
         self.books.down.store(down, Ordering::SeqCst);
     }
@@ -145,6 +152,9 @@ async fn answer(
         .and_then(|v| v.parse().ok())
         .and_then(|v| StatusCode::from_u16(v).ok())
         .unwrap_or(StatusCode::CREATED);
+    if let Some(f) = header("idempotency-fence").and_then(|f| f.parse().ok()) {
+        books.fences.lock().unwrap().push(f);
+    }
     let n = books.calls.fetch_add(1, Ordering::SeqCst) + 1;
     let body = serde_json::json!({"charged": key, "call": n}).to_string();
     if commit {
