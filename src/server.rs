@@ -110,7 +110,14 @@ pub async fn run(
         metrics.clone(),
         config.policies.clone(),
         config.dedup.clone(),
+        &config.admin_tokens,
     );
+    if config.admin_tokens.write.is_none() && !config.admin_listen.ip().is_loopback() {
+        tracing::warn!(
+            admin = %config.admin_listen,
+            "the admin API listens beyond loopback without admin_token: anyone who reaches it can read records, purge keys and drive the dedup API"
+        );
+    }
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

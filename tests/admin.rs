@@ -260,3 +260,84 @@ async fn store_errors_are_counted() {
     assert_eq!(count(&idg, "store_unavailable"), 1);
     idg.stop().await;
 }
+
+#[tokio::test]
+async fn with_tokens_every_endpoint_asks_who_you_are() {
+    let up = TestUpstream::start().await;
+    let dir = std::env::temp_dir().join(format!("idemgate-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let read_file = dir.join("read-token");
+    std::fs::write(&read_file, "r3ad-only\n").unwrap();
+    for metrics_public in [true, false] {
+        let extra = format!(
+            "admin_token = \"wr1te\"\nadmin_read_token_file = \"{}\"\nmetrics_public = {metrics_public}\n",
+            read_file.display()
+        );
+        let (r, client) = start(&up, &extra).await;
+        assert_eq!(client.post("/v1/charges", "k", "{}").await.status, 201);
+        let admin = TestClient::new(r.admin_addr);
+        let call = |method: &'static str, path: &'static str, token: Option<&'static str>| {
+            let admin = admin.clone();
+            async move {
+                let auth = token.map(|t| format!("Bearer {t}"));
+                let mut headers = vec![("content-type", "application/json")];
+                if let Some(a) = &auth {
+                    headers.push(("authorization", a.as_str()));
+                }
+                let body = if method == "POST" {
+                    "{\"key\":\"m\"}"
+                } else {
+                    ""
+                };
+                admin
+                    .send(method, path, &headers, body)
+                    .await
+                    .status
+                    .as_u16()
+            }
+        };
+        let keys = "/v1/keys?key=k&path=/v1/charges";
+        // Always open.
+        assert_eq!(call("GET", "/healthz", None).await, 200);
+        assert_eq!(call("GET", "/readyz", None).await, 200);
+        let metrics = call("GET", "/metrics", None).await;
+        assert_eq!(metrics, if metrics_public { 200 } else { 401 });
+        assert_eq!(call("GET", "/metrics", Some("r3ad-only")).await, 200);
+        // Reads: the read or the write token; nothing else.
+        for path in [keys, "/v1/dedup/s/failed", "/no-such-endpoint"] {
+            assert_eq!(call("GET", path, None).await, 401, "{path}");
+            assert_eq!(call("GET", path, Some("guess")).await, 401, "{path}");
+        }
+        assert_eq!(call("GET", keys, Some("r3ad-only")).await, 200);
+        assert_eq!(call("GET", "/v1/dedup/s/failed", Some("wr1te")).await, 200);
+        // Writes: the write token only.
+        for (method, path) in [
+            ("POST", "/v1/dedup/s/mark"),
+            ("DELETE", keys),
+            ("PUT", keys),
+        ] {
+            assert_eq!(call(method, path, None).await, 401, "{method} {path}");
+            assert_eq!(
+                call(method, path, Some("guess")).await,
+                401,
+                "{method} {path}"
+            );
+            assert_eq!(
+                call(method, path, Some("r3ad-only")).await,
+                403,
+                "{method} {path}"
+            );
+        }
+        assert_eq!(call("POST", "/v1/dedup/s/mark", Some("wr1te")).await, 201);
+        assert_eq!(call("DELETE", keys, Some("wr1te")).await, 204);
+        // A refusal names the scheme.
+        let refused = admin.send("GET", keys, &[], "").await;
+        refused.assert_problem(401, "unauthorized");
+        assert_eq!(
+            refused.header("www-authenticate"),
+            Some("Bearer realm=\"idemgate-admin\"")
+        );
+        r.stop().await;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

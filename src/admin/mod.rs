@@ -1,6 +1,6 @@
 //! The admin listener: health, readiness, metrics, one HTTP idempotency
 //! record (`/v1/keys`, see [`keys`]), and the consumer dedup API
-//! (`/v1/dedup/...`, see [`crate::dedup`]).
+//! (`/v1/dedup/...`, see [`crate::dedup`]); who may call which is `auth`.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -10,14 +10,17 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::config::{DedupConfig, Policies};
+use crate::config::{AdminTokens, DedupConfig, Policies};
 use crate::dedup::DedupApi;
 use crate::error::{full, Problem};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::Body;
 
+mod auth;
 mod keys;
+
+use auth::{Access, Auth};
 
 /// How long `/readyz` waits for the store before calling it unready.
 const READY_TIMEOUT: Duration = Duration::from_millis(500);
@@ -28,15 +31,23 @@ pub struct Admin {
     metrics: Metrics,
     policies: Policies,
     dedup: DedupApi,
+    auth: Auth,
 }
 
 impl Admin {
-    pub fn new(store: Store, metrics: Metrics, policies: Policies, dedup: DedupConfig) -> Self {
+    pub fn new(
+        store: Store,
+        metrics: Metrics,
+        policies: Policies,
+        dedup: DedupConfig,
+        tokens: &AdminTokens,
+    ) -> Self {
         Admin {
             dedup: DedupApi::new(store.clone(), dedup, metrics.clone()),
             store,
             metrics,
             policies,
+            auth: Auth::new(tokens),
         }
     }
 
@@ -60,6 +71,10 @@ impl Admin {
     }
 
     pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let access = Access::of(req.method(), req.uri().path(), self.auth.metrics_public);
+        if let Err(refused) = self.auth.check(access, req.headers()) {
+            return refused;
+        }
         let query = req.uri().query().unwrap_or("").to_owned();
         let query = query.as_str();
         if let Some(rest) = req.uri().path().strip_prefix("/v1/dedup/") {

@@ -60,6 +60,15 @@ pub struct RunArgs {
         global = true
     )]
     pub redis_cluster: Vec<String>,
+    /// Bearer token the admin API asks for (better from the environment or
+    /// `admin_token_file` than on a command line).
+    #[arg(
+        long,
+        env = "IDEMGATE_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
     /// Log format: text or json. Level from RUST_LOG.
     #[arg(long, env = "IDEMGATE_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,

@@ -8,8 +8,8 @@ use std::time::Duration;
 use http::{header, HeaderName, Method};
 
 use super::{
-    Backend, Config, DedupConfig, LogFormat, OnStoreError, OnUnknownOutcome, Policies, Policy,
-    StoreConfig,
+    AdminTokens, Backend, Config, DedupConfig, LogFormat, OnStoreError, OnUnknownOutcome, Policies,
+    Policy, StoreConfig,
 };
 
 impl Default for Config {
@@ -27,6 +27,11 @@ impl Default for Config {
             store: StoreConfig::default(),
             policies: Policies::default(),
             dedup: DedupConfig::default(),
+            admin_tokens: AdminTokens {
+                write: None,
+                read: None,
+                metrics_public: true,
+            },
         }
     }
 }

@@ -54,6 +54,29 @@ pub struct Config {
     pub store: StoreConfig,
     pub policies: Policies,
     pub dedup: DedupConfig,
+    pub admin_tokens: AdminTokens,
+}
+
+/// Who may call the admin API (see `admin::auth`). No `write` token: open.
+#[derive(Clone, Default)]
+pub struct AdminTokens {
+    /// `admin_token` / `admin_token_file` / `--admin-token`: every endpoint.
+    pub write: Option<String>,
+    /// `admin_read_token` / `admin_read_token_file`: read-only endpoints.
+    pub read: Option<String>,
+    /// `metrics_public` (default true): `/metrics` needs no token.
+    pub metrics_public: bool,
+}
+
+/// Tokens are secrets: never printed.
+impl std::fmt::Debug for AdminTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminTokens")
+            .field("write", &self.write.as_ref().map(|_| "***"))
+            .field("read", &self.read.as_ref().map(|_| "***"))
+            .field("metrics_public", &self.metrics_public)
+            .finish()
+    }
 }
 
 /// Defaults and limits of the consumer dedup API (`[dedup]`).

@@ -32,6 +32,12 @@ struct FileView<'a> {
     header_read_timeout: String,
     body_read_timeout: String,
     log_format: &'static str,
+    /// Secrets: shown as set or not, never printed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_token: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_read_token: Option<&'static str>,
+    metrics_public: bool,
     store: StoreView,
     idempotency: PolicyView<'a>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -176,6 +182,9 @@ impl Config {
                 LogFormat::Text => "text",
                 LogFormat::Json => "json",
             },
+            admin_token: self.admin_tokens.write.as_ref().map(|_| "***"),
+            admin_read_token: self.admin_tokens.read.as_ref().map(|_| "***"),
+            metrics_public: self.admin_tokens.metrics_public,
             store: StoreView::of(&self.store),
             idempotency: PolicyView::of(None, &self.policies.default),
             routes: self

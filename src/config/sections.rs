@@ -9,8 +9,8 @@ use toml::Value;
 use super::check::Checker;
 use super::file::{DedupFile, FileConfig, PolicyFile, StoreFile};
 use super::{
-    Backend, Config, ConfigErrors, DedupConfig, LogFormat, OnStoreError, OnUnknownOutcome,
-    PathPattern, Policies, Policy, ReconcileUrl, Route, RunArgs, StoreConfig,
+    AdminTokens, Backend, Config, ConfigErrors, DedupConfig, LogFormat, OnStoreError,
+    OnUnknownOutcome, PathPattern, Policies, Policy, ReconcileUrl, Route, RunArgs, StoreConfig,
 };
 
 const LOG_FORMATS: &[(&str, LogFormat)] = &[("text", LogFormat::Text), ("json", LogFormat::Json)];
@@ -93,6 +93,7 @@ impl Config {
             "max_connections",
             Checker::int(1, 1_000_000),
         );
+        cfg.admin_tokens = c.admin_tokens(f, args);
         cfg.store = c.store(file.store.unwrap_or_default(), args);
         cfg.policies = c.policies(file.idempotency.unwrap_or_default(), file.routes);
         cfg.dedup = c.dedup(file.dedup.unwrap_or_default());
@@ -105,6 +106,77 @@ impl Config {
 }
 
 impl Checker {
+    /// A secret given inline (`key`) or in a file (`key_file`), not both.
+    fn secret(
+        &mut self,
+        key: &str,
+        inline: &Option<Value>,
+        file: &Option<Value>,
+    ) -> Option<String> {
+        let file_key = format!("{key}_file");
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.err(&file_key, format!("give {key} or {file_key}, not both"));
+                None
+            }
+            (Some(v), None) => self.string(key, v),
+            (None, Some(v)) => {
+                let path = self.string(&file_key, v)?;
+                match std::fs::read_to_string(&path) {
+                    Ok(s) => Some(s.trim().to_owned()),
+                    Err(e) => {
+                        self.err(&file_key, format!("cannot read {path:?}: {e}"));
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        }
+        .and_then(|s| {
+            if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                self.err(key, "must be non-empty, without spaces".into());
+                None
+            } else {
+                Some(s)
+            }
+        })
+    }
+
+    fn admin_tokens(&mut self, f: &FileConfig, args: &RunArgs) -> AdminTokens {
+        let mut t = AdminTokens {
+            metrics_public: true,
+            ..AdminTokens::default()
+        };
+        t.write = match &args.admin_token {
+            Some(flag) => {
+                let v = Some(Value::String(flag.clone()));
+                self.secret("--admin-token (or IDEMGATE_ADMIN_TOKEN)", &v, &None)
+            }
+            None => self.secret("admin_token", &f.admin_token, &f.admin_token_file),
+        };
+        t.read = self.secret(
+            "admin_read_token",
+            &f.admin_read_token,
+            &f.admin_read_token_file,
+        );
+        self.set(
+            &mut t.metrics_public,
+            &f.metrics_public,
+            "metrics_public",
+            Checker::bool,
+        );
+        if t.read.is_some() && t.write.is_none() {
+            self.err(
+                "admin_read_token",
+                "needs admin_token too (the read token alone would leave writes open)".into(),
+            );
+        }
+        if t.write.is_some() && t.write == t.read {
+            self.err("admin_read_token", "must differ from admin_token".into());
+        }
+        t
+    }
+
     fn store(&mut self, f: StoreFile, args: &RunArgs) -> StoreConfig {
         let mut s = StoreConfig::default();
         self.set(

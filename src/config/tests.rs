@@ -260,3 +260,40 @@ fn unknown_outcome_keys_are_checked_and_named() {
         assert!(lines.contains(want), "missing {want:?} in:\n{lines}");
     }
 }
+
+#[test]
+fn admin_tokens_come_from_the_file_or_a_file_and_are_checked() {
+    let dir = std::env::temp_dir().join(format!("idemgate-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, "s3cret\n").unwrap();
+    let c = parse(&format!(
+        "admin_token_file = \"{}\"\nadmin_read_token = \"reader\"\nmetrics_public = false\n",
+        file.display()
+    ))
+    .unwrap();
+    assert_eq!(c.admin_tokens.write.as_deref(), Some("s3cret"));
+    assert_eq!(c.admin_tokens.read.as_deref(), Some("reader"));
+    assert!(!c.admin_tokens.metrics_public);
+    assert!(!format!("{c:?}").contains("s3cret"), "tokens never printed");
+    assert!(c.to_toml().contains("admin_token = \"***\""));
+    assert!(!c.to_toml().contains("s3cret"));
+
+    let err =
+        parse("admin_token_file = \"/nonexistent/token\"\nadmin_read_token = \"r\"\n").unwrap_err();
+    let lines = err.0.join("\n");
+    assert!(
+        lines.contains("admin_token_file: cannot read \"/nonexistent/token\""),
+        "{lines}"
+    );
+    assert!(
+        lines.contains("admin_read_token: needs admin_token too"),
+        "{lines}"
+    );
+    let err = parse("admin_token = \"a b\"\n").unwrap_err();
+    assert!(
+        err.0[0].starts_with("admin_token: must be non-empty"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
