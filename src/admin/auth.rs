@@ -65,7 +65,7 @@ impl Auth {
     }
 
     /// `Ok` if the request may proceed; the refusal otherwise.
-    pub fn check(&self, access: Access, headers: &HeaderMap) -> Result<(), Response<Body>> {
+    pub fn check(&self, access: Access, headers: &HeaderMap) -> Result<(), Refusal> {
         let Some(write) = &self.write else {
             return Ok(());
         };
@@ -78,7 +78,7 @@ impl Auth {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(|t| digest(t.trim().as_bytes()));
         let Some(presented) = presented else {
-            return Err(unauthorized(
+            return Err(Refusal::Unauthorized(
                 "this endpoint needs Authorization: Bearer <admin token>",
             ));
         };
@@ -87,33 +87,51 @@ impl Auth {
         }
         match &self.read {
             Some(read) if same(&presented, read) => match access {
-                Access::Write => Err(Problem::new(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    "Forbidden",
-                    "the read token cannot change state; use the admin token",
-                )
-                .into_response()),
+                Access::Write => Err(Refusal::Forbidden),
                 _ => Ok(()),
             },
-            _ => Err(unauthorized("the token is not valid here")),
+            _ => Err(Refusal::Unauthorized("the token is not valid here")),
         }
     }
 }
 
-fn unauthorized(detail: &str) -> Response<Body> {
-    let mut resp = Problem::new(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "Unauthorized",
-        detail,
-    )
-    .into_response();
-    resp.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"idemgate-admin\""),
-    );
-    resp
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// No token, or not one of ours: 401.
+    Unauthorized(&'static str),
+    /// The read token on an endpoint that changes state: 403.
+    Forbidden,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Refusal::Forbidden => StatusCode::FORBIDDEN,
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        match self {
+            Refusal::Unauthorized(detail) => {
+                let mut resp = Problem::new(self.status(), "unauthorized", "Unauthorized", detail)
+                    .into_response();
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"idemgate-admin\""),
+                );
+                resp
+            }
+            Refusal::Forbidden => Problem::new(
+                self.status(),
+                "forbidden",
+                "Forbidden",
+                "the read token cannot change state; use the admin token",
+            )
+            .into_response(),
+        }
+    }
 }
 
 #[cfg(test)]

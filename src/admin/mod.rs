@@ -73,7 +73,7 @@ impl Admin {
     pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
         let access = Access::of(req.method(), req.uri().path(), self.auth.metrics_public);
         if let Err(refused) = self.auth.check(access, req.headers()) {
-            return refused;
+            return refused.into_response();
         }
         let query = req.uri().query().unwrap_or("").to_owned();
         let query = query.as_str();
