@@ -42,7 +42,10 @@ pub enum StartError {
 /// Opens the configured store, reporting into `metrics`.
 pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Store, StartError> {
     let store = match config.store.backend {
-        Backend::Memory => Store::new(MemoryStore::new(config.store.max_entries)),
+        Backend::Memory => Store::new(MemoryStore::bounded(
+            config.store.max_entries,
+            usize::try_from(config.store.max_bytes).unwrap_or(usize::MAX),
+        )),
         Backend::Redis | Backend::RedisCluster => {
             let mut options = config.store.redis_options();
             options.decode_errors = Some(metrics.record_decode_errors.clone());

@@ -102,3 +102,63 @@ async fn sweep_drops_only_expired_records() {
     assert_eq!(s.sweep(), 1);
     assert_eq!(s.len(), 1);
 }
+
+#[tokio::test]
+async fn bytes_are_counted_and_bound_new_keys() {
+    // Room for a few 100 KiB records, not for ten.
+    let s = MemoryStore::bounded(1000, 400 << 10);
+    let big = |n: u8| {
+        std::sync::Arc::new(idemgate::idempotency::record::CompletedRecord {
+            fingerprint: FP,
+            created_unix_ms: 0,
+            response: idemgate::idempotency::record::StoredResponse {
+                status: http::StatusCode::OK,
+                headers: Default::default(),
+                body: bytes::Bytes::from(vec![n; 100 << 10]),
+                body_omitted: false,
+            },
+        })
+    };
+    assert_eq!(s.bytes(), 0);
+    let mut stored = 0;
+    let mut refused = None;
+    for i in 0..10u32 {
+        match s
+            .begin(&k(i), &FP, BeginOptions::lease(Duration::from_secs(10)))
+            .await
+        {
+            Ok(Begin::Acquired(lease)) => {
+                assert!(s
+                    .complete(&k(i), &lease, big(i as u8), Duration::from_secs(60))
+                    .await
+                    .unwrap());
+                stored += 1;
+            }
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+            Ok(other) => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        matches!(refused, Some(StoreError::FullBytes(_))),
+        "{refused:?}"
+    );
+    assert!((3..=5).contains(&stored), "stored {stored}");
+    assert!(s.bytes() >= 300 << 10, "{}", s.bytes());
+    // Live records are never evicted: each still replays.
+    for i in 0..stored {
+        assert!(matches!(
+            s.begin(&k(i), &FP, BeginOptions::lease(Duration::from_secs(10)))
+                .await
+                .unwrap(),
+            Begin::Completed(_)
+        ));
+    }
+    // Purged, the bytes come back.
+    for i in 0..stored {
+        assert!(s.purge(&k(i)).await.unwrap());
+    }
+    assert_eq!(s.bytes(), 0);
+}

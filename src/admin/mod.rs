@@ -88,11 +88,17 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
             (&Method::GET, "/readyz") => self.ready().await,
-            (&Method::GET, "/metrics") => text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                self.metrics.render(),
-            ),
+            (&Method::GET, "/metrics") => {
+                // Read at scrape time: no counting on the request path.
+                if let Some(bytes) = self.store.local_bytes() {
+                    self.metrics.store_bytes.set(bytes as i64);
+                }
+                text(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    self.metrics.render(),
+                )
+            }
             (&Method::GET | &Method::DELETE | &Method::PUT, "/v1/keys") => {
                 let method = req.method().clone();
                 self.keys(&method, query, req.into_body()).await

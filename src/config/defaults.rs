@@ -45,6 +45,7 @@ impl Default for StoreConfig {
             on_store_error: OnStoreError::Reject,
             timeout: Duration::from_secs(1),
             max_entries: 1_000_000,
+            max_bytes: 512 << 20,
             min_replicas: 0,
             replica_ack_timeout: Duration::from_millis(100),
         }

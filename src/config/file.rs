@@ -54,6 +54,7 @@ pub(super) struct StoreFile {
     pub(super) on_store_error: Option<Value>,
     pub(super) timeout: Option<Value>,
     pub(super) max_entries: Option<Value>,
+    pub(super) max_bytes: Option<Value>,
     pub(super) min_replicas: Option<Value>,
     pub(super) replica_ack_timeout: Option<Value>,
 }

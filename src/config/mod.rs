@@ -132,6 +132,8 @@ pub struct StoreConfig {
     pub timeout: Duration,
     /// Memory store bound; new keys get 503 beyond it.
     pub max_entries: usize,
+    /// Memory store bound in bytes (keys, records, in-flight entries).
+    pub max_bytes: u64,
     /// Redis: replicas that must acknowledge a lease (and a record) before
     /// idemgate relies on it (`WAIT`); 0: none.
     pub min_replicas: u32,

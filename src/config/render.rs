@@ -53,6 +53,7 @@ struct StoreView {
     on_store_error: &'static str,
     timeout: String,
     max_entries: usize,
+    max_bytes: u64,
     min_replicas: u32,
     replica_ack_timeout: String,
 }
@@ -145,6 +146,7 @@ impl StoreView {
             },
             timeout: d(s.timeout),
             max_entries: s.max_entries,
+            max_bytes: s.max_bytes,
             min_replicas: s.min_replicas,
             replica_ack_timeout: d(s.replica_ack_timeout),
         }

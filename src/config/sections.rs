@@ -226,6 +226,12 @@ impl Checker {
             Checker::int(1, i64::MAX),
         );
         self.set(
+            &mut s.max_bytes,
+            &f.max_bytes,
+            "store.max_bytes",
+            Checker::size,
+        );
+        self.set(
             &mut s.min_replicas,
             &f.min_replicas,
             "store.min_replicas",

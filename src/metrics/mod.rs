@@ -64,6 +64,8 @@ pub struct Metrics {
     pub unknown_outcomes: IntCounterVec,
     /// `{op}`: a begin or complete Redis did not confirm on `min_replicas`.
     pub replica_ack_failures: IntCounterVec,
+    /// Bytes the memory store holds (keys, records, in-flight entries).
+    pub store_bytes: IntGauge,
     /// Per-label handles resolved once: the hot path indexes an array
     /// instead of hashing label values under a lock on every request.
     by_outcome: Arc<[(IntCounter, Histogram)]>,
@@ -145,6 +147,10 @@ impl Metrics {
             ),
             &["op"],
         )?;
+        let store_bytes = IntGauge::new(
+            "idemgate_store_bytes",
+            "Bytes the memory store holds: keys, records and in-flight entries (0 on Redis).",
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "idemgate_build_info",
@@ -168,6 +174,7 @@ impl Metrics {
         registry.register(Box::new(record_decode_errors.clone()))?;
         registry.register(Box::new(unknown_outcomes.clone()))?;
         registry.register(Box::new(replica_ack_failures.clone()))?;
+        registry.register(Box::new(store_bytes.clone()))?;
         registry.register(Box::new(build_info))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -231,6 +238,7 @@ impl Metrics {
             record_decode_errors,
             unknown_outcomes,
             replica_ack_failures,
+            store_bytes,
             registry: registry.clone(),
         })
     }

@@ -45,6 +45,8 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("store is full ({0} records); refusing new keys rather than evicting live ones")]
     Full(usize),
+    #[error("store is full ({0} bytes); refusing new keys rather than evicting live ones")]
+    FullBytes(u64),
 }
 
 /// A store call's future. Boxed: it keeps the traits object-safe (the
@@ -88,6 +90,12 @@ impl Store {
     /// its operations itself (`idemgate_dedup_operations_total`).
     pub fn dedup(&self) -> &dyn DedupStore {
         &*self.backend
+    }
+
+    /// Bytes the store holds in this process, for `idemgate_store_bytes`
+    /// (`None` for a remote store).
+    pub fn local_bytes(&self) -> Option<u64> {
+        self.backend.local_bytes()
     }
 
     /// Whether the store answers (not observed: readiness polls it).

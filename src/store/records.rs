@@ -80,6 +80,11 @@ pub trait RecordStore: Send + Sync + 'static {
 
     /// Whether the store answers.
     fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// Bytes held in this process (the memory store); `None` otherwise.
+    fn local_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// What [`RecordStore::get`] finds: the state and how long until it expires.

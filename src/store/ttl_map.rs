@@ -20,9 +20,11 @@ use crate::idempotency::key::RecordKey;
 
 const SHARDS: usize = 128;
 
-/// A value that must hear when it leaves the map (to wake its waiters).
+/// A value that must hear when it leaves the map (to wake its waiters),
+/// and says how many heap bytes it holds (for `max_bytes`).
 pub(super) trait OnRemove {
     fn removed(&mut self) {}
+    fn heap_bytes(&self) -> usize;
 }
 
 /// A stored value and when it expires, in ms on the [`Clock`].
@@ -69,17 +71,23 @@ pub(super) fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-/// How many entries all maps of a store hold, and how many they may.
+/// How many entries and bytes all maps of a store hold, and how many they
+/// may. Bytes count each entry's bucket (key and entry) and what its value
+/// holds on the heap.
 pub(super) struct Bound {
     len: AtomicUsize,
+    bytes: AtomicUsize,
     pub max: usize,
+    pub max_bytes: usize,
 }
 
 impl Bound {
-    pub fn new(max: usize) -> Arc<Self> {
+    pub fn new(max: usize, max_bytes: usize) -> Arc<Self> {
         Arc::new(Bound {
             len: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
             max,
+            max_bytes,
         })
     }
 
@@ -87,8 +95,20 @@ impl Bound {
         self.len.load(Ordering::Relaxed)
     }
 
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
     pub fn full(&self) -> bool {
-        self.len() >= self.max
+        self.len() >= self.max || self.bytes() >= self.max_bytes
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::Relaxed);
     }
 }
 
@@ -103,6 +123,11 @@ pub(super) struct TtlMap<V> {
 pub(super) struct Locked<'a, V> {
     shard: MutexGuard<'a, Shard<V>>,
     bound: &'a Bound,
+}
+
+/// What one entry costs: its bucket plus its value's heap.
+fn weight<V: OnRemove>(value: &V) -> usize {
+    std::mem::size_of::<(RecordKey, Entry<V>)>() + value.heap_bytes()
 }
 
 impl<V: OnRemove> TtlMap<V> {
@@ -123,7 +148,7 @@ impl<V: OnRemove> TtlMap<V> {
 
     /// Removes every entry expired at `now`; returns how many went.
     pub fn sweep(&self, now: u64) -> usize {
-        let mut removed = 0;
+        let (mut removed, mut freed) = (0, 0);
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
             shard.retain(|_, e| {
@@ -131,11 +156,13 @@ impl<V: OnRemove> TtlMap<V> {
                 if !live {
                     e.value.removed();
                     removed += 1;
+                    freed += weight(&e.value);
                 }
                 live
             });
         }
         self.bound.len.fetch_sub(removed, Ordering::Relaxed);
+        self.bound.sub(freed);
         removed
     }
 }
@@ -150,11 +177,33 @@ impl<V: OnRemove> Locked<'_, V> {
         self.shard.get_mut(key)
     }
 
+    /// Changes the live entry for `key` through `f`, keeping the byte count
+    /// true; `None` if there is none.
+    pub fn update<R>(
+        &mut self,
+        key: &RecordKey,
+        now: u64,
+        f: impl FnOnce(&mut Entry<V>) -> R,
+    ) -> Option<R> {
+        let bound = self.bound;
+        let e = self.live(key, now)?;
+        let before = weight(&e.value);
+        let out = f(e);
+        let after = weight(&e.value);
+        bound.add(after);
+        bound.sub(before);
+        Some(out)
+    }
+
     /// Writes `value` under `key`, counting a new entry against the bound.
     pub fn put(&mut self, key: RecordKey, value: V, expires: u64) {
+        self.bound.add(weight(&value));
         let previous = self.shard.insert(key, Entry { value, expires });
         match previous {
-            Some(mut old) => old.value.removed(),
+            Some(mut old) => {
+                old.value.removed();
+                self.bound.sub(weight(&old.value));
+            }
             None => {
                 self.bound.len.fetch_add(1, Ordering::Relaxed);
             }
@@ -166,6 +215,7 @@ impl<V: OnRemove> Locked<'_, V> {
         let mut e = self.shard.remove(key)?;
         e.value.removed();
         self.bound.len.fetch_sub(1, Ordering::Relaxed);
+        self.bound.sub(weight(&e.value));
         Some(e)
     }
 }

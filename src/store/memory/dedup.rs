@@ -17,7 +17,28 @@ use crate::store::{Cursor, DedupStore, FailedItem, Inspected, StoreError, StoreF
 /// A dedup record needs no wake-up: nobody waits on it in the store.
 pub(super) type Slot = DedupRecord;
 
-impl OnRemove for DedupRecord {}
+impl OnRemove for DedupRecord {
+    fn heap_bytes(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+        match self {
+            DedupRecord::Leased {
+                fingerprint,
+                worker,
+                ..
+            } => text(fingerprint) + text(worker),
+            DedupRecord::Pending {
+                error, fingerprint, ..
+            } => text(error) + text(fingerprint),
+            DedupRecord::Completed {
+                result,
+                fingerprint,
+                ..
+            } => text(result) + text(fingerprint),
+            DedupRecord::Failed { error, .. } => text(error),
+            DedupRecord::Marked { .. } => 0,
+        }
+    }
+}
 
 impl MemoryStore {
     fn add_failed(&self, scope: &str, key: &str, failed_at_ms: u64) {
@@ -228,13 +249,15 @@ impl DedupStore for MemoryStore {
         let rk = RecordKey::derive_dedup(scope, key);
         let (now, now_ms) = self.dedup_now();
         let mut shard = self.inner.dedup.lock(&rk);
-        let out = shard.live(&rk, now).and_then(|e| {
-            rules::extend(Some(&e.value), lease_id, now_ms, lease_ms).map(|rec| {
-                e.value = rec;
-                e.expires = e.expires.max(now + lease_ms);
-                lease_ms
+        let out = shard
+            .update(&rk, now, |e| {
+                rules::extend(Some(&e.value), lease_id, now_ms, lease_ms).map(|rec| {
+                    e.value = rec;
+                    e.expires = e.expires.max(now + lease_ms);
+                    lease_ms
+                })
             })
-        });
+            .flatten();
         Box::pin(ready(Ok(out)))
     }
 

@@ -42,10 +42,16 @@ struct Inner {
 }
 
 impl MemoryStore {
-    /// A store that holds at most `max_entries` records. Inside a tokio
-    /// runtime it starts its sweeper there.
+    /// A store that holds at most `max_entries` records, with no bound in
+    /// bytes (tests, tools). Inside a tokio runtime it starts its sweeper.
     pub fn new(max_entries: usize) -> Self {
-        let bound = Bound::new(max_entries);
+        Self::bounded(max_entries, usize::MAX)
+    }
+
+    /// A store bounded in records and in bytes (`store.max_bytes`: keys,
+    /// records and in-flight entries).
+    pub fn bounded(max_entries: usize, max_bytes: usize) -> Self {
+        let bound = Bound::new(max_entries, max_bytes);
         let store = MemoryStore {
             inner: Arc::new(Inner {
                 records: TtlMap::new(bound.clone()),
@@ -67,6 +73,11 @@ impl MemoryStore {
         self.inner.bound.len()
     }
 
+    /// Bytes held: buckets and what their records hold on the heap.
+    pub fn bytes(&self) -> usize {
+        self.inner.bound.bytes()
+    }
+
     /// Whether no records are held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -80,10 +91,14 @@ impl MemoryStore {
 
     /// Before writing a new key: room for it, after a sweep if need be.
     fn ensure_room(&self) -> Result<(), StoreError> {
-        if self.inner.bound.full() {
+        let bound = &self.inner.bound;
+        if bound.full() {
             self.sweep();
-            if self.inner.bound.full() {
-                return Err(StoreError::Full(self.inner.bound.max));
+            if bound.len() >= bound.max {
+                return Err(StoreError::Full(bound.max));
+            }
+            if bound.bytes() >= bound.max_bytes {
+                return Err(StoreError::FullBytes(bound.max_bytes as u64));
             }
         }
         Ok(())

@@ -50,6 +50,14 @@ impl OnRemove for Slot {
             }
         }
     }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Slot::InFlight(_) => std::mem::size_of::<InFlight>(),
+            Slot::Completed(bytes) => bytes.len(),
+            Slot::Unknown(_) => std::mem::size_of::<Unknown>(),
+        }
+    }
 }
 
 impl Slot {
@@ -152,13 +160,15 @@ impl MemoryStore {
     ) -> bool {
         let now = self.inner.clock.now();
         let mut shard = self.inner.records.lock(key);
-        match shard.live(key, now) {
-            Some(e) if e.value.holds(lease) => {
-                f(e, now);
-                true
-            }
-            _ => false,
-        }
+        shard
+            .update(key, now, |e| {
+                let held = e.value.holds(lease);
+                if held {
+                    f(e, now);
+                }
+                held
+            })
+            .unwrap_or(false)
     }
 
     /// Whether `key` is still in flight under the live lease with `fence`.
@@ -229,22 +239,21 @@ impl RecordStore for MemoryStore {
     ) -> StoreFuture<'a, bool> {
         let now = self.inner.clock.now();
         let mut shard = self.inner.records.lock(key);
-        let Some(e) = shard
+        let unknown = shard
             .live(key, now)
-            .filter(|e| state::is_unknown_with(&e.value.state(), fence))
-        else {
-            return Box::pin(ready(Ok(false)));
-        };
-        match resolution {
-            Resolution::Completed(record, ttl) => {
-                e.value = Slot::Completed(record.encode_vec().into_boxed_slice());
-                e.expires = now + ms(ttl);
-            }
-            Resolution::Release => {
-                shard.remove(key);
+            .is_some_and(|e| state::is_unknown_with(&e.value.state(), fence));
+        if unknown {
+            match resolution {
+                Resolution::Completed(record, ttl) => {
+                    let encoded = record.encode_vec().into_boxed_slice();
+                    shard.put(*key, Slot::Completed(encoded), now + ms(ttl));
+                }
+                Resolution::Release => {
+                    shard.remove(key);
+                }
             }
         }
-        Box::pin(ready(Ok(true)))
+        Box::pin(ready(Ok(unknown)))
     }
 
     fn complete<'a>(
@@ -338,6 +347,10 @@ impl RecordStore for MemoryStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(ready(Ok(())))
+    }
+
+    fn local_bytes(&self) -> Option<u64> {
+        Some(self.bytes() as u64)
     }
 }
 
