@@ -21,6 +21,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::idempotency::key::{parse_key, Fingerprint, RecordKey};
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
+use idemgate::idempotency::seal::Keyring;
 use idemgate::idempotency::state::{decide, Begin, BeginOptions, Decision};
 use idemgate::store::{MemoryStore, RecordStore, RedisStore};
 
@@ -105,6 +106,22 @@ fn core(c: &mut Criterion) {
     g.bench_function("decode (512 B body, 5 headers)", |b| {
         b.iter(|| CompletedRecord::decode(black_box(encoded.clone())).unwrap())
     });
+    g.finish();
+
+    // Encryption at rest: seal + open of one record (AES-256-GCM).
+    let ring = Keyring::new(&[("k1".into(), vec![9; 32])]).unwrap();
+    let place = [4u8; 32];
+    let mut g = c.benchmark_group("seal");
+    for size in [1usize << 10, 64 << 10] {
+        let plain = record(size).encode_vec();
+        g.throughput(Throughput::Bytes(plain.len() as u64));
+        g.bench_function(format!("seal + open ({} KiB body)", size >> 10), |b| {
+            b.iter(|| {
+                let sealed = ring.seal(&place, black_box(&plain));
+                ring.open(&place, &sealed).unwrap()
+            })
+        });
+    }
     g.finish();
 
     let fp = Fingerprint([7; 32]);

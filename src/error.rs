@@ -67,6 +67,8 @@ pub enum ProxyError {
     InProgress,
     #[error("an earlier request with this key was forwarded and may have been processed (cause: {}); idemgate will not run it again until the upstream or an operator settles it", .0.cause.encode())]
     OutcomeUnknown(Unknown),
+    #[error("this caller creates new keys faster than new_keys_per_scope allows; retry in {0:?}")]
+    TooManyKeys(Duration),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -118,6 +120,11 @@ impl ProxyError {
                 "outcome-unknown",
                 "Outcome of an earlier attempt unknown",
             ),
+            TooManyKeys(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-keys",
+                "Too many new keys",
+            ),
             Store(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store-unavailable",
@@ -147,6 +154,9 @@ impl ProxyError {
         // when to come back.
         match self {
             ProxyError::InProgress => problem.retry_after(1),
+            ProxyError::TooManyKeys(wait) => {
+                problem.retry_after(u32::try_from(wait.as_secs() + 1).unwrap_or(u32::MAX))
+            }
             _ => problem,
         }
     }
@@ -166,6 +176,7 @@ impl ProxyError {
             ProxyError::KeyReused => Outcome::Mismatch,
             ProxyError::InProgress => Outcome::Conflict,
             ProxyError::OutcomeUnknown(_) => Outcome::OutcomeUnknown,
+            ProxyError::TooManyKeys(_) => Outcome::TooManyKeys,
             ProxyError::Store(_) => Outcome::StoreUnavailable,
             ProxyError::Upstream(_) => Outcome::UpstreamError,
         }

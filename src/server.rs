@@ -23,9 +23,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::config::{Backend, Config};
+use crate::idempotency::seal::Keyring;
 use crate::metrics::Metrics;
 use crate::proxy::{IdempotencyLayer, Settings, Upstream};
-use crate::store::{MemoryStore, RedisStore, Store};
+use crate::store::{MemoryStore, RedisStore, Sealing, Store};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -41,14 +42,26 @@ pub enum StartError {
 
 /// Opens the configured store, reporting into `metrics`.
 pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Store, StartError> {
+    let keyring = match config.store.encryption.as_slice() {
+        [] => None,
+        keys => {
+            let keys: Vec<(String, Vec<u8>)> = keys
+                .iter()
+                .map(|k| (k.id.clone(), k.material.clone()))
+                .collect();
+            Some(Keyring::new(&keys).map_err(|e| StartError::Store(e.to_string()))?)
+        }
+    };
+    let sealing = Sealing::new(keyring, Some(metrics.record_decode_errors.clone()));
     let store = match config.store.backend {
         Backend::Memory => Store::new(MemoryStore::bounded(
             config.store.max_entries,
             usize::try_from(config.store.max_bytes).unwrap_or(usize::MAX),
+            sealing,
         )),
         Backend::Redis | Backend::RedisCluster => {
             let mut options = config.store.redis_options();
-            options.decode_errors = Some(metrics.record_decode_errors.clone());
+            options.sealing = sealing;
             options.ack_failures = Some(metrics.replica_ack_failures.clone());
             let store = RedisStore::connect(options)
                 .await

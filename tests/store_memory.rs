@@ -106,7 +106,7 @@ async fn sweep_drops_only_expired_records() {
 #[tokio::test]
 async fn bytes_are_counted_and_bound_new_keys() {
     // Room for a few 100 KiB records, not for ten.
-    let s = MemoryStore::bounded(1000, 400 << 10);
+    let s = MemoryStore::bounded(1000, 400 << 10, idemgate::store::Sealing::default());
     let big = |n: u8| {
         std::sync::Arc::new(idemgate::idempotency::record::CompletedRecord {
             fingerprint: FP,

@@ -48,6 +48,7 @@ impl Default for StoreConfig {
             max_bytes: 512 << 20,
             min_replicas: 0,
             replica_ack_timeout: Duration::from_millis(100),
+            encryption: Vec::new(),
         }
     }
 }
@@ -74,6 +75,7 @@ impl Default for Policy {
             reconcile_url: None,
             reconcile_timeout: Duration::from_secs(2),
             reconcile_interval: Duration::from_secs(10),
+            new_keys: None,
         }
     }
 }

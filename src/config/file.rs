@@ -57,6 +57,7 @@ pub(super) struct StoreFile {
     pub(super) max_bytes: Option<Value>,
     pub(super) min_replicas: Option<Value>,
     pub(super) replica_ack_timeout: Option<Value>,
+    pub(super) encryption: Option<Value>,
 }
 
 /// `[idempotency]` and each `[[routes]]` entry (which adds `path`).
@@ -83,6 +84,8 @@ pub(super) struct PolicyFile {
     pub(super) reconcile_url: Option<Value>,
     pub(super) reconcile_timeout: Option<Value>,
     pub(super) reconcile_interval: Option<Value>,
+    pub(super) new_keys_per_scope: Option<Value>,
+    pub(super) new_keys_burst: Option<Value>,
 }
 
 impl FileConfig {

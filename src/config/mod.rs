@@ -23,12 +23,14 @@ use crate::store::RedisOptions;
 mod check;
 pub mod cli;
 mod defaults;
+pub mod encryption;
 pub mod file;
 mod render;
 pub mod routes;
 mod sections;
 
 pub use cli::{Cli, Command, RunArgs};
+pub use encryption::{EncryptionKey, KeySource};
 pub use file::FileConfig;
 pub use routes::{OnUnknownOutcome, PathPattern, Policies, Policy, ReconcileUrl, Route};
 
@@ -138,6 +140,8 @@ pub struct StoreConfig {
     /// idemgate relies on it (`WAIT`); 0: none.
     pub min_replicas: u32,
     pub replica_ack_timeout: Duration,
+    /// Keys that seal stored responses and dedup results; empty: off.
+    pub encryption: Vec<EncryptionKey>,
 }
 
 impl StoreConfig {

@@ -6,8 +6,8 @@ use http::HeaderName;
 use serde::Serialize;
 
 use super::{
-    Backend, Config, DedupConfig, LogFormat, OnStoreError, OnUnknownOutcome, Policy, ReconcileUrl,
-    StoreConfig,
+    Backend, Config, DedupConfig, KeySource, LogFormat, OnStoreError, OnUnknownOutcome, Policy,
+    ReconcileUrl, StoreConfig,
 };
 use crate::store::redact_url;
 
@@ -56,6 +56,21 @@ struct StoreView {
     max_bytes: u64,
     min_replicas: u32,
     replica_ack_timeout: String,
+    /// Key ids and where they come from; never the keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encryption: Option<EncryptionView>,
+}
+
+#[derive(Serialize)]
+struct EncryptionView {
+    keys: Vec<KeyView>,
+}
+
+#[derive(Serialize)]
+struct KeyView {
+    id: String,
+    #[serde(flatten)]
+    source: KeySource,
 }
 
 #[derive(Serialize)]
@@ -84,6 +99,10 @@ struct PolicyView<'a> {
     reconcile_url: Option<&'a str>,
     reconcile_timeout: String,
     reconcile_interval: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    new_keys_per_scope: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    new_keys_burst: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -125,6 +144,8 @@ impl<'a> PolicyView<'a> {
             reconcile_url: p.reconcile_url.as_ref().map(ReconcileUrl::as_str),
             reconcile_timeout: d(p.reconcile_timeout),
             reconcile_interval: d(p.reconcile_interval),
+            new_keys_per_scope: p.new_keys.map(|r| format!("{}/s", r.per_second)),
+            new_keys_burst: p.new_keys.map(|r| r.burst as u32),
         }
     }
 }
@@ -149,6 +170,16 @@ impl StoreView {
             max_bytes: s.max_bytes,
             min_replicas: s.min_replicas,
             replica_ack_timeout: d(s.replica_ack_timeout),
+            encryption: (!s.encryption.is_empty()).then(|| EncryptionView {
+                keys: s
+                    .encryption
+                    .iter()
+                    .map(|k| KeyView {
+                        id: k.id.clone(),
+                        source: k.source.clone(),
+                    })
+                    .collect(),
+            }),
         }
     }
 }

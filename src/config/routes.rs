@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
+use crate::idempotency::rate::Rate;
 use crate::idempotency::state::BeginOptions;
 
 /// The idempotency rules for one path (the defaults, or a route's).
@@ -36,6 +37,9 @@ pub struct Policy {
     pub reconcile_timeout: Duration,
     /// The least time between two questions about one key.
     pub reconcile_interval: Duration,
+    /// Fair share: new keys per caller scope (`new_keys_per_scope`,
+    /// `new_keys_burst`); `None`: unlimited.
+    pub new_keys: Option<Rate>,
 }
 
 /// `on_unknown_outcome`: what to do when idemgate cannot know whether the

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use toml::Value;
 
+use crate::idempotency::rate::Rate;
+
 use super::check::Checker;
 use super::file::{DedupFile, FileConfig, PolicyFile, StoreFile};
 use super::{
@@ -231,6 +233,9 @@ impl Checker {
             "store.max_bytes",
             Checker::size,
         );
+        if let Some(v) = &f.encryption {
+            s.encryption = self.encryption(v);
+        }
         self.set(
             &mut s.min_replicas,
             &f.min_replicas,
@@ -437,6 +442,7 @@ impl Checker {
                 "is required when on_unknown_outcome = \"reconcile\"".into(),
             );
         }
+        self.new_keys(at, f, &mut p);
         if p.lease_ttl < Duration::from_millis(30) {
             self.err(
                 &k("lease_ttl"),
@@ -444,6 +450,35 @@ impl Checker {
             );
         }
         p
+    }
+
+    /// `new_keys_per_scope` ("200/s", "50/m", "10/h") and `new_keys_burst`
+    /// over the inherited rate.
+    fn new_keys(&mut self, at: &str, f: &PolicyFile, p: &mut Policy) {
+        let rate_at = format!("{at}.new_keys_per_scope");
+        let burst_at = format!("{at}.new_keys_burst");
+        let mut text = None;
+        self.set(&mut text, &f.new_keys_per_scope, &rate_at, |c, path, v| {
+            c.string(path, v).map(Some)
+        });
+        let mut burst: Option<u32> = None;
+        self.set(&mut burst, &f.new_keys_burst, &burst_at, |c, path, v| {
+            Checker::int(1, 1_000_000)(c, path, v).map(Some)
+        });
+        match (text, burst) {
+            (Some(t), b) => match Rate::parse(&t, b) {
+                Some(rate) => p.new_keys = Some(rate),
+                None => self.err(
+                    &rate_at,
+                    format!("{t:?} is not a rate (e.g. \"200/s\", \"50/m\", \"10/h\")"),
+                ),
+            },
+            (None, Some(b)) => match &mut p.new_keys {
+                Some(rate) => rate.burst = f64::from(b),
+                None => self.err(&burst_at, "needs new_keys_per_scope".into()),
+            },
+            (None, None) => {}
+        }
     }
 
     fn dedup(&mut self, f: DedupFile) -> DedupConfig {

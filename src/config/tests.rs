@@ -297,3 +297,106 @@ fn admin_tokens_come_from_the_file_or_a_file_and_are_checked() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn encryption_keys_are_read_and_every_bad_one_is_named() {
+    use base64::Engine;
+    let dir = std::env::temp_dir().join(format!("idemgate-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good");
+    std::fs::write(
+        &good,
+        base64::engine::general_purpose::STANDARD.encode([5u8; 32]),
+    )
+    .unwrap();
+    let short = dir.join("short");
+    std::fs::write(
+        &short,
+        base64::engine::general_purpose::STANDARD.encode([5u8; 16]),
+    )
+    .unwrap();
+    let junk = dir.join("junk");
+    std::fs::write(&junk, "not base64 at all!").unwrap();
+    let c = parse(&format!(
+        "[store.encryption]\nkeys = [{{ id = \"k2\", file = \"{}\" }}]\n",
+        good.display()
+    ))
+    .unwrap();
+    assert_eq!(c.store.encryption[0].material, vec![5u8; 32]);
+    assert!(
+        !format!("{c:?}").contains("material"),
+        "key material is never printed"
+    );
+    let text = c.to_toml();
+    assert!(
+        text.contains("[[store.encryption.keys]]") || text.contains("encryption"),
+        "{text}"
+    );
+    assert_eq!(parse(&text).unwrap().store.encryption, c.store.encryption);
+
+    let err = parse(&format!(
+        r#"
+        [store.encryption]
+        keys = [
+          {{ id = "a", file = "{}" }},
+          {{ id = "b", file = "{}" }},
+          {{ id = "c", env = "IDEMGATE_TEST_KEY_THAT_IS_NOT_SET" }},
+          {{ id = "d", file = "/nonexistent/key" }},
+          {{ id = "e" }},
+        ]
+        "#,
+        short.display(),
+        junk.display()
+    ))
+    .unwrap_err();
+    let lines = err.0.join("\n");
+    for want in [
+        "store.encryption.keys[0]: key \"a\" is 16 bytes; AES-256 needs 32",
+        "store.encryption.keys[1]: key \"b\" is not standard base64",
+        "store.encryption.keys[2].env: the environment variable IDEMGATE_TEST_KEY_THAT_IS_NOT_SET is not set",
+        "store.encryption.keys[3].file: cannot read \"/nonexistent/key\"",
+        "store.encryption.keys[4]: give exactly one of env or file",
+    ] {
+        assert!(lines.contains(want), "missing {want:?} in:\n{lines}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn fair_share_rates_are_checked_and_inherited() {
+    let c = parse(
+        r#"
+        [idempotency]
+        new_keys_per_scope = "120/m"
+        [[routes]]
+        path = "/v1/bulk/**"
+        new_keys_burst = 50
+        "#,
+    )
+    .unwrap();
+    let d = c.policies.default.new_keys.unwrap();
+    assert_eq!((d.per_second, d.burst), (2.0, 2.0));
+    let bulk = c.policies.for_path("/v1/bulk/x").new_keys.unwrap();
+    assert_eq!((bulk.per_second, bulk.burst), (2.0, 50.0));
+    let text = c.to_toml();
+    assert_eq!(parse(&text).unwrap().to_toml(), text);
+
+    let err = parse(
+        "[idempotency]\nnew_keys_per_scope = \"lots\"\n[[routes]]\npath = \"/x\"\nnew_keys_burst = 0\n",
+    )
+    .unwrap_err();
+    let lines = err.0.join("\n");
+    assert!(
+        lines.contains("idempotency.new_keys_per_scope: \"lots\" is not a rate"),
+        "{lines}"
+    );
+    assert!(
+        lines.contains("routes[0].new_keys_burst: 0 is out of range"),
+        "{lines}"
+    );
+    let err = parse("[idempotency]\nnew_keys_burst = 5\n").unwrap_err();
+    assert!(
+        err.0[0].contains("new_keys_burst: needs new_keys_per_scope"),
+        "{err}"
+    );
+}

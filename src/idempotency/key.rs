@@ -159,6 +159,14 @@ impl RecordKey {
         RecordKey(f.finish())
     }
 
+    /// The caller's scope alone (the values of `scope_headers`, hashed): the
+    /// key of its fair-share bucket. Raw values never reach the store.
+    pub fn derive_scope(headers: &HeaderMap, scope_headers: &[HeaderName]) -> Self {
+        let mut f = Fields::new(b"idemgate/scope/v1");
+        f.headers(headers, scope_headers);
+        RecordKey(f.finish())
+    }
+
     /// Derives the record key for a consumer-dedup key within a scope.
     pub fn derive_dedup(scope: &str, key: &str) -> Self {
         let mut f = Fields::new(b"idemgate/dedup/v1");

@@ -11,6 +11,8 @@
 pub mod dedup;
 pub mod key;
 pub mod lease;
+pub mod rate;
 pub mod record;
+pub mod seal;
 pub mod settlement;
 pub mod state;

@@ -20,11 +20,13 @@ pub enum Outcome {
     /// An earlier attempt may have run: 409 `outcome-unknown`, no upstream
     /// call.
     OutcomeUnknown,
+    /// A new key over the caller's `new_keys_per_scope`: 429.
+    TooManyKeys,
 }
 
 impl Outcome {
     /// Every outcome, in declaration order (`ALL[o as usize] == o`).
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Forwarded,
         Outcome::Replayed,
         Outcome::Conflict,
@@ -37,6 +39,7 @@ impl Outcome {
         Outcome::UpstreamError,
         Outcome::ClientError,
         Outcome::OutcomeUnknown,
+        Outcome::TooManyKeys,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +56,7 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::ClientError => "client_error",
             Outcome::OutcomeUnknown => "outcome_unknown",
+            Outcome::TooManyKeys => "too_many_keys",
         }
     }
 }
@@ -69,11 +73,12 @@ pub enum StoreOp {
     Purge,
     MarkUnknown,
     Resolve,
+    Admit,
 }
 
 impl StoreOp {
     /// Every operation, in declaration order (`ALL[op as usize] == op`).
-    pub const ALL: [StoreOp; 9] = [
+    pub const ALL: [StoreOp; 10] = [
         StoreOp::Begin,
         StoreOp::Renew,
         StoreOp::Complete,
@@ -83,6 +88,7 @@ impl StoreOp {
         StoreOp::Purge,
         StoreOp::MarkUnknown,
         StoreOp::Resolve,
+        StoreOp::Admit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -96,6 +102,7 @@ impl StoreOp {
             StoreOp::Purge => "purge",
             StoreOp::MarkUnknown => "mark_unknown",
             StoreOp::Resolve => "resolve",
+            StoreOp::Admit => "admit",
         }
     }
 }

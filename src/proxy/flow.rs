@@ -163,6 +163,30 @@ pub(super) async fn handle<S: UpstreamService>(
         );
         match decide(begun, &fp) {
             Decision::Forward(lease) => {
+                // Fair share: only a request that creates a key is counted.
+                if let Some(rate) = policy.new_keys {
+                    let scope = RecordKey::derive_scope(&parts.headers, &policy.scope_headers);
+                    let admitted = store
+                        .observe(StoreOp::Admit, |b| b.admit(&scope, rate))
+                        .await;
+                    let refusal = match admitted {
+                        Ok(Ok(())) => None,
+                        Ok(Err(wait)) => Some(Err(wait)),
+                        Err(e) => Some(Ok(e)),
+                    };
+                    if let Some(refusal) = refusal {
+                        // Nothing was sent: give the key back at once.
+                        let _ = store
+                            .observe(StoreOp::Release, |b| b.release(&record_key, &lease))
+                            .await;
+                        return match refusal {
+                            Err(wait) => refuse(ProxyError::TooManyKeys(wait)).on(record_key),
+                            Ok(e) => store_failed(&shared, inner, parts, body, e)
+                                .await
+                                .on(record_key),
+                        };
+                    }
+                }
                 let job = Job::new(&shared, record_key, lease, fp, policy);
                 return job
                     .spawn(&shared.settings.tasks, inner, parts, body)

@@ -28,12 +28,14 @@ pub mod dedup;
 pub mod memory;
 mod records;
 pub mod redis_store;
+mod sealing;
 mod ttl_map;
 
 pub use dedup::{ClaimItem, CompleteItem, Cursor, DedupStore, FailedItem, Inspected, Ttls};
 pub use memory::MemoryStore;
 pub use records::{Inspection, RecordStore};
 pub use redis_store::{redact_url, RedisOptions, RedisStore};
+pub use sealing::Sealing;
 
 /// A store failure. The proxy answers every variant with 503 (or passes the
 /// request through, when configured to).

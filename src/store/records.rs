@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::StoreFuture;
 use crate::idempotency::key::{Fingerprint, RecordKey};
+use crate::idempotency::rate::Rate;
 use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{Begin, BeginOptions, Lease, Resolution, State, UnknownCause};
 
@@ -80,6 +81,14 @@ pub trait RecordStore: Send + Sync + 'static {
 
     /// Whether the store answers.
     fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// Takes one token from the fair-share bucket of the caller `scope`
+    /// (see [`crate::idempotency::rate`]): `Err(wait)` when it is empty.
+    fn admit<'a>(
+        &'a self,
+        scope: &'a RecordKey,
+        rate: Rate,
+    ) -> StoreFuture<'a, Result<(), Duration>>;
 
     /// Bytes held in this process (the memory store); `None` otherwise.
     fn local_bytes(&self) -> Option<u64> {

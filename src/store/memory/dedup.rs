@@ -90,7 +90,16 @@ impl MemoryStore {
                 self.add_failed(scope, key, now_ms);
             }
         }
-        Ok(out)
+        Ok(match out {
+            ClaimOutcome::Completed {
+                result,
+                completed_at_ms,
+            } => ClaimOutcome::Completed {
+                result: result.and_then(|r| self.inner.sealing.open_text(&rk, r)),
+                completed_at_ms,
+            },
+            other => other,
+        })
     }
 
     fn complete_sync(
@@ -105,6 +114,7 @@ impl MemoryStore {
         let (now, now_ms) = self.dedup_now();
         let mut shard = self.inner.dedup.lock(&rk);
         let current = shard.live(&rk, now).map(|e| &e.value);
+        let result = result.map(|r| self.inner.sealing.seal_text(&rk, r));
         match rules::complete(current, lease_id, now_ms, result) {
             Completion::Recorded(rec) => {
                 shard.put(rk, rec, now + ms(retention));
@@ -293,7 +303,7 @@ impl DedupStore for MemoryStore {
         let (now, now_ms) = self.dedup_now();
         let mut shard = self.inner.dedup.lock(&rk);
         let found = shard.live(&rk, now).map(|e| Inspected {
-            record: e.value.clone(),
+            record: self.inner.sealing.open_record(&rk, e.value.clone()),
             expires_in: Some(Duration::from_millis(e.expires - now)),
             now_ms,
         });

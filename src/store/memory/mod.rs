@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use super::ttl_map::{Bound, Clock, TtlMap};
-use super::StoreError;
+use super::{Sealing, StoreError};
+use crate::idempotency::rate::Bucket;
 
 mod dedup;
 mod records;
@@ -32,6 +33,8 @@ pub struct MemoryStore {
 struct Inner {
     records: TtlMap<records::Slot>,
     dedup: TtlMap<dedup::Slot>,
+    /// Fair-share buckets per caller scope: tiny, outside the bound.
+    buckets: TtlMap<Bucket>,
     /// Dead letters per scope, ordered by (failed_at_ms, key).
     failed: Mutex<HashMap<String, BTreeSet<(u64, String)>>>,
     bound: Arc<Bound>,
@@ -39,26 +42,29 @@ struct Inner {
     /// One counter for every key: strictly increasing per key, also across
     /// expiry, which is all a fence needs.
     fence: AtomicU64,
+    sealing: Sealing,
 }
 
 impl MemoryStore {
     /// A store that holds at most `max_entries` records, with no bound in
     /// bytes (tests, tools). Inside a tokio runtime it starts its sweeper.
     pub fn new(max_entries: usize) -> Self {
-        Self::bounded(max_entries, usize::MAX)
+        Self::bounded(max_entries, usize::MAX, Sealing::default())
     }
 
     /// A store bounded in records and in bytes (`store.max_bytes`: keys,
-    /// records and in-flight entries).
-    pub fn bounded(max_entries: usize, max_bytes: usize) -> Self {
+    /// records and in-flight entries), writing records through `sealing`.
+    pub fn bounded(max_entries: usize, max_bytes: usize, sealing: Sealing) -> Self {
         let bound = Bound::new(max_entries, max_bytes);
         let store = MemoryStore {
             inner: Arc::new(Inner {
                 records: TtlMap::new(bound.clone()),
                 dedup: TtlMap::new(bound.clone()),
+                buckets: TtlMap::new(Bound::new(usize::MAX, usize::MAX)),
                 failed: Mutex::default(),
                 bound,
                 clock: Clock::start(),
+                sealing,
                 fence: AtomicU64::new(0),
             }),
         };
@@ -86,6 +92,7 @@ impl MemoryStore {
     /// Removes every expired record; returns how many went.
     pub fn sweep(&self) -> usize {
         let now = self.inner.clock.now();
+        self.inner.buckets.sweep(now);
         self.inner.records.sweep(now) + self.inner.dedup.sweep(now)
     }
 

@@ -6,18 +6,18 @@ use std::future::ready;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::MemoryStore;
 use crate::idempotency::key::{Fingerprint, RecordKey};
+use crate::idempotency::rate::{self, Bucket, Rate};
 use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{
     self, Begin, BeginOptions, Lease, Resolution, State, Unknown, UnknownCause,
 };
 use crate::store::ttl_map::{ms, Entry, OnRemove};
-use crate::store::{Inspection, RecordStore, StoreError, StoreFuture};
+use crate::store::{Inspection, RecordStore, Sealing, StoreError, StoreFuture};
 
 /// What a record holds, kept small because most are completed records: the
 /// rare in-flight data is boxed (see benches/RESULTS.md for the bytes per
@@ -60,10 +60,17 @@ impl OnRemove for Slot {
     }
 }
 
+/// Fair-share buckets hold nothing on the heap and wake no one.
+impl OnRemove for Bucket {
+    fn heap_bytes(&self) -> usize {
+        0
+    }
+}
+
 impl Slot {
     /// The slot for a state; an in-flight one with its lease until
     /// `lease_until`.
-    fn of(state: State, lease_until: u64) -> Option<Slot> {
+    fn of(state: State, lease_until: u64, key: &RecordKey, sealing: &Sealing) -> Option<Slot> {
         match state {
             State::Absent => None,
             State::InFlight { lease, fingerprint } => Some(Slot::InFlight(Box::new(InFlight {
@@ -72,22 +79,24 @@ impl Slot {
                 lease_until,
                 notify: None,
             }))),
-            State::Completed(rec) => Some(Slot::Completed(rec.encode_vec().into_boxed_slice())),
+            State::Completed(rec) => Some(Slot::Completed(
+                sealing.encode(key, &rec).into_boxed_slice(),
+            )),
             State::Unknown(u) => Some(Slot::Unknown(Box::new(u))),
         }
     }
 
-    /// The state this slot stands for. A record that fails to decode (it
-    /// cannot: this process encoded it) reads as absent rather than panicking.
-    fn state(&self) -> State {
+    /// The state this slot stands for. A record that does not decode (or,
+    /// sealed, does not open) reads as absent rather than being served.
+    fn state(&self, key: &RecordKey, sealing: &Sealing) -> State {
         match self {
             Slot::InFlight(f) => State::InFlight {
                 lease: f.lease,
                 fingerprint: f.fingerprint,
             },
-            Slot::Completed(bytes) => CompletedRecord::decode(Bytes::copy_from_slice(bytes))
-                .map(|r| State::Completed(Arc::new(r)))
-                .unwrap_or(State::Absent),
+            Slot::Completed(bytes) => sealing
+                .decode(key, bytes)
+                .map_or(State::Absent, |r| State::Completed(Arc::new(r))),
             Slot::Unknown(u) => State::Unknown(**u),
         }
     }
@@ -121,7 +130,11 @@ impl MemoryStore {
         loop {
             let mut shard = self.inner.records.lock(key);
             let (current, lapsed, expires) = match shard.live(key, now) {
-                Some(e) => (e.value.state(), e.value.lapsed(now), e.expires),
+                Some(e) => (
+                    e.value.state(key, &self.inner.sealing),
+                    e.value.lapsed(now),
+                    e.expires,
+                ),
                 None => (State::Absent, false, 0),
             };
             if matches!(current, State::Absent) && !checked_room && self.inner.bound.full() {
@@ -144,7 +157,9 @@ impl MemoryStore {
                 (_, State::InFlight { .. }) => now + ms(opts.hold_lapsed.unwrap_or_default()),
                 _ => expires,
             };
-            if let Some(slot) = next.and_then(|n| Slot::of(n, now + ms(opts.lease_ttl))) {
+            if let Some(slot) =
+                next.and_then(|n| Slot::of(n, now + ms(opts.lease_ttl), key, &self.inner.sealing))
+            {
                 shard.put(*key, slot, expires);
             }
             return Ok(begin);
@@ -215,7 +230,8 @@ impl RecordStore for MemoryStore {
     ) -> StoreFuture<'a, bool> {
         let unix = self.inner.clock.unix_ms(self.inner.clock.now());
         let done = self.with_lease(key, lease, |e, now| {
-            let State::InFlight { fingerprint, .. } = e.value.state() else {
+            let State::InFlight { fingerprint, .. } = e.value.state(key, &self.inner.sealing)
+            else {
                 return;
             };
             e.value.removed();
@@ -239,13 +255,13 @@ impl RecordStore for MemoryStore {
     ) -> StoreFuture<'a, bool> {
         let now = self.inner.clock.now();
         let mut shard = self.inner.records.lock(key);
-        let unknown = shard
-            .live(key, now)
-            .is_some_and(|e| state::is_unknown_with(&e.value.state(), fence));
+        let unknown = shard.live(key, now).is_some_and(|e| {
+            state::is_unknown_with(&e.value.state(key, &self.inner.sealing), fence)
+        });
         if unknown {
             match resolution {
                 Resolution::Completed(record, ttl) => {
-                    let encoded = record.encode_vec().into_boxed_slice();
+                    let encoded = self.inner.sealing.encode(key, &record).into_boxed_slice();
                     shard.put(*key, Slot::Completed(encoded), now + ms(ttl));
                 }
                 Resolution::Release => {
@@ -264,7 +280,7 @@ impl RecordStore for MemoryStore {
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         // Encode outside the shard lock.
-        let encoded = record.encode_vec().into_boxed_slice();
+        let encoded = self.inner.sealing.encode(key, &record).into_boxed_slice();
         let done = self.with_lease(key, lease, |e, now| {
             // Waiters re-check under this shard lock, so they see the record.
             e.value.removed();
@@ -329,7 +345,7 @@ impl RecordStore for MemoryStore {
         let mut shard = self.inner.records.lock(key);
         let found = match shard.live(key, now) {
             Some(e) => Inspection {
-                state: e.value.state(),
+                state: e.value.state(key, &self.inner.sealing),
                 expires_in: Some(Duration::from_millis(e.expires - now)),
             },
             None => Inspection {
@@ -347,6 +363,19 @@ impl RecordStore for MemoryStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(ready(Ok(())))
+    }
+
+    fn admit<'a>(
+        &'a self,
+        scope: &'a RecordKey,
+        rate: Rate,
+    ) -> StoreFuture<'a, Result<(), Duration>> {
+        let now = self.inner.clock.now();
+        let mut shard = self.inner.buckets.lock(scope);
+        let current = shard.live(scope, now).map(|e| e.value);
+        let (bucket, admitted) = rate::take(current, &rate, now);
+        shard.put(*scope, bucket, now + ms(rate.refill()));
+        Box::pin(ready(Ok(admitted)))
     }
 
     fn local_bytes(&self) -> Option<u64> {

@@ -107,7 +107,10 @@ impl RedisStore {
                 recovered: parts.get(3).and_then(num) == Some(1),
             },
             "completed" => ClaimOutcome::Completed {
-                result: opt(1),
+                result: opt(1).and_then(|r| {
+                    let rk = RecordKey::derive_dedup(scope, key);
+                    self.inner.sealing.open_text(&rk, r)
+                }),
                 completed_at_ms: need(parts.get(2).and_then(num))?,
             },
             "failed" | "failed_new" => {
@@ -202,7 +205,10 @@ impl DedupStore for RedisStore {
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let ms = millis(retention);
-            let result = result.unwrap_or_default();
+            let rk = RecordKey::derive_dedup(scope, key);
+            let result = result
+                .map(|r| self.inner.sealing.seal_text(&rk, r))
+                .unwrap_or_default();
             let n: i64 = self
                 .eval(
                     &self.inner.scripts.dedup_complete,
@@ -300,7 +306,10 @@ impl DedupStore for RedisStore {
                     fingerprint: s(5),
                 },
                 Some("c") => DedupRecord::Completed {
-                    result: s(7),
+                    result: s(7).and_then(|r| {
+                        let rk = RecordKey::derive_dedup(scope, key);
+                        self.inner.sealing.open_text(&rk, r)
+                    }),
                     completed_at_ms: need(n(9))?,
                     attempts: n(3).unwrap_or(0) as u32,
                     lease_id: need(s(1).and_then(|l| l.parse().ok()))?,
@@ -491,7 +500,14 @@ impl DedupStore for RedisStore {
                 .map(|it| {
                     let args = vec![
                         it.lease_id.to_string().into_bytes(),
-                        it.result.clone().unwrap_or_default().into_bytes(),
+                        it.result
+                            .clone()
+                            .map(|r| {
+                                let rk = RecordKey::derive_dedup(scope, &it.key);
+                                self.inner.sealing.seal_text(&rk, r)
+                            })
+                            .unwrap_or_default()
+                            .into_bytes(),
                         millis(it.retention).into_bytes(),
                     ];
                     (self.dedup_key(scope, &it.key), args)

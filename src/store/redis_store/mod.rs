@@ -28,7 +28,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, Script, Value};
 
-use super::StoreError;
+use super::{Sealing, StoreError};
 use crate::idempotency::key::{Fingerprint, RecordKey};
 
 mod dedup;
@@ -54,8 +54,8 @@ pub struct RedisOptions {
     /// The longest a waiter goes without re-checking ([`RECHECK`]). Tests set
     /// it long to prove that pub/sub, not the re-check, wakes waiters.
     pub recheck: Duration,
-    /// Counts records this build cannot decode (they are treated as misses).
-    pub decode_errors: Option<prometheus::IntCounter>,
+    /// How records are written and read (encryption, decode errors).
+    pub sealing: Sealing,
     /// Replicas that must acknowledge a begin (else it is undone and
     /// refused) and a complete (else it is logged and counted); 0: none.
     pub min_replicas: u32,
@@ -72,7 +72,7 @@ impl RedisOptions {
             key_prefix: "idemgate".into(),
             timeout: Duration::from_secs(1),
             recheck: RECHECK,
-            decode_errors: None,
+            sealing: Sealing::default(),
             min_replicas: 0,
             replica_ack_timeout: Duration::from_millis(100),
             ack_failures: None,
@@ -99,7 +99,7 @@ struct Inner {
     recheck: Duration,
     scripts: Scripts,
     waiters: Arc<Waiters>,
-    decode_errors: Option<prometheus::IntCounter>,
+    sealing: Sealing,
     min_replicas: u32,
     replica_ack_timeout: Duration,
     ack_failures: Option<prometheus::IntCounterVec>,
@@ -187,7 +187,7 @@ impl RedisStore {
                 recheck: options.recheck,
                 scripts: Scripts::load(),
                 waiters,
-                decode_errors: options.decode_errors,
+                sealing: options.sealing,
                 min_replicas: options.min_replicas,
                 replica_ack_timeout: options.replica_ack_timeout,
                 ack_failures: options.ack_failures,

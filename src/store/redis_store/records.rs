@@ -4,13 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use redis::Value;
 use tokio::time::Instant;
 
 use super::{array, fingerprint, malformed, millis, parse_u64, tag, Conn, RedisStore};
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::lease::LeaseId;
+use crate::idempotency::rate::Rate;
 use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{
     Begin, BeginOptions, Lease, Resolution, State, Unknown, UnknownCause,
@@ -87,19 +87,10 @@ impl RedisStore {
         }
     }
 
-    /// Decodes a stored record. One written by a newer idemgate, or damaged,
-    /// is a miss: counted and logged once here, never served.
+    /// Decodes (and opens) a stored record; one that does not read is a
+    /// miss, counted and logged once by the sealing.
     fn decode(&self, key: &RecordKey, raw: &[u8]) -> Option<Arc<CompletedRecord>> {
-        match CompletedRecord::decode(Bytes::copy_from_slice(raw)) {
-            Ok(rec) => Some(Arc::new(rec)),
-            Err(e) => {
-                if let Some(c) = &self.inner.decode_errors {
-                    c.inc();
-                }
-                tracing::warn!(record = %key.to_hex(), error = %e, "undecodable record treated as a miss");
-                None
-            }
-        }
+        self.inner.sealing.decode(key, raw).map(Arc::new)
     }
 
     /// Whether the record is still in flight under `fence`.
@@ -290,7 +281,11 @@ impl RecordStore for RedisStore {
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let (how, record, ttl) = match &resolution {
-                Resolution::Completed(record, ttl) => ("complete", record.encode(), millis(*ttl)),
+                Resolution::Completed(record, ttl) => (
+                    "complete",
+                    self.inner.sealing.encode(key, record),
+                    millis(*ttl),
+                ),
                 Resolution::Release => ("release", Default::default(), String::new()),
             };
             let n: i64 = self
@@ -347,7 +342,7 @@ impl RecordStore for RedisStore {
                     &self.record_key(key),
                     &[
                         lease.token.to_string().as_bytes(),
-                        &record.encode(),
+                        &self.inner.sealing.encode(key, &record),
                         millis(ttl).as_bytes(),
                         self.channel(key).as_bytes(),
                         self.sharded(),
@@ -413,5 +408,30 @@ impl RecordStore for RedisStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(self.ping_inner())
+    }
+
+    fn admit<'a>(
+        &'a self,
+        scope: &'a RecordKey,
+        rate: Rate,
+    ) -> StoreFuture<'a, Result<(), Duration>> {
+        Box::pin(async move {
+            let bucket = format!("{}:rl:{{{}}}", self.inner.prefix, scope.to_hex());
+            let wait: i64 = self
+                .eval(
+                    &self.inner.scripts.admit,
+                    &bucket,
+                    &[
+                        rate.per_second.to_string().as_bytes(),
+                        rate.burst.to_string().as_bytes(),
+                        millis(rate.refill()).as_bytes(),
+                    ],
+                )
+                .await?;
+            Ok(match u64::try_from(wait) {
+                Ok(0) | Err(_) => Ok(()),
+                Ok(ms) => Err(Duration::from_millis(ms)),
+            })
+        })
     }
 }
