@@ -3,17 +3,19 @@
 //! metrics it reports into.
 //!
 //! - [`RecordStore`]: HTTP idempotency records (atomic begin / renew /
-//!   complete / release / wait). Shaped for Redis: begin takes the lease,
-//!   reports the in-flight holder, or returns the completed record in one
-//!   call, so a replay is one round trip.
+//!   complete / release / mark unknown / resolve / wait, and the fair-share
+//!   buckets). Shaped for Redis: begin takes the lease, reports the
+//!   in-flight holder or an unknown outcome, or returns the completed
+//!   record in one call, so a replay is one round trip.
 //! - [`DedupStore`]: consumer-dedup records (claim / extend / complete /
 //!   release / mark and the dead-letter index).
 //! - [`Store`]: the one handle the rest of the program holds: a backend
 //!   behind `Arc<dyn Backend>` and the metrics wrapper [`Store::observe`].
 //!
 //! Backends: [`MemoryStore`] (one process) and [`RedisStore`] (standalone and
-//! Cluster). Every later state change names its lease and succeeds only
-//! while that lease is current.
+//! Cluster), both writing records through [`Sealing`] (encoded, and sealed
+//! when encryption is on). Every later state change names its lease (or,
+//! for an unknown outcome, its fence) and succeeds only while it is current.
 
 use std::future::Future;
 use std::pin::Pin;
