@@ -6,6 +6,7 @@
 //! or timed out waiting for an in-flight original.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -163,29 +164,16 @@ pub(super) async fn handle<S: UpstreamService>(
         );
         match decide(begun, &fp) {
             Decision::Forward(lease) => {
-                // Fair share: only a request that creates a key is counted.
-                if let Some(rate) = policy.new_keys {
-                    let scope = RecordKey::derive_scope(&parts.headers, &policy.scope_headers);
-                    let admitted = store
-                        .observe(StoreOp::Admit, |b| b.admit(&scope, rate))
+                if let Err(refused) = admit(&shared, &policy, &parts.headers).await {
+                    // Nothing was sent: give the key back at once.
+                    let _ = store
+                        .observe(StoreOp::Release, |b| b.release(&record_key, &lease))
                         .await;
-                    let refusal = match admitted {
-                        Ok(Ok(())) => None,
-                        Ok(Err(wait)) => Some(Err(wait)),
-                        Err(e) => Some(Ok(e)),
+                    let handled = match refused {
+                        Refused::OverRate(wait) => refuse(ProxyError::TooManyKeys(wait)),
+                        Refused::Store(e) => store_failed(&shared, inner, parts, body, e).await,
                     };
-                    if let Some(refusal) = refusal {
-                        // Nothing was sent: give the key back at once.
-                        let _ = store
-                            .observe(StoreOp::Release, |b| b.release(&record_key, &lease))
-                            .await;
-                        return match refusal {
-                            Err(wait) => refuse(ProxyError::TooManyKeys(wait)).on(record_key),
-                            Ok(e) => store_failed(&shared, inner, parts, body, e)
-                                .await
-                                .on(record_key),
-                        };
-                    }
+                    return handled.on(record_key);
                 }
                 let job = Job::new(&shared, record_key, lease, fp, policy);
                 return job
@@ -243,6 +231,31 @@ pub(super) async fn handle<S: UpstreamService>(
                 }
             }
         }
+    }
+}
+
+/// Why a new key was not admitted.
+enum Refused {
+    /// The caller is over its `new_keys_per_scope`: wait this long.
+    OverRate(Duration),
+    Store(StoreError),
+}
+
+/// Fair share: takes a token from the caller's bucket when the route sets
+/// `new_keys_per_scope` (only requests that create a key get here).
+async fn admit(shared: &Shared, policy: &Policy, headers: &HeaderMap) -> Result<(), Refused> {
+    let Some(rate) = policy.new_keys else {
+        return Ok(());
+    };
+    let scope = RecordKey::derive_scope(headers, &policy.scope_headers);
+    match shared
+        .store
+        .observe(StoreOp::Admit, |b| b.admit(&scope, rate))
+        .await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(wait)) => Err(Refused::OverRate(wait)),
+        Err(e) => Err(Refused::Store(e)),
     }
 }
 
