@@ -2,7 +2,9 @@
 # Runs idemgate's whole test suite on a fresh machine.
 #
 # Installs what the tests need when it is missing (redis-server, redis-cli
-# and promtool from Debian's packages; needs root), then runs every test. The
+# and promtool from Debian's packages, needs root; cargo-deny from
+# crates.io), checks the dependencies against deny.toml, then runs every
+# test. The
 # tests start their own servers (upstreams, Redis, Redis Cluster) on
 # loopback ports the OS picks, and stop them when done.
 set -euo pipefail
@@ -23,6 +25,14 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 # The Debian package starts a system redis on 6379; the tests never use it.
+
+# Supply chain: licenses, banned crates and sources (deny.toml), offline.
+# The advisory database needs the network, so it is not checked here.
+if ! command -v cargo-deny >/dev/null 2>&1; then
+  echo "installing cargo-deny ..."
+  cargo install cargo-deny --locked --quiet
+fi
+cargo deny --offline --log-level error check licenses bans sources
 
 # The worker end-to-end test runs the example binary itself; `cargo test`
 # builds examples only as test harnesses.
