@@ -484,3 +484,37 @@ async fn the_readme_acl_is_enough_and_auth_comes_from_the_url() {
     assert_eq!(up.calls(), 2);
     r.stop().await;
 }
+
+/// Fair share costs one round trip per new key on Redis, none per replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_share_costs_one_round_trip_per_new_key_and_none_per_replay() {
+    let redis = RedisServer::start();
+    let up = TestUpstream::start().await;
+    let toml = format!(
+        "{}[idempotency]\nnew_keys_per_scope = \"1000/s\"\n",
+        redis_toml(&[redis.url()], false, "")
+    );
+    let r = Running::start(config(Some(&up.url()), &toml))
+        .await
+        .unwrap();
+    let client = TestClient::new(r.proxy_addr.unwrap());
+    client.post("/v1/x", "warm", "{}").await;
+    client.post("/v1/x", "warm", "{}").await;
+    let before = command_calls(&redis);
+    assert_eq!(client.post("/v1/x", "first", "{}").await.status, 201);
+    let after_first = command_calls(&redis);
+    let replay = client.post("/v1/x", "first", "{}").await;
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    let after_replay = command_calls(&redis);
+    assert_eq!(
+        round_trips(&before, &after_first),
+        (3, 3),
+        "begin + admit + complete"
+    );
+    assert_eq!(
+        round_trips(&after_first, &after_replay),
+        (1, 1),
+        "replay: begin only"
+    );
+    r.stop().await;
+}
