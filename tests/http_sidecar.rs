@@ -600,3 +600,42 @@ async fn max_connections_holds_the_next_connection_until_one_closes() {
     drop(b);
     running.stop().await;
 }
+
+/// An upstream that answers `HTTP/1.0` (as `python3 -m http.server` does)
+/// must not make idemgate answer an HTTP/1.1 client in HTTP/1.0, on the
+/// covered path or passed through.
+#[tokio::test]
+async fn an_http_1_0_upstream_does_not_change_the_clients_version() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.0 201 Created\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let running =
+        idemgate::server::Running::start(support::config(Some(&format!("http://{addr}")), ""))
+            .await
+            .unwrap();
+    let proxy = running.proxy_addr.unwrap();
+    for req in [
+        &b"POST /v1/x HTTP/1.1\r\nhost: x\r\nidempotency-key: v10\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"[..],
+        &b"GET /v1/x HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"[..],
+    ] {
+        let resp = raw_request(proxy, req).await;
+        assert!(resp.starts_with("HTTP/1.1 201"), "{resp}");
+    }
+    running.stop().await;
+}

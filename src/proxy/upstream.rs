@@ -108,6 +108,10 @@ impl tower::Service<Request<Body>> for Upstream {
                 Ok(Ok(resp)) => {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
+                    // The client's connection speaks its own version: an
+                    // upstream answering HTTP/1.0 must not turn an HTTP/1.1
+                    // client's status line (and keep-alive) into 1.0.
+                    parts.version = Version::HTTP_11;
                     Ok(Response::from_parts(
                         parts,
                         body.map_err(Into::into).boxed(),
