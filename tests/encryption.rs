@@ -216,35 +216,33 @@ async fn a_moved_or_tampered_record_does_not_open() {
         .unwrap();
     let mut bent = sealed.clone();
     *bent.last_mut().unwrap() ^= 1;
-    let _: () = redis::cmd("COPY")
+    let run = |cmd: &mut redis::Cmd| {
+        let cmd = cmd.clone();
+        let mut conn = conn.clone();
+        async move {
+            let _: redis::Value = cmd.query_async(&mut conn).await.unwrap();
+        }
+    };
+    // c gets a's bytes, bent: neither the place nor the bytes match.
+    run(redis::cmd("COPY")
         .arg(store.record_key(&a))
-        .arg(store.record_key(&c))
-        .query_async(&mut conn)
-        .await
-        .map(|_: i64| ())
-        .unwrap();
-    let _: () = redis::cmd("HSET")
+        .arg(store.record_key(&c)))
+    .await;
+    run(redis::cmd("HSET")
         .arg(store.record_key(&c))
         .arg("r")
-        .arg(&bent)
-        .query_async(&mut conn)
-        .await
-        .map(|_: i64| ())
-        .unwrap();
-    // c now holds a's bytes, bent: neither the place nor the bytes match.
+        .arg(&bent))
+    .await;
     assert!(matches!(
         store.begin(&c, &fp, opts).await.unwrap(),
         Begin::Acquired(_)
     ));
     // The same bent bytes back under a: still not served.
-    let _: () = redis::cmd("HSET")
+    run(redis::cmd("HSET")
         .arg(store.record_key(&a))
         .arg("r")
-        .arg(&bent)
-        .query_async(&mut conn)
-        .await
-        .map(|_: i64| ())
-        .unwrap();
+        .arg(&bent))
+    .await;
     assert!(matches!(
         store.begin(&a, &fp, opts).await.unwrap(),
         Begin::Acquired(_)

@@ -350,43 +350,46 @@ fn round_trips(
     (scripts + others, scripts)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_first_request_costs_two_round_trips_and_a_replay_one() {
+/// Round trips (all commands, scripts) of a first request and of its
+/// replay, from Redis' own commandstats, under `route` config lines.
+async fn first_and_replay_round_trips(route: &str) -> ((u64, u64), (u64, u64)) {
     let redis = RedisServer::start();
     let up = TestUpstream::start().await;
-    let r = Running::start(config(
-        Some(&up.url()),
-        &redis_toml(&[redis.url()], false, ""),
-    ))
-    .await
-    .unwrap();
+    let toml = format!("{}{route}", redis_toml(&[redis.url()], false, ""));
+    let r = Running::start(config(Some(&up.url()), &toml))
+        .await
+        .unwrap();
     let client = TestClient::new(r.proxy_addr.unwrap());
     // Warm up: scripts get loaded on first use.
     client.post("/v1/x", "warm", "{}").await;
     client.post("/v1/x", "warm", "{}").await;
-
     let before = command_calls(&redis);
     assert_eq!(client.post("/v1/x", "first", "{}").await.status, 201);
     let after_first = command_calls(&redis);
-    assert_eq!(
-        client
-            .post("/v1/x", "first", "{}")
-            .await
-            .header("idempotent-replayed"),
-        Some("true")
-    );
+    let replay = client.post("/v1/x", "first", "{}").await;
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
     let after_replay = command_calls(&redis);
-    assert_eq!(
-        round_trips(&before, &after_first),
-        (2, 2),
-        "first request: begin + complete"
-    );
-    assert_eq!(
-        round_trips(&after_first, &after_replay),
-        (1, 1),
-        "replay: begin only"
-    );
     r.stop().await;
+    (
+        round_trips(&before, &after_first),
+        round_trips(&after_first, &after_replay),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_request_costs_two_round_trips_and_a_replay_one() {
+    let (first, replay) = first_and_replay_round_trips("").await;
+    assert_eq!(first, (2, 2), "first request: begin + complete");
+    assert_eq!(replay, (1, 1), "replay: begin only");
+}
+
+/// Fair share costs one round trip per new key on Redis, none per replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_share_costs_one_round_trip_per_new_key_and_none_per_replay() {
+    let (first, replay) =
+        first_and_replay_round_trips("[idempotency]\nnew_keys_per_scope = \"1000/s\"\n").await;
+    assert_eq!(first, (3, 3), "begin + admit + complete");
+    assert_eq!(replay, (1, 1), "replay: begin only");
 }
 
 /// The ACL line the README recommends, as one string per argument.
@@ -482,39 +485,5 @@ async fn the_readme_acl_is_enough_and_auth_comes_from_the_url() {
         503
     );
     assert_eq!(up.calls(), 2);
-    r.stop().await;
-}
-
-/// Fair share costs one round trip per new key on Redis, none per replay.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fair_share_costs_one_round_trip_per_new_key_and_none_per_replay() {
-    let redis = RedisServer::start();
-    let up = TestUpstream::start().await;
-    let toml = format!(
-        "{}[idempotency]\nnew_keys_per_scope = \"1000/s\"\n",
-        redis_toml(&[redis.url()], false, "")
-    );
-    let r = Running::start(config(Some(&up.url()), &toml))
-        .await
-        .unwrap();
-    let client = TestClient::new(r.proxy_addr.unwrap());
-    client.post("/v1/x", "warm", "{}").await;
-    client.post("/v1/x", "warm", "{}").await;
-    let before = command_calls(&redis);
-    assert_eq!(client.post("/v1/x", "first", "{}").await.status, 201);
-    let after_first = command_calls(&redis);
-    let replay = client.post("/v1/x", "first", "{}").await;
-    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
-    let after_replay = command_calls(&redis);
-    assert_eq!(
-        round_trips(&before, &after_first),
-        (3, 3),
-        "begin + admit + complete"
-    );
-    assert_eq!(
-        round_trips(&after_first, &after_replay),
-        (1, 1),
-        "replay: begin only"
-    );
     r.stop().await;
 }
