@@ -286,7 +286,8 @@ impl RedisStore {
     /// Runs one script for many keys without a round trip each: one
     /// pipeline on standalone; on Cluster (whose pipelines cannot span
     /// slots) concurrent calls, which the multiplexed connections pipeline
-    /// per node. Items whose script was not loaded (NOSCRIPT: a restarted
+    /// per node, items of one key in their order (as a pipeline keeps
+    /// them). Items whose script was not loaded (NOSCRIPT: a restarted
     /// Redis) run again one by one, which loads it.
     async fn pipelined(
         &self,
@@ -297,10 +298,28 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         if self.is_cluster() {
-            let each = calls
-                .iter()
-                .map(|(key, args)| self.eval_args(script, key, args));
-            return Ok(futures_util::future::join_all(each).await);
+            // Items for the same key run in their order (one chain per
+            // key); chains for different keys run concurrently.
+            let mut chains: std::collections::HashMap<&str, Vec<usize>> = Default::default();
+            for (i, (key, _)) in calls.iter().enumerate() {
+                chains.entry(key.as_str()).or_default().push(i);
+            }
+            let runs = chains.into_values().map(|items| async move {
+                let mut done = Vec::with_capacity(items.len());
+                for i in items {
+                    let (key, args) = &calls[i];
+                    done.push((i, self.eval_args::<Value>(script, key, args).await));
+                }
+                done
+            });
+            let mut out: Vec<(usize, Result<Value, StoreError>)> =
+                futures_util::future::join_all(runs)
+                    .await
+                    .into_iter()
+                    .flatten()
+                    .collect();
+            out.sort_by_key(|(i, _)| *i);
+            return Ok(out.into_iter().map(|(_, r)| r).collect());
         }
         let invocations: Vec<_> = calls
             .iter()
