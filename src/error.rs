@@ -125,11 +125,7 @@ impl ProxyError {
                 "too-many-keys",
                 "Too many new keys",
             ),
-            Store(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store-unavailable",
-                "Idempotency store unavailable",
-            ),
+            Store(_) => STORE_UNAVAILABLE,
             Upstream(UpstreamError::Timeout(_)) => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream-timeout",
@@ -255,15 +251,17 @@ impl Problem {
 
 /// A store that failed is 503 with `Retry-After` on every listener: outages
 /// are usually short, and the caller must not treat the key as new.
+/// Status, slug and title of a store failure, on every listener.
+const STORE_UNAVAILABLE: (StatusCode, &str, &str) = (
+    StatusCode::SERVICE_UNAVAILABLE,
+    "store-unavailable",
+    "Idempotency store unavailable",
+);
+
 impl From<&StoreError> for Problem {
     fn from(e: &StoreError) -> Self {
-        Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store-unavailable",
-            "Idempotency store unavailable",
-            e.to_string(),
-        )
-        .retry_after(1)
+        let (status, slug, title) = STORE_UNAVAILABLE;
+        Problem::new(status, slug, title, e.to_string()).retry_after(1)
     }
 }
 

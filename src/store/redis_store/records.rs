@@ -28,7 +28,12 @@ impl RedisStore {
         opts: BeginOptions,
     ) -> Result<Begin, StoreError> {
         let rkey = self.record_key(key);
+        // ARGV 3 to 6 of begin.lua; the same for every try of the loop.
         let optional = |d: Option<Duration>| d.map(millis).unwrap_or_default();
+        let lease_ms = millis(opts.lease_ttl);
+        let in_flight_ms = millis(opts.in_flight_ttl());
+        let hold_ms = optional(opts.hold_lapsed);
+        let reconcile_ms = optional(opts.reconcile_every);
         loop {
             let token = LeaseId::random();
             let v: Value = self
@@ -38,10 +43,10 @@ impl RedisStore {
                     &[
                         token.to_string().as_bytes(),
                         &fp.0,
-                        millis(opts.lease_ttl).as_bytes(),
-                        millis(opts.in_flight_ttl()).as_bytes(),
-                        optional(opts.hold_lapsed).as_bytes(),
-                        optional(opts.reconcile_every).as_bytes(),
+                        lease_ms.as_bytes(),
+                        in_flight_ms.as_bytes(),
+                        hold_ms.as_bytes(),
+                        reconcile_ms.as_bytes(),
                     ],
                 )
                 .await?;
