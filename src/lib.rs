@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod store;
+pub mod webhook;
 
 /// The body type every idemgate response and forwarded request uses.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;

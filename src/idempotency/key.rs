@@ -26,6 +26,10 @@ pub enum KeyError {
     BadQuoting,
     #[error("the key header was sent more than once")]
     Repeated,
+    #[error("the JSON value named as the key is not a string or a number")]
+    NotScalar,
+    #[error("the JSON body names the key's member more than once")]
+    RepeatedMember,
 }
 
 /// Parses an `Idempotency-Key` header value.
