@@ -14,6 +14,7 @@ use crate::idempotency::key::KeyError;
 use crate::idempotency::state::{Unknown, UnknownCause};
 use crate::metrics::Outcome;
 use crate::store::StoreError;
+use crate::webhook::SignatureError;
 use crate::Body;
 
 /// Where problem `type` URIs live; the last segment names the problem.
@@ -51,10 +52,14 @@ impl UpstreamError {
 /// Everything the proxy can refuse or fail with.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
-    #[error("this route requires the {0} header")]
+    /// What the route needs (e.g. "the idempotency-key header").
+    #[error("this route requires {0}")]
     MissingKey(String),
-    #[error("invalid {header} header: {reason}")]
-    InvalidKey { header: String, reason: KeyError },
+    /// `place`: where the route takes its key from.
+    #[error("invalid key in {place}: {reason}")]
+    InvalidKey { place: String, reason: KeyError },
+    #[error("webhook signature refused: {0}; nothing was stored or forwarded")]
+    InvalidSignature(SignatureError),
     #[error("the request body is larger than {0} bytes")]
     BodyTooLarge(u64),
     #[error("the request body could not be read: {0}")]
@@ -89,6 +94,11 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST,
                 "invalid-key",
                 "Invalid idempotency key",
+            ),
+            InvalidSignature(_) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid-signature",
+                "Invalid webhook signature",
             ),
             BodyTooLarge(_) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -167,6 +177,7 @@ impl ProxyError {
         match self {
             ProxyError::MissingKey(_) => Outcome::MissingKey,
             ProxyError::InvalidKey { .. } => Outcome::InvalidKey,
+            ProxyError::InvalidSignature(_) => Outcome::InvalidSignature,
             ProxyError::BodyTooLarge(_) => Outcome::TooLarge,
             ProxyError::BadBody(_) | ProxyError::BodyTimeout(_) => Outcome::ClientError,
             ProxyError::KeyReused => Outcome::Mismatch,

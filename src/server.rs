@@ -128,6 +128,14 @@ pub async fn run(
         config.dedup.clone(),
         &config.admin_tokens,
     );
+    for w in &config.warnings {
+        tracing::warn!("config: {w}");
+    }
+    for route in &config.policies.routes {
+        if let Some(check) = &route.policy.webhook {
+            metrics.webhook_preset(check.verifier.preset.name());
+        }
+    }
     if config.admin_tokens.write.is_none() && !config.admin_listen.ip().is_loopback() {
         tracing::warn!(
             admin = %config.admin_listen,

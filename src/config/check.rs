@@ -14,6 +14,8 @@ use crate::store::redact_url;
 #[derive(Default)]
 pub(super) struct Checker {
     pub errors: Vec<String>,
+    /// Legal but risky choices, shown by check-config and logged at start.
+    pub warnings: Vec<String>,
 }
 
 fn show(v: &Value) -> String {
@@ -26,6 +28,10 @@ fn show(v: &Value) -> String {
 impl Checker {
     pub(super) fn err(&mut self, path: &str, msg: String) {
         self.errors.push(format!("{path}: {msg}"));
+    }
+
+    pub(super) fn warn(&mut self, path: &str, msg: String) {
+        self.warnings.push(format!("{path}: {msg}"));
     }
 
     /// Overwrites `slot` with the checked value of the key at `path`, if the

@@ -5,12 +5,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::idempotency::key_from::KeyFrom;
 use http::{header, HeaderName, Method};
 
 use super::{
     AdminTokens, Backend, Config, DedupConfig, LogFormat, OnStoreError, OnUnknownOutcome, Policies,
     Policy, StoreConfig,
 };
+
+/// How far a webhook's signed timestamp may be from now: five minutes, as
+/// Stripe, Slack and Standard Webhooks recommend.
+pub(super) const SIGNATURE_TOLERANCE: Duration = Duration::from_secs(300);
 
 impl Default for Config {
     fn default() -> Self {
@@ -32,6 +37,7 @@ impl Default for Config {
                 read: None,
                 metrics_public: true,
             },
+            warnings: Vec::new(),
         }
     }
 }
@@ -56,7 +62,7 @@ impl Default for StoreConfig {
 impl Default for Policy {
     fn default() -> Self {
         Policy {
-            header: HeaderName::from_static("idempotency-key"),
+            key_from: KeyFrom::Header(HeaderName::from_static("idempotency-key")),
             methods: vec![Method::POST, Method::PATCH],
             required: false,
             record_ttl: Duration::from_secs(24 * 3600),
@@ -64,6 +70,7 @@ impl Default for Policy {
             wait_timeout: Duration::from_secs(10),
             scope_headers: vec![header::AUTHORIZATION],
             fingerprint_headers: vec![header::CONTENT_TYPE],
+            fingerprint_body: true,
             max_key_length: 255,
             max_request_body: 1 << 20,
             max_response_body: 4 << 20,
@@ -76,6 +83,7 @@ impl Default for Policy {
             reconcile_timeout: Duration::from_secs(2),
             reconcile_interval: Duration::from_secs(10),
             new_keys: None,
+            webhook: None,
         }
     }
 }

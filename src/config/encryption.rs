@@ -42,6 +42,44 @@ impl std::fmt::Debug for EncryptionKey {
 }
 
 impl Checker {
+    /// Reads a secret named by `{ env = "NAME" }` or `{ file = "/path" }`
+    /// (other keys of `t` are the caller's): where it came from, and its
+    /// text. An unset variable or unreadable file is a problem naming it.
+    pub(super) fn secret_source(
+        &mut self,
+        at: &str,
+        t: &toml::map::Map<String, Value>,
+    ) -> Option<(KeySource, String)> {
+        match (t.get("env"), t.get("file")) {
+            (Some(v), None) => {
+                let path = format!("{at}.env");
+                let name = self.string(&path, v)?;
+                match std::env::var(&name) {
+                    Ok(s) => Some((KeySource::Env(name), s)),
+                    Err(_) => {
+                        self.err(&path, format!("the environment variable {name} is not set"));
+                        None
+                    }
+                }
+            }
+            (None, Some(v)) => {
+                let path = format!("{at}.file");
+                let file = self.string(&path, v)?;
+                match std::fs::read_to_string(&file) {
+                    Ok(s) => Some((KeySource::File(file), s)),
+                    Err(e) => {
+                        self.err(&path, format!("cannot read {file:?}: {e}"));
+                        None
+                    }
+                }
+            }
+            _ => {
+                self.err(at, "give exactly one of env or file".into());
+                None
+            }
+        }
+    }
+
     /// `store.encryption`, if set: its keys, sealing key first.
     pub(super) fn encryption(&mut self, v: &Value) -> Vec<EncryptionKey> {
         let at = "store.encryption";
@@ -103,34 +141,7 @@ impl Checker {
             );
             return None;
         }
-        let (source, text) = match (t.get("env"), t.get("file")) {
-            (Some(v), None) => {
-                let path = format!("{at}.env");
-                let name = self.string(&path, v)?;
-                match std::env::var(&name) {
-                    Ok(s) => (KeySource::Env(name), s),
-                    Err(_) => {
-                        self.err(&path, format!("the environment variable {name} is not set"));
-                        return None;
-                    }
-                }
-            }
-            (None, Some(v)) => {
-                let path = format!("{at}.file");
-                let file = self.string(&path, v)?;
-                match std::fs::read_to_string(&file) {
-                    Ok(s) => (KeySource::File(file), s),
-                    Err(e) => {
-                        self.err(&path, format!("cannot read {file:?}: {e}"));
-                        return None;
-                    }
-                }
-            }
-            _ => {
-                self.err(at, "give exactly one of env or file".into());
-                return None;
-            }
-        };
+        let (source, text) = self.secret_source(at, t)?;
         let material = match base64::engine::general_purpose::STANDARD.decode(text.trim()) {
             Ok(m) => m,
             Err(_) => {

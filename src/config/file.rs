@@ -66,6 +66,11 @@ pub(super) struct StoreFile {
 pub(super) struct PolicyFile {
     pub(super) path: Option<Value>,
     pub(super) header: Option<Value>,
+    pub(super) key_from: Option<Value>,
+    pub(super) preset: Option<Value>,
+    pub(super) secrets: Option<Value>,
+    pub(super) signature_tolerance: Option<Value>,
+    pub(super) fingerprint_body: Option<Value>,
     pub(super) methods: Option<Value>,
     pub(super) required: Option<Value>,
     pub(super) record_ttl: Option<Value>,

@@ -25,6 +25,7 @@ pub mod cli;
 mod defaults;
 pub mod encryption;
 pub mod file;
+mod intake;
 mod render;
 pub mod routes;
 mod sections;
@@ -32,7 +33,9 @@ mod sections;
 pub use cli::{Cli, Command, RunArgs};
 pub use encryption::{EncryptionKey, KeySource};
 pub use file::FileConfig;
-pub use routes::{OnUnknownOutcome, PathPattern, Policies, Policy, ReconcileUrl, Route};
+pub use routes::{
+    OnUnknownOutcome, PathPattern, Policies, Policy, ReconcileUrl, Route, WebhookCheck,
+};
 
 /// The checked configuration.
 #[derive(Debug, Clone)]
@@ -57,6 +60,9 @@ pub struct Config {
     pub policies: Policies,
     pub dedup: DedupConfig,
     pub admin_tokens: AdminTokens,
+    /// Legal but risky choices (e.g. `key_from = "body-sha256"`): printed by
+    /// check-config, logged at start.
+    pub warnings: Vec<String>,
 }
 
 /// Who may call the admin API (see `admin::auth`). No `write` token: open.

@@ -77,7 +77,14 @@ struct KeyView {
 struct PolicyView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<&'a str>,
-    header: &'a str,
+    /// Only on webhook routes; the keys it sets are rendered too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    preset: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secrets: Option<Vec<KeySource>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signature_tolerance: Option<String>,
+    key_from: String,
     methods: Vec<&'a str>,
     required: bool,
     record_ttl: String,
@@ -85,6 +92,7 @@ struct PolicyView<'a> {
     wait_timeout: String,
     scope_headers: Vec<&'a str>,
     fingerprint_headers: Vec<&'a str>,
+    fingerprint_body: bool,
     max_key_length: usize,
     max_request_body: u64,
     max_response_body: u64,
@@ -121,7 +129,10 @@ impl<'a> PolicyView<'a> {
     fn of(path: Option<&'a str>, p: &'a Policy) -> Self {
         PolicyView {
             path,
-            header: p.header.as_str(),
+            preset: p.webhook.as_ref().map(|w| w.verifier.preset.name()),
+            secrets: p.webhook.as_ref().map(|w| w.sources.clone()),
+            signature_tolerance: p.webhook.as_ref().map(|w| d(w.verifier.tolerance)),
+            key_from: p.key_from.render(),
             methods: p.methods.iter().map(|m| m.as_str()).collect(),
             required: p.required,
             record_ttl: d(p.record_ttl),
@@ -129,6 +140,7 @@ impl<'a> PolicyView<'a> {
             wait_timeout: d(p.wait_timeout),
             scope_headers: names(&p.scope_headers),
             fingerprint_headers: names(&p.fingerprint_headers),
+            fingerprint_body: p.fingerprint_body,
             max_key_length: p.max_key_length,
             max_request_body: p.max_request_body,
             max_response_body: p.max_response_body,

@@ -6,13 +6,17 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
+use super::KeySource;
+use crate::idempotency::key_from::KeyFrom;
 use crate::idempotency::rate::Rate;
 use crate::idempotency::state::BeginOptions;
+use crate::webhook::Verifier;
 
 /// The idempotency rules for one path (the defaults, or a route's).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
-    pub header: HeaderName,
+    /// Where the key comes from (`key_from`, or `header`).
+    pub key_from: KeyFrom,
     pub methods: Vec<Method>,
     pub required: bool,
     pub record_ttl: Duration,
@@ -20,6 +24,10 @@ pub struct Policy {
     pub wait_timeout: Duration,
     pub scope_headers: Vec<HeaderName>,
     pub fingerprint_headers: Vec<HeaderName>,
+    /// Whether the body is part of the fingerprint (presets: no, since the
+    /// signature already ties the body to the provider, and a provider may
+    /// change incidental fields between retries of one event).
+    pub fingerprint_body: bool,
     pub max_key_length: usize,
     pub max_request_body: u64,
     pub max_response_body: u64,
@@ -40,6 +48,18 @@ pub struct Policy {
     /// Fair share: new keys per caller scope (`new_keys_per_scope`,
     /// `new_keys_burst`); `None`: unlimited.
     pub new_keys: Option<Rate>,
+    /// A webhook provider's signature check (`preset`, `secrets`).
+    pub webhook: Option<WebhookCheck>,
+}
+
+/// A route's webhook provider and the check every covered request passes
+/// before any state is taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookCheck {
+    pub verifier: Verifier,
+    /// Where each secret was read from (shown by check-config; the secrets
+    /// never are).
+    pub sources: Vec<KeySource>,
 }
 
 /// `on_unknown_outcome`: what to do when idemgate cannot know whether the

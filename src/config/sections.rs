@@ -99,6 +99,7 @@ impl Config {
         cfg.store = c.store(file.store.unwrap_or_default(), args);
         cfg.policies = c.policies(file.idempotency.unwrap_or_default(), file.routes);
         cfg.dedup = c.dedup(file.dedup.unwrap_or_default());
+        cfg.warnings = std::mem::take(&mut c.warnings);
         if c.errors.is_empty() {
             Ok(cfg)
         } else {
@@ -333,7 +334,7 @@ impl Checker {
     fn policy(&mut self, at: &str, f: &PolicyFile, base: &Policy) -> Policy {
         let mut p = base.clone();
         let k = |name: &str| format!("{at}.{name}");
-        self.set(&mut p.header, &f.header, &k("header"), Checker::header_name);
+        let preset = self.preset(at, f, &mut p);
         self.set(&mut p.methods, &f.methods, &k("methods"), |c, path, v| {
             c.each(path, v, Checker::method)
         });
@@ -443,6 +444,7 @@ impl Checker {
             );
         }
         self.new_keys(at, f, &mut p);
+        self.intake(at, f, &mut p, preset);
         if p.lease_ttl < Duration::from_millis(30) {
             self.err(
                 &k("lease_ttl"),

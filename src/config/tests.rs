@@ -400,3 +400,145 @@ fn fair_share_rates_are_checked_and_inherited() {
         "{err}"
     );
 }
+
+#[test]
+fn presets_set_the_key_the_check_and_the_fingerprint() {
+    std::env::set_var("IDEMGATE_TEST_GH_SECRET", "It's a Secret to Everybody");
+    let dir = std::env::temp_dir().join(format!("idemgate-wh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sw");
+    std::fs::write(&file, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").unwrap();
+    let text = format!(
+        r#"
+        [[routes]]
+        path = "/hooks/github"
+        preset = "github"
+        secrets = [{{ env = "IDEMGATE_TEST_GH_SECRET" }}]
+        [[routes]]
+        path = "/hooks/sw"
+        preset = "standard-webhooks"
+        secrets = [{{ file = "{}" }}, {{ env = "IDEMGATE_TEST_GH_SECRET" }}]
+        signature_tolerance = "1m"
+        required = true
+        [[routes]]
+        path = "/orders"
+        key_from = "json:/order/id"
+        "#,
+        file.display()
+    );
+    // The GitHub secret is not whsec_ base64: refused on the Standard
+    // Webhooks route, named by its place, never shown.
+    let err = parse(&text).unwrap_err().0.join("\n");
+    assert!(
+        err.contains("routes[1].secrets[1]: the secret is not a Standard Webhooks secret"),
+        "{err}"
+    );
+    assert!(!err.contains("Everybody"), "{err}");
+
+    let text = text.replace(r#", { env = "IDEMGATE_TEST_GH_SECRET" }]"#, "]");
+    let c = parse(&text).unwrap();
+    let gh = &c.policies.routes[0].policy;
+    assert_eq!(gh.key_from.render(), "header:x-github-delivery");
+    assert_eq!(gh.methods, [Method::POST]);
+    assert!(!gh.fingerprint_body);
+    let check = gh.webhook.as_ref().unwrap();
+    assert_eq!(check.verifier.preset, crate::webhook::Preset::Github);
+    assert_eq!(check.verifier.tolerance, Duration::from_secs(300));
+    assert_eq!(
+        check.sources,
+        [KeySource::Env("IDEMGATE_TEST_GH_SECRET".into())]
+    );
+    let sw = &c.policies.routes[1].policy;
+    assert_eq!(sw.key_from.render(), "header:webhook-id");
+    assert_eq!(
+        sw.webhook.as_ref().unwrap().verifier.tolerance,
+        Duration::from_secs(60)
+    );
+    assert!(sw.required);
+    let orders = &c.policies.routes[2].policy;
+    assert_eq!(orders.key_from.render(), "json:/order/id");
+    assert!(orders.fingerprint_body && orders.webhook.is_none());
+    // Secrets are rendered by their source, never their value, and the
+    // rendered file reads back the same.
+    let rendered = c.to_toml();
+    assert!(
+        !rendered.contains("Everybody") && !rendered.contains("MfKQ9r8"),
+        "{rendered}"
+    );
+    let again = parse(&rendered).unwrap();
+    for (a, b) in c.policies.routes.iter().zip(&again.policies.routes) {
+        assert_eq!(a.policy, b.policy);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn intake_problems_are_named() {
+    let err = parse(
+        r#"
+        [idempotency]
+        preset = "github"
+        [[routes]]
+        path = "/a"
+        preset = "gitlab"
+        [[routes]]
+        path = "/b"
+        preset = "stripe"
+        [[routes]]
+        path = "/c"
+        preset = "slack"
+        secrets = [{ env = "IDEMGATE_TEST_UNSET_SECRET_VAR" }]
+        [[routes]]
+        path = "/d"
+        secrets = [{ env = "X" }]
+        [[routes]]
+        path = "/e"
+        key_from = "json:id"
+        [[routes]]
+        path = "/f"
+        key_from = "header:a"
+        header = "b"
+        [[routes]]
+        path = "/g"
+        key_from = "body-sha256"
+        max_key_length = 32
+        [[routes]]
+        path = "/h"
+        signature_tolerance = "1m"
+        "#,
+    )
+    .unwrap_err()
+    .0
+    .join("\n");
+    for want in [
+        "idempotency.preset: only [[routes]] entries take a preset",
+        "routes[0].preset: \"gitlab\" is not \"github\", \"stripe\"",
+        "routes[1].secrets: is required with a preset",
+        "routes[2].secrets[0].env: the environment variable IDEMGATE_TEST_UNSET_SECRET_VAR is not set",
+        "routes[3].secrets: needs a preset",
+        "routes[4].key_from: \"id\" is not a JSON pointer",
+        "routes[5].key_from: give key_from or header, not both",
+        "routes[6].max_key_length: must be at least 64",
+        "routes[7].signature_tolerance: needs a preset",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn body_sha256_is_legal_with_a_warning() {
+    let c = parse(
+        r#"
+        [[routes]]
+        path = "/events"
+        key_from = "body-sha256"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.policies.routes[0].policy.key_from.render(), "body-sha256");
+    assert_eq!(c.warnings.len(), 1);
+    assert!(c.warnings[0].starts_with(
+        "routes[0].key_from: \"body-sha256\" makes requests with identical bodies one request"
+    ));
+    assert!(parse("").unwrap().warnings.is_empty());
+}

@@ -57,6 +57,15 @@ impl KeyFrom {
         }
     }
 
+    /// The header a key travels in when idemgate sends it on (reconcile):
+    /// the route's key header, or `Idempotency-Key` for body keys.
+    pub fn header(&self) -> HeaderName {
+        match self {
+            KeyFrom::Header(name) => name.clone(),
+            _ => HeaderName::from_static("idempotency-key"),
+        }
+    }
+
     /// Whether the key is in the body (so the body is read before the key).
     pub fn in_body(&self) -> bool {
         !matches!(self, KeyFrom::Header(_))
@@ -107,14 +116,27 @@ mod tests {
 
     #[test]
     fn parses_and_renders_each_source() {
-        for text in ["header:x-github-delivery", "json:/data/id", "json:/a~1b", "body-sha256"] {
+        for text in [
+            "header:x-github-delivery",
+            "json:/data/id",
+            "json:/a~1b",
+            "body-sha256",
+        ] {
             assert_eq!(KeyFrom::parse(text).unwrap().render(), text);
         }
         assert_eq!(
             KeyFrom::parse("header:X-GitHub-Delivery").unwrap(),
             KeyFrom::Header(HeaderName::from_static("x-github-delivery"))
         );
-        for bad in ["", "id", "json:id", "header:", "header:a b", "body", "json:/a~"] {
+        for bad in [
+            "",
+            "id",
+            "json:id",
+            "header:",
+            "header:a b",
+            "body",
+            "json:/a~",
+        ] {
             assert!(KeyFrom::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -122,14 +144,26 @@ mod tests {
     #[test]
     fn body_keys() {
         let json = KeyFrom::parse("json:/id").unwrap();
-        assert_eq!(json.from_body(br#"{"id":"evt_1"}"#, 255), Ok(Some("evt_1".into())));
+        assert_eq!(
+            json.from_body(br#"{"id":"evt_1"}"#, 255),
+            Ok(Some("evt_1".into()))
+        );
         assert_eq!(json.from_body(br#"{"id":42}"#, 255), Ok(Some("42".into())));
         assert_eq!(json.from_body(br#"{"other":1}"#, 255), Ok(None));
         assert_eq!(json.from_body(b"not json", 255), Ok(None));
-        assert_eq!(json.from_body(br#"{"id":{}}"#, 255), Err(KeyError::NotScalar));
+        assert_eq!(
+            json.from_body(br#"{"id":{}}"#, 255),
+            Err(KeyError::NotScalar)
+        );
         assert_eq!(json.from_body(br#"{"id":""}"#, 255), Err(KeyError::Empty));
-        assert_eq!(json.from_body(br#"{"id":"\u00e9"}"#, 255), Err(KeyError::InvalidChar));
-        assert_eq!(json.from_body(br#"{"id":"a\nb"}"#, 255), Err(KeyError::InvalidChar));
+        assert_eq!(
+            json.from_body(br#"{"id":"\u00e9"}"#, 255),
+            Err(KeyError::InvalidChar)
+        );
+        assert_eq!(
+            json.from_body(br#"{"id":"a\nb"}"#, 255),
+            Err(KeyError::InvalidChar)
+        );
         assert_eq!(
             json.from_body(br#"{"id":"abcd"}"#, 3),
             Err(KeyError::TooLong { len: 4, max: 3 })
@@ -143,6 +177,9 @@ mod tests {
             sha.from_body(b"abc", 255).unwrap().unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        assert_eq!(sha.from_body(b"abc", 63), Err(KeyError::TooLong { len: 64, max: 63 }));
+        assert_eq!(
+            sha.from_body(b"abc", 63),
+            Err(KeyError::TooLong { len: 64, max: 63 })
+        );
     }
 }

@@ -11,8 +11,8 @@
 pub mod dedup;
 pub mod key;
 pub mod key_from;
-pub mod pointer;
 pub mod lease;
+pub mod pointer;
 pub mod rate;
 pub mod record;
 pub mod seal;

@@ -44,7 +44,9 @@ impl JsonPointer {
             });
         }
         let Some(rest) = text.strip_prefix('/') else {
-            return Err(format!("{text:?} is not a JSON pointer: it must start with '/' (e.g. \"/id\")"));
+            return Err(format!(
+                "{text:?} is not a JSON pointer: it must start with '/' (e.g. \"/id\")"
+            ));
         };
         let mut tokens = Vec::new();
         for raw in rest.split('/') {
@@ -80,8 +82,8 @@ impl JsonPointer {
     /// number's text as written (`12345`).
     pub fn find(&self, body: &[u8]) -> Result<String, PointerError> {
         let mut de = serde_json::Deserializer::from_slice(body);
-        let mut here: &RawValue =
-            <&RawValue as serde::Deserialize>::deserialize(&mut de).map_err(|_| PointerError::NotJson)?;
+        let mut here: &RawValue = <&RawValue as serde::Deserialize>::deserialize(&mut de)
+            .map_err(|_| PointerError::NotJson)?;
         de.end().map_err(|_| PointerError::NotJson)?;
         for token in &self.tokens {
             let mut de = serde_json::Deserializer::from_str(here.get());
@@ -257,7 +259,10 @@ mod tests {
         ] {
             assert_eq!(find(p, doc).as_deref(), Ok(want), "{p}");
         }
-        assert_eq!(find("/foo", doc), Err(PointerError::NotScalar("/foo".into())));
+        assert_eq!(
+            find("/foo", doc),
+            Err(PointerError::NotScalar("/foo".into()))
+        );
         assert_eq!(find("", doc), Err(PointerError::NotScalar("".into())));
     }
 
@@ -274,21 +279,38 @@ mod tests {
     #[test]
     fn names_nothing() {
         let doc = r#"{"a": {"b": 1}, "arr": [1, 2]}"#;
-        for p in ["/missing", "/a/c", "/a/b/c", "/arr/2", "/arr/01", "/arr/-", "/arr/x"] {
+        for p in [
+            "/missing", "/a/c", "/a/b/c", "/arr/2", "/arr/01", "/arr/-", "/arr/x",
+        ] {
             assert_eq!(find(p, doc), Err(PointerError::Missing(p.into())), "{p}");
         }
         assert_eq!(find("/a", doc), Err(PointerError::NotScalar("/a".into())));
-        assert_eq!(find("/n", r#"{"n": null}"#), Err(PointerError::NotScalar("/n".into())));
-        assert_eq!(find("/t", r#"{"t": true}"#), Err(PointerError::NotScalar("/t".into())));
+        assert_eq!(
+            find("/n", r#"{"n": null}"#),
+            Err(PointerError::NotScalar("/n".into()))
+        );
+        assert_eq!(
+            find("/t", r#"{"t": true}"#),
+            Err(PointerError::NotScalar("/t".into()))
+        );
     }
 
     #[test]
     fn not_json() {
-        for body in ["", "{", "id=1", r#"{"id": "a"} trailing"#, "{\"id\": \"\u{0}\"}", "[1,]"] {
+        for body in [
+            "",
+            "{",
+            "id=1",
+            r#"{"id": "a"} trailing"#,
+            "{\"id\": \"\u{0}\"}",
+            "[1,]",
+        ] {
             assert_eq!(find("/id", body), Err(PointerError::NotJson), "{body:?}");
         }
         assert_eq!(
-            JsonPointer::parse("/id").unwrap().find(b"{\"id\": \"\xff\"}"),
+            JsonPointer::parse("/id")
+                .unwrap()
+                .find(b"{\"id\": \"\xff\"}"),
             Err(PointerError::NotJson)
         );
     }
@@ -304,7 +326,11 @@ mod tests {
     #[test]
     fn deep_bodies_cost_no_stack() {
         let depth = 200_000;
-        let body = format!(r#"{{"id": "k", "deep": {}{}}}"#, "[".repeat(depth), "]".repeat(depth));
+        let body = format!(
+            r#"{{"id": "k", "deep": {}{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
         assert_eq!(find("/id", &body).unwrap(), "k");
         // Each step scans one level, so even a path deeper than
         // serde_json's nesting limit of 128 is followed.

@@ -35,6 +35,9 @@ pub const DEDUP_RESULTS: &[(&str, &[&str])] = &[
 ];
 
 /// Why an outcome was unknown (`cause` label).
+/// The `result` label of `idemgate_webhook_signatures_total`.
+pub const SIGNATURE_RESULTS: [&str; 5] = ["ok", "missing", "malformed", "stale", "mismatch"];
+
 pub const UNKNOWN_CAUSES: [&str; 4] = ["timeout", "reset", "status", "lapsed"];
 
 /// What became of an unknown outcome (`resolution` label).
@@ -66,6 +69,8 @@ pub struct Metrics {
     pub replica_ack_failures: IntCounterVec,
     /// Bytes the memory store holds (keys, records, in-flight entries).
     pub store_bytes: IntGauge,
+    /// `{preset, result}`: webhook signature checks; see [`SIGNATURE_RESULTS`].
+    pub webhook_signatures: IntCounterVec,
     /// Per-label handles resolved once: the hot path indexes an array
     /// instead of hashing label values under a lock on every request.
     by_outcome: Arc<[(IntCounter, Histogram)]>,
@@ -147,6 +152,13 @@ impl Metrics {
             ),
             &["op"],
         )?;
+        let webhook_signatures = IntCounterVec::new(
+            Opts::new(
+                "idemgate_webhook_signatures_total",
+                "Webhook signature checks on preset routes, by provider and result.",
+            ),
+            &["preset", "result"],
+        )?;
         let store_bytes = IntGauge::new(
             "idemgate_store_bytes",
             "Bytes the memory store holds: keys, records and in-flight entries (0 on Redis).",
@@ -175,6 +187,7 @@ impl Metrics {
         registry.register(Box::new(unknown_outcomes.clone()))?;
         registry.register(Box::new(replica_ack_failures.clone()))?;
         registry.register(Box::new(store_bytes.clone()))?;
+        registry.register(Box::new(webhook_signatures.clone()))?;
         registry.register(Box::new(build_info))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -239,6 +252,7 @@ impl Metrics {
             unknown_outcomes,
             replica_ack_failures,
             store_bytes,
+            webhook_signatures,
             registry: registry.clone(),
         })
     }
@@ -271,6 +285,20 @@ impl Metrics {
 
     /// Counts one unknown outcome's `resolution` (one of
     /// [`UNKNOWN_RESOLUTIONS`]) under its cause label.
+    /// Creates the series of one configured preset, so they read 0 rather
+    /// than absent before the first delivery.
+    pub fn webhook_preset(&self, preset: &str) {
+        for result in SIGNATURE_RESULTS {
+            self.webhook_signatures.with_label_values(&[preset, result]);
+        }
+    }
+
+    pub fn webhook_signature(&self, preset: &str, result: &str) {
+        self.webhook_signatures
+            .with_label_values(&[preset, result])
+            .inc();
+    }
+
     pub fn unknown_outcome(&self, cause: &'static str, resolution: &'static str) {
         self.unknown_outcomes
             .with_label_values(&[cause, resolution])

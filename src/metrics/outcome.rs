@@ -22,11 +22,13 @@ pub enum Outcome {
     OutcomeUnknown,
     /// A new key over the caller's `new_keys_per_scope`: 429.
     TooManyKeys,
+    /// A webhook delivery whose signature did not check out: 401.
+    InvalidSignature,
 }
 
 impl Outcome {
     /// Every outcome, in declaration order (`ALL[o as usize] == o`).
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 14] = [
         Outcome::Forwarded,
         Outcome::Replayed,
         Outcome::Conflict,
@@ -40,6 +42,7 @@ impl Outcome {
         Outcome::ClientError,
         Outcome::OutcomeUnknown,
         Outcome::TooManyKeys,
+        Outcome::InvalidSignature,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +60,7 @@ impl Outcome {
             Outcome::ClientError => "client_error",
             Outcome::OutcomeUnknown => "outcome_unknown",
             Outcome::TooManyKeys => "too_many_keys",
+            Outcome::InvalidSignature => "invalid_signature",
         }
     }
 }

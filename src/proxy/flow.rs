@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderMap, HeaderValue, Request, Response};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use tokio::time::Instant;
 
 use super::job::{stored_headers, unix_ms, Job};
@@ -25,6 +25,7 @@ use crate::body::{read_limited, Read};
 use crate::config::{OnStoreError, Policy};
 use crate::error::{full, ProxyError};
 use crate::idempotency::key::{parse_key, Fingerprint, KeyError, RecordKey};
+use crate::idempotency::key_from::KeyFrom;
 use crate::idempotency::record::{CompletedRecord, StoredResponse};
 use crate::idempotency::state::{decide, Begin, Decision, Resolution, Unknown};
 use crate::metrics::{Outcome, StoreOp};
@@ -75,43 +76,20 @@ pub(super) async fn handle<S: UpstreamService>(
     if !policy.covers(&parts.method) {
         return pass_through(&shared, inner, parts, body).await;
     }
-    // Look at the key header without holding a borrow of it across an await.
-    let raw_key = {
-        let mut values = parts.headers.get_all(&policy.header).iter();
-        match (values.next(), values.next()) {
-            (None, _) => None,
-            (Some(_), Some(_)) => {
-                return refuse(ProxyError::InvalidKey {
-                    header: policy.header.to_string(),
-                    reason: KeyError::Repeated,
-                })
+    // Off webhook routes a key header is checked before the body is read:
+    // a bad one is refused, a missing one passed through streamed.
+    if policy.webhook.is_none() {
+        if let KeyFrom::Header(name) = &policy.key_from {
+            match one_header(&parts.headers, name, &policy) {
+                Err(e) => return refuse(e),
+                Ok(Some(_)) => {}
+                Ok(None) if policy.required => {
+                    return refuse(ProxyError::MissingKey(policy.key_from.describe()))
+                }
+                Ok(None) => return pass_through(&shared, inner, parts, body).await,
             }
-            (Some(v), None) => Some(v.clone()),
         }
-    };
-    let Some(raw_key) = raw_key else {
-        if policy.required {
-            return refuse(ProxyError::MissingKey(policy.header.to_string()));
-        }
-        return pass_through(&shared, inner, parts, body).await;
-    };
-    // Borrowed key text must not live across an await (the future would not
-    // be provably Send), so derive the record key in this block.
-    let record_key = match parse_key(raw_key.as_bytes(), policy.max_key_length) {
-        Ok(key) => RecordKey::derive(
-            &parts.headers,
-            &policy.scope_headers,
-            &parts.method,
-            parts.uri.path(),
-            &key,
-        ),
-        Err(reason) => {
-            return refuse(ProxyError::InvalidKey {
-                header: policy.header.to_string(),
-                reason,
-            })
-        }
-    };
+    }
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -125,17 +103,45 @@ pub(super) async fn handle<S: UpstreamService>(
         Ok(Err(e)) => return refuse(e),
         Err(_) => return refuse(ProxyError::BodyTimeout(limit)),
     };
+    // A webhook's signature is checked before anything else: before its
+    // key is looked at, and before any state.
+    if let Some(check) = &policy.webhook {
+        let preset = check.verifier.preset.name();
+        let now = i64::try_from(unix_ms() / 1000).unwrap_or(i64::MAX);
+        if let Err(e) = check.verifier.verify(&parts.headers, &body, now) {
+            shared.settings.metrics.webhook_signature(preset, e.label());
+            tracing::info!(preset, path = parts.uri.path(), reason = %e, "webhook signature refused");
+            return refuse(ProxyError::InvalidSignature(e));
+        }
+        shared.settings.metrics.webhook_signature(preset, "ok");
+    }
+    let (raw_key, key) = match find_key(&policy, &parts.headers, &body) {
+        Ok(Some(found)) => found,
+        Ok(None) if policy.required => {
+            return refuse(ProxyError::MissingKey(policy.key_from.describe()))
+        }
+        Ok(None) => return pass_through(&shared, inner, parts, full(body)).await,
+        Err(e) => return refuse(e),
+    };
+    let record_key = RecordKey::derive(
+        &parts.headers,
+        &policy.scope_headers,
+        &parts.method,
+        parts.uri.path(),
+        &key,
+    );
     let fp = {
         let pq = parts
             .uri
             .path_and_query()
             .map_or(parts.uri.path(), |pq| pq.as_str());
+        let fingerprinted: &[u8] = if policy.fingerprint_body { &body } else { &[] };
         Fingerprint::compute(
             &parts.method,
             pq,
             &parts.headers,
             &policy.fingerprint_headers,
-            &body,
+            fingerprinted,
         )
     };
 
@@ -197,7 +203,7 @@ pub(super) async fn handle<S: UpstreamService>(
                     &shared,
                     &policy,
                     &record_key,
-                    &raw_key,
+                    (&raw_key, &key),
                     &parts.headers,
                     &fp,
                     unknown,
@@ -275,21 +281,16 @@ async fn ask(
     shared: &Shared,
     policy: &Policy,
     record_key: &RecordKey,
-    raw_key: &HeaderValue,
+    (raw_key, key): (&HeaderValue, &str),
     headers: &HeaderMap,
     fp: &Fingerprint,
     unknown: Unknown,
 ) -> Asked {
     let metrics = &shared.settings.metrics;
     let cause = unknown.cause.label();
-    // Owned: borrowed key text must not live across an await (see handle).
-    let Ok(key) = parse_key(raw_key.as_bytes(), policy.max_key_length).map(|k| k.into_owned())
-    else {
-        return Asked::Unknown;
-    };
     let answer = shared
         .reconciler
-        .ask(policy, &key, raw_key, unknown.fence, headers)
+        .ask(policy, key, raw_key, unknown.fence, headers)
         .await;
     let (resolution, found) = match answer {
         Answer::Found(mut response) => {
@@ -335,6 +336,61 @@ async fn ask(
             tracing::warn!(error = %e, "settling a reconciled outcome failed; still unknown");
             Asked::Unknown
         }
+    }
+}
+
+/// The one value of the key header `name`: `None` when absent; sent twice,
+/// or not a valid key, is refused.
+fn one_header(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    policy: &Policy,
+) -> Result<Option<HeaderValue>, ProxyError> {
+    let invalid = |reason| ProxyError::InvalidKey {
+        place: policy.key_from.describe(),
+        reason,
+    };
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Ok(None),
+        (Some(_), Some(_)) => Err(invalid(KeyError::Repeated)),
+        (Some(v), None) => match parse_key(v.as_bytes(), policy.max_key_length) {
+            Ok(_) => Ok(Some(v.clone())),
+            Err(reason) => Err(invalid(reason)),
+        },
+    }
+}
+
+/// The request's key where its route takes it from, once the body is read:
+/// its value as sent on (a header value) and as text; `None` when the
+/// request carries none.
+fn find_key(
+    policy: &Policy,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Option<(HeaderValue, String)>, ProxyError> {
+    let invalid = |reason| ProxyError::InvalidKey {
+        place: policy.key_from.describe(),
+        reason,
+    };
+    if let KeyFrom::Header(name) = &policy.key_from {
+        return match one_header(headers, name, policy)? {
+            None => Ok(None),
+            Some(v) => {
+                let key = parse_key(v.as_bytes(), policy.max_key_length)
+                    .map_err(invalid)?
+                    .into_owned();
+                Ok(Some((v, key)))
+            }
+        };
+    }
+    match policy.key_from.from_body(body, policy.max_key_length) {
+        Ok(None) => Ok(None),
+        // Body keys are printable ASCII by now: always a header value.
+        Ok(Some(key)) => HeaderValue::from_str(&key)
+            .map(|v| Some((v, key)))
+            .map_err(|_| invalid(KeyError::InvalidChar)),
+        Err(reason) => Err(invalid(reason)),
     }
 }
 

@@ -73,7 +73,7 @@ impl Reconciler {
             Err(e) => return Answer::Failed(format!("reconcile URL: {e}")),
         }
         let headers = req.headers_mut();
-        headers.insert(policy.header.clone(), raw_key.clone());
+        headers.insert(policy.key_from.header(), raw_key.clone());
         headers.insert(IDEMPOTENCY_FENCE, HeaderValue::from(fence));
         for name in &policy.scope_headers {
             for v in request.get_all(name) {

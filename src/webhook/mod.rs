@@ -107,7 +107,9 @@ pub enum SignatureError {
     Missing(&'static str),
     #[error("the {0} header is malformed or sent more than once")]
     Malformed(&'static str),
-    #[error("the signed timestamp is {skew_secs}s from now, outside the {tolerance_secs}s tolerance")]
+    #[error(
+        "the signed timestamp is {skew_secs}s from now, outside the {tolerance_secs}s tolerance"
+    )]
     Stale { skew_secs: i64, tolerance_secs: u64 },
     #[error("no signature matches a configured secret")]
     Mismatch,
@@ -146,7 +148,12 @@ const SLACK_TS: &str = "x-slack-request-timestamp";
 impl Verifier {
     /// Checks a delivery: its signature header(s) against `body`, and its
     /// signed timestamp (if the scheme has one) against `now_unix` seconds.
-    pub fn verify(&self, headers: &HeaderMap, body: &[u8], now_unix: i64) -> Result<(), SignatureError> {
+    pub fn verify(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now_unix: i64,
+    ) -> Result<(), SignatureError> {
         match self.preset {
             Preset::Github => {
                 let tag = parse::github(one(headers, GITHUB_SIG)?)

@@ -54,17 +54,11 @@ pub fn stripe(text: &str) -> Option<StripeHeader<'_>> {
     for item in text.split(',') {
         let (k, v) = item.trim().split_once('=')?;
         match k {
-            "t" => {
-                if t.replace((v, timestamp(v)?)).is_some() {
-                    return None;
-                }
-            }
-            "v1" => {
-                if tags.len() == MAX_SIGNATURES {
-                    return None;
-                }
-                tags.push(hex_tag(v)?);
-            }
+            // A second timestamp or one signature too many: malformed.
+            "t" if t.is_some() => return None,
+            "t" => t = Some((v, timestamp(v)?)),
+            "v1" if tags.len() == MAX_SIGNATURES => return None,
+            "v1" => tags.push(hex_tag(v)?),
             _ => {}
         }
     }
@@ -143,7 +137,10 @@ mod tests {
     #[test]
     fn github_and_slack() {
         assert_eq!(github(&format!("sha256={HEX}")).unwrap()[0], 0x75);
-        assert_eq!(github(&format!("sha256={}", HEX.to_uppercase())).unwrap()[0], 0x75);
+        assert_eq!(
+            github(&format!("sha256={}", HEX.to_uppercase())).unwrap()[0],
+            0x75
+        );
         assert!(github(HEX).is_none());
         assert!(github(&format!("sha1={HEX}")).is_none());
         assert!(github(&format!("sha256={}", &HEX[1..])).is_none());
@@ -158,7 +155,10 @@ mod tests {
         let h = stripe(&text).unwrap();
         assert_eq!((h.t_text, h.t, h.tags.len()), ("1492774577", 1492774577, 2));
         assert!(stripe(&format!("v1={HEX}")).is_none(), "no timestamp");
-        assert!(stripe(&format!("t=1,t=2,v1={HEX}")).is_none(), "two timestamps");
+        assert!(
+            stripe(&format!("t=1,t=2,v1={HEX}")).is_none(),
+            "two timestamps"
+        );
         assert!(stripe(&format!("t=x,v1={HEX}")).is_none());
         assert!(stripe("t=1,v1=zz").is_none());
         assert_eq!(stripe("t=1").unwrap().tags.len(), 0);
@@ -170,12 +170,19 @@ mod tests {
     fn standard_header_and_secret() {
         let sig = "g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
         assert_eq!(standard(&format!("v1,{sig}")).unwrap().len(), 1);
-        assert_eq!(standard(&format!("v1a,xyz v1,{sig}  v1,{sig}")).unwrap().len(), 2);
+        assert_eq!(
+            standard(&format!("v1a,xyz v1,{sig}  v1,{sig}"))
+                .unwrap()
+                .len(),
+            2
+        );
         assert!(standard("v1,notbase64!").is_none());
         assert!(standard("v1").is_none());
         assert_eq!(standard("").unwrap().len(), 0);
         assert_eq!(
-            standard_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap().len(),
+            standard_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+                .unwrap()
+                .len(),
             24
         );
         assert!(standard_secret("whsec_").is_none());

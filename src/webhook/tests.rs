@@ -64,7 +64,10 @@ fn every_provider_vector_verifies() {
         );
         // Rotation: any configured secret may match.
         let rotated = verifier(p, &["whsec_b2xkLXNlY3JldC1vbGQtc2VjcmV0", &v.secret]);
-        assert_eq!(rotated.verify(&headers(v), v.body.as_bytes(), v.now), Ok(()));
+        assert_eq!(
+            rotated.verify(&headers(v), v.body.as_bytes(), v.now),
+            Ok(())
+        );
     }
 }
 
@@ -99,8 +102,16 @@ fn stale_or_future_timestamps_are_refused() {
         let late = check.verify(&h, v.body.as_bytes(), v.now + 3600);
         let early = check.verify(&h, v.body.as_bytes(), v.now - 3600);
         if p.signs_timestamp() {
-            assert!(matches!(late, Err(SignatureError::Stale { .. })), "{}", v.preset);
-            assert!(matches!(early, Err(SignatureError::Stale { .. })), "{}", v.preset);
+            assert!(
+                matches!(late, Err(SignatureError::Stale { .. })),
+                "{}",
+                v.preset
+            );
+            assert!(
+                matches!(early, Err(SignatureError::Stale { .. })),
+                "{}",
+                v.preset
+            );
         } else {
             // GitHub and Shopify sign no timestamp: nothing to be stale.
             assert_eq!(late, Ok(()), "{}", v.preset);

@@ -133,6 +133,9 @@ fn check_config(cli: &Cli) -> anyhow::Result<()> {
     }
     let config = Config::load(&cli.args).map_err(|e| anyhow::Error::new(e).context(CheckConfig))?;
     print!("{}", config.to_toml());
+    for w in &config.warnings {
+        eprintln!("warning: {w}");
+    }
     Ok(())
 }
 
