@@ -136,6 +136,62 @@ fn core(c: &mut Criterion) {
     });
 }
 
+/// What a webhook route adds per request: the signature check (one HMAC
+/// per secret over the body) and, for JSON-keyed providers, the pointer
+/// walk; the same body sizes as above.
+fn webhooks(c: &mut Criterion) {
+    use hmac::{Hmac, Mac};
+    use idemgate::idempotency::pointer::JsonPointer;
+    use idemgate::webhook::{Preset, Verifier};
+
+    let mut g = c.benchmark_group("webhook");
+    for size in [1usize << 10, 64 << 10] {
+        let body = format!(
+            r#"{{"id":"evt_1QxYz","type":"charge.succeeded","pad":"{}"}}"#,
+            "x".repeat(size - 60)
+        );
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        let secret = "whsec_bench_secret";
+        let ts = "1764300000";
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(ts.as_bytes());
+        mac.update(b".");
+        mac.update(body.as_bytes());
+        let sig: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "stripe-signature",
+            HeaderValue::from_str(&format!("t={ts},v1={sig}")).unwrap(),
+        );
+        for secrets in [1usize, 2] {
+            // With two secrets (rotation) the matching one is last: the worst case.
+            let mut list: Vec<_> = (1..secrets)
+                .map(|_| Preset::Stripe.secret("whsec_old").unwrap())
+                .collect();
+            list.push(Preset::Stripe.secret(secret).unwrap());
+            let v = Verifier {
+                preset: Preset::Stripe,
+                secrets: list,
+                tolerance: Duration::from_secs(300),
+            };
+            g.bench_function(
+                format!("stripe verify ({} KiB body, {secrets} secret(s))", size >> 10),
+                |b| b.iter(|| v.verify(black_box(&headers), body.as_bytes(), 1_764_300_010).unwrap()),
+            );
+        }
+        let pointer = JsonPointer::parse("/id").unwrap();
+        g.bench_function(format!("json:/id ({} KiB body)", size >> 10), |b| {
+            b.iter(|| pointer.find(black_box(body.as_bytes())).unwrap())
+        });
+    }
+    g.finish();
+}
+
 fn stores(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -275,5 +331,5 @@ fn stores(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-criterion_group!(benches, core, stores);
+criterion_group!(benches, core, webhooks, stores);
 criterion_main!(benches);
