@@ -106,7 +106,7 @@ impl Admin {
     ) -> Response<Body> {
         let bytes = match read_limited(body, MAX_SETTLEMENT).await {
             Ok(Read::Whole(b)) => b,
-            Ok(Read::Overflow(..)) => {
+            Ok(Read::Overflow) => {
                 return Problem::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body-too-large",

@@ -213,7 +213,7 @@ impl DedupApi {
         let limit = self.config.max_request_body;
         match read_limited(body, limit).await {
             Ok(Read::Whole(b)) => Ok(b),
-            Ok(Read::Overflow(..)) => Err(ApiError::Status(
+            Ok(Read::Overflow) => Err(ApiError::Status(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body-too-large",
                 format!("the body is larger than {limit} bytes"),

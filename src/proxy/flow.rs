@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use super::job::{stored_headers, unix_ms, Job};
 use super::layer::{Shared, UpstreamService};
+use super::live::Head;
 use super::reconcile::Answer;
 use super::timed::call_upstream;
 use super::{
@@ -221,6 +222,18 @@ pub(super) async fn handle<S: UpstreamService>(
                 }
             }
             Decision::Wait { fence } => {
+                // The original streams from this process: join it, from
+                // its first byte, as soon as its head is in.
+                if let Some(live) = shared.lives.get(&record_key, fence) {
+                    let joined = {
+                        let _waiting = Waiting::new(&shared.settings.metrics.waiting_duplicates);
+                        tokio::time::timeout_at(deadline, live.join()).await
+                    };
+                    if let Ok(Some((head, body))) = joined {
+                        return Handled::new(Outcome::Replayed, joined_response(&head, body))
+                            .on(record_key);
+                    }
+                }
                 if Instant::now() >= deadline {
                     return refuse(ProxyError::InProgress).on(record_key);
                 }
@@ -418,7 +431,7 @@ async fn read_body(declared: Option<u64>, body: Body, limit: u64) -> Result<Byte
     }
     match read_limited(body, limit).await {
         Ok(Read::Whole(b)) => Ok(b),
-        Ok(Read::Overflow(..)) => Err(ProxyError::BodyTooLarge(limit)),
+        Ok(Read::Overflow) => Err(ProxyError::BodyTooLarge(limit)),
         Err(e) => Err(ProxyError::BadBody(super::error_chain(&*e))),
     }
 }
@@ -455,6 +468,16 @@ async fn pass_through<S: UpstreamService>(
         Ok(resp) => Handled::new(Outcome::PassThrough, resp),
         Err(e) => refuse(ProxyError::Upstream(e)),
     }
+}
+
+/// A live response, as a duplicate that joined it receives it.
+fn joined_response(head: &Head, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers.clone();
+    resp.headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    resp
 }
 
 /// A stored response, as a duplicate receives it.

@@ -21,9 +21,9 @@ use tokio_util::task::TaskTracker;
 
 use super::flow::{refuse, Handled};
 use super::layer::{Shared, UpstreamService};
+use super::live::{Head, Live, Lives};
 use super::timed::call_upstream;
 use super::IDEMPOTENCY_FENCE;
-use crate::body::{read_limited, Prefixed, Read};
 use crate::config::{OnUnknownOutcome, Policy};
 use crate::error::{full, ProxyError, UpstreamError};
 use crate::idempotency::key::{Fingerprint, RecordKey};
@@ -38,14 +38,7 @@ pub(super) struct Job {
     fingerprint: Fingerprint,
     policy: Arc<Policy>,
     timeout: Duration,
-}
-
-/// What the upstream answered, read up to `max_response_body`.
-enum Answer {
-    /// The whole body fit.
-    Whole(http::response::Parts, Bytes),
-    /// The body outgrew the limit: what was read, and the rest to stream.
-    Overflow(http::response::Parts, Vec<Bytes>, Body),
+    lives: Arc<Lives>,
 }
 
 impl Job {
@@ -67,11 +60,12 @@ impl Job {
             fingerprint,
             policy,
             timeout: shared.settings.upstream_timeout,
+            lives: shared.lives.clone(),
         }
     }
 
-    /// Runs the job on `tasks` and waits for its answer (if the caller is
-    /// still there to take it).
+    /// Runs the job on `tasks` and waits for the response head (if the
+    /// caller is still there to take it); the body follows as it arrives.
     pub async fn spawn<S: UpstreamService>(
         self,
         tasks: &TaskTracker,
@@ -85,9 +79,8 @@ impl Job {
         let req = Request::from_parts(parts, full(body));
         let (tx, rx) = oneshot::channel();
         tasks.spawn(async move {
-            let handled = self.run(inner, req).await;
             // The caller may be gone; the record is stored either way.
-            let _ = tx.send(handled);
+            self.run(inner, req, tx).await;
         });
         rx.await.unwrap_or_else(|_| {
             refuse(ProxyError::Upstream(UpstreamError::Broken(
@@ -96,75 +89,157 @@ impl Job {
         })
     }
 
-    async fn run<S: UpstreamService>(self, inner: S, req: Request<Body>) -> Handled {
-        let answer = {
-            let work = tokio::time::timeout(
-                self.timeout,
-                call_and_read(
-                    &self.guard.metrics,
-                    inner,
-                    req,
-                    self.policy.max_response_body,
-                ),
-            );
-            tokio::pin!(work);
-            let renew = self.guard.renew_loop(self.policy.lease_ttl);
-            tokio::pin!(renew);
-            // The renew loop only ends when the lease is lost; then let the
-            // call finish without it (complete will be refused, and counted).
-            tokio::select! {
-                a = &mut work => a,
-                () = &mut renew => work.await,
-            }
-        };
-        let answer = match answer {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                self.failed(&e).await;
-                return refuse(ProxyError::Upstream(e));
-            }
+    /// Calls the upstream; answers `tx` as soon as the head arrives; then
+    /// records the body as it streams and settles the lease when it ends.
+    async fn run<S: UpstreamService>(
+        self,
+        inner: S,
+        req: Request<Body>,
+        tx: oneshot::Sender<Handled>,
+    ) {
+        let deadline = Instant::now() + self.timeout;
+        // Duplicates on this process find the attempt here from now on, and
+        // join it once its head is in.
+        let live = Live::new(self.guard.lease.fence, self.policy.max_response_body);
+        self.lives.insert(self.guard.key, live.clone());
+        let head = self
+            .renewing(tokio::time::timeout_at(
+                deadline,
+                call_upstream(&self.guard.metrics, inner, req),
+            ))
+            .await;
+        let resp = match head {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => return self.fail_before_head(&live, e, tx).await,
             Err(_) => {
                 let e = UpstreamError::Timeout(self.timeout);
-                self.failed(&e).await;
-                return refuse(ProxyError::Upstream(e));
+                return self.fail_before_head(&live, e, tx).await;
             }
         };
-        let (parts, whole) = match &answer {
-            Answer::Whole(p, b) => (p, Some(b)),
-            Answer::Overflow(p, _, _) => (p, None),
-        };
-        let status = parts.status.as_u16();
-        if self.policy.unknown_statuses.contains(&status) {
-            // A gateway behind the upstream gave up: the client gets its
-            // answer, the key is held as the policy says.
-            self.guard
-                .unknown(&self.policy, UnknownCause::Status(status))
-                .await;
-        } else if self.policy.uncacheable_statuses.contains(&status) {
-            self.guard.release().await;
-        } else {
-            let record = CompletedRecord {
-                fingerprint: self.fingerprint,
-                created_unix_ms: unix_ms(),
-                response: StoredResponse {
-                    status: parts.status,
-                    headers: stored_headers(&self.policy, &parts.headers),
-                    body: whole.cloned().unwrap_or_default(),
-                    body_omitted: whole.is_none(),
-                },
-            };
-            self.guard
-                .complete(Arc::new(record), self.policy.record_ttl)
-                .await;
+        let (parts, body) = resp.into_parts();
+        let status_code = parts.status;
+        let status = status_code.as_u16();
+        let stored = !self.policy.unknown_statuses.contains(&status)
+            && !self.policy.uncacheable_statuses.contains(&status);
+        live.set_head(
+            Head {
+                status: parts.status,
+                headers: stored_headers(&self.policy, &parts.headers),
+            },
+            stored,
+        );
+        if !stored {
+            // Not stored: settle now, and the client reads the upstream's
+            // body as it comes (no duplicate joins it).
+            self.lives.remove(&self.guard.key, &live);
+            live.finish(Ok(()));
+            if self.policy.unknown_statuses.contains(&status) {
+                // A gateway behind the upstream gave up: the client gets its
+                // answer, the key is held as the policy says.
+                let key = self.guard.key;
+                self.guard
+                    .unknown(&self.policy, UnknownCause::Status(status))
+                    .await;
+                tracing::debug!(record = %key.to_hex(), status, "unknown status; key held");
+            } else {
+                self.guard.release().await;
+            }
+            let _ = tx.send(Handled::new(
+                Outcome::Forwarded,
+                Response::from_parts(parts, body),
+            ));
+            return;
         }
-        let resp = match answer {
-            Answer::Whole(p, b) => Response::from_parts(p, full(b)),
-            Answer::Overflow(p, read, rest) => {
-                Response::from_parts(p, Prefixed::new(read, rest).boxed())
+        let _ = tx.send(Handled::new(
+            Outcome::Forwarded,
+            Response::from_parts(parts, live.first_reader()),
+        ));
+        let pumped = self
+            .renewing(tokio::time::timeout_at(deadline, pump(body, &live)))
+            .await;
+        match pumped {
+            Ok(Ok(())) => {
+                // Readers get their clean end now; the record follows (a
+                // duplicate arriving in between still joins this stream).
+                live.finish(Ok(()));
+                let body = live.recorded();
+                let record = CompletedRecord {
+                    fingerprint: self.fingerprint,
+                    created_unix_ms: unix_ms(),
+                    response: StoredResponse {
+                        status: status_code,
+                        headers: live_headers(&live),
+                        body_omitted: body.is_none(),
+                        body: body.unwrap_or_default(),
+                    },
+                };
+                let (lives, key) = (self.lives.clone(), self.guard.key);
+                let ttl = self.policy.record_ttl;
+                self.guard.complete(Arc::new(record), ttl).await;
+                lives.remove(&key, &live);
             }
-        };
-        Handled::new(Outcome::Forwarded, resp)
+            Ok(Err(why)) => {
+                live.finish(Err(format!("the upstream response broke off: {why}")));
+                let (lives, key) = (self.lives.clone(), self.guard.key);
+                self.failed(&UpstreamError::Broken(why)).await;
+                lives.remove(&key, &live);
+            }
+            Err(_) => {
+                live.finish(Err(
+                    "the upstream response did not finish within upstream_timeout".into(),
+                ));
+                let (lives, key) = (self.lives.clone(), self.guard.key);
+                let e = UpstreamError::Timeout(self.timeout);
+                self.failed(&e).await;
+                lives.remove(&key, &live);
+            }
+        }
     }
+
+    /// Runs `work` while renewing the lease. The renew loop only ends when
+    /// the lease is lost; then the work finishes without it (settling will
+    /// be refused, and counted).
+    async fn renewing<F: std::future::Future>(&self, work: F) -> F::Output {
+        tokio::pin!(work);
+        let renew = self.guard.renew_loop(self.policy.lease_ttl);
+        tokio::pin!(renew);
+        tokio::select! {
+            out = &mut work => out,
+            () = &mut renew => work.await,
+        }
+    }
+
+    /// The call failed before any response: settle, and tell the caller.
+    async fn fail_before_head(
+        self,
+        live: &Arc<Live>,
+        e: UpstreamError,
+        tx: oneshot::Sender<Handled>,
+    ) {
+        self.lives.remove(&self.guard.key, live);
+        live.finish(Err(e.to_string()));
+        self.failed(&e).await;
+        let _ = tx.send(refuse(ProxyError::Upstream(e)));
+    }
+}
+
+/// The head's headers, already as stored (for the record at the end).
+fn live_headers(live: &Live) -> HeaderMap {
+    live.head().map(|h| h.headers.clone()).unwrap_or_default()
+}
+
+/// Reads the upstream body into `live` until it ends. Trailers are neither
+/// stored nor sent on (as before streaming).
+async fn pump(mut body: Body, live: &Live) -> Result<(), String> {
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| super::error_chain(&*e))?;
+        if let Ok(data) = frame.into_data() {
+            if !data.is_empty() {
+                live.push(data).await;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Job {
@@ -312,22 +387,6 @@ impl Drop for LeaseGuard {
                 "upstream call abandoned with the lease held; it lapses after lease_ttl, then follows on_unknown_outcome"
             );
         }
-    }
-}
-
-/// Calls the upstream and reads the body up to `max` bytes.
-async fn call_and_read<S: UpstreamService>(
-    metrics: &Metrics,
-    inner: S,
-    req: Request<Body>,
-    max: u64,
-) -> Result<Answer, UpstreamError> {
-    let resp = call_upstream(metrics, inner, req).await?;
-    let (parts, body) = resp.into_parts();
-    match read_limited(body, max).await {
-        Ok(Read::Whole(b)) => Ok(Answer::Whole(parts, b)),
-        Ok(Read::Overflow(read, rest)) => Ok(Answer::Overflow(parts, read, rest)),
-        Err(e) => Err(UpstreamError::Broken(super::error_chain(&*e))),
     }
 }
 

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use super::flow;
+use super::live::Lives;
 use super::reconcile::Reconciler;
 use crate::config::{OnStoreError, Policies};
 use crate::error::UpstreamError;
@@ -50,6 +51,8 @@ pub(super) struct Shared {
     pub store: Store,
     pub settings: Settings,
     pub reconciler: Reconciler,
+    /// Covered responses streaming now, for duplicates to join.
+    pub lives: Arc<Lives>,
 }
 
 impl IdempotencyLayer {
@@ -59,6 +62,7 @@ impl IdempotencyLayer {
                 store,
                 settings,
                 reconciler: Reconciler::new(),
+                lives: Arc::default(),
             }),
         }
     }

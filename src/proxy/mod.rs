@@ -16,6 +16,7 @@ use http::header::{self, HeaderMap, HeaderName};
 mod flow;
 mod job;
 pub mod layer;
+mod live;
 mod reconcile;
 mod timed;
 pub mod upstream;

@@ -259,6 +259,36 @@ impl TestClient {
         }
     }
 
+    /// [`Self::send`], but a response whose body breaks off (an aborted
+    /// stream) is `Err` with its status, rather than a panic.
+    pub async fn try_send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Got, (StatusCode, String)> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+            .unwrap();
+        let resp = self.client.request(req).await.expect("request failed");
+        let (parts, body) = resp.into_parts();
+        match body.collect().await {
+            Ok(b) => Ok(Got {
+                status: parts.status,
+                headers: parts.headers,
+                body: b.to_bytes(),
+            }),
+            Err(e) => Err((parts.status, e.to_string())),
+        }
+    }
+
     /// POST with an Idempotency-Key.
     pub async fn post(&self, path: &str, key: &str, body: &str) -> Got {
         self.send(
