@@ -11,6 +11,7 @@ pub mod faults;
 pub mod ledger;
 pub mod proc;
 pub mod redis_server;
+pub mod streams;
 pub mod webhooks;
 
 use std::convert::Infallible;
