@@ -77,6 +77,7 @@ def upstream(port):
     def accept():
         while True:
             c, _ = srv.accept()
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=serve, args=(c,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
