@@ -32,6 +32,7 @@ pub mod error;
 pub mod idempotency;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod webhook;

@@ -25,7 +25,8 @@ use crate::admin::Admin;
 use crate::config::{Backend, Config};
 use crate::idempotency::seal::Keyring;
 use crate::metrics::Metrics;
-use crate::proxy::{IdempotencyLayer, Settings, Upstream};
+use crate::proxy::{Idempotency, Routing, Settings, SharedRouting};
+use crate::reload::{self, ConfigSource, Targets};
 use crate::store::{MemoryStore, RedisStore, Sealing, Store};
 
 /// Why the server could not start.
@@ -38,6 +39,16 @@ pub enum StartError {
     },
     #[error("store: {0}")]
     Store(String),
+    #[error("upstream: {0}")]
+    Upstream(String),
+}
+
+/// The routing (policies and upstream clients) the proxy starts with;
+/// `None` in dedup-only mode.
+pub fn routing(config: &Config) -> Result<Option<SharedRouting>, StartError> {
+    Ok(Routing::build(config, None)
+        .map_err(StartError::Upstream)?
+        .map(|r| Arc::new(arc_swap::ArcSwap::from_pointee(r))))
 }
 
 /// Opens the configured store, reporting into `metrics`.
@@ -98,36 +109,60 @@ impl Listeners {
 }
 
 /// Serves until `shutdown` resolves, then drains.
+/// `routing` is [`routing`]'s; `reloads`, if given, is where a reload
+/// (SIGHUP, a change of the file) reads the configuration again.
 pub async fn run(
     config: Config,
     store: Store,
     metrics: Metrics,
     listeners: Listeners,
+    routing: Option<SharedRouting>,
+    reloads: Option<ConfigSource>,
     shutdown: impl Future<Output = ()>,
 ) {
     let tasks = TaskTracker::new();
     let graceful = GracefulShutdown::new();
 
-    let proxy = config.upstream.as_ref().map(|upstream| {
+    let proxy = routing.clone().map(|routing| {
         let settings = Settings {
-            policies: config.policies.clone(),
             on_store_error: config.store.on_store_error,
-            upstream_timeout: config.upstream_timeout,
             body_read_timeout: config.body_read_timeout,
             tasks: tasks.clone(),
             metrics: metrics.clone(),
         };
-        tower::ServiceBuilder::new()
-            .layer(IdempotencyLayer::new(store.clone(), settings))
-            .service(Upstream::new(upstream, config.upstream_timeout))
+        Idempotency::new(store.clone(), settings, routing)
     });
+    let admin_policies = Arc::new(arc_swap::ArcSwap::from_pointee(config.policies.clone()));
     let admin = Admin::new(
         store.clone(),
         metrics.clone(),
-        config.policies.clone(),
+        admin_policies.clone(),
         config.dedup.clone(),
         &config.admin_tokens,
     );
+    metrics.config_last_reload_success.set(reload::unix_now());
+    for u in config.default_upstream.iter().chain(
+        config
+            .policies
+            .routes
+            .iter()
+            .filter_map(|r| r.upstream.as_ref()),
+    ) {
+        if u.danger_accept_invalid_certs {
+            tracing::warn!(upstream = %u.uri, "danger_accept_invalid_certs: the upstream's certificate is NOT verified; anyone on the path can read and change this traffic");
+        }
+    }
+    let watcher = reloads.map(|source| {
+        tokio::spawn(reload::watch(
+            source,
+            config.clone(),
+            Targets {
+                routing: routing.clone(),
+                admin_policies,
+                metrics: metrics.clone(),
+            },
+        ))
+    });
     for w in &config.warnings {
         tracing::warn!("config: {w}");
     }
@@ -204,6 +239,9 @@ pub async fn run(
     }
 
     drop(listeners);
+    if let Some(w) = watcher {
+        w.abort();
+    }
     let deadline = Instant::now() + config.drain_timeout;
     tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining connections");
     if tokio::time::timeout_at(deadline, graceful.shutdown())
@@ -273,12 +311,15 @@ impl Running {
                 addr: config.admin_listen,
                 source,
             })?;
+        let routing = routing(&config)?;
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(run(
             config,
             store.clone(),
             metrics.clone(),
             listeners,
+            routing,
+            None,
             async move {
                 let _ = rx.await;
             },

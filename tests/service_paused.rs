@@ -17,11 +17,11 @@ use idemgate::config::{FileConfig, OnStoreError, RunArgs};
 use idemgate::error::{full, UpstreamError};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::state::BeginOptions;
-use idemgate::proxy::{IdempotencyLayer, Settings};
+use idemgate::proxy::{Idempotency, Routing, Settings, Upstream};
 use idemgate::store::{MemoryStore, RecordStore, Store};
 use idemgate::Body;
 use tokio_util::task::TaskTracker;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Service, ServiceExt};
 
 /// An upstream that counts calls and takes `delay` of (virtual) time.
 #[derive(Clone)]
@@ -49,13 +49,16 @@ impl Service<Request<Body>> for Counting {
     }
 }
 
-fn settings(idempotency: &str) -> Settings {
+fn policies(idempotency: &str) -> idemgate::config::Policies {
     let file = FileConfig::parse(&format!("[idempotency]\n{idempotency}")).unwrap();
-    let config = idemgate::config::Config::from_parts(file, &RunArgs::default()).unwrap();
+    idemgate::config::Config::from_parts(file, &RunArgs::default())
+        .unwrap()
+        .policies
+}
+
+fn settings() -> Settings {
     Settings {
-        policies: config.policies,
         on_store_error: OnStoreError::Reject,
-        upstream_timeout: Duration::from_secs(600),
         body_read_timeout: Duration::from_secs(600),
         tasks: TaskTracker::new(),
         metrics: idemgate::metrics::Metrics::standalone(),
@@ -81,10 +84,16 @@ async fn body(resp: Response<Body>) -> String {
     .unwrap()
 }
 
-type Svc = idemgate::proxy::Idempotency<Counting>;
+type Svc = Idempotency;
 
 fn service(store: &Store, idempotency: &str, calls: Arc<AtomicUsize>, delay: Duration) -> Svc {
-    IdempotencyLayer::new(store.clone(), settings(idempotency)).layer(Counting { calls, delay })
+    let upstream = Upstream::from_service(Counting { calls, delay }, Duration::from_secs(600));
+    let routing = Routing::single(policies(idempotency), upstream);
+    Idempotency::new(
+        store.clone(),
+        settings(),
+        Arc::new(arc_swap::ArcSwap::from_pointee(routing)),
+    )
 }
 
 async fn call(svc: &Svc, key: &str) -> Result<Response<Body>, Infallible> {

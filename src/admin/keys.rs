@@ -201,7 +201,8 @@ impl Admin {
         if !path.starts_with('/') {
             return Err(format!("path: {path:?} must start with '/'"));
         }
-        let policy = self.policies.for_path(&path);
+        let policies = self.policies.load_full();
+        let policy = policies.for_path(&path);
         let key =
             parse_key(key.as_bytes(), policy.max_key_length).map_err(|e| format!("key: {e}"))?;
         if scopes.len() > policy.scope_headers.len() {

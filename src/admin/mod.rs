@@ -3,7 +3,10 @@
 //! (`/v1/dedup/...`, see [`crate::dedup`]); who may call which is `auth`.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -29,7 +32,8 @@ const READY_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct Admin {
     store: Store,
     metrics: Metrics,
-    policies: Policies,
+    /// Replaced by a reload, as the proxy's are.
+    policies: Arc<ArcSwap<Policies>>,
     dedup: DedupApi,
     auth: Auth,
 }
@@ -38,7 +42,7 @@ impl Admin {
     pub fn new(
         store: Store,
         metrics: Metrics,
-        policies: Policies,
+        policies: Arc<ArcSwap<Policies>>,
         dedup: DedupConfig,
         tokens: &AdminTokens,
     ) -> Self {

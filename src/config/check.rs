@@ -247,11 +247,11 @@ impl Checker {
                 return None;
             }
         };
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
             self.err(
                 path,
                 format!(
-                    "{s:?} must be an http:// URL with a host (e.g. \"http://127.0.0.1:8080\")"
+                    "{s:?} must be an http:// or https:// URL with a host (e.g. \"http://127.0.0.1:8080\")"
                 ),
             );
             return None;

@@ -24,6 +24,7 @@ impl Default for Config {
             admin_listen: ([127, 0, 0, 1], 9901).into(),
             upstream: None,
             upstream_timeout: Duration::from_secs(60),
+            default_upstream: None,
             drain_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),

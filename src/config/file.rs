@@ -16,6 +16,11 @@ pub struct FileConfig {
     pub(super) admin_listen: Option<Value>,
     pub(super) upstream: Option<Value>,
     pub(super) upstream_timeout: Option<Value>,
+    pub(super) upstream_protocol: Option<Value>,
+    pub(super) upstream_ca_file: Option<Value>,
+    pub(super) upstream_cert_file: Option<Value>,
+    pub(super) upstream_key_file: Option<Value>,
+    pub(super) danger_accept_invalid_certs: Option<Value>,
     pub(super) drain_timeout: Option<Value>,
     pub(super) max_connections: Option<Value>,
     pub(super) admin_token: Option<Value>,
@@ -91,6 +96,41 @@ pub(super) struct PolicyFile {
     pub(super) reconcile_interval: Option<Value>,
     pub(super) new_keys_per_scope: Option<Value>,
     pub(super) new_keys_burst: Option<Value>,
+    pub(super) upstream: Option<Value>,
+    pub(super) upstream_timeout: Option<Value>,
+    pub(super) upstream_protocol: Option<Value>,
+    pub(super) upstream_ca_file: Option<Value>,
+    pub(super) upstream_cert_file: Option<Value>,
+    pub(super) upstream_key_file: Option<Value>,
+    pub(super) danger_accept_invalid_certs: Option<Value>,
+}
+
+impl FileConfig {
+    pub(super) fn upstream_keys(&self) -> super::upstream::UpstreamKeys<'_> {
+        super::upstream::UpstreamKeys {
+            upstream: &self.upstream,
+            timeout: &self.upstream_timeout,
+            protocol: &self.upstream_protocol,
+            ca_file: &self.upstream_ca_file,
+            cert_file: &self.upstream_cert_file,
+            key_file: &self.upstream_key_file,
+            danger: &self.danger_accept_invalid_certs,
+        }
+    }
+}
+
+impl PolicyFile {
+    pub(super) fn upstream_keys(&self) -> super::upstream::UpstreamKeys<'_> {
+        super::upstream::UpstreamKeys {
+            upstream: &self.upstream,
+            timeout: &self.upstream_timeout,
+            protocol: &self.upstream_protocol,
+            ca_file: &self.upstream_ca_file,
+            cert_file: &self.upstream_cert_file,
+            key_file: &self.upstream_key_file,
+            danger: &self.danger_accept_invalid_certs,
+        }
+    }
 }
 
 impl FileConfig {

@@ -29,6 +29,7 @@ mod intake;
 mod render;
 pub mod routes;
 mod sections;
+pub mod upstream;
 
 pub use cli::{Cli, Command, RunArgs};
 pub use encryption::{EncryptionKey, KeySource};
@@ -36,6 +37,7 @@ pub use file::FileConfig;
 pub use routes::{
     OnUnknownOutcome, PathPattern, Policies, Policy, ReconcileUrl, Route, WebhookCheck,
 };
+pub use upstream::{UpstreamConfig, UpstreamProtocol};
 
 /// The checked configuration.
 #[derive(Debug, Clone)]
@@ -45,6 +47,9 @@ pub struct Config {
     /// `http://host:port`; `None` runs dedup-only (no proxy listener).
     pub upstream: Option<Uri>,
     pub upstream_timeout: Duration,
+    /// Everything about the top-level upstream (`upstream`,
+    /// `upstream_timeout`, `upstream_protocol`, the TLS keys), if any.
+    pub default_upstream: Option<UpstreamConfig>,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_timeout: Duration,
     /// Open connections each listener serves at once; the next waits in

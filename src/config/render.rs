@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::{
     Backend, Config, DedupConfig, KeySource, LogFormat, OnStoreError, OnUnknownOutcome, Policy,
-    ReconcileUrl, StoreConfig,
+    ReconcileUrl, StoreConfig, UpstreamConfig, UpstreamProtocol,
 };
 use crate::store::redact_url;
 
@@ -27,6 +27,8 @@ struct FileView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream: Option<String>,
     upstream_timeout: String,
+    #[serde(flatten)]
+    upstream_more: Option<UpstreamView>,
     drain_timeout: String,
     max_connections: usize,
     header_read_timeout: String,
@@ -43,6 +45,42 @@ struct FileView<'a> {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     routes: Vec<PolicyView<'a>>,
     dedup: DedupView,
+}
+
+/// A route's own upstream (the top level's extra keys, flattened there).
+#[derive(Serialize)]
+struct UpstreamView {
+    upstream_protocol: UpstreamProtocol,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_ca_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_cert_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_key_file: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    danger_accept_invalid_certs: bool,
+}
+
+impl UpstreamView {
+    fn of(u: &UpstreamConfig) -> Self {
+        let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        UpstreamView {
+            upstream_protocol: u.protocol,
+            upstream_ca_file: path(&u.ca_file),
+            upstream_cert_file: path(&u.cert_file),
+            upstream_key_file: path(&u.key_file),
+            danger_accept_invalid_certs: u.danger_accept_invalid_certs,
+        }
+    }
+}
+
+/// Which upstream a route sends to, when it is its own.
+#[derive(Serialize)]
+struct RouteUpstreamView {
+    upstream: String,
+    upstream_timeout: String,
+    #[serde(flatten)]
+    more: UpstreamView,
 }
 
 #[derive(Serialize)]
@@ -111,6 +149,8 @@ struct PolicyView<'a> {
     new_keys_per_scope: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     new_keys_burst: Option<u32>,
+    #[serde(flatten)]
+    upstream: Option<RouteUpstreamView>,
 }
 
 #[derive(Serialize)]
@@ -158,6 +198,7 @@ impl<'a> PolicyView<'a> {
             reconcile_interval: d(p.reconcile_interval),
             new_keys_per_scope: p.new_keys.map(|r| format!("{}/s", r.per_second)),
             new_keys_burst: p.new_keys.map(|r| r.burst as u32),
+            upstream: None,
         }
     }
 }
@@ -219,6 +260,7 @@ impl Config {
             admin_listen: self.admin_listen.to_string(),
             upstream: self.upstream.as_ref().map(|u| u.to_string()),
             upstream_timeout: d(self.upstream_timeout),
+            upstream_more: self.default_upstream.as_ref().map(UpstreamView::of),
             drain_timeout: d(self.drain_timeout),
             max_connections: self.max_connections,
             header_read_timeout: d(self.header_read_timeout),
@@ -236,7 +278,15 @@ impl Config {
                 .policies
                 .routes
                 .iter()
-                .map(|r| PolicyView::of(Some(r.pattern.as_str()), &r.policy))
+                .map(|r| {
+                    let mut v = PolicyView::of(Some(r.pattern.as_str()), &r.policy);
+                    v.upstream = r.upstream.as_ref().map(|u| RouteUpstreamView {
+                        upstream: u.uri.to_string(),
+                        upstream_timeout: d(u.timeout),
+                        more: UpstreamView::of(u),
+                    });
+                    v
+                })
                 .collect(),
             dedup: DedupView::of(&self.dedup),
         };

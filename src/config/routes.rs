@@ -144,14 +144,20 @@ pub struct Policies {
 pub struct Route {
     pub pattern: PathPattern,
     pub policy: Arc<Policy>,
+    /// The route's own upstream, if it sets any upstream key; `None`: the
+    /// top-level one.
+    pub upstream: Option<super::UpstreamConfig>,
 }
 
 impl Policies {
     pub fn for_path(&self, path: &str) -> &Arc<Policy> {
-        self.routes
-            .iter()
-            .find(|r| r.pattern.matches(path))
-            .map_or(&self.default, |r| &r.policy)
+        self.find(path)
+            .map_or(&self.default, |i| &self.routes[i].policy)
+    }
+
+    /// The index of the first route matching `path`.
+    pub fn find(&self, path: &str) -> Option<usize> {
+        self.routes.iter().position(|r| r.pattern.matches(path))
     }
 }
 

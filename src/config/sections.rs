@@ -13,6 +13,7 @@ use super::file::{DedupFile, FileConfig, PolicyFile, StoreFile};
 use super::{
     AdminTokens, Backend, Config, ConfigErrors, DedupConfig, LogFormat, OnStoreError,
     OnUnknownOutcome, PathPattern, Policies, Policy, ReconcileUrl, Route, RunArgs, StoreConfig,
+    UpstreamConfig,
 };
 
 const LOG_FORMATS: &[(&str, LogFormat)] = &[("text", LogFormat::Text), ("json", LogFormat::Json)];
@@ -96,8 +97,32 @@ impl Config {
             Checker::int(1, 1_000_000),
         );
         cfg.admin_tokens = c.admin_tokens(f, args);
+        let top = f.upstream_keys();
+        cfg.default_upstream = match cfg.upstream.clone() {
+            Some(uri) => Some(c.upstream_config("", &top, uri, None)),
+            None => {
+                let more = [
+                    top.protocol,
+                    top.ca_file,
+                    top.cert_file,
+                    top.key_file,
+                    top.danger,
+                ];
+                if more.iter().any(|v| v.is_some()) {
+                    c.err(
+                        "upstream",
+                        "is required with upstream_protocol or the TLS keys".into(),
+                    );
+                }
+                None
+            }
+        };
         cfg.store = c.store(file.store.unwrap_or_default(), args);
-        cfg.policies = c.policies(file.idempotency.unwrap_or_default(), file.routes);
+        cfg.policies = c.policies(
+            file.idempotency.unwrap_or_default(),
+            file.routes,
+            cfg.default_upstream.as_ref(),
+        );
         cfg.dedup = c.dedup(file.dedup.unwrap_or_default());
         cfg.warnings = std::mem::take(&mut c.warnings);
         if c.errors.is_empty() {
@@ -298,11 +323,22 @@ impl Checker {
     }
 
     /// `[idempotency]` over the defaults, and each `[[routes]]` over that.
-    fn policies(&mut self, idem: PolicyFile, routes: Option<Vec<PolicyFile>>) -> Policies {
+    fn policies(
+        &mut self,
+        idem: PolicyFile,
+        routes: Option<Vec<PolicyFile>>,
+        default_upstream: Option<&UpstreamConfig>,
+    ) -> Policies {
         if idem.path.is_some() {
             self.err(
                 "idempotency.path",
                 "only [[routes]] entries take a path".into(),
+            );
+        }
+        if idem.upstream_keys().any() {
+            self.err(
+                "idempotency",
+                "upstream keys belong at the top level or in [[routes]] entries".into(),
             );
         }
         let default = Arc::new(self.policy("idempotency", &idem, &Policy::default()));
@@ -320,8 +356,13 @@ impl Checker {
                     .and_then(|s| PathPattern::parse(&s).map_err(|e| self.err(&path, e)).ok()),
             };
             let policy = Arc::new(self.policy(&at, r, &default));
+            let upstream = self.route_upstream(&at, r, default_upstream);
             if let Some(pattern) = pattern {
-                out.push(Route { pattern, policy });
+                out.push(Route {
+                    pattern,
+                    policy,
+                    upstream,
+                });
             }
         }
         Policies {

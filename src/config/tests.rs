@@ -57,7 +57,7 @@ fn every_problem_is_listed_with_its_path() {
     let lines = err.0.join("\n");
     for want in [
         "listen: \"nowhere\" is not an address",
-        "upstream: \"ftp://x\" must be an http:// URL",
+        "upstream: \"ftp://x\" must be an http:// or https:// URL",
         "store.backend: \"etcd\" is not",
         "idempotency.record_ttl: \"forever\" is not a duration",
         "idempotency.methods[1]: \"B@D\" is not an HTTP method",

@@ -71,6 +71,10 @@ pub struct Metrics {
     pub store_bytes: IntGauge,
     /// `{preset, result}`: webhook signature checks; see [`SIGNATURE_RESULTS`].
     pub webhook_signatures: IntCounterVec,
+    /// `{result}`: `success` or `failure` of a configuration reload.
+    pub config_reloads: IntCounterVec,
+    /// When the configuration in force was loaded (start or reload).
+    pub config_last_reload_success: prometheus::Gauge,
     /// Per-label handles resolved once: the hot path indexes an array
     /// instead of hashing label values under a lock on every request.
     by_outcome: Arc<[(IntCounter, Histogram)]>,
@@ -159,6 +163,17 @@ impl Metrics {
             ),
             &["preset", "result"],
         )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "idemgate_config_reloads_total",
+                "Configuration reloads (SIGHUP or a change of the file), by result.",
+            ),
+            &["result"],
+        )?;
+        let config_last_reload_success = prometheus::Gauge::new(
+            "idemgate_config_last_reload_success_timestamp_seconds",
+            "Unix time the configuration in force was loaded (at start or by a reload).",
+        )?;
         let store_bytes = IntGauge::new(
             "idemgate_store_bytes",
             "Bytes the memory store holds: keys, records and in-flight entries (0 on Redis).",
@@ -188,6 +203,11 @@ impl Metrics {
         registry.register(Box::new(replica_ack_failures.clone()))?;
         registry.register(Box::new(store_bytes.clone()))?;
         registry.register(Box::new(webhook_signatures.clone()))?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(config_last_reload_success.clone()))?;
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
         registry.register(Box::new(build_info))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -253,6 +273,8 @@ impl Metrics {
             replica_ack_failures,
             store_bytes,
             webhook_signatures,
+            config_reloads,
+            config_last_reload_success,
             registry: registry.clone(),
         })
     }

@@ -17,6 +17,7 @@ use super::job::{stored_headers, unix_ms, Job};
 use super::layer::{Shared, UpstreamService};
 use super::live::Head;
 use super::reconcile::Answer;
+use super::routing::Routing;
 use super::timed::call_upstream;
 use super::{
     strip_hop_by_hop, IDEMPOTENCY_FENCE, IDEMPOTENT_BODY_OMITTED, IDEMPOTENT_RECONCILED,
@@ -64,15 +65,12 @@ pub(super) fn refuse(e: ProxyError) -> Handled {
     Handled::new(e.outcome(), e.to_response())
 }
 
-pub(super) async fn handle<S: UpstreamService>(
-    shared: Arc<Shared>,
-    inner: S,
-    req: Request<Body>,
-) -> Handled {
+pub(super) async fn handle(shared: Arc<Shared>, routing: &Routing, req: Request<Body>) -> Handled {
     let (mut parts, body) = req.into_parts();
     // Only idemgate chooses the fence an upstream sees.
     parts.headers.remove(IDEMPOTENCY_FENCE);
-    let policy = shared.settings.policies.for_path(parts.uri.path()).clone();
+    let (policy, upstream) = routing.for_path(parts.uri.path());
+    let (policy, inner) = (policy.clone(), upstream.clone());
 
     if !policy.covers(&parts.method) {
         return pass_through(&shared, inner, parts, body).await;
@@ -182,7 +180,7 @@ pub(super) async fn handle<S: UpstreamService>(
                     };
                     return handled.on(record_key);
                 }
-                let job = Job::new(&shared, record_key, lease, fp, policy);
+                let job = Job::new(&shared, record_key, lease, fp, policy, inner.timeout());
                 return job
                     .spawn(&shared.settings.tasks, inner, parts, body)
                     .await

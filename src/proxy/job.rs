@@ -48,6 +48,7 @@ impl Job {
         lease: Lease,
         fingerprint: Fingerprint,
         policy: Arc<Policy>,
+        timeout: Duration,
     ) -> Self {
         Job {
             guard: LeaseGuard {
@@ -59,7 +60,7 @@ impl Job {
             },
             fingerprint,
             policy,
-            timeout: shared.settings.upstream_timeout,
+            timeout,
             lives: shared.lives.clone(),
         }
     }

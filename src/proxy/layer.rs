@@ -1,6 +1,7 @@
-//! The idempotency middleware as tower lays one out: [`IdempotencyLayer`]
-//! wraps the upstream service in [`Idempotency`], whose future runs the
-//! request flow ([`super::flow`]) and counts how it ended.
+//! The idempotency service: [`Idempotency`] takes the current routing
+//! snapshot (policies and upstream clients, see [`super::routing`]), runs
+//! the request flow ([`super::flow`]) against the route's upstream, and
+//! counts how it ended.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -8,6 +9,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use super::routing::SharedRouting;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -20,7 +23,7 @@ use tower::Service;
 use super::flow;
 use super::live::Lives;
 use super::reconcile::Reconciler;
-use crate::config::{OnStoreError, Policies};
+use crate::config::OnStoreError;
 use crate::error::UpstreamError;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -29,10 +32,7 @@ use crate::{Body, BoxError};
 /// What the layer needs besides the store.
 #[derive(Clone)]
 pub struct Settings {
-    pub policies: Policies,
     pub on_store_error: OnStoreError,
-    /// Bounds a covered call: response head and buffered body together.
-    pub upstream_timeout: Duration,
     /// Bounds reading a covered request's body.
     pub body_read_timeout: Duration,
     /// Detached upstream calls are spawned here so shutdown can wait for them.
@@ -40,60 +40,38 @@ pub struct Settings {
     pub metrics: Metrics,
 }
 
-/// Applies idempotency to the wrapped upstream service.
-#[derive(Clone)]
-pub struct IdempotencyLayer {
-    shared: Arc<Shared>,
-}
-
-/// What every request of the layer shares.
+/// What every request of the service shares.
 pub(super) struct Shared {
     pub store: Store,
     pub settings: Settings,
     pub reconciler: Reconciler,
     /// Covered responses streaming now, for duplicates to join.
     pub lives: Arc<Lives>,
+    /// Policies and upstreams; replaced whole by a reload.
+    pub routing: SharedRouting,
 }
 
-impl IdempotencyLayer {
-    pub fn new(store: Store, settings: Settings) -> Self {
-        IdempotencyLayer {
+/// The idempotency service. Never fails: every error is a problem response.
+#[derive(Clone)]
+pub struct Idempotency {
+    shared: Arc<Shared>,
+}
+
+impl Idempotency {
+    pub fn new(store: Store, settings: Settings, routing: SharedRouting) -> Self {
+        Idempotency {
             shared: Arc::new(Shared {
                 store,
                 settings,
                 reconciler: Reconciler::new(),
                 lives: Arc::default(),
+                routing,
             }),
         }
     }
 }
 
-impl<S> tower::Layer<S> for IdempotencyLayer {
-    type Service = Idempotency<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Idempotency {
-            inner,
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-/// The idempotency service. Never fails: every error is a problem response.
-pub struct Idempotency<S> {
-    inner: S,
-    shared: Arc<Shared>,
-}
-
-impl<S: Clone> Clone for Idempotency<S> {
-    fn clone(&self) -> Self {
-        Idempotency {
-            inner: self.inner.clone(),
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-/// The upstream service the layer wraps.
+/// What the flow calls upstream (the route's [`super::Upstream`]).
 pub trait UpstreamService:
     Service<Request<Body>, Response = Response<Body>, Error = UpstreamError, Future: Send>
     + Clone
@@ -109,9 +87,8 @@ impl<T> UpstreamService for T where
 {
 }
 
-impl<S, B> Service<Request<B>> for Idempotency<S>
+impl<B> Service<Request<B>> for Idempotency
 where
-    S: UpstreamService,
     B: HttpBody<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
@@ -125,14 +102,14 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let inner = self.inner.clone();
         let shared = self.shared.clone();
         let req = req.map(|b| b.map_err(Into::into).boxed());
         Box::pin(async move {
             let started = Instant::now();
             let method = req.method().clone();
             let metrics = shared.settings.metrics.clone();
-            let handled = flow::handle(shared, inner, req).await;
+            let routing = shared.routing.load_full();
+            let handled = flow::handle(shared, &routing, req).await;
             let elapsed = started.elapsed();
             metrics.request(handled.outcome, elapsed);
             tracing::debug!(

@@ -1,8 +1,9 @@
-//! The HTTP side: the idempotency [`IdempotencyLayer`] around the pooled
-//! [`Upstream`] client. One middleware, one folder: [`layer`] (the tower
-//! layer and service), `flow` (the life of one request), `job` (a request
-//! that holds the lease, with its guard), `timed` (the upstream call),
-//! [`upstream`] (the client).
+//! The HTTP side: the [`Idempotency`] service in front of pooled
+//! [`Upstream`] clients. One folder: [`layer`] (the service), [`routing`]
+//! (policies and upstreams, swapped by a reload), `flow` (the life of one
+//! request), `job` (a request that holds the lease, with its guard), `live`
+//! (a response while it streams), `timed` (the upstream call), [`upstream`]
+//! (the clients, plaintext or TLS).
 //!
 //! The stack, outside in: hyper connection (framing, header limits) →
 //! [`Idempotency`] (decides per request: pass through, refuse, replay, wait or
@@ -18,10 +19,12 @@ mod job;
 pub mod layer;
 mod live;
 mod reconcile;
+pub mod routing;
 mod timed;
 pub mod upstream;
 
-pub use layer::{Idempotency, IdempotencyLayer, Settings};
+pub use layer::{Idempotency, Settings};
+pub use routing::{Routing, SharedRouting};
 pub use upstream::{error_chain, Upstream};
 
 /// Request header carrying the lease's fence to the upstream.

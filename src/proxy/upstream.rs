@@ -1,11 +1,16 @@
-//! The upstream: a pooled hyper-util client as a tower `Service`.
+//! An upstream: a pooled hyper-util client as a tower `Service`, over
+//! plaintext (HTTP/1.1 or h2c) or TLS (rustls; h2 or HTTP/1.1 by ALPN).
 //!
-//! It points each request at the upstream, strips hop-by-hop headers both ways
-//! and bounds the wait for the response head by `upstream_timeout`. One client
-//! (one connection pool) serves every request; cloning the service is cheap.
+//! It points each request at the upstream, strips hop-by-hop headers both
+//! ways and bounds the wait for the response head by the upstream's
+//! timeout. One client (one connection pool) per upstream config; cloning
+//! the service is cheap. TLS always verifies the server's certificate and
+//! hostname (SNI on) against the webpki roots plus `upstream_ca_file`,
+//! unless the loudly named `danger_accept_invalid_certs` says otherwise.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -13,45 +18,201 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::strip_hop_by_hop;
+use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::error::UpstreamError;
 use crate::Body;
 
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
-    scheme: Scheme,
-    authority: Authority,
+    inner: Inner,
     timeout: Duration,
 }
 
+#[derive(Clone)]
+enum Inner {
+    /// The pooled client of an upstream config.
+    Client {
+        client: Client<HttpsConnector<HttpConnector>, Body>,
+        scheme: Scheme,
+        authority: Authority,
+    },
+    /// Any service (tests drive the proxy against one).
+    Service(tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, UpstreamError>),
+}
+
 impl Upstream {
-    /// A client for `base` (`http://host:port`).
+    /// A client for `base` (`http://host:port`), HTTP/1.1, no TLS settings.
     pub fn new(base: &Uri, timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout.min(Duration::from_secs(5))));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
+        let config = UpstreamConfig {
+            uri: base.clone(),
+            timeout,
+            protocol: UpstreamProtocol::Auto,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            danger_accept_invalid_certs: false,
+        };
+        Self::from_config(&config).expect("a plaintext upstream needs no files")
+    }
+
+    /// A client for an upstream config: its TLS files are read now.
+    pub fn from_config(u: &UpstreamConfig) -> Result<Self, String> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(u.timeout.min(Duration::from_secs(5))));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.enforce_http(false);
+        let tls = tls_config(u)?;
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http();
+        let connector = match u.protocol {
+            // ALPN offers h2 and http/1.1 over TLS; plaintext stays 1.1.
+            UpstreamProtocol::Auto => builder.enable_http1().enable_http2().wrap_connector(http),
+            UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
+            UpstreamProtocol::H2c => builder.enable_http2().wrap_connector(http),
+        };
+        let mut client = Client::builder(TokioExecutor::new());
+        client
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             // Enough idle connections to keep a busy sidecar from reconnecting.
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+            .pool_max_idle_per_host(1024);
+        if u.protocol == UpstreamProtocol::H2c {
+            client.http2_only(true);
+        }
+        Ok(Upstream {
+            inner: Inner::Client {
+                client: client.build(connector),
+                scheme: u.uri.scheme().cloned().unwrap_or(Scheme::HTTP),
+                authority: u
+                    .uri
+                    .authority()
+                    .cloned()
+                    .ok_or_else(|| format!("{} has no host", u.uri))?,
+            },
+            timeout: u.timeout,
+        })
+    }
+
+    /// Any service as the upstream, with `timeout` as its upstream timeout.
+    pub fn from_service<S>(service: S, timeout: Duration) -> Self
+    where
+        S: tower::Service<Request<Body>, Response = Response<Body>, Error = UpstreamError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
         Upstream {
-            client,
-            scheme: base.scheme().cloned().unwrap_or(Scheme::HTTP),
-            authority: base
-                .authority()
-                .cloned()
-                .expect("config checks the upstream has a host"),
+            inner: Inner::Service(tower::util::BoxCloneSyncService::new(service)),
             timeout,
         }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// The rustls client config for `u`: roots, client certificate, verifier.
+fn tls_config(u: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &u.ca_file {
+        for cert in CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("upstream_ca_file {}: {e}", path.display()))?
+        {
+            let cert = cert.map_err(|e| format!("upstream_ca_file {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("upstream_ca_file {}: {e}", path.display()))?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut config = match (&u.cert_file, &u.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("upstream_cert_file {}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("upstream_key_file {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("upstream client certificate: {e}"))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    if u.danger_accept_invalid_certs {
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(AcceptAny(provider)));
+    }
+    Ok(config)
+}
+
+/// `danger_accept_invalid_certs`: accepts any server certificate (the
+/// handshake signatures are still checked, so the session is encrypted to
+/// whoever answered).
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -65,14 +226,22 @@ impl tower::Service<Request<Body>> for Upstream {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let (client, scheme, authority) = match &mut self.inner {
+            Inner::Client {
+                client,
+                scheme,
+                authority,
+            } => (client, scheme, authority),
+            Inner::Service(svc) => return Box::pin(svc.call(req)),
+        };
         let pq = req
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
+        parts.scheme = Some(scheme.clone());
+        parts.authority = Some(authority.clone());
         parts.path_and_query = Some(pq);
         match Uri::from_parts(parts) {
             Ok(uri) => *req.uri_mut() = uri,
@@ -80,7 +249,22 @@ impl tower::Service<Request<Body>> for Upstream {
                 return Box::pin(async move { Err(UpstreamError::Unreachable(e.to_string())) })
             }
         }
+        // `TE: trailers` is the one TE value a proxy passes on (RFC 9110
+        // §10.1.4, RFC 9113 §8.2.2): gRPC servers require it.
+        let trailers = req
+            .headers()
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
         strip_hop_by_hop(req.headers_mut());
+        if trailers {
+            req.headers_mut()
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         // The framing sent upstream is the body's own: a Content-Length that
         // disagrees with it (a client that sent both Content-Length and
         // chunked) would desynchronise the pooled upstream connection.
@@ -94,16 +278,22 @@ impl tower::Service<Request<Body>> for Upstream {
                 req.headers_mut().remove(header::CONTENT_LENGTH);
             }
         }
-        // The client speaks HTTP/1.1 to the upstream whatever the caller used.
+        // The client picks the upstream's version (ALPN, h2c); the caller's
+        // own must not force one.
         *req.version_mut() = Version::HTTP_11;
         let timeout = self.timeout;
-        let fut = self.client.request(req);
+        let fut = client.request(req);
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {
                 Err(_) => Err(UpstreamError::Timeout(timeout)),
                 // Only a failed connect proves nothing was sent; any other
-                // client error may come after the request was written.
-                Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Unreachable(error_chain(&e))),
+                // client error may come after the request was written. A
+                // TLS handshake the server refused (its certificate, or our
+                // client certificate) never carried the request either.
+                Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Unreachable(tls_named(&e))),
+                Ok(Err(e)) if refused_handshake(&e) => {
+                    Err(UpstreamError::Unreachable(tls_named(&e)))
+                }
                 Ok(Err(e)) => Err(UpstreamError::Failed(error_chain(&e))),
                 Ok(Ok(resp)) => {
                     let (mut parts, body) = resp.into_parts();
@@ -119,6 +309,55 @@ impl tower::Service<Request<Body>> for Upstream {
                 }
             }
         })
+    }
+}
+
+/// The rustls error in `e`'s chain, if any (hyper-rustls wraps it in an
+/// `io::Error`, whose `source` skips it: look inside).
+fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(r) = inner.downcast_ref::<rustls::Error>() {
+                return Some(r);
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// An alert that ends a handshake: the server refused the session, so no
+/// request on it reached the application (with TLS 1.3 the client may
+/// already have written it, but the server never read it).
+fn refused_handshake(e: &hyper_util::client::legacy::Error) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        rustls_error(e),
+        Some(rustls::Error::AlertReceived(
+            A::CertificateRequired
+                | A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateUnknown
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::HandshakeFailure
+                | A::AccessDenied
+        ))
+    )
+}
+
+/// The error chain, saying "TLS" when the handshake is what failed.
+fn tls_named(e: &hyper_util::client::legacy::Error) -> String {
+    match rustls_error(e) {
+        Some(r) => format!("TLS handshake with the upstream failed: {r}"),
+        None => error_chain(e),
     }
 }
 

@@ -99,7 +99,20 @@ fn serve(cli: &idemgate::config::Cli) -> anyhow::Result<()> {
             Some(up) => tracing::info!(listen = %config.listen, upstream = %up, admin = %config.admin_listen, "idemgate proxy started"),
             None => tracing::info!(admin = %config.admin_listen, "idemgate started in dedup-only mode (no upstream)"),
         }
-        server::run(config, store, metrics, listeners, shutdown_signal()).await;
+        let routing = server::routing(&config)?;
+        let reloads = idemgate::reload::ConfigSource {
+            args: cli.args.clone(),
+        };
+        server::run(
+            config,
+            store,
+            metrics,
+            listeners,
+            routing,
+            Some(reloads),
+            shutdown_signal(),
+        )
+        .await;
         tracing::info!("stopped");
         Ok(())
     })
