@@ -36,6 +36,9 @@ pub struct Upstream {
     timeout: Duration,
 }
 
+// Boxing the client would add an indirection to every request; the enum is
+// cloned once per request either way.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 enum Inner {
     /// The pooled client of an upstream config.
