@@ -315,52 +315,35 @@ impl tower::Service<Request<Body>> for Upstream {
     }
 }
 
-/// The rustls error in `e`'s chain, if any (hyper-rustls wraps it in an
-/// `io::Error`, whose `source` skips it: look inside).
-fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(r) = err.downcast_ref::<rustls::Error>() {
-            return Some(r);
-        }
-        if let Some(inner) = err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            if let Some(r) = inner.downcast_ref::<rustls::Error>() {
-                return Some(r);
-            }
-        }
-        cur = err.source();
-    }
-    None
-}
-
-/// An alert that ends a handshake: the server refused the session, so no
+/// Alerts that end a handshake: the server refused the session, so no
 /// request on it reached the application (with TLS 1.3 the client may
-/// already have written it, but the server never read it).
+/// already have written it, but the server never read it). Matched on
+/// rustls' own wording, as hyper-rustls hands its errors over as text
+/// inside `io::Error`s; the TLS tests pin it.
+const REFUSED_HANDSHAKE: [&str; 8] = [
+    "received fatal alert: CertificateRequired",
+    "received fatal alert: BadCertificate",
+    "received fatal alert: UnknownCA",
+    "received fatal alert: CertificateUnknown",
+    "received fatal alert: CertificateRevoked",
+    "received fatal alert: CertificateExpired",
+    "received fatal alert: HandshakeFailure",
+    "received fatal alert: AccessDenied",
+];
+
 fn refused_handshake(e: &hyper_util::client::legacy::Error) -> bool {
-    use rustls::AlertDescription as A;
-    matches!(
-        rustls_error(e),
-        Some(rustls::Error::AlertReceived(
-            A::CertificateRequired
-                | A::BadCertificate
-                | A::UnknownCA
-                | A::CertificateUnknown
-                | A::CertificateRevoked
-                | A::CertificateExpired
-                | A::HandshakeFailure
-                | A::AccessDenied
-        ))
-    )
+    let chain = error_chain(e);
+    REFUSED_HANDSHAKE.iter().any(|a| chain.contains(a))
 }
 
 /// The error chain, saying "TLS" when the handshake is what failed.
 fn tls_named(e: &hyper_util::client::legacy::Error) -> String {
-    match rustls_error(e) {
-        Some(r) => format!("TLS handshake with the upstream failed: {r}"),
-        None => error_chain(e),
+    let chain = error_chain(e);
+    let tls = ["invalid peer certificate", "received fatal alert", "peer is incompatible", "peer misbehaved"];
+    if tls.iter().any(|t| chain.contains(t)) {
+        format!("TLS handshake with the upstream failed: {chain}")
+    } else {
+        chain
     }
 }
 

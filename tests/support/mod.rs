@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod proc;
 pub mod redis_server;
 pub mod streams;
+pub mod tls;
 pub mod webhooks;
 
 use std::convert::Infallible;
