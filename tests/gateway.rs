@@ -30,7 +30,12 @@ async fn charge(c: &TestClient, key: &str) -> support::Got {
 /// The record idemgate holds for `key`, as the admin API shows it.
 async fn record_state(r: &Running, key: &str) -> u16 {
     TestClient::new(r.admin_addr)
-        .send("GET", &format!("/v1/keys?key={key}&path=/v1/charges"), &[], "")
+        .send(
+            "GET",
+            &format!("/v1/keys?key={key}&path=/v1/charges"),
+            &[],
+            "",
+        )
         .await
         .status
         .as_u16()
@@ -63,8 +68,16 @@ async fn https_upstream_with_the_test_ca() {
     let (r, c) = idemgate(&url, "").await;
     let refused = charge(&c, "tls-2").await;
     refused.assert_problem(502, "upstream-unreachable");
-    assert!(refused.json()["detail"].as_str().unwrap().contains("TLS"), "{:?}", refused.body);
-    assert_eq!(record_state(&r, "tls-2").await, 404, "the key must be released");
+    assert!(
+        refused.json()["detail"].as_str().unwrap().contains("TLS"),
+        "{:?}",
+        refused.body
+    );
+    assert_eq!(
+        record_state(&r, "tls-2").await,
+        404,
+        "the key must be released"
+    );
     assert_eq!(up.calls(), 1);
     r.stop().await;
 
@@ -118,7 +131,11 @@ async fn mtls_works_with_the_client_certificate_and_fails_without() {
     let refused = charge(&c, "m-2").await;
     refused.assert_problem(502, "upstream-unreachable");
     assert!(refused.json()["detail"].as_str().unwrap().contains("TLS"));
-    assert_eq!(record_state(&r, "m-2").await, 404, "a refused handshake sent nothing");
+    assert_eq!(
+        record_state(&r, "m-2").await,
+        404,
+        "a refused handshake sent nothing"
+    );
     assert_eq!(up.calls(), 1);
     r.stop().await;
 }
@@ -141,7 +158,10 @@ async fn h2_upstream(tls: bool) {
             format!("upstream_ca_file = \"{}\"\n", pki.ca_file().display()),
         )
     } else {
-        (format!("http://{}", up.addr), "upstream_protocol = \"h2c\"\n".to_owned())
+        (
+            format!("http://{}", up.addr),
+            "upstream_protocol = \"h2c\"\n".to_owned(),
+        )
     };
     let (r, c) = idemgate(&url, &extra).await;
     let first = charge(&c, "h2-1").await;
@@ -170,7 +190,12 @@ async fn h2_upstream(tls: bool) {
     }
     assert!(bodies.iter().all(|b| *b == bodies[0]));
     assert_eq!(up.calls(), 2);
-    assert!(up.versions.lock().unwrap().iter().all(|v| *v == Version::HTTP_2));
+    assert!(up
+        .versions
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|v| *v == Version::HTTP_2));
     r.stop().await;
 }
 
@@ -197,15 +222,21 @@ async fn grpc_trailers_pass_through() {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http();
-    let req = Request::post(format!("http://{}/helloworld.Greeter/SayHello", r.proxy_addr.unwrap()))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02yo")))
-        .unwrap();
+    let req = Request::post(format!(
+        "http://{}/helloworld.Greeter/SayHello",
+        r.proxy_addr.unwrap()
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02yo")))
+    .unwrap();
     let resp = client.request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     let collected = resp.into_body().collect().await.unwrap();
-    let trailers = collected.trailers().cloned().expect("trailers were dropped");
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers were dropped");
     assert_eq!(trailers.get("grpc-status").unwrap(), "0");
     assert_eq!(trailers.get("grpc-message").unwrap(), "ok");
     assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x02hi");

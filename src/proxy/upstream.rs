@@ -339,7 +339,12 @@ fn refused_handshake(e: &hyper_util::client::legacy::Error) -> bool {
 /// The error chain, saying "TLS" when the handshake is what failed.
 fn tls_named(e: &hyper_util::client::legacy::Error) -> String {
     let chain = error_chain(e);
-    let tls = ["invalid peer certificate", "received fatal alert", "peer is incompatible", "peer misbehaved"];
+    let tls = [
+        "invalid peer certificate",
+        "received fatal alert",
+        "peer is incompatible",
+        "peer misbehaved",
+    ];
     if tls.iter().any(|t| chain.contains(t)) {
         format!("TLS handshake with the upstream failed: {chain}")
     } else {

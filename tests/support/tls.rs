@@ -35,9 +35,10 @@ impl Pki {
         std::fs::create_dir_all(&dir).unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("idemgate test CA {name}"));
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("idemgate test CA {name}"),
+        );
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         let pki = Pki { dir, issuer };
         pki.write("ca.pem", &pki.issuer.pem());
@@ -56,8 +57,9 @@ impl Pki {
 
     /// A certificate for `names` signed by the CA: (cert PEM, key PEM).
     pub fn leaf(&self, names: &[&str]) -> (String, String) {
-        let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
