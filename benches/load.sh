@@ -5,6 +5,7 @@
 #   ROUNDS=5 DURATION=20 benches/load.sh
 #
 # Starts, on free loopback ports: an nginx upstream that answers a small JSON
+# body over http and over https (a test CA made with openssl),
 # body (1 worker); nginx proxy_pass with a keepalive pool as the baseline
 # (2 workers); redis-server; idemgate on the memory store and on Redis. Drives
 # each with wrk -t1 -c64, alternating baseline and candidate runs, and prints
@@ -14,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
-ONLY=${ONLY:-mem,redis,replay,nokey,rss}   # a subset for quick iterations
+ONLY=${ONLY:-mem,redis,replay,nokey,tls,rss}   # a subset for quick iterations
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 
@@ -36,6 +37,8 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$WORK/up/nginx.pid" ] && kill "$(cat "$WORK/up/nginx.pid")" 2>/dev/null || true
   [ -f "$WORK/base/nginx.pid" ] && kill "$(cat "$WORK/base/nginx.pid")" 2>/dev/null || true
+  [ -f "$WORK/ups/nginx.pid" ] && kill "$(cat "$WORK/ups/nginx.pid")" 2>/dev/null || true
+  [ -f "$WORK/basetls/nginx.pid" ] && kill "$(cat "$WORK/basetls/nginx.pid")" 2>/dev/null || true
   sleep 0.3
   rm -rf "$WORK"
 }
@@ -63,8 +66,27 @@ NGINX
 nginx_conf "$WORK/up" 1 "server { listen 127.0.0.1:$UP; location / { default_type application/json; return 201 '{\"id\":\"ch_1\",\"amount\":100,\"currency\":\"eur\"}'; } }"
 nginx_conf "$WORK/base" 2 "upstream api { server 127.0.0.1:$UP; keepalive 256; }
   server { listen 127.0.0.1:$BASE; location / { proxy_pass http://api; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+# TLS: the same upstream answer over https (a CA and a certificate for
+# localhost made here), nginx proxy_pass https:// (verifying it, keepalive,
+# session reuse) against idemgate with upstream_ca_file.
+UPS=$(free_port); BASE_TLS=$(free_port); TLS=$(free_port); TLS_ADMIN=$(free_port)
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=bench CA" \
+  -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=localhost" \
+  -keyout "$WORK/up.key" -out "$WORK/up.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost\n' > "$WORK/san.ext"
+openssl x509 -req -in "$WORK/up.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" -CAcreateserial \
+  -days 2 -extfile "$WORK/san.ext" -out "$WORK/up.pem" 2>/dev/null
+nginx_conf "$WORK/ups" 1 "server { listen 127.0.0.1:$UPS ssl; ssl_certificate $WORK/up.pem; ssl_certificate_key $WORK/up.key;
+  keepalive_requests 1000000;
+  location / { default_type application/json; return 201 '{\"id\":\"ch_1\",\"amount\":100,\"currency\":\"eur\"}'; } }"
+nginx_conf "$WORK/basetls" 2 "upstream apis { server localhost:$UPS; keepalive 256; }
+  server { listen 127.0.0.1:$BASE_TLS; location / { proxy_pass https://apis; proxy_http_version 1.1; proxy_set_header Connection \"\";
+    proxy_ssl_verify on; proxy_ssl_trusted_certificate $WORK/ca.pem; proxy_ssl_name localhost; proxy_ssl_server_name on; proxy_ssl_session_reuse on; } }"
 nginx -c "$WORK/up/nginx.conf"
 nginx -c "$WORK/base/nginx.conf"
+nginx -c "$WORK/ups/nginx.conf"
+nginx -c "$WORK/basetls/nginx.conf"
 
 redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
   --maxmemory-policy noeviction >/dev/null &
@@ -80,7 +102,11 @@ sleep 0.5
 env RUST_LOG=warn ${THREADS:+TOKIO_WORKER_THREADS=$THREADS} "$BIN" --upstream "http://127.0.0.1:$UP" --redis "redis://127.0.0.1:$REDIS" \
   --listen "127.0.0.1:$RED" --admin-listen "127.0.0.1:$RED_ADMIN" 2>"$WORK/red.log" &
 RED_PID=$!; pids+=($RED_PID)
-for p in $MEM_ADMIN $RED_ADMIN; do
+printf 'upstream_ca_file = "%s"\n[store]\nmax_entries = 100000000\n' "$WORK/ca.pem" > "$WORK/tls.toml"
+env RUST_LOG=warn ${THREADS:+TOKIO_WORKER_THREADS=$THREADS} "$BIN" --config "$WORK/tls.toml" --upstream "https://localhost:$UPS" \
+  --listen "127.0.0.1:$TLS" --admin-listen "127.0.0.1:$TLS_ADMIN" 2>"$WORK/tls.log" &
+pids+=($!)
+for p in $MEM_ADMIN $RED_ADMIN $TLS_ADMIN; do
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$p/readyz" >/dev/null && break; sleep 0.1; done
 done
 
@@ -119,8 +145,9 @@ def ms(v):
     num, unit = re.match(r"([\d.]+)(us|ms|s|m)", v).groups()
     return float(num) * {"us": 1e-3, "ms": 1, "s": 1e3, "m": 6e4}[unit]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
-p50 = ms(re.search(r"50%\s+(\S+)", t).group(1))
-p99 = ms(re.search(r"99%\s+(\S+)", t).group(1))
+# Anchored: "62.50%" in the Req/Sec line must not read as the 50th percentile.
+p50 = ms(re.search(r"^\s+50%\s+(\S+)", t, re.M).group(1))
+p99 = ms(re.search(r"^\s+99%\s+(\S+)", t, re.M).group(1))
 non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
 errs = re.search(r"Socket errors: (.*)", t)
 print(f"{rps:.0f} {p50:.3f} {p99:.3f} {non2xx.group(1) if non2xx else 0} {'errors' if errs else 'ok'}")
@@ -133,10 +160,11 @@ echo "idemgate $("$BIN" --version | cut -d' ' -f2) vs nginx $(nginx -v 2>&1 | cu
 echo
 printf '| %-28s | %9s | %8s | %8s | %9s | %8s | %8s | %6s | %8s |\n' scenario "nginx r/s" "p50 ms" "p99 ms" "idem r/s" "p50 ms" "p99 ms" ratio "non-2xx"
 printf '|%s|\n' "------------------------------|-----------|----------|----------|-----------|----------|----------|--------|----------"
-scenario() { # name port script
+scenario() { # name port script [baseline port]
+  local base=${4:-$BASE}
   local b_rps=() b50=() b99=() c_rps=() c50=() c99=() bad=0
   for _ in $(seq "$ROUNDS"); do
-    read -r r a p n _ < <(run "$BASE" "$3" "$CONNS"); b_rps+=("$r"); b50+=("$a"); b99+=("$p")
+    read -r r a p n _ < <(run "$base" "$3" "$CONNS"); b_rps+=("$r"); b50+=("$a"); b99+=("$p")
     read -r r a p n _ < <(run "$2" "$3" "$CONNS"); c_rps+=("$r"); c50+=("$a"); c99+=("$p"); bad=$((bad + n))
   done
   local br cr
@@ -150,6 +178,8 @@ want mem && scenario "unique keys (memory)" "$MEM" unique.lua
 want redis && scenario "unique keys (Redis)" "$RED" unique.lua
 want replay && scenario "replay of one key (Redis)" "$RED" replay.lua
 want nokey && scenario "no key, pass-through (memory)" "$MEM" nokey.lua
+want tls && scenario "no key, https upstream" "$TLS" nokey.lua "$BASE_TLS"
+want tls && scenario "unique keys, https upstream" "$TLS" unique.lua "$BASE_TLS"
 want rss || exit 0
 
 # RSS of idemgate on Redis under c=256.

@@ -164,3 +164,92 @@ fn redis_passwords_are_not_printed() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(!stdout(&o).contains("hunter2"));
 }
+
+#[test]
+fn a_missing_webhook_secret_is_exit_2_naming_it_and_never_printed() {
+    let f = file(
+        "upstream = \"http://127.0.0.1:1\"\n[[routes]]\npath = \"/hooks/gh\"\npreset = \"github\"\nsecrets = [{ env = \"IDEMGATE_TEST_GH_HOOK\" }]\n",
+    );
+    // At start-up and in check-config alike.
+    for args in [
+        vec!["--config", f.path()],
+        vec!["check-config", "--config", f.path()],
+    ] {
+        let o = idemgate(&args, &[]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("routes[0].secrets[0].env: the environment variable IDEMGATE_TEST_GH_HOOK is not set"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let o = idemgate(
+        &["check-config", "--config", f.path()],
+        &[("IDEMGATE_TEST_GH_HOOK", "s3cr3t-hook-value")],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("preset = \"github\""), "{out}");
+    assert!(
+        out.contains("key_from = \"header:x-github-delivery\""),
+        "{out}"
+    );
+    assert!(
+        !out.contains("s3cr3t") && !stderr(&o).contains("s3cr3t"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_config_shows_where_each_route_goes_and_checks_tls_files() {
+    let f = file(
+        "upstream = \"https://api.example.test\"\nupstream_ca_file = \"/nonexistent/ca.pem\"\n[[routes]]\npath = \"/billing/**\"\nupstream = \"http://127.0.0.1:9090\"\nupstream_protocol = \"h2c\"\n[[routes]]\npath = \"/x\"\nupstream_cert_file = \"/a.pem\"\n",
+    );
+    let o = idemgate(&["check-config", "--config", f.path()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(
+        err.contains("upstream_ca_file: cannot read /nonexistent/ca.pem"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "routes[1].upstream_cert_file: give upstream_cert_file and upstream_key_file together"
+        ),
+        "{err}"
+    );
+    // The HTTP routes alone: valid, and each route's upstream is shown.
+    let f = file(
+        "upstream = \"http://127.0.0.1:8080\"\n[[routes]]\npath = \"/billing/**\"\nupstream = \"http://127.0.0.1:9090\"\nupstream_protocol = \"h2c\"\nupstream_timeout = \"5s\"\n[[routes]]\npath = \"/v1/**\"\nrequired = true\n",
+    );
+    let o = idemgate(&["check-config", "--config", f.path()], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let billing = out.split("[[routes]]").nth(1).unwrap();
+    assert!(
+        billing.contains("upstream = \"http://127.0.0.1:9090/\""),
+        "{out}"
+    );
+    assert!(billing.contains("upstream_protocol = \"h2c\""), "{out}");
+    assert!(billing.contains("upstream_timeout = \"5s\""), "{out}");
+    let v1 = out.split("[[routes]]").nth(2).unwrap();
+    assert!(
+        !v1.contains("upstream"),
+        "a route without its own upstream shows none: {out}"
+    );
+    // h2c over https, and TLS settings for a plaintext upstream, are refused.
+    let f = file("upstream = \"https://a.test\"\nupstream_protocol = \"h2c\"\n");
+    let o = idemgate(&["check-config", "--config", f.path()], &[]);
+    assert!(
+        stderr(&o).contains("upstream_protocol: \"h2c\" is HTTP/2 in plaintext"),
+        "{}",
+        stderr(&o)
+    );
+    let f = file("upstream = \"http://a.test\"\ndanger_accept_invalid_certs = true\n");
+    let o = idemgate(&["check-config", "--config", f.path()], &[]);
+    assert!(
+        stderr(&o).contains("upstream: TLS settings need an https:// upstream"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -79,9 +79,4 @@ impl Routing {
             None => (&self.policies.default, &self.default),
         }
     }
-
-    /// How many distinct upstream clients this routing holds.
-    pub fn clients(&self) -> usize {
-        self.clients.len()
-    }
 }

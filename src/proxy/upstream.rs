@@ -52,20 +52,6 @@ enum Inner {
 }
 
 impl Upstream {
-    /// A client for `base` (`http://host:port`), HTTP/1.1, no TLS settings.
-    pub fn new(base: &Uri, timeout: Duration) -> Self {
-        let config = UpstreamConfig {
-            uri: base.clone(),
-            timeout,
-            protocol: UpstreamProtocol::Auto,
-            ca_file: None,
-            cert_file: None,
-            key_file: None,
-            danger_accept_invalid_certs: false,
-        };
-        Self::from_config(&config).expect("a plaintext upstream needs no files")
-    }
-
     /// A client for an upstream config: its TLS files are read now.
     pub fn from_config(u: &UpstreamConfig) -> Result<Self, String> {
         let mut http = HttpConnector::new();
