@@ -15,13 +15,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use idemgate::server::Running;
 use support::tls::{H2Upstream, Pki, Tls};
-use support::{config, TestClient, TestUpstream};
+use support::{TestClient, TestUpstream};
 
-async fn idemgate(upstream: &str, extra: &str) -> (Running, TestClient) {
-    let r = Running::start(config(Some(upstream), extra)).await.unwrap();
-    let c = TestClient::new(r.proxy_addr.unwrap());
-    (r, c)
-}
+use support::start_at as idemgate;
 
 async fn charge(c: &TestClient, key: &str) -> support::Got {
     c.post("/v1/charges", key, "{\"amount\":1}").await

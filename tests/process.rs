@@ -249,7 +249,12 @@ async fn max_bytes_bounds_the_memory_store_and_its_rss() {
     let mut stored = 0;
     for i in 0..answered {
         let got = admin
-            .send("GET", &format!("/v1/keys?key=big-{i}&path=/v1/charges"), &[], "")
+            .send(
+                "GET",
+                &format!("/v1/keys?key=big-{i}&path=/v1/charges"),
+                &[],
+                "",
+            )
             .await;
         if got.status == 200 {
             stored += 1;

@@ -15,21 +15,11 @@ use sha2::{Digest, Sha256};
 use support::proc::Proc;
 use support::redis_server::{shared_server, store_toml};
 use support::streams::{events, read, stream_byte, StreamClient, StreamUpstream};
-use support::{config, TestClient};
+use support::{config, unique, TestClient};
 
 /// Generous against the 200 ms between events and the 2 s a buffered
 /// response would take: the bound the issue states for "streamed".
 const PROMPT: Duration = Duration::from_millis(300);
-
-fn unique(key: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{key}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 async fn idemgate(up: &StreamUpstream, extra: &str) -> Running {
     Running::start(config(Some(&up.url()), extra))

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use idemgate::server::Running;
 use support::redis_server::{shared_server, store_toml};
 use support::webhooks::{body, now, sign};
-use support::{config, Got, TestClient, TestUpstream};
+use support::{unique, Got, TestClient, TestUpstream};
 
 const PRESETS: [(&str, &str); 5] = [
     ("github", "gh-secret-It's a Secret"),
@@ -25,17 +25,6 @@ const PRESETS: [(&str, &str); 5] = [
     ("slack", "8f742231b10e8888abcd99yyyzzz85a5"),
 ];
 const FORGER: &str = "whsec_Zm9yZ2VkLWJ5LXNvbWVvbmUtZWxzZQ==";
-
-/// A unique id per run, so tests sharing a Redis server never meet.
-fn unique(id: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{id}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// Each preset's secret in a file, and one route per preset.
 fn preset_routes() -> (PathBuf, String) {
@@ -53,13 +42,7 @@ fn preset_routes() -> (PathBuf, String) {
     (dir, toml)
 }
 
-async fn idemgate(upstream: &TestUpstream, extra: &str) -> (Running, TestClient) {
-    let r = Running::start(config(Some(&upstream.url()), extra))
-        .await
-        .unwrap();
-    let c = TestClient::new(r.proxy_addr.unwrap());
-    (r, c)
-}
+use support::start as idemgate;
 
 /// Delivers event `id` (body variant `n`) to `preset`'s route, signed with
 /// `secret` at `at`, plus `extra` headers.

@@ -105,33 +105,26 @@ pub(super) struct PolicyFile {
     pub(super) danger_accept_invalid_certs: Option<Value>,
 }
 
-impl FileConfig {
-    pub(super) fn upstream_keys(&self) -> super::upstream::UpstreamKeys<'_> {
-        super::upstream::UpstreamKeys {
-            upstream: &self.upstream,
-            timeout: &self.upstream_timeout,
-            protocol: &self.upstream_protocol,
-            ca_file: &self.upstream_ca_file,
-            cert_file: &self.upstream_cert_file,
-            key_file: &self.upstream_key_file,
-            danger: &self.danger_accept_invalid_certs,
+/// The upstream keys of a section that has them (same names in both).
+macro_rules! upstream_keys {
+    ($section:ty) => {
+        impl $section {
+            pub(super) fn upstream_keys(&self) -> super::upstream::UpstreamKeys<'_> {
+                super::upstream::UpstreamKeys {
+                    upstream: &self.upstream,
+                    timeout: &self.upstream_timeout,
+                    protocol: &self.upstream_protocol,
+                    ca_file: &self.upstream_ca_file,
+                    cert_file: &self.upstream_cert_file,
+                    key_file: &self.upstream_key_file,
+                    danger: &self.danger_accept_invalid_certs,
+                }
+            }
         }
-    }
+    };
 }
-
-impl PolicyFile {
-    pub(super) fn upstream_keys(&self) -> super::upstream::UpstreamKeys<'_> {
-        super::upstream::UpstreamKeys {
-            upstream: &self.upstream,
-            timeout: &self.upstream_timeout,
-            protocol: &self.upstream_protocol,
-            ca_file: &self.upstream_ca_file,
-            cert_file: &self.upstream_cert_file,
-            key_file: &self.upstream_key_file,
-            danger: &self.danger_accept_invalid_certs,
-        }
-    }
-}
+upstream_keys!(FileConfig);
+upstream_keys!(PolicyFile);
 
 impl FileConfig {
     /// Parses TOML text. A syntax or shape error is one line with its place.

@@ -170,6 +170,15 @@ impl Checker {
         Some(self.upstream_config(&format!("{at}."), &keys, uri, Some(base)))
     }
 
+    /// At least one PEM certificate in the file at `path`.
+    fn pem_certs(&mut self, at: &str, path: &std::path::Path) {
+        match CertificateDer::pem_file_iter(path).map(|it| it.collect::<Result<Vec<_>, _>>()) {
+            Ok(Ok(certs)) if !certs.is_empty() => {}
+            Ok(Ok(_)) => self.err(at, format!("{} holds no PEM certificate", path.display())),
+            Ok(Err(e)) | Err(e) => self.err(at, format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
     /// Reads and parses the TLS files; names what is wrong.
     fn check_tls(&mut self, at: &str, u: &UpstreamConfig) {
         let key = |name: &str| format!("{at}{name}");
@@ -189,33 +198,11 @@ impl Checker {
             );
         }
         if let Some(path) = &u.ca_file {
-            match CertificateDer::pem_file_iter(path).map(|it| it.collect::<Result<Vec<_>, _>>()) {
-                Ok(Ok(certs)) if !certs.is_empty() => {}
-                Ok(Ok(_)) => self.err(
-                    &key("upstream_ca_file"),
-                    format!("{} holds no PEM certificate", path.display()),
-                ),
-                Ok(Err(e)) | Err(e) => self.err(
-                    &key("upstream_ca_file"),
-                    format!("cannot read {}: {e}", path.display()),
-                ),
-            }
+            self.pem_certs(&key("upstream_ca_file"), path);
         }
         match (&u.cert_file, &u.key_file) {
             (Some(cert), Some(k)) => {
-                match CertificateDer::pem_file_iter(cert)
-                    .map(|it| it.collect::<Result<Vec<_>, _>>())
-                {
-                    Ok(Ok(certs)) if !certs.is_empty() => {}
-                    Ok(Ok(_)) => self.err(
-                        &key("upstream_cert_file"),
-                        format!("{} holds no PEM certificate", cert.display()),
-                    ),
-                    Ok(Err(e)) | Err(e) => self.err(
-                        &key("upstream_cert_file"),
-                        format!("cannot read {}: {e}", cert.display()),
-                    ),
-                }
+                self.pem_certs(&key("upstream_cert_file"), cert);
                 if let Err(e) = PrivateKeyDer::from_pem_file(k) {
                     self.err(
                         &key("upstream_key_file"),

@@ -242,23 +242,9 @@ impl TestClient {
         headers: &[(&str, &str)],
         body: &str,
     ) -> Got {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
-        for (n, v) in headers {
-            req = req.header(*n, *v);
-        }
-        let req = req
-            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
-            .unwrap();
-        let resp = self.client.request(req).await.expect("request failed");
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.expect("body failed").to_bytes();
-        Got {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
+        self.try_send(method, path, headers, body)
+            .await
+            .unwrap_or_else(|(_, e)| panic!("body failed: {e}"))
     }
 
     /// [`Self::send`], but a response whose body breaks off (an aborted
@@ -347,9 +333,23 @@ pub async fn duplicates_agree(clients: &[TestClient], n: usize, key: &str) {
 
 /// Starts idemgate in front of `upstream` with extra config TOML.
 pub async fn start(upstream: &TestUpstream, extra: &str) -> (Running, TestClient) {
-    let running = Running::start(config(Some(&upstream.url()), extra))
-        .await
-        .unwrap();
+    start_at(&upstream.url(), extra).await
+}
+
+/// Starts idemgate in front of the upstream at `url` with extra config TOML.
+pub async fn start_at(url: &str, extra: &str) -> (Running, TestClient) {
+    let running = Running::start(config(Some(url), extra)).await.unwrap();
     let client = TestClient::new(running.proxy_addr.unwrap());
     (running, client)
+}
+
+/// A name no other test of this run uses (tests share Redis servers).
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::AtomicU32;
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
