@@ -156,3 +156,55 @@ async fn a_changed_file_and_sighup_reload_without_dropping_a_request() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Rotating a webhook secret: the secret file changes, SIGHUP reads it
+/// again (the watcher follows the config file only), and deliveries signed
+/// with the new secret pass while the old one's get 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reads_a_rotated_webhook_secret() {
+    use support::webhooks::{now, sign};
+    let up = TestUpstream::start().await;
+    let dir = std::env::temp_dir().join(format!("idemgate-rotate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("gh-secret");
+    std::fs::write(&secret, "old-secret\n").unwrap();
+    let file = dir.join("idemgate.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[routes]]\npath = \"/hooks/github\"\npreset = \"github\"\nsecrets = [{{ file = \"{}\" }}]\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let p = Proc::start(&up.url(), &["--config", file.to_str().unwrap()], &[]).await;
+    let c = TestClient::new(p.proxy);
+    let deliver = |key: &'static str, id: &'static str| {
+        let c = c.clone();
+        async move {
+            let body = "{\"action\":\"opened\"}";
+            let h = sign("github", key, id, body, now());
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            c.send("POST", "/hooks/github", &h, body)
+                .await
+                .status
+                .as_u16()
+        }
+    };
+    assert_eq!(deliver("old-secret", "d-1").await, 201);
+    assert_eq!(deliver("new-secret", "d-2").await, 401);
+    std::fs::write(&secret, "new-secret\n").unwrap();
+    p.signal("-HUP");
+    let started = Instant::now();
+    while deliver("new-secret", "d-3").await != 201 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the rotated secret never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(deliver("old-secret", "d-4").await, 401);
+    p.signal("-TERM");
+    p.finish();
+    std::fs::remove_dir_all(dir).ok();
+}
