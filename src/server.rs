@@ -74,6 +74,7 @@ pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Store, Sta
             let mut options = config.store.redis_options();
             options.sealing = sealing;
             options.ack_failures = Some(metrics.replica_ack_failures.clone());
+            options.replay_cache_lookups = Some(metrics.replay_cache_lookups.clone());
             let store = RedisStore::connect(options)
                 .await
                 .map_err(|e| StartError::Store(e.to_string()))?;

@@ -55,6 +55,7 @@ impl Default for StoreConfig {
             max_bytes: 512 << 20,
             min_replicas: 0,
             replica_ack_timeout: Duration::from_millis(100),
+            replay_cache: 64 << 20,
             encryption: Vec::new(),
         }
     }

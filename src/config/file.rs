@@ -62,6 +62,7 @@ pub(super) struct StoreFile {
     pub(super) max_bytes: Option<Value>,
     pub(super) min_replicas: Option<Value>,
     pub(super) replica_ack_timeout: Option<Value>,
+    pub(super) replay_cache: Option<Value>,
     pub(super) encryption: Option<Value>,
 }
 

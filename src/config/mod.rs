@@ -151,6 +151,9 @@ pub struct StoreConfig {
     /// idemgate relies on it (`WAIT`); 0: none.
     pub min_replicas: u32,
     pub replica_ack_timeout: Duration,
+    /// Redis (standalone): bytes of completed records kept in the process
+    /// so replays need no round trip; 0: off.
+    pub replay_cache: u64,
     /// Keys that seal stored responses and dedup results; empty: off.
     pub encryption: Vec<EncryptionKey>,
 }
@@ -163,6 +166,7 @@ impl StoreConfig {
             timeout: self.timeout,
             min_replicas: self.min_replicas,
             replica_ack_timeout: self.replica_ack_timeout,
+            replay_cache_bytes: usize::try_from(self.replay_cache).unwrap_or(usize::MAX),
             ..RedisOptions::new(self.urls.clone(), self.backend == Backend::RedisCluster)
         }
     }

@@ -94,6 +94,7 @@ struct StoreView {
     max_bytes: u64,
     min_replicas: u32,
     replica_ack_timeout: String,
+    replay_cache: u64,
     /// Key ids and where they come from; never the keys.
     #[serde(skip_serializing_if = "Option::is_none")]
     encryption: Option<EncryptionView>,
@@ -223,6 +224,7 @@ impl StoreView {
             max_bytes: s.max_bytes,
             min_replicas: s.min_replicas,
             replica_ack_timeout: d(s.replica_ack_timeout),
+            replay_cache: s.replay_cache,
             encryption: (!s.encryption.is_empty()).then(|| EncryptionView {
                 keys: s
                     .encryption

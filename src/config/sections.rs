@@ -274,6 +274,12 @@ impl Checker {
             "store.replica_ack_timeout",
             Checker::duration,
         );
+        self.set(
+            &mut s.replay_cache,
+            &f.replay_cache,
+            "store.replay_cache",
+            Checker::size,
+        );
 
         // Flags choose the backend over the file.
         match (&args.redis, args.redis_cluster.as_slice()) {

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub store_bytes: IntGauge,
     /// `{preset, result}`: webhook signature checks; see [`SIGNATURE_RESULTS`].
     pub webhook_signatures: IntCounterVec,
+    /// `{result}`: `hit` or `miss` of the Redis replay cache.
+    pub replay_cache_lookups: IntCounterVec,
     /// `{result}`: `success` or `failure` of a configuration reload.
     pub config_reloads: IntCounterVec,
     /// When the configuration in force was loaded (start or reload).
@@ -163,6 +165,13 @@ impl Metrics {
             ),
             &["preset", "result"],
         )?;
+        let replay_cache_lookups = IntCounterVec::new(
+            Opts::new(
+                "idemgate_replay_cache_lookups_total",
+                "Lookups of completed records kept in the process (Redis), by result.",
+            ),
+            &["result"],
+        )?;
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 "idemgate_config_reloads_total",
@@ -204,6 +213,10 @@ impl Metrics {
         registry.register(Box::new(store_bytes.clone()))?;
         registry.register(Box::new(webhook_signatures.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(replay_cache_lookups.clone()))?;
+        for result in ["hit", "miss"] {
+            replay_cache_lookups.with_label_values(&[result]);
+        }
         registry.register(Box::new(config_last_reload_success.clone()))?;
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
@@ -275,6 +288,7 @@ impl Metrics {
             webhook_signatures,
             config_reloads,
             config_last_reload_success,
+            replay_cache_lookups,
             registry: registry.clone(),
         })
     }

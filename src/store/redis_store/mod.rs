@@ -33,9 +33,11 @@ use crate::idempotency::key::{Fingerprint, RecordKey};
 
 mod dedup;
 mod records;
+mod replays;
 mod scripts;
 mod waiters;
 
+use replays::ReplayCache;
 use scripts::Scripts;
 use waiters::Waiters;
 
@@ -62,6 +64,11 @@ pub struct RedisOptions {
     pub replica_ack_timeout: Duration,
     /// Counts writes not acknowledged in time, by `op`.
     pub ack_failures: Option<prometheus::IntCounterVec>,
+    /// Bytes of completed records kept in the process so replays need no
+    /// round trip (standalone Redis; 0: off). See `replays.rs`.
+    pub replay_cache_bytes: usize,
+    /// Counts replay-cache lookups, by `result` (`hit`, `miss`).
+    pub replay_cache_lookups: Option<prometheus::IntCounterVec>,
 }
 
 impl RedisOptions {
@@ -76,6 +83,8 @@ impl RedisOptions {
             min_replicas: 0,
             replica_ack_timeout: Duration::from_millis(100),
             ack_failures: None,
+            replay_cache_bytes: 0,
+            replay_cache_lookups: None,
         }
     }
 }
@@ -103,6 +112,8 @@ struct Inner {
     min_replicas: u32,
     replica_ack_timeout: Duration,
     ack_failures: Option<prometheus::IntCounterVec>,
+    /// Completed records kept in the process (standalone, when enabled).
+    replays: Option<Arc<ReplayCache>>,
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -125,8 +136,18 @@ impl RedisStore {
     /// Connects to Redis (standalone: one URL; Cluster: seed URLs).
     pub async fn connect(options: RedisOptions) -> Result<Self, StoreError> {
         let waiters = Arc::new(Waiters::default());
-        let w = waiters.clone();
+        let replays = (!options.cluster && options.replay_cache_bytes > 0).then(|| {
+            Arc::new(ReplayCache::new(
+                format!("{}:replays", options.key_prefix),
+                options.replay_cache_bytes,
+                options.replay_cache_lookups.clone(),
+            ))
+        });
+        let (w, r) = (waiters.clone(), replays.clone());
         let push = move |info: PushInfo| {
+            if let Some(r) = &r {
+                r.on_push(&info);
+            }
             w.on_push(info);
             Ok::<(), std::convert::Infallible>(())
         };
@@ -191,9 +212,16 @@ impl RedisStore {
                 min_replicas: options.min_replicas,
                 replica_ack_timeout: options.replica_ack_timeout,
                 ack_failures: options.ack_failures,
+                replays,
             }),
         };
         store.ping_inner().await?;
+        if let Some(r) = &store.inner.replays {
+            // Copies are kept once this subscription is confirmed (and
+            // again after each reconnect's automatic resubscription).
+            let channel = String::from_utf8_lossy(r.channel()).into_owned();
+            store.subscribe(&channel).await?;
+        }
         store.warn_if_evicting().await;
         Ok(store)
     }
@@ -208,6 +236,16 @@ impl RedisStore {
     }
 
     /// The scripts' `sharded` argument: `1` on Cluster (SPUBLISH).
+    /// The replay caches' invalidation channel, or `b""` without them.
+    fn replays_channel(&self) -> &[u8] {
+        self.inner.replays.as_ref().map_or(b"", |r| r.channel())
+    }
+
+    /// Bytes the replay cache holds (0 without one).
+    pub fn replay_cache_bytes(&self) -> usize {
+        self.inner.replays.as_ref().map_or(0, |r| r.bytes())
+    }
+
     fn sharded(&self) -> &'static [u8] {
         match self.inner.conn {
             Conn::Single(_) => b"0",

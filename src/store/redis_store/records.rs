@@ -28,6 +28,11 @@ impl RedisStore {
         opts: BeginOptions,
     ) -> Result<Begin, StoreError> {
         let rkey = self.record_key(key);
+        let replays = self.inner.replays.as_deref();
+        if let Some(rec) = replays.and_then(|c| c.get(&rkey)) {
+            return Ok(Begin::Completed(rec));
+        }
+        let epoch = replays.map_or(0, |c| c.epoch());
         // ARGV 3 to 6 of begin.lua; the same for every try of the loop.
         let optional = |d: Option<Duration>| d.map(millis).unwrap_or_default();
         let lease_ms = millis(opts.lease_ttl);
@@ -80,11 +85,22 @@ impl RedisStore {
                         lapsed_now: parse_u64(held_now)? == 1,
                     })
                 }
-                ("c", [_, Value::BulkString(r)]) => match self.decode(key, r) {
-                    Some(rec) => return Ok(Begin::Completed(rec)),
+                ("c", [_, Value::BulkString(r), pttl]) => match self.decode(key, r) {
+                    Some(rec) => {
+                        if let (Some(c), Ok(ms)) = (replays, parse_u64(pttl)) {
+                            c.put(&rkey, rec.clone(), Duration::from_millis(ms), epoch);
+                        }
+                        return Ok(Begin::Completed(rec));
+                    }
                     // Drop it (unless rewritten meanwhile) and begin again.
                     None => {
-                        let _: i64 = self.eval(&self.inner.scripts.discard, &rkey, &[r]).await?;
+                        let _: i64 = self
+                            .eval(
+                                &self.inner.scripts.discard,
+                                &rkey,
+                                &[r, self.replays_channel()],
+                            )
+                            .await?;
                     }
                 },
                 _ => return Err(malformed("begin")),
@@ -106,7 +122,7 @@ impl RedisStore {
         Ok(s.as_deref() == Some("i") && f.and_then(|f| f.parse().ok()) == Some(fence))
     }
 
-    async fn subscribe(&self, channel: &str) -> Result<(), StoreError> {
+    pub(super) async fn subscribe(&self, channel: &str) -> Result<(), StoreError> {
         let fut = async {
             match &self.inner.conn {
                 Conn::Single(c) => c.clone().subscribe(channel).await,
@@ -341,10 +357,12 @@ impl RecordStore for RedisStore {
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
+            let epoch = self.inner.replays.as_ref().map_or(0, |c| c.epoch());
+            let rkey = self.record_key(key);
             let n: i64 = self
                 .eval(
                     &self.inner.scripts.complete,
-                    &self.record_key(key),
+                    &rkey,
                     &[
                         lease.token.to_string().as_bytes(),
                         &self.inner.sealing.encode(key, &record),
@@ -354,6 +372,9 @@ impl RecordStore for RedisStore {
                     ],
                 )
                 .await?;
+            if let (1, Some(c)) = (n, &self.inner.replays) {
+                c.put(&rkey, record.clone(), ttl, epoch);
+            }
             // Stored either way; a record not yet on a replica is at risk
             // only if the primary fails before it gets there.
             if n == 1 && !self.replicated("complete").await.unwrap_or(false) {
@@ -404,7 +425,11 @@ impl RecordStore for RedisStore {
                 .eval(
                     &self.inner.scripts.purge,
                     &self.record_key(key),
-                    &[self.channel(key).as_bytes(), self.sharded()],
+                    &[
+                        self.channel(key).as_bytes(),
+                        self.sharded(),
+                        self.replays_channel(),
+                    ],
                 )
                 .await?;
             Ok(n > 0)

@@ -9,7 +9,7 @@
 -- ARGV[6]  reconcile every: ms between reconcile attempts, or '' for none
 -- returns  {'a', fence}                       acquired
 --          {'i', fence, fp}                   in flight under a live lease
---          {'c', encoded record}              completed
+--          {'c', encoded record, pttl ms}     completed
 --          {'u', fence, fp, cause, since_ms, next_check_ms, reconcile 0|1,
 --           held now 0|1 (this call found the lease lapsed)}
 local now, us = clock()
@@ -19,7 +19,7 @@ local s, f, p = h[1], h[2], h[3]
 local lease_until = tonumber(h[5])
 local held_now = 0
 if s == 'i' and (lease_until == nil or lease_until > now) then return {'i', f, p} end
-if s == 'c' then return {'c', h[4]} end
+if s == 'c' then return {'c', h[4], redis.call('PTTL', KEYS[1])} end
 if s == 'i' and ARGV[5] ~= '' then
   -- The holder stopped renewing after it forwarded: the request may have
   -- run. Hold the key as unknown rather than run it again.

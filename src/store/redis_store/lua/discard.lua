@@ -2,7 +2,11 @@
 -- build could not decode, so a newer record written meanwhile survives.
 -- KEYS[1]  the record hash
 -- ARGV[1]  the undecodable encoded record
+-- ARGV[2]  the replay caches' invalidation channel, or '' (none)
 -- returns  1 deleted, 0 left alone
 local h = redis.call('HMGET', KEYS[1], 's', 'r')
-if h[1] == 'c' and h[2] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if h[1] == 'c' and h[2] == ARGV[1] then
+  if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+  return redis.call('DEL', KEYS[1])
+end
 return 0
