@@ -59,6 +59,7 @@ impl Proc {
     }
 
     /// Waits for exit; returns the exit code and everything logged.
+    /// (A test that fails before this still stops the process: see Drop.)
     pub fn finish(mut self) -> (Option<i32>, String) {
         let deadline = Instant::now() + Duration::from_secs(15);
         let status = loop {
@@ -76,5 +77,16 @@ impl Proc {
             .read_to_string(&mut log)
             .unwrap();
         (status.code(), log)
+    }
+}
+
+/// A failing test must not leave idemgate running (CI starts clean, and so
+/// should the next test): the process is killed if still there.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
