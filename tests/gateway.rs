@@ -23,15 +23,9 @@ async fn charge(c: &TestClient, key: &str) -> support::Got {
     c.post("/v1/charges", key, "{\"amount\":1}").await
 }
 
-/// The record idemgate holds for `key`, as the admin API shows it.
+/// The status the admin API answers for `key`'s record (404: none).
 async fn record_state(r: &Running, key: &str) -> u16 {
-    TestClient::new(r.admin_addr)
-        .send(
-            "GET",
-            &format!("/v1/keys?key={key}&path=/v1/charges"),
-            &[],
-            "",
-        )
+    support::charge_record(r.admin_addr, key)
         .await
         .status
         .as_u16()

@@ -74,6 +74,26 @@ fn evalsha_calls(redis: &RedisServer) -> u64 {
         .unwrap_or(0)
 }
 
+/// Begins `k` once the store has reconnected; it must be acquired (the
+/// record is gone from Redis), never `Completed` (`stale` says why not).
+async fn begin_once_reconnected(b: &RedisStore, k: &RecordKey, stale: &str) {
+    let started = Instant::now();
+    loop {
+        match b.begin(k, &FP, opts()).await {
+            Ok(Begin::Acquired(_)) => return,
+            Ok(Begin::Completed(_)) => panic!("{stale}"),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "never reconnected"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 async fn is_completed(store: &RedisStore, k: &RecordKey) -> bool {
     matches!(store.begin(k, &FP, opts()).await, Ok(Begin::Completed(_)))
 }
@@ -125,22 +145,7 @@ async fn a_redis_restart_empties_the_cache() {
     // Redis comes back empty (no persistence): the record is gone, and so
     // must be the copy.
     redis.restart();
-    let started = Instant::now();
-    loop {
-        match b.begin(&k, &FP, opts()).await {
-            Ok(Begin::Acquired(_)) => break,
-            Ok(Begin::Completed(_)) => panic!("replayed a record Redis lost in its restart"),
-            Ok(other) => panic!("unexpected {other:?}"),
-            // Reconnecting.
-            Err(_) => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "never reconnected"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    begin_once_reconnected(&b, &k, "replayed a record Redis lost in its restart").await;
     assert_eq!(b.replay_cache_bytes(), 0);
 }
 
@@ -165,21 +170,7 @@ async fn a_lost_connection_empties_the_cache_and_copies_resume_after() {
     }
     let name = redis.cli(&["--scan", "--pattern", "rc:*"]).unwrap();
     redis.cli(&["DEL", name.trim()]).unwrap();
-    let started = Instant::now();
-    loop {
-        match b.begin(&k, &FP, opts()).await {
-            Ok(Begin::Acquired(_)) => break,
-            Ok(Begin::Completed(_)) => panic!("served a copy across a lost connection"),
-            Ok(other) => panic!("unexpected {other:?}"),
-            Err(_) => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "never reconnected"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    begin_once_reconnected(&b, &k, "served a copy across a lost connection").await;
     // Resubscribed: copies are kept again.
     let k2 = key("after");
     let started = Instant::now();

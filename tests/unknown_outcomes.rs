@@ -48,15 +48,7 @@ fn count(r: &Running, cause: &str, resolution: &str) -> u64 {
 
 /// The record as `GET /v1/keys` shows it.
 async fn inspect(r: &Running, key: &str) -> serde_json::Value {
-    TestClient::new(r.admin_addr)
-        .send(
-            "GET",
-            &format!("/v1/keys?key={key}&path=/v1/charges"),
-            &[],
-            "",
-        )
-        .await
-        .json()
+    support::charge_record(r.admin_addr, key).await.json()
 }
 
 /// The store section for each backend; the guard keeps its servers up.

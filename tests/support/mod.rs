@@ -343,6 +343,19 @@ pub async fn start_at(url: &str, extra: &str) -> (Running, TestClient) {
     (running, client)
 }
 
+/// The record of `key` on `/v1/charges` (POST, no scope), as the admin
+/// API at `admin` shows it.
+pub async fn charge_record(admin: SocketAddr, key: &str) -> Got {
+    TestClient::new(admin)
+        .send(
+            "GET",
+            &format!("/v1/keys?key={key}&path=/v1/charges"),
+            &[],
+            "",
+        )
+        .await
+}
+
 /// A name no other test of this run uses (tests share Redis servers).
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::AtomicU32;
