@@ -182,14 +182,17 @@ want tls && scenario "no key, https upstream" "$TLS" nokey.lua "$BASE_TLS"
 want tls && scenario "unique keys, https upstream" "$TLS" unique.lua "$BASE_TLS"
 want rss || exit 0
 
-# RSS of idemgate on Redis under c=256.
-rss_max=0
-wrk -t1 -c256 -d"${DURATION}s" -s "$WORK/unique.lua" "http://127.0.0.1:$RED/v1/charges" > "$WORK/out256" 2>&1 &
-WRK=$!
-while kill -0 "$WRK" 2>/dev/null; do
-  rss=$(awk '/VmRSS/ {print $2}' "/proc/$RED_PID/status")
-  [ "$rss" -gt "$rss_max" ] && rss_max=$rss
-  sleep 0.2
-done
+# RSS of idemgate on Redis under unique keys, at each of RSS_CONNS
+# connections (default 256; e.g. RSS_CONNS="16 64 256 1024").
 echo
-echo "idemgate RSS on Redis at c=256 (unique keys): max $((rss_max / 1024)) MiB; $(grep Requests/sec "$WORK/out256" | awk '{printf "%.0f req/s", $2}')"
+for c in ${RSS_CONNS:-256}; do
+  rss_max=0
+  wrk -t1 -c"$c" -d"${DURATION}s" -s "$WORK/unique.lua" "http://127.0.0.1:$RED/v1/charges" > "$WORK/outrss" 2>&1 &
+  WRK=$!
+  while kill -0 "$WRK" 2>/dev/null; do
+    rss=$(awk '/VmRSS/ {print $2}' "/proc/$RED_PID/status")
+    [ "$rss" -gt "$rss_max" ] && rss_max=$rss
+    sleep 0.2
+  done
+  echo "idemgate RSS on Redis at c=$c (unique keys): max $((rss_max / 1024)) MiB; $(grep Requests/sec "$WORK/outrss" | awk '{printf "%.0f req/s", $2}')"
+done

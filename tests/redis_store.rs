@@ -354,7 +354,8 @@ fn round_trips(
 
 /// Round trips (all commands, scripts) of a first request and of its
 /// replay, from Redis' own commandstats, under `route` config lines.
-async fn first_and_replay_round_trips(store: &str, route: &str) -> ((u64, u64), (u64, u64)) {
+/// The third pair: a second replay.
+async fn first_and_replay_round_trips(store: &str, route: &str) -> [(u64, u64); 3] {
     let redis = RedisServer::start();
     let up = TestUpstream::start().await;
     let toml = format!("{}{route}", redis_toml(&[redis.url()], false, store));
@@ -371,33 +372,40 @@ async fn first_and_replay_round_trips(store: &str, route: &str) -> ((u64, u64), 
     let replay = client.post("/v1/x", "first", "{}").await;
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
     let after_replay = command_calls(&redis);
+    let again = client.post("/v1/x", "first", "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, replay.body);
+    let after_again = command_calls(&redis);
     r.stop().await;
-    (
+    [
         round_trips(&before, &after_first),
         round_trips(&after_first, &after_replay),
-    )
+        round_trips(&after_replay, &after_again),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_request_costs_two_round_trips_and_a_replay_one() {
-    let (first, replay) = first_and_replay_round_trips("replay_cache = 0", "").await;
+    let [first, replay, again] = first_and_replay_round_trips("replay_cache = 0", "").await;
     assert_eq!(first, (2, 2), "first request: begin + complete");
     assert_eq!(replay, (1, 1), "replay: begin only");
+    assert_eq!(again, (1, 1), "every replay: begin only");
 }
 
-/// With the replay cache (the default), the replica that completed a
-/// record replays it without asking Redis.
+/// With the replay cache (the default), a record replayed once from Redis
+/// is replayed from the process after that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_the_replay_cache_a_replay_costs_no_round_trip() {
-    let (first, replay) = first_and_replay_round_trips("", "").await;
+async fn with_the_replay_cache_a_second_replay_costs_no_round_trip() {
+    let [first, replay, again] = first_and_replay_round_trips("", "").await;
     assert_eq!(first, (2, 2), "first request: begin + complete");
-    assert_eq!(replay, (0, 0), "replay: from the process");
+    assert_eq!(replay, (1, 1), "first replay: begin, which keeps a copy");
+    assert_eq!(again, (0, 0), "second replay: from the process");
 }
 
 /// Fair share costs one round trip per new key on Redis, none per replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fair_share_costs_one_round_trip_per_new_key_and_none_per_replay() {
-    let (first, replay) = first_and_replay_round_trips(
+    let [first, replay, _] = first_and_replay_round_trips(
         "replay_cache = 0",
         "[idempotency]\nnew_keys_per_scope = \"1000/s\"\n",
     )

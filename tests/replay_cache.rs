@@ -1,8 +1,10 @@
 //! The replay cache in front of Redis (standalone), against a real
 //! redis-server and two store instances standing for two replicas: a
-//! purge through one is seen by the other within a stated bound; a Redis
-//! restart or a lost connection empties the cache rather than letting it
-//! serve what Redis no longer holds; copies end with their record's TTL.
+//! replay from Redis keeps a copy and the next replay needs no round trip;
+//! a purge through one replica is seen by the other within a stated bound;
+//! a Redis restart or a lost connection empties the cache rather than
+//! letting it serve what Redis no longer holds; copies end with their
+//! record's TTL; a new record is not copied.
 
 mod support;
 
@@ -140,6 +142,8 @@ async fn a_redis_restart_empties_the_cache() {
     let b = replica(&redis).await;
     let k = key("restart");
     complete(&b, &k, Duration::from_secs(600)).await;
+    // Completing a record keeps no copy; replaying it from Redis does.
+    assert_eq!(b.replay_cache_bytes(), 0);
     assert!(is_completed(&b, &k).await);
     assert!(b.replay_cache_bytes() > 0);
     // Redis comes back empty (no persistence): the record is gone, and so
@@ -155,6 +159,8 @@ async fn a_lost_connection_empties_the_cache_and_copies_resume_after() {
     let b = replica(&redis).await;
     let k = key("lost");
     complete(&b, &k, Duration::from_secs(600)).await;
+    // A replay from Redis keeps a copy.
+    assert!(is_completed(&b, &k).await);
     assert!(b.replay_cache_bytes() > 0);
     // The connection (and its subscription) is cut; then the record goes
     // behind idemgate's back, so only a fresh read can know.
@@ -176,6 +182,7 @@ async fn a_lost_connection_empties_the_cache_and_copies_resume_after() {
     let started = Instant::now();
     loop {
         complete(&b, &k2, Duration::from_secs(600)).await;
+        assert!(is_completed(&b, &k2).await);
         if b.replay_cache_bytes() > 0 {
             break;
         }

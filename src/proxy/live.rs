@@ -133,7 +133,11 @@ impl Live {
         self.lock().head.as_ref().map(|(h, _)| h.clone())
     }
 
-    /// The whole body, if it was kept (it did not outgrow the bound).
+    /// The whole body, if it was kept (it did not outgrow the bound), in
+    /// a buffer of its own: a chunk is a slice of the upstream connection's
+    /// read buffer, and a stored record holding it would pin that whole
+    /// buffer for the record's life (kilobytes per small response, which no
+    /// byte bound counts).
     pub fn recorded(&self) -> Option<Bytes> {
         let b = self.lock();
         if b.overflowed {
@@ -141,7 +145,7 @@ impl Live {
         }
         Some(match b.chunks.len() {
             0 => Bytes::new(),
-            1 => b.chunks[0].clone(),
+            1 => Bytes::copy_from_slice(&b.chunks[0]),
             _ => {
                 let mut out = BytesMut::with_capacity(b.total as usize);
                 for c in &b.chunks {

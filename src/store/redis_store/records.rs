@@ -357,12 +357,10 @@ impl RecordStore for RedisStore {
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let epoch = self.inner.replays.as_ref().map_or(0, |c| c.epoch());
-            let rkey = self.record_key(key);
             let n: i64 = self
                 .eval(
                     &self.inner.scripts.complete,
-                    &rkey,
+                    &self.record_key(key),
                     &[
                         lease.token.to_string().as_bytes(),
                         &self.inner.sealing.encode(key, &record),
@@ -372,9 +370,6 @@ impl RecordStore for RedisStore {
                     ],
                 )
                 .await?;
-            if let (1, Some(c)) = (n, &self.inner.replays) {
-                c.put(&rkey, record.clone(), ttl, epoch);
-            }
             // Stored either way; a record not yet on a replica is at risk
             // only if the primary fails before it gets there.
             if n == 1 && !self.replicated("complete").await.unwrap_or(false) {
