@@ -71,7 +71,7 @@ pub struct Config {
 }
 
 /// Who may call the admin API (see `admin::auth`). No `write` token: open.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq)]
 pub struct AdminTokens {
     /// `admin_token` / `admin_token_file` / `--admin-token`: every endpoint.
     pub write: Option<String>,
@@ -135,7 +135,7 @@ pub enum OnStoreError {
     PassThrough,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     pub backend: Backend,
     pub urls: Vec<String>,

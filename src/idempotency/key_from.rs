@@ -66,11 +66,6 @@ impl KeyFrom {
         }
     }
 
-    /// Whether the key is in the body (so the body is read before the key).
-    pub fn in_body(&self) -> bool {
-        !matches!(self, KeyFrom::Header(_))
-    }
-
     /// The key a body carries, for the body sources: `Ok(None)` when it has
     /// none (not JSON, or nothing at the pointer), an error when what it
     /// has is not a usable key. Header sources have no body key.

@@ -5,6 +5,7 @@
 //! [`super::job`]), replayed (completed), refused (different fingerprint)
 //! or timed out waiting for an in-flight original.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,11 +78,12 @@ pub(super) async fn handle(shared: Arc<Shared>, routing: &Routing, req: Request<
     }
     // Off webhook routes a key header is checked before the body is read:
     // a bad one is refused, a missing one passed through streamed.
+    let mut found = None;
     if policy.webhook.is_none() {
         if let KeyFrom::Header(name) = &policy.key_from {
             match one_header(&parts.headers, name, &policy) {
                 Err(e) => return refuse(e),
-                Ok(Some(_)) => {}
+                Ok(Some(raw)) => found = Some(FoundKey { raw, text: None }),
                 Ok(None) if policy.required => {
                     return refuse(ProxyError::MissingKey(policy.key_from.describe()))
                 }
@@ -114,20 +116,21 @@ pub(super) async fn handle(shared: Arc<Shared>, routing: &Routing, req: Request<
         }
         shared.settings.metrics.webhook_signature(preset, "ok");
     }
-    let (raw_key, key) = match find_key(&policy, &parts.headers, &body) {
-        Ok(Some(found)) => found,
-        Ok(None) if policy.required => {
-            return refuse(ProxyError::MissingKey(policy.key_from.describe()))
-        }
-        Ok(None) => return pass_through(&shared, inner, parts, full(body)).await,
-        Err(e) => return refuse(e),
-    };
+    let found =
+        match found.map_or_else(|| find_key(&policy, &parts.headers, &body), |f| Ok(Some(f))) {
+            Ok(Some(found)) => found,
+            Ok(None) if policy.required => {
+                return refuse(ProxyError::MissingKey(policy.key_from.describe()))
+            }
+            Ok(None) => return pass_through(&shared, inner, parts, full(body)).await,
+            Err(e) => return refuse(e),
+        };
     let record_key = RecordKey::derive(
         &parts.headers,
         &policy.scope_headers,
         &parts.method,
         parts.uri.path(),
-        &key,
+        &found.text(policy.max_key_length),
     );
     let fp = {
         let pq = parts
@@ -198,11 +201,13 @@ pub(super) async fn handle(shared: Arc<Shared>, routing: &Routing, req: Request<
                 if !reconcile {
                     return refuse(ProxyError::OutcomeUnknown(unknown)).on(record_key);
                 }
+                // Owned: borrowed key text must not live across an await.
+                let key = found.text(policy.max_key_length).into_owned();
                 let asked = ask(
                     &shared,
                     &policy,
                     &record_key,
-                    (&raw_key, &key),
+                    (&found.raw, &key),
                     &parts.headers,
                     &fp,
                     unknown,
@@ -372,34 +377,50 @@ fn one_header(
     }
 }
 
-/// The request's key where its route takes it from, once the body is read:
-/// its value as sent on (a header value) and as text; `None` when the
-/// request carries none.
+/// A request's key, found and checked: the header value it came in (or
+/// that carries a body key on, to reconcile), and a body key's text.
+struct FoundKey {
+    raw: HeaderValue,
+    /// `None`: a header key, whose text is parsed from `raw` when needed
+    /// (no allocation on the hot path).
+    text: Option<String>,
+}
+
+impl FoundKey {
+    fn text(&self, max_len: usize) -> Cow<'_, str> {
+        match &self.text {
+            Some(t) => Cow::Borrowed(t),
+            // `one_header` checked it: parsing cannot fail here.
+            None => parse_key(self.raw.as_bytes(), max_len).unwrap_or_default(),
+        }
+    }
+}
+
+/// The request's key where its route takes it from, once the body is read;
+/// `None` when the request carries none.
 fn find_key(
     policy: &Policy,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<Option<(HeaderValue, String)>, ProxyError> {
+) -> Result<Option<FoundKey>, ProxyError> {
+    if let KeyFrom::Header(name) = &policy.key_from {
+        let raw = one_header(headers, name, policy)?;
+        return Ok(raw.map(|raw| FoundKey { raw, text: None }));
+    }
     let invalid = |reason| ProxyError::InvalidKey {
         place: policy.key_from.describe(),
         reason,
     };
-    if let KeyFrom::Header(name) = &policy.key_from {
-        return match one_header(headers, name, policy)? {
-            None => Ok(None),
-            Some(v) => {
-                let key = parse_key(v.as_bytes(), policy.max_key_length)
-                    .map_err(invalid)?
-                    .into_owned();
-                Ok(Some((v, key)))
-            }
-        };
-    }
     match policy.key_from.from_body(body, policy.max_key_length) {
         Ok(None) => Ok(None),
         // Body keys are printable ASCII by now: always a header value.
         Ok(Some(key)) => HeaderValue::from_str(&key)
-            .map(|v| Some((v, key)))
+            .map(|raw| {
+                Some(FoundKey {
+                    raw,
+                    text: Some(key),
+                })
+            })
             .map_err(|_| invalid(KeyError::InvalidChar)),
         Err(reason) => Err(invalid(reason)),
     }

@@ -122,10 +122,11 @@ impl Job {
         let status = status_code.as_u16();
         let stored = !self.policy.unknown_statuses.contains(&status)
             && !self.policy.uncacheable_statuses.contains(&status);
+        let headers = stored_headers(&self.policy, &parts.headers);
         live.set_head(
             Head {
                 status: parts.status,
-                headers: stored_headers(&self.policy, &parts.headers),
+                headers: headers.clone(),
             },
             stored,
         );
@@ -169,7 +170,7 @@ impl Job {
                     created_unix_ms: unix_ms(),
                     response: StoredResponse {
                         status: status_code,
-                        headers: live_headers(&live),
+                        headers,
                         body_omitted: body.is_none(),
                         body: body.unwrap_or_default(),
                     },
@@ -222,11 +223,6 @@ impl Job {
         self.failed(&e).await;
         let _ = tx.send(refuse(ProxyError::Upstream(e)));
     }
-}
-
-/// The head's headers, already as stored (for the record at the end).
-fn live_headers(live: &Live) -> HeaderMap {
-    live.head().map(|h| h.headers.clone()).unwrap_or_default()
 }
 
 /// Reads the upstream body into `live` until it ends. Trailers are neither

@@ -128,11 +128,6 @@ impl Live {
         self.changed.notify_waiters();
     }
 
-    /// The head, once it arrived.
-    pub fn head(&self) -> Option<Arc<Head>> {
-        self.lock().head.as_ref().map(|(h, _)| h.clone())
-    }
-
     /// The whole body, if it was kept (it did not outgrow the bound), in
     /// a buffer of its own: a chunk is a slice of the upstream connection's
     /// read buffer, and a stored record holding it would pin that whole
