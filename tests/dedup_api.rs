@@ -201,6 +201,9 @@ async fn dead_letters(_r: &Running, api: &Api) {
     assert_eq!(failed.json()["status"], "failed");
     assert_eq!(failed.json()["attempts"], 2);
     assert_eq!(failed.json()["error"], "boom 2");
+    // Failures are listed by failure time in milliseconds: the next one
+    // must not share poison's millisecond.
+    tokio::time::sleep(Duration::from_millis(2)).await;
     // Permanent.
     for k in ["bad-1", "bad-2"] {
         let c = api.post(s, "claim", json!({"key": k})).await;

@@ -62,21 +62,7 @@ impl TestUpstream {
         let calls = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (c, s) = (calls.clone(), seen.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (c, s) = (c.clone(), s.clone());
-                tokio::spawn(async move {
-                    let svc =
-                        hyper::service::service_fn(move |req| answer(req, c.clone(), s.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let task = serve_http1(listener, move |req| answer(req, c.clone(), s.clone()));
         TestUpstream {
             addr,
             calls,
@@ -168,6 +154,31 @@ async fn answer(
         h.insert("proxy-authenticate", "Basic realm=up".parse().unwrap());
     }
     Ok(resp)
+}
+
+/// Serves HTTP/1.1 on `listener` with `handler`, a connection per task,
+/// until the returned task is aborted.
+pub fn serve_http1<H, F, B>(listener: TcpListener, handler: H) -> tokio::task::JoinHandle<()>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(handler);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
 }
 
 /// A response, read whole.

@@ -18,7 +18,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -43,22 +43,9 @@ impl StreamUpstream {
         let calls = Arc::new(AtomicUsize::new(0));
         let sent = Arc::new(Mutex::new(Vec::new()));
         let (c, s) = (calls.clone(), sent.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (c, s) = (c.clone(), s.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let (c, s) = (c.clone(), s.clone());
-                        async move { Ok::<_, Infallible>(answer(req, c, s)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        let task = super::serve_http1(listener, move |req| {
+            let (c, s) = (c.clone(), s.clone());
+            async move { Ok::<_, Infallible>(answer(req, c, s)) }
         });
         StreamUpstream {
             addr,
