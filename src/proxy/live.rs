@@ -158,6 +158,7 @@ impl Live {
             live: self.clone(),
             at: 0,
             first: true,
+            held: false,
         })
     }
 
@@ -180,6 +181,7 @@ impl Live {
                             live: self.clone(),
                             at: 0,
                             first: false,
+                            held: false,
                         });
                         return Some((head, body));
                     }
@@ -199,6 +201,8 @@ struct Cursor {
     at: usize,
     /// The first client paces the job; joiners do not.
     first: bool,
+    /// Whether a break was held back once (see `next`).
+    held: bool,
 }
 
 impl Drop for Cursor {
@@ -238,11 +242,21 @@ impl Cursor {
                 }
                 match &b.end {
                     Some(Ok(())) => return None,
-                    Some(Err(why)) => return Some(Err(why.clone().into())),
+                    Some(Err(why)) if self.held => return Some(Err(why.clone().into())),
+                    Some(Err(_)) => {}
                     None => {}
                 }
             }
-            wait.await;
+            if self.held || !matches!(self.live.lock().end, Some(Err(_))) {
+                wait.await;
+            } else {
+                // A break is held back for one poll: the server sends what
+                // it has (the head, the bytes before the break) when the
+                // body is pending, and would drop them if the error came in
+                // the same turn.
+                self.held = true;
+                tokio::task::yield_now().await;
+            }
         }
     }
 }

@@ -14,6 +14,7 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
+mod driven;
 mod flow;
 mod job;
 pub mod layer;

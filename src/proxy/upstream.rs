@@ -41,7 +41,10 @@ pub struct Upstream {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 enum Inner {
-    /// The pooled client of an upstream config.
+    /// A plaintext HTTP/1.1 upstream: connections driven by the request's
+    /// own task (`driven.rs`).
+    Driven(super::driven::Pool),
+    /// A TLS or h2c upstream: hyper-util's pooled client.
     Client {
         client: Client<HttpsConnector<HttpConnector>, Body>,
         scheme: Scheme,
@@ -54,9 +57,16 @@ enum Inner {
 impl Upstream {
     /// A client for an upstream config: its TLS files are read now.
     pub fn from_config(u: &UpstreamConfig) -> Result<Self, String> {
+        let connect_timeout = u.timeout.min(Duration::from_secs(5));
+        if u.uri.scheme() != Some(&Scheme::HTTPS) && u.protocol != UpstreamProtocol::H2c {
+            return Ok(Upstream {
+                inner: Inner::Driven(super::driven::Pool::new(&u.uri, connect_timeout)?),
+                timeout: u.timeout,
+            });
+        }
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
-        http.set_connect_timeout(Some(u.timeout.min(Duration::from_secs(5))));
+        http.set_connect_timeout(Some(connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
         http.enforce_http(false);
         let tls = tls_config(u)?;
@@ -215,27 +225,33 @@ impl tower::Service<Request<Body>> for Upstream {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let (client, scheme, authority) = match &mut self.inner {
-            Inner::Client {
-                client,
-                scheme,
-                authority,
-            } => (client, scheme, authority),
-            Inner::Service(svc) => return Box::pin(svc.call(req)),
-        };
+        if let Inner::Service(svc) = &mut self.inner {
+            return Box::pin(svc.call(req));
+        }
         let pq = req
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(scheme.clone());
-        parts.authority = Some(authority.clone());
-        parts.path_and_query = Some(pq);
-        match Uri::from_parts(parts) {
-            Ok(uri) => *req.uri_mut() = uri,
-            Err(e) => {
-                return Box::pin(async move { Err(UpstreamError::Unreachable(e.to_string())) })
+        match &self.inner {
+            Inner::Service(_) => {}
+            // Origin form, as HTTP/1.1 sends it to an origin server.
+            Inner::Driven(_) => *req.uri_mut() = Uri::from(pq),
+            Inner::Client {
+                scheme, authority, ..
+            } => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(scheme.clone());
+                parts.authority = Some(authority.clone());
+                parts.path_and_query = Some(pq);
+                match Uri::from_parts(parts) {
+                    Ok(uri) => *req.uri_mut() = uri,
+                    Err(e) => {
+                        return Box::pin(
+                            async move { Err(UpstreamError::Unreachable(e.to_string())) },
+                        )
+                    }
+                }
             }
         }
         // `TE: trailers` is the one TE value a proxy passes on (RFC 9110
@@ -271,6 +287,19 @@ impl tower::Service<Request<Body>> for Upstream {
         // own must not force one.
         *req.version_mut() = Version::HTTP_11;
         let timeout = self.timeout;
+        let client = match &self.inner {
+            Inner::Driven(pool) => {
+                let pool = pool.clone();
+                return Box::pin(async move {
+                    match tokio::time::timeout(timeout, pool.send(req)).await {
+                        Err(_) => Err(UpstreamError::Timeout(timeout)),
+                        Ok(r) => r.map(as_received),
+                    }
+                });
+            }
+            Inner::Client { client, .. } => client,
+            Inner::Service(svc) => return Box::pin(svc.clone().call(req)),
+        };
         let fut = client.request(req);
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {
@@ -284,21 +313,21 @@ impl tower::Service<Request<Body>> for Upstream {
                     Err(UpstreamError::Unreachable(tls_named(&e)))
                 }
                 Ok(Err(e)) => Err(UpstreamError::Failed(error_chain(&e))),
-                Ok(Ok(resp)) => {
-                    let (mut parts, body) = resp.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    // The client's connection speaks its own version: an
-                    // upstream answering HTTP/1.0 must not turn an HTTP/1.1
-                    // client's status line (and keep-alive) into 1.0.
-                    parts.version = Version::HTTP_11;
-                    Ok(Response::from_parts(
-                        parts,
-                        body.map_err(Into::into).boxed(),
-                    ))
-                }
+                Ok(Ok(resp)) => Ok(as_received(resp.map(|b| b.map_err(Into::into).boxed()))),
             }
         })
     }
+}
+
+/// The upstream's response as the proxy passes it on.
+fn as_received(resp: Response<Body>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // The client's connection speaks its own version: an upstream
+    // answering HTTP/1.0 must not turn an HTTP/1.1 client's status line
+    // (and keep-alive) into 1.0.
+    parts.version = Version::HTTP_11;
+    Response::from_parts(parts, body)
 }
 
 /// Alerts that end a handshake: the server refused the session, so no

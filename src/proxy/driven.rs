@@ -1,0 +1,345 @@
+//! Plaintext HTTP/1.1 upstream connections driven by the task that uses
+//! them.
+//!
+//! hyper-util's pooled client gives every connection a task of its own: a
+//! request hands its message to that task and gets the response back
+//! through a channel, two cross-task wake-ups per request on a busy
+//! runtime. Here a request checks an idle connection out, polls it next to
+//! its own response future, and the response body keeps polling it until
+//! the body ends; the connection then goes back to the pool, idle and
+//! unpolled. This is how pingora drives upstream connections; measured on
+//! this project's machine it is the difference between 0.82× and 0.95× of
+//! nginx for a bare hyper proxy (benches/RESULTS.md).
+//!
+//! Only plaintext HTTP/1.1 takes this path: an h2 connection multiplexes
+//! many requests and needs a task of its own, and TLS upstreams keep
+//! hyper-util's client with its ALPN.
+//!
+//! What is known about a failed exchange is what hyper returns: a request
+//! it hands back was never written (the connection was found closed), so
+//! it is tried again on another connection; anything else may have reached
+//! the upstream and is reported as such.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, Uri};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::upstream::error_chain;
+use crate::error::UpstreamError;
+use crate::{Body, BoxError};
+
+type Conn = http1::Connection<TokioIo<TcpStream>, Body>;
+
+/// Idle connections kept at most (as hyper-util's `pool_max_idle_per_host`
+/// was set): enough that a busy sidecar does not reconnect.
+const MAX_IDLE: usize = 1024;
+/// How long a connection may sit idle before it is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often idle connections are checked for an upstream that closed them.
+const REAP_EVERY: Duration = Duration::from_secs(1);
+
+/// The pool of one upstream (cloning shares it).
+#[derive(Clone)]
+pub struct Pool(Arc<Shared>);
+
+struct Shared {
+    /// `host:port`, resolved at each connect (an IP literal needs no lookup).
+    addr: String,
+    /// The Host header sent when the request has none (HTTP/2 clients).
+    host: HeaderValue,
+    connect_timeout: Duration,
+    idle: Mutex<VecDeque<Idle>>,
+    /// Whether the reaper task runs (started with the first idle return,
+    /// since a pool can be built outside a runtime, by check-config).
+    reaping: std::sync::atomic::AtomicBool,
+}
+
+struct Idle {
+    send: http1::SendRequest<Body>,
+    conn: Conn,
+    since: Instant,
+}
+
+impl Idle {
+    /// Still usable: not idle too long, not closed by the upstream (its EOF
+    /// is read now; a noop waker is fine, since whoever uses it next polls
+    /// it again with its own), and ready for a request.
+    fn usable(&mut self, now: Instant) -> bool {
+        now.duration_since(self.since) < IDLE_TIMEOUT
+            && poll_noop(&mut self.conn).is_pending()
+            && self.send.is_ready()
+    }
+}
+
+fn poll_noop(conn: &mut Conn) -> Poll<hyper::Result<()>> {
+    Pin::new(conn).poll(&mut Context::from_waker(Waker::noop()))
+}
+
+impl Pool {
+    /// A pool for the upstream at `uri` (scheme `http`).
+    pub fn new(uri: &Uri, connect_timeout: Duration) -> Result<Self, String> {
+        let host = uri.host().ok_or_else(|| format!("{uri} has no host"))?;
+        let port = uri.port_u16().unwrap_or(80);
+        let host_header = match uri.port_u16() {
+            Some(p) if p != 80 => format!("{host}:{p}"),
+            _ => host.to_string(),
+        };
+        Ok(Pool(Arc::new(Shared {
+            // `uri.host()` keeps an IPv6 literal's brackets, as
+            // `host:port` parsing wants them.
+            addr: format!("{host}:{port}"),
+            host: HeaderValue::from_str(&host_header).map_err(|e| e.to_string())?,
+            connect_timeout,
+            idle: Mutex::new(VecDeque::new()),
+            reaping: std::sync::atomic::AtomicBool::new(false),
+        })))
+    }
+
+    /// Sends `req` (its URI already in origin form) and returns the response
+    /// whose body drives the connection to its end.
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut().insert(header::HOST, self.0.host.clone());
+        }
+        loop {
+            let (reused, mut idle) = match self.checkout() {
+                Some(idle) => (true, idle),
+                None => (false, self.connect().await?),
+            };
+            let mut resp = std::pin::pin!(idle.send.try_send_request(req));
+            let mut conn = Some(idle.conn);
+            let result = std::future::poll_fn(|cx| {
+                // The connection first: it writes the request and reads the
+                // response head that the response future then finds.
+                if let Some(c) = conn.as_mut() {
+                    if Pin::new(c).poll(cx).is_ready() {
+                        // Ended: the response future reports why.
+                        conn = None;
+                    }
+                }
+                resp.as_mut().poll(cx)
+            })
+            .await;
+            match result {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    let body = Driven {
+                        body,
+                        conn: conn.map(|conn| (idle.send, conn)),
+                        broken: None,
+                        pool: Arc::downgrade(&self.0),
+                    };
+                    return Ok(Response::from_parts(parts, Body::new(body)));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not written: an idle connection the upstream had
+                    // closed. Another one (or a new one) gets it.
+                    Some(back) if reused => req = back,
+                    Some(_) => {
+                        return Err(UpstreamError::Unreachable(format!(
+                            "the upstream closed a new connection before the request was sent: {}",
+                            error_chain(e.error())
+                        )))
+                    }
+                    None => return Err(UpstreamError::Failed(error_chain(e.error()))),
+                },
+            }
+        }
+    }
+
+    /// The most recently used idle connection still usable (LIFO keeps the
+    /// warm ones busy and lets the rest age out).
+    fn checkout(&self) -> Option<Idle> {
+        let now = Instant::now();
+        let mut stale = Vec::new();
+        let found = {
+            let mut idle = self.0.idle.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let Some(mut i) = idle.pop_back() else {
+                    break None;
+                };
+                if i.usable(now) {
+                    break Some(i);
+                }
+                stale.push(i);
+            }
+        };
+        // Closed outside the lock.
+        drop(stale);
+        found
+    }
+
+    async fn connect(&self) -> Result<Idle, UpstreamError> {
+        let unreachable = |e: std::io::Error| {
+            UpstreamError::Unreachable(format!("tcp connect error: {e} ({})", self.0.addr))
+        };
+        let stream =
+            match tokio::time::timeout(self.0.connect_timeout, TcpStream::connect(&self.0.addr))
+                .await
+            {
+                Err(_) => {
+                    return Err(unreachable(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connect timed out",
+                    )))
+                }
+                Ok(r) => r.map_err(unreachable)?,
+            };
+        stream.set_nodelay(true).map_err(unreachable)?;
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        socket2::SockRef::from(&stream)
+            .set_tcp_keepalive(&keepalive)
+            .map_err(unreachable)?;
+        let (send, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+        Ok(Idle {
+            send,
+            conn,
+            since: Instant::now(),
+        })
+    }
+}
+
+impl Shared {
+    fn checkin(self: &Arc<Self>, send: http1::SendRequest<Body>, mut conn: Conn) {
+        // The last poll lets the connection see its response through and
+        // turn idle; one that did not (or was closed) cannot be reused.
+        if poll_noop(&mut conn).is_ready() || !send.is_ready() {
+            return;
+        }
+        let evicted = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.push_back(Idle {
+                send,
+                conn,
+                since: Instant::now(),
+            });
+            (idle.len() > MAX_IDLE).then(|| idle.pop_front())
+        };
+        drop(evicted);
+        if !self
+            .reaping
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(reap(Arc::downgrade(self)));
+            }
+        }
+    }
+}
+
+/// Closes idle connections that aged out or that the upstream closed, so
+/// none lingers half-closed while traffic is low. Ends with the pool.
+async fn reap(pool: Weak<Shared>) {
+    let mut tick = tokio::time::interval(REAP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        let stale: Vec<Idle> = {
+            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut stale = Vec::new();
+            let mut kept = VecDeque::with_capacity(idle.len());
+            for mut i in idle.drain(..) {
+                if i.usable(now) {
+                    kept.push_back(i);
+                } else {
+                    stale.push(i);
+                }
+            }
+            *idle = kept;
+            stale
+        };
+        drop(stale);
+    }
+}
+
+/// A response body that drives its connection: each poll first lets the
+/// connection read, then takes what it delivered. At the end the connection
+/// goes back to the pool; dropped before the end, it is closed (an HTTP/1.1
+/// connection cannot be reused mid-response).
+struct Driven {
+    body: Incoming,
+    conn: Option<(http1::SendRequest<Body>, Conn)>,
+    pool: Weak<Shared>,
+    /// A break held back for one poll, so that the server first sends what
+    /// it has (the head and the bytes before the break): it drops them when
+    /// the error comes in the same turn.
+    broken: Option<hyper::Error>,
+}
+
+impl Driven {
+    fn release(&mut self) {
+        if let (Some((send, conn)), Some(pool)) = (self.conn.take(), self.pool.upgrade()) {
+            pool.checkin(send, conn);
+        }
+    }
+}
+
+impl http_body::Body for Driven {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(e) = this.broken.take() {
+            return Poll::Ready(Some(Err(e.into())));
+        }
+        if let Some((_, c)) = this.conn.as_mut() {
+            if Pin::new(c).poll(cx).is_ready() {
+                this.conn = None;
+            }
+        }
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                this.conn = None;
+                this.broken = Some(e);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            frame => {
+                if matches!(frame, Poll::Ready(None))
+                    || (frame.is_ready() && this.body.is_end_stream())
+                {
+                    this.release();
+                }
+                frame.map_err(Into::into)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Driven {
+    fn drop(&mut self) {
+        // An empty body (HEAD, 204, 304) or one read to its end whose last
+        // poll came before the end was known: the connection is reusable.
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}
