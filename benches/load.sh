@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
-ONLY=${ONLY:-mem,redis,replay,nokey,tls,rss}   # a subset for quick iterations
+ONLY=${ONLY:-mem,redis,replay,nokey,tls,rss}   # a subset for quick iterations; also: bodies
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 
@@ -59,11 +59,20 @@ http {
   access_log off;
   client_body_temp_path $1; proxy_temp_path $1; fastcgi_temp_path $1; uwsgi_temp_path $1; scgi_temp_path $1;
   keepalive_requests 1000000;
+  # Bodies up to 1 MiB (the bodies scenario), buffered in memory as
+  # idemgate buffers a covered request, not in temporary files.
+  client_max_body_size 4m; client_body_buffer_size 2m;
   $3
 }
 NGINX
 }
-nginx_conf "$WORK/up" 1 "server { listen 127.0.0.1:$UP; location / { default_type application/json; return 201 '{\"id\":\"ch_1\",\"amount\":100,\"currency\":\"eur\"}'; } }"
+# /body/N answers a POST with the N-byte file www/body/N (the 405 a static
+# file gives a POST turned into the file itself).
+mkdir -p "$WORK/www/body"
+for n in 1k 64k; do head -c "${n/k/K}" /dev/zero | tr '\0' x > "$WORK/www/body/$n"; done
+head -c 1M /dev/zero | tr '\0' x > "$WORK/www/body/1m"
+nginx_conf "$WORK/up" 1 "server { listen 127.0.0.1:$UP; location / { default_type application/json; return 201 '{\"id\":\"ch_1\",\"amount\":100,\"currency\":\"eur\"}'; }
+  location /body/ { root $WORK/www; default_type application/octet-stream; error_page 405 =200 \$uri; } }"
 nginx_conf "$WORK/base" 2 "upstream api { server 127.0.0.1:$UP; keepalive 256; }
   server { listen 127.0.0.1:$BASE; location / { proxy_pass http://api; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 # TLS: the same upstream answer over https (a CA and a certificate for
@@ -180,6 +189,34 @@ want replay && scenario "replay of one key (Redis)" "$RED" replay.lua
 want nokey && scenario "no key, pass-through (memory)" "$MEM" nokey.lua
 want tls && scenario "no key, https upstream" "$TLS" nokey.lua "$BASE_TLS"
 want tls && scenario "unique keys, https upstream" "$TLS" unique.lua "$BASE_TLS"
+if want bodies; then
+  # Unique keys on the memory store with request and response bodies of
+  # each size. Records live 2 s here, so a 1 MiB run holds about 2 s of
+  # them rather than every one (the memory bound is raised to match).
+  BODY=$(free_port); BODY_ADMIN=$(free_port)
+  printf '[idempotency]\nmax_request_body = "2MiB"\nrecord_ttl = "2s"\n[store]\nmax_entries = 100000000\nmax_bytes = "8GiB"\n' > "$WORK/body.toml"
+  env RUST_LOG=warn "$BIN" --config "$WORK/body.toml" --upstream "http://127.0.0.1:$UP" \
+    --listen "127.0.0.1:$BODY" --admin-listen "127.0.0.1:$BODY_ADMIN" 2>"$WORK/body.log" &
+  BODY_PID=$!; pids+=($BODY_PID)
+  for _ in $(seq 50); do curl -sf "http://127.0.0.1:$BODY_ADMIN/readyz" >/dev/null && break; sleep 0.1; done
+  rss_after=""
+  for n in 1k 64k 1m; do
+    size=${n/k/*1024}; size=${size/1m/1048576}
+    cat > "$WORK/body$n.lua" <<LUA
+local n = 0
+local prefix = tostring(math.random(1, 1e9)) .. "-" .. tostring(os.time())
+wrk.method = "POST"
+wrk.body = string.rep("x", $size)
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/body/$n", {["Content-Type"] = "application/octet-stream", ["Idempotency-Key"] = prefix .. "-" .. n})
+end
+LUA
+    scenario "unique keys, $n bodies (memory)" "$BODY" "body$n.lua"
+    rss_after+="idemgate RSS after the $n runs: $(awk '/VmRSS/ {printf "%d MiB", $2/1024}' "/proc/$BODY_PID/status")\n"
+  done
+  printf '\n%b' "$rss_after"
+fi
 want rss || exit 0
 
 # RSS of idemgate on Redis under unique keys, at each of RSS_CONNS

@@ -1,0 +1,256 @@
+//! How the stores' cost grows with the records they hold: throughput and
+//! latency percentiles of first requests (begin + complete of a new key)
+//! and replays (begin of a random completed key) with 10 k and with 10 M
+//! live records, on the memory store and on a local Redis (the replay cache
+//! off, so every replay is Redis's), plus the memory each holds.
+//!
+//! ```sh
+//! cargo bench --bench growth                       # 10 k and 10 M records
+//! RECORDS="10000 1000000" cargo bench --bench growth
+//! ```
+//!
+//! The HTTP path in front of the store does the same work whatever the
+//! store holds, so the store is measured alone here. Records are filled
+//! through the memory store's own API and, on Redis, as copies of a record
+//! the store wrote (pipelined, so ten million take a minute, not an hour).
+//! Under `cargo test --all-targets` (no `--bench`) it runs with 1,000
+//! records as a smoke run. Redis is skipped where redis-server is missing.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use idemgate::config::{Config, FileConfig, RunArgs};
+use idemgate::idempotency::key::{Fingerprint, RecordKey};
+use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
+use idemgate::idempotency::state::{Begin, BeginOptions};
+use idemgate::store::{MemoryStore, RecordStore, RedisStore};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(3600);
+/// Operations in flight at once (as many as the load harness's connections).
+const IN_FLIGHT: usize = 64;
+
+fn rss_mib() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: f64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096.0 / (1 << 20) as f64
+}
+
+fn record() -> Arc<CompletedRecord> {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    Arc::new(CompletedRecord {
+        fingerprint: Fingerprint([7; 32]),
+        created_unix_ms: 1_764_291_600_000,
+        response: StoredResponse {
+            status: StatusCode::CREATED,
+            headers,
+            body: Bytes::from_static(br#"{"id":"ch_1","amount":100,"currency":"eur"}"#),
+            body_omitted: false,
+        },
+    })
+}
+
+fn key(run: &str, i: u64) -> RecordKey {
+    RecordKey::derive_dedup(run, &i.to_string())
+}
+
+async fn first_request<S: RecordStore>(store: &S, k: RecordKey, rec: Arc<CompletedRecord>) {
+    let Begin::Acquired(lease) = store
+        .begin(&k, &rec.fingerprint, BeginOptions::lease(LEASE))
+        .await
+        .unwrap()
+    else {
+        panic!("a new key was not acquired")
+    };
+    assert!(store.complete(&k, &lease, rec, TTL).await.unwrap());
+}
+
+async fn replay<S: RecordStore>(store: &S, k: RecordKey, fp: Fingerprint) {
+    match store
+        .begin(&k, &fp, BeginOptions::lease(LEASE))
+        .await
+        .unwrap()
+    {
+        Begin::Completed(_) => {}
+        other => panic!("a filled key was not completed: {other:?}"),
+    }
+}
+
+/// Runs `n` operations, `IN_FLIGHT` at a time: ops/s, p50 and p99 in µs.
+async fn measure<F, Fut>(n: u64, op: F) -> (f64, f64, f64)
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut lat = Vec::with_capacity(n as usize);
+    let started = Instant::now();
+    let mut running = FuturesUnordered::new();
+    let timed = |i| {
+        let fut = op(i);
+        async move {
+            let t = Instant::now();
+            fut.await;
+            t.elapsed()
+        }
+    };
+    let mut next = 0;
+    while next < n.min(IN_FLIGHT as u64) {
+        running.push(timed(next));
+        next += 1;
+    }
+    while let Some(d) = running.next().await {
+        lat.push(d);
+        if next < n {
+            running.push(timed(next));
+            next += 1;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
+    (n as f64 / secs, pct(0.5), pct(0.99))
+}
+
+fn report(store: &str, records: u64, what: &str, (ops, p50, p99): (f64, f64, f64), rss: f64) {
+    println!(
+        "| {store:<6} | {records:>10} | {what:<14} | {ops:>9.0} | {p50:>7.1} | {p99:>7.1} | {rss:>8.0} |"
+    );
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let sizes: Vec<u64> = match std::env::var("RECORDS") {
+        Ok(s) => s.split_whitespace().map(|v| v.parse().unwrap()).collect(),
+        Err(_) if full => vec![10_000, 10_000_000],
+        Err(_) => vec![1_000],
+    };
+    let ops: u64 = if full { 200_000 } else { 1_000 };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let rec = record();
+    let fp = rec.fingerprint;
+    println!("| store  |    records | operation      |     ops/s | p50 µs  | p99 µs  | RSS MiB  |");
+    println!("|--------|------------|----------------|-----------|---------|---------|----------|");
+
+    for &n in &sizes {
+        let run = format!("mem{n}");
+        let store = MemoryStore::new((n + 2 * ops) as usize + 1);
+        rt.block_on(async {
+            for i in 0..n {
+                first_request(&store, key(&run, i), rec.clone()).await;
+            }
+        });
+        let rss = rss_mib();
+        let fresh = format!("{run}-new");
+        let first = rt.block_on(measure(ops, |i| {
+            first_request(&store, key(&fresh, i), rec.clone())
+        }));
+        report("memory", n, "first request", first, rss);
+        // Spread over the whole keyspace, as replays of many keys are.
+        let stride = (n / ops).max(1) | 1;
+        let replays = rt.block_on(measure(ops, |i| {
+            replay(&store, key(&run, (i * stride) % n), fp)
+        }));
+        report("memory", n, "replay", replays, rss);
+        drop(store);
+    }
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("idemgate-bench-growth-{port}"));
+    let _ = std::fs::create_dir_all(&dir);
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        println!("SKIPPED redis: redis-server is not installed");
+        return;
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let url = format!("redis://127.0.0.1:{port}");
+    let text = format!("[store]\nbackend = \"redis\"\nurls = [\"{url}\"]\nreplay_cache = \"0\"\n");
+    let config =
+        Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
+    let store = rt
+        .block_on(RedisStore::connect(config.store.redis_options()))
+        .unwrap();
+    let mut raw = rt
+        .block_on(async {
+            redis::Client::open(url.as_str())?
+                .get_multiplexed_async_connection()
+                .await
+        })
+        .unwrap();
+    // One record written by the store, whose fields every filled key copies.
+    let model = key("model", 0);
+    rt.block_on(first_request(&store, model, rec.clone()));
+    let fields: Vec<(String, Vec<u8>)> = rt
+        .block_on(
+            redis::cmd("HGETALL")
+                .arg(store.record_key(&model))
+                .query_async(&mut raw),
+        )
+        .unwrap();
+    let redis_rss = |raw: &mut redis::aio::MultiplexedConnection| -> f64 {
+        let info: String = rt
+            .block_on(redis::cmd("INFO").arg("memory").query_async(raw))
+            .unwrap();
+        let used: f64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory_rss:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        used / (1 << 20) as f64
+    };
+    let mut filled = 0u64;
+    for &n in &sizes {
+        // Grows the keyspace to n records (the sizes ascend).
+        rt.block_on(async {
+            while filled < n {
+                let batch = (n - filled).min(10_000);
+                let mut pipe = redis::pipe();
+                for i in filled..filled + batch {
+                    let name = store.record_key(&key("redis", i));
+                    pipe.hset_multiple(&name, &fields)
+                        .ignore()
+                        .pexpire(&name, TTL.as_millis() as i64)
+                        .ignore();
+                }
+                let () = pipe.query_async(&mut raw).await.unwrap();
+                filled += batch;
+            }
+        });
+        let rss = redis_rss(&mut raw);
+        let fresh = format!("redis{n}-new");
+        let first = rt.block_on(measure(ops, |i| {
+            first_request(&store, key(&fresh, i), rec.clone())
+        }));
+        report("redis", n, "first request", first, rss);
+        let stride = (n / ops).max(1) | 1;
+        let replays = rt.block_on(measure(ops, |i| {
+            replay(&store, key("redis", (i * stride) % n), fp)
+        }));
+        report("redis", n, "replay", replays, rss);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
