@@ -69,6 +69,7 @@ NGINX
 # /body/N answers a POST with the N-byte file www/body/N (the 405 a static
 # file gives a POST turned into the file itself).
 mkdir -p "$WORK/www/body"
+chmod 755 "$WORK"   # nginx's workers (not root) read the files
 for n in 1k 64k; do head -c "${n/k/K}" /dev/zero | tr '\0' x > "$WORK/www/body/$n"; done
 head -c 1M /dev/zero | tr '\0' x > "$WORK/www/body/1m"
 nginx_conf "$WORK/up" 1 "server { listen 127.0.0.1:$UP; location / { default_type application/json; return 201 '{\"id\":\"ch_1\",\"amount\":100,\"currency\":\"eur\"}'; }
@@ -200,20 +201,20 @@ if want bodies; then
   BODY_PID=$!; pids+=($BODY_PID)
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$BODY_ADMIN/readyz" >/dev/null && break; sleep 0.1; done
   rss_after=""
-  for n in 1k 64k 1m; do
-    size=${n/k/*1024}; size=${size/1m/1048576}
-    cat > "$WORK/body$n.lua" <<LUA
+  for sz in 1k 64k 1m; do
+    size=${sz/k/*1024}; size=${size/1m/1048576}
+    cat > "$WORK/body$sz.lua" <<LUA
 local n = 0
 local prefix = tostring(math.random(1, 1e9)) .. "-" .. tostring(os.time())
 wrk.method = "POST"
 wrk.body = string.rep("x", $size)
 request = function()
   n = n + 1
-  return wrk.format(nil, "/body/$n", {["Content-Type"] = "application/octet-stream", ["Idempotency-Key"] = prefix .. "-" .. n})
+  return wrk.format(nil, "/body/$sz", {["Content-Type"] = "application/octet-stream", ["Idempotency-Key"] = prefix .. "-" .. n})
 end
 LUA
-    scenario "unique keys, $n bodies (memory)" "$BODY" "body$n.lua"
-    rss_after+="idemgate RSS after the $n runs: $(awk '/VmRSS/ {printf "%d MiB", $2/1024}' "/proc/$BODY_PID/status")\n"
+    scenario "unique keys, $sz bodies (memory)" "$BODY" "body$sz.lua"
+    rss_after+="idemgate RSS after the $sz runs: $(awk '/VmRSS/ {printf "%d MiB", $2/1024}' "/proc/$BODY_PID/status")\n"
   done
   printf '\n%b' "$rss_after"
 fi
