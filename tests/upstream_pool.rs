@@ -111,6 +111,26 @@ async fn serve(
         let answer = match (method.as_str(), path.as_str()) {
             ("HEAD", _) => "HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n".to_string(),
             (_, "/empty") => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+            (_, "/size") => {
+                let body = len.to_string();
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            }
+            (_, "/big") => {
+                // 10 MB in 64 KiB writes, then the connection stays usable.
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10485760\r\n\r\n")
+                    .await;
+                let chunk = vec![b'y'; 65536];
+                for _ in 0..160 {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
             (_, "/long") => {
                 // A long body the client will not read to the end.
                 let _ = s
@@ -248,6 +268,27 @@ async fn a_response_read_in_part_closes_its_connection() {
     assert_eq!(got.status, 200);
     assert_eq!(&got.body[..], b"call 2");
     assert_eq!(up.conns.load(Ordering::SeqCst), 2);
+    idg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_both_ways_go_through_and_keep_the_connection() {
+    // Megabytes each way through one driven connection, read to the end
+    // and reused.
+    let up = Raw::start(After::KeepAlive).await;
+    let (idg, client) = start_at(&up.url(), "").await;
+    let upload = "u".repeat(8 << 20);
+    for _ in 0..3 {
+        let got = client.send("POST", "/size", &[], &upload).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(&got.body[..], (8 << 20).to_string().as_bytes());
+        let got = client.send("GET", "/big", &[], "").await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body.len(), 10 << 20);
+        assert!(got.body.iter().all(|&b| b == b'y'));
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), 6);
+    assert_eq!(up.conns.load(Ordering::SeqCst), 1);
     idg.stop().await;
 }
 

@@ -221,6 +221,7 @@ impl Cursor {
             let wait = self.live.changed.notified();
             tokio::pin!(wait);
             wait.as_mut().enable();
+            let mut broken = false;
             {
                 let mut b = self.live.lock();
                 if self.at < b.base {
@@ -243,11 +244,11 @@ impl Cursor {
                 match &b.end {
                     Some(Ok(())) => return None,
                     Some(Err(why)) if self.held => return Some(Err(why.clone().into())),
-                    Some(Err(_)) => {}
+                    Some(Err(_)) => broken = true,
                     None => {}
                 }
             }
-            if self.held || !matches!(self.live.lock().end, Some(Err(_))) {
+            if !broken {
                 wait.await;
             } else {
                 // A break is held back for one poll: the server sends what

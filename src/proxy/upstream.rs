@@ -1,5 +1,6 @@
-//! An upstream: a pooled hyper-util client as a tower `Service`, over
-//! plaintext (HTTP/1.1 or h2c) or TLS (rustls; h2 or HTTP/1.1 by ALPN).
+//! An upstream as a tower `Service`: plaintext HTTP/1.1 over connections
+//! the request's own task drives (`driven.rs`), h2c and TLS (rustls; h2 or
+//! HTTP/1.1 by ALPN) over hyper-util's pooled client.
 //!
 //! It points each request at the upstream, strips hop-by-hop headers both
 //! ways and bounds the wait for the response head by the upstream's
