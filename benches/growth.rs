@@ -119,6 +119,32 @@ where
     (n as f64 / secs, pct(0.5), pct(0.99))
 }
 
+/// First requests on new keys, then replays spread over the whole
+/// keyspace (the `n` filled keys of `run`), as replays of many keys are.
+#[allow(clippy::too_many_arguments)]
+fn measure_both<S: RecordStore>(
+    rt: &tokio::runtime::Runtime,
+    store: &S,
+    name: &str,
+    run: &str,
+    n: u64,
+    ops: u64,
+    rec: &Arc<CompletedRecord>,
+    rss: f64,
+) {
+    let fresh = format!("{run}{n}-new");
+    let first = rt.block_on(measure(ops, |i| {
+        first_request(store, key(&fresh, i), rec.clone())
+    }));
+    report(name, n, "first request", first, rss);
+    let stride = (n / ops).max(1) | 1;
+    let fp = rec.fingerprint;
+    let replays = rt.block_on(measure(ops, |i| {
+        replay(store, key(run, (i * stride) % n), fp)
+    }));
+    report(name, n, "replay", replays, rss);
+}
+
 fn report(store: &str, records: u64, what: &str, (ops, p50, p99): (f64, f64, f64), rss: f64) {
     println!(
         "| {store:<6} | {records:>10} | {what:<14} | {ops:>9.0} | {p50:>7.1} | {p99:>7.1} | {rss:>8.0} |"
@@ -139,7 +165,6 @@ fn main() {
         .build()
         .unwrap();
     let rec = record();
-    let fp = rec.fingerprint;
     println!("| store  |    records | operation      |     ops/s | p50 µs  | p99 µs  | RSS MiB  |");
     println!("|--------|------------|----------------|-----------|---------|---------|----------|");
 
@@ -152,17 +177,7 @@ fn main() {
             }
         });
         let rss = rss_mib();
-        let fresh = format!("{run}-new");
-        let first = rt.block_on(measure(ops, |i| {
-            first_request(&store, key(&fresh, i), rec.clone())
-        }));
-        report("memory", n, "first request", first, rss);
-        // Spread over the whole keyspace, as replays of many keys are.
-        let stride = (n / ops).max(1) | 1;
-        let replays = rt.block_on(measure(ops, |i| {
-            replay(&store, key(&run, (i * stride) % n), fp)
-        }));
-        report("memory", n, "replay", replays, rss);
+        measure_both(&rt, &store, "memory", &run, n, ops, &rec, rss);
         drop(store);
     }
 
@@ -239,16 +254,7 @@ fn main() {
             }
         });
         let rss = redis_rss(&mut raw);
-        let fresh = format!("redis{n}-new");
-        let first = rt.block_on(measure(ops, |i| {
-            first_request(&store, key(&fresh, i), rec.clone())
-        }));
-        report("redis", n, "first request", first, rss);
-        let stride = (n / ops).max(1) | 1;
-        let replays = rt.block_on(measure(ops, |i| {
-            replay(&store, key("redis", (i * stride) % n), fp)
-        }));
-        report("redis", n, "replay", replays, rss);
+        measure_both(&rt, &store, "redis", "redis", n, ops, &rec, rss);
     }
     let _ = child.kill();
     let _ = child.wait();
