@@ -16,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 ONLY=${ONLY:-mem,redis,replay,nokey,tls,rss}   # a subset for quick iterations; also: bodies
+# PREFILL=10000000 fills Redis with that many records first (see below).
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 
@@ -101,6 +102,23 @@ nginx -c "$WORK/basetls/nginx.conf"
 redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
   --maxmemory-policy noeviction >/dev/null &
 pids+=($!)
+# PREFILL=N: Redis holds N completed records (an hour's TTL, a 44-byte body
+# like the upstream's) before any run, so the Redis scenarios measure a
+# keyspace that size. Filled by a script inside Redis, 100,000 per call.
+if [ "${PREFILL:-0}" -gt 0 ]; then
+  for _ in $(seq 50); do redis-cli -p "$REDIS" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  fill='local r = string.rep("x", 200)
+for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do
+  local k = "idemgate:{fill" .. i .. "}"
+  redis.call("HSET", k, "s", "c", "f", i, "r", r)
+  redis.call("PEXPIRE", k, 3600000)
+end'
+  for ((from = 1; from <= PREFILL; from += 100000)); do
+    to=$((from + 99999 < PREFILL ? from + 99999 : PREFILL))
+    redis-cli -p "$REDIS" eval "$fill" 0 "$from" "$to" >/dev/null
+  done
+  echo "Redis prefilled: $(redis-cli -p "$REDIS" dbsize) keys, $(redis-cli -p "$REDIS" info memory | awk -F: '/^used_memory_human/ {print $2}' | tr -d '\r')"
+fi
 cat > "$WORK/idemgate.toml" <<TOML
 [store]
 max_entries = 100000000
