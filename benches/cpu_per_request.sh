@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# idemgate's CPU time and context switches per request, from /proc, under
+# wrk: finer than a throughput ratio when comparing two builds (alternate
+# them; this shared machine still moves figures by about 10%).
+#
+#   benches/cpu_per_request.sh BIN nokey|unique [redis]
+#   C=1 D=8 benches/cpu_per_request.sh target/release/idemgate nokey
+#
+# Starts an nginx upstream (1 worker, a 44-byte JSON answer), optionally
+# redis-server, and idemgate on free loopback ports; warms up for 2 s, then
+# runs wrk -t1 -c$C (64) for $D (6) seconds and prints p50, req/s, CPU
+# microseconds (user + system, from /proc/<pid>/stat) and context switches
+# (every thread's, from /proc/<pid>/task/*/status) per request. Everything
+# started here is stopped at the end.
+set -euo pipefail
+BIN=$1 SCRIPT=$2 STORE=${3:-memory}
+W=$(mktemp -d); chmod 755 "$W"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null || true; sleep 0.3; rm -rf "$W"' EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(port) P=$(port) A=$(port) R=$(port)
+cat > "$W/nginx.conf" <<N
+worker_processes 1; pid $W/nginx.pid; error_log /dev/null; events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; server { listen 127.0.0.1:$UP;
+  location / { default_type application/json; return 201 '{"id":"ch_1","amount":100,"currency":"eur"}'; } } }
+N
+nginx -c "$W/nginx.conf"
+extra=()
+if [ "$STORE" = redis ]; then
+  redis-server --port "$R" --bind 127.0.0.1 --save "" --appendonly no --dir "$W" >/dev/null &
+  pids+=($!)
+  sleep 0.3
+  extra=(--redis "redis://127.0.0.1:$R")
+fi
+printf '[store]\nmax_entries = 100000000\n' > "$W/idemgate.toml"
+RUST_LOG=warn "$BIN" --config "$W/idemgate.toml" --upstream "http://127.0.0.1:$UP" "${extra[@]}" \
+  --listen "127.0.0.1:$P" --admin-listen "127.0.0.1:$A" 2>"$W/idemgate.log" &
+PID=$!; pids+=($PID)
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$A/readyz" >/dev/null && break; sleep 0.1; done
+case $SCRIPT in
+  nokey) cat > "$W/s.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"amount":100,"currency":"eur"}'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+  ;;
+  unique) cat > "$W/s.lua" <<'LUA'
+local n = 0
+local prefix = tostring(math.random(1, 1e9)) .. "-" .. tostring(os.time())
+wrk.method = "POST"
+wrk.body = '{"amount":100,"currency":"eur"}'
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/v1/charges", {["Content-Type"] = "application/json", ["Idempotency-Key"] = prefix .. "-" .. n})
+end
+LUA
+  ;;
+  *) echo "cpu_per_request.sh: SCRIPT is nokey or unique" >&2; exit 2 ;;
+esac
+url="http://127.0.0.1:$P/v1/charges"
+wrk -t1 -c64 -d2s -s "$W/s.lua" "$url" >/dev/null
+switches() { cat /proc/"$PID"/task/*/status | awk '/ctxt_switches/ {s += $2} END {print s}'; }
+c0=$(switches); t0=$(awk '{print $14 + $15}' "/proc/$PID/stat")
+out=$(wrk -t1 -c"${C:-64}" -d"${D:-6}s" --latency -s "$W/s.lua" "$url")
+t1=$(awk '{print $14 + $15}' "/proc/$PID/stat"); c1=$(switches)
+n=$(awk '/requests in/ {print $1}' <<<"$out")
+rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+p50=$(awk '/^ +50%/ {print $2}' <<<"$out")
+hz=$(getconf CLK_TCK)
+python3 - "$BIN" "$SCRIPT" "$STORE" "${C:-64}" "$p50" "$rps" "$t0" "$t1" "$c0" "$c1" "$n" "$hz" <<'PY'
+import os, sys
+b, script, store, c, p50, rps, t0, t1, c0, c1, n, hz = sys.argv[1:]
+n = int(n)
+cpu = (float(t1) - float(t0)) / float(hz) * 1e6 / n
+sw = (int(c1) - int(c0)) / n
+print(f"{os.path.basename(b)} {script} {store} c={c}: p50 {p50}, {float(rps):.0f} req/s, "
+      f"{cpu:.1f} us CPU/request, {sw:.2f} context switches/request")
+PY
