@@ -1,5 +1,7 @@
-//! Reading a body up to a limit without buffering more than the limit.
-//! (Upstream responses are not read here: they stream, see `proxy::live`.)
+//! Reading a body up to a limit without buffering more than the limit, and
+//! handing response bodies to hyper so a break comes after the bytes before
+//! it ([`HoldBreak`]). (Upstream responses are not read here: they stream,
+//! see `proxy::live`.)
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -39,4 +41,53 @@ pub(crate) async fn read_limited(mut body: Body, max: u64) -> Result<Read, BoxEr
             buf.freeze()
         }
     }))
+}
+
+/// A response body on its way to the client, whose break (an error) is
+/// held back for one poll. hyper's server sends what it has buffered (the
+/// head, the bytes before the break) when the body is pending, and drops it
+/// when the error comes in the same turn: without this, a client could get
+/// a bare abort where the upstream had sent a head and bytes, depending on
+/// how the reads fell. Applied once, where the proxy hands responses to
+/// hyper, whatever produced the body.
+pub struct HoldBreak {
+    body: Body,
+    held: Option<BoxError>,
+}
+
+impl HoldBreak {
+    pub fn new(body: Body) -> Self {
+        HoldBreak { body, held: None }
+    }
+}
+
+impl http_body::Body for HoldBreak {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        if let Some(e) = self.held.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        match std::pin::Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.held = Some(e);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
+use crate::body::HoldBreak;
 use crate::config::{Backend, Config};
 use crate::idempotency::seal::Keyring;
 use crate::metrics::Metrics;
@@ -131,7 +132,11 @@ pub async fn run(
             tasks: tasks.clone(),
             metrics: metrics.clone(),
         };
-        Idempotency::new(store.clone(), settings, routing)
+        // Breaks reach the client after the bytes before them (body.rs).
+        tower::ServiceExt::<http::Request<hyper::body::Incoming>>::map_response(
+            Idempotency::new(store.clone(), settings, routing),
+            hold_breaks,
+        )
     });
     let admin_policies = Arc::new(arc_swap::ArcSwap::from_pointee(config.policies.clone()));
     let admin = Admin::new(
@@ -342,4 +347,8 @@ impl Running {
         }
         let _ = (&mut self.join).await;
     }
+}
+
+fn hold_breaks(resp: http::Response<crate::Body>) -> http::Response<HoldBreak> {
+    resp.map(HoldBreak::new)
 }

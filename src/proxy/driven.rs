@@ -228,7 +228,6 @@ impl Pool {
                     let body = Driven {
                         body,
                         conn: conn.map(|conn| (idle.send, conn, ack)),
-                        broken: None,
                         turn,
                         waker,
                         pool: Arc::downgrade(&self.0),
@@ -373,10 +372,6 @@ struct Driven {
     body: Incoming,
     conn: Option<(http1::SendRequest<Body>, Conn, Ack)>,
     pool: Weak<Shared>,
-    /// A break held back for one poll, so that the server first sends what
-    /// it has (the head and the bytes before the break): it drops them when
-    /// the error comes in the same turn.
-    broken: Option<hyper::Error>,
     turn: Arc<Turn>,
     waker: Waker,
 }
@@ -398,9 +393,6 @@ impl http_body::Body for Driven {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(e) = this.broken.take() {
-            return Poll::Ready(Some(Err(e.into())));
-        }
         let (conn, body) = (&mut this.conn, &mut this.body);
         let frame = turns(&this.turn, &this.waker, cx, |cx| {
             if let Some((_, c, _)) = conn.as_mut() {
@@ -418,10 +410,9 @@ impl http_body::Body for Driven {
                 Poll::Pending
             }
             Poll::Ready(Some(Err(e))) => {
+                // A broken connection is not reused.
                 this.conn = None;
-                this.broken = Some(e);
-                cx.waker().wake_by_ref();
-                Poll::Pending
+                Poll::Ready(Some(Err(e.into())))
             }
             frame => {
                 if matches!(frame, Poll::Ready(None))

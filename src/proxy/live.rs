@@ -158,7 +158,6 @@ impl Live {
             live: self.clone(),
             at: 0,
             first: true,
-            held: false,
         })
     }
 
@@ -181,7 +180,6 @@ impl Live {
                             live: self.clone(),
                             at: 0,
                             first: false,
-                            held: false,
                         });
                         return Some((head, body));
                     }
@@ -201,8 +199,6 @@ struct Cursor {
     at: usize,
     /// The first client paces the job; joiners do not.
     first: bool,
-    /// Whether a break was held back once (see `next`).
-    held: bool,
 }
 
 impl Drop for Cursor {
@@ -221,7 +217,6 @@ impl Cursor {
             let wait = self.live.changed.notified();
             tokio::pin!(wait);
             wait.as_mut().enable();
-            let mut broken = false;
             {
                 let mut b = self.live.lock();
                 if self.at < b.base {
@@ -243,21 +238,11 @@ impl Cursor {
                 }
                 match &b.end {
                     Some(Ok(())) => return None,
-                    Some(Err(why)) if self.held => return Some(Err(why.clone().into())),
-                    Some(Err(_)) => broken = true,
+                    Some(Err(why)) => return Some(Err(why.clone().into())),
                     None => {}
                 }
             }
-            if !broken {
-                wait.await;
-            } else {
-                // A break is held back for one poll: the server sends what
-                // it has (the head, the bytes before the break) when the
-                // body is pending, and would drop them if the error came in
-                // the same turn.
-                self.held = true;
-                tokio::task::yield_now().await;
-            }
+            wait.await;
         }
     }
 }
