@@ -225,99 +225,105 @@ impl tower::Service<Request<Body>> for Upstream {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        if let Inner::Service(svc) = &mut self.inner {
-            return Box::pin(svc.call(req));
-        }
-        let pq = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        match &self.inner {
-            Inner::Service(_) => {}
-            // Origin form, as HTTP/1.1 sends it to an origin server.
-            Inner::Driven(_) => *req.uri_mut() = Uri::from(pq),
-            Inner::Client {
-                scheme, authority, ..
-            } => {
-                let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(scheme.clone());
-                parts.authority = Some(authority.clone());
-                parts.path_and_query = Some(pq);
-                match Uri::from_parts(parts) {
-                    Ok(uri) => *req.uri_mut() = uri,
-                    Err(e) => {
-                        return Box::pin(
-                            async move { Err(UpstreamError::Unreachable(e.to_string())) },
-                        )
-                    }
-                }
-            }
-        }
-        // `TE: trailers` is the one TE value a proxy passes on (RFC 9110
-        // §10.1.4, RFC 9113 §8.2.2): gRPC servers require it.
-        let trailers = req
-            .headers()
-            .get_all(header::TE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            });
-        strip_hop_by_hop(req.headers_mut());
-        if trailers {
-            req.headers_mut()
-                .insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-        // The framing sent upstream is the body's own: a Content-Length that
-        // disagrees with it (a client that sent both Content-Length and
-        // chunked) would desynchronise the pooled upstream connection.
-        match req.body().size_hint().exact() {
-            Some(n) if n > 0 || req.headers().contains_key(header::CONTENT_LENGTH) => {
-                req.headers_mut()
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-            }
-            Some(_) => {}
-            None => {
-                req.headers_mut().remove(header::CONTENT_LENGTH);
-            }
-        }
-        // The client picks the upstream's version (ALPN, h2c); the caller's
-        // own must not force one.
-        *req.version_mut() = Version::HTTP_11;
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
         let timeout = self.timeout;
-        let client = match &self.inner {
+        match &mut self.inner {
+            Inner::Service(svc) => Box::pin(svc.call(req)),
             Inner::Driven(pool) => {
+                // Origin form, as HTTP/1.1 sends it to an origin server.
+                let req = outbound(req, |pq| Ok(Uri::from(pq)));
                 let pool = pool.clone();
-                return Box::pin(async move {
-                    match tokio::time::timeout(timeout, pool.send(req)).await {
+                Box::pin(async move {
+                    match tokio::time::timeout(timeout, pool.send(req?)).await {
                         Err(_) => Err(UpstreamError::Timeout(timeout)),
                         Ok(r) => r.map(as_received),
                     }
+                })
+            }
+            Inner::Client {
+                client,
+                scheme,
+                authority,
+            } => {
+                let req = outbound(req, |pq| {
+                    let mut parts = http::uri::Parts::default();
+                    parts.scheme = Some(scheme.clone());
+                    parts.authority = Some(authority.clone());
+                    parts.path_and_query = Some(pq);
+                    Uri::from_parts(parts).map_err(|e| UpstreamError::Unreachable(e.to_string()))
                 });
+                let fut = req.map(|req| client.request(req));
+                Box::pin(async move {
+                    match tokio::time::timeout(timeout, fut?).await {
+                        Err(_) => Err(UpstreamError::Timeout(timeout)),
+                        // Only a failed connect proves nothing was sent; any
+                        // other client error may come after the request was
+                        // written. A TLS handshake the server refused (its
+                        // certificate, or our client certificate) never
+                        // carried the request either.
+                        Ok(Err(e)) if e.is_connect() => {
+                            Err(UpstreamError::Unreachable(tls_named(&e)))
+                        }
+                        Ok(Err(e)) if refused_handshake(&e) => {
+                            Err(UpstreamError::Unreachable(tls_named(&e)))
+                        }
+                        Ok(Err(e)) => Err(UpstreamError::Failed(error_chain(&e))),
+                        Ok(Ok(resp)) => {
+                            Ok(as_received(resp.map(|b| b.map_err(Into::into).boxed())))
+                        }
+                    }
+                })
             }
-            Inner::Client { client, .. } => client,
-            Inner::Service(svc) => return Box::pin(svc.clone().call(req)),
-        };
-        let fut = client.request(req);
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, fut).await {
-                Err(_) => Err(UpstreamError::Timeout(timeout)),
-                // Only a failed connect proves nothing was sent; any other
-                // client error may come after the request was written. A
-                // TLS handshake the server refused (its certificate, or our
-                // client certificate) never carried the request either.
-                Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Unreachable(tls_named(&e))),
-                Ok(Err(e)) if refused_handshake(&e) => {
-                    Err(UpstreamError::Unreachable(tls_named(&e)))
-                }
-                Ok(Err(e)) => Err(UpstreamError::Failed(error_chain(&e))),
-                Ok(Ok(resp)) => Ok(as_received(resp.map(|b| b.map_err(Into::into).boxed()))),
-            }
-        })
+        }
     }
+}
+
+/// The request as it goes upstream: its URI made by `uri` from its path and
+/// query, hop-by-hop headers gone (`TE: trailers` kept), framing its body's
+/// own.
+fn outbound(
+    mut req: Request<Body>,
+    uri: impl FnOnce(PathAndQuery) -> Result<Uri, UpstreamError>,
+) -> Result<Request<Body>, UpstreamError> {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = uri(pq)?;
+    // `TE: trailers` is the one TE value a proxy passes on (RFC 9110
+    // §10.1.4, RFC 9113 §8.2.2): gRPC servers require it.
+    let trailers = req
+        .headers()
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    strip_hop_by_hop(req.headers_mut());
+    if trailers {
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // The framing sent upstream is the body's own: a Content-Length that
+    // disagrees with it (a client that sent both Content-Length and
+    // chunked) would desynchronise the pooled upstream connection.
+    match req.body().size_hint().exact() {
+        Some(n) if n > 0 || req.headers().contains_key(header::CONTENT_LENGTH) => {
+            req.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        Some(_) => {}
+        None => {
+            req.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+    }
+    // The client picks the upstream's version (ALPN, h2c); the caller's
+    // own must not force one.
+    *req.version_mut() = Version::HTTP_11;
+    Ok(req)
 }
 
 /// The upstream's response as the proxy passes it on.
