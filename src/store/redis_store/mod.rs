@@ -235,7 +235,6 @@ impl RedisStore {
         format!("{}:done:{{{}}}", self.inner.prefix, key.to_hex())
     }
 
-    /// The scripts' `sharded` argument: `1` on Cluster (SPUBLISH).
     /// The replay caches' invalidation channel, or `b""` without them.
     fn replays_channel(&self) -> &[u8] {
         self.inner.replays.as_ref().map_or(b"", |r| r.channel())
@@ -246,6 +245,7 @@ impl RedisStore {
         self.inner.replays.as_ref().map_or(0, |r| r.bytes())
     }
 
+    /// The scripts' `sharded` argument: `1` on Cluster (SPUBLISH).
     fn sharded(&self) -> &'static [u8] {
         match self.inner.conn {
             Conn::Single(_) => b"0",

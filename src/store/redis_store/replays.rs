@@ -50,7 +50,9 @@ pub(super) struct ReplayCache {
     /// Bumped by every invalidation and drop.
     epoch: AtomicU64,
     bytes: AtomicUsize,
-    lookups: Option<prometheus::IntCounterVec>,
+    /// `idemgate_replay_cache_lookups_total{result="hit"}` and `"miss"`,
+    /// resolved once (a label lookup per replay would hash the label).
+    counters: Option<(prometheus::IntCounter, prometheus::IntCounter)>,
 }
 
 #[derive(Default)]
@@ -80,7 +82,12 @@ impl ReplayCache {
             live: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             bytes: AtomicUsize::new(0),
-            lookups,
+            counters: lookups.map(|c| {
+                (
+                    c.with_label_values(&["hit"]),
+                    c.with_label_values(&["miss"]),
+                )
+            }),
         }
     }
 
@@ -94,9 +101,11 @@ impl ReplayCache {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn count(&self, result: &str) {
-        if let Some(c) = &self.lookups {
-            c.with_label_values(&[result]).inc();
+    /// Forgets the copy of `name` in shard `s`, counting its bytes out.
+    fn forget(&self, s: &mut Shard, name: &str) {
+        if let Some(e) = s.map.remove(name) {
+            s.bytes -= e.size;
+            self.bytes.fetch_sub(e.size, Ordering::Relaxed);
         }
     }
 
@@ -109,15 +118,15 @@ impl ReplayCache {
         let hit = match s.map.get(name) {
             Some(e) if e.until > Instant::now() => Some(e.record.clone()),
             Some(_) => {
-                let e = s.map.remove(name).expect("just seen");
-                s.bytes -= e.size;
-                self.bytes.fetch_sub(e.size, Ordering::Relaxed);
+                self.forget(&mut s, name);
                 None
             }
             None => None,
         };
         drop(s);
-        self.count(if hit.is_some() { "hit" } else { "miss" });
+        if let Some((hits, misses)) = &self.counters {
+            if hit.is_some() { hits } else { misses }.inc();
+        }
         hit
     }
 
@@ -171,10 +180,7 @@ impl ReplayCache {
             let Some(oldest) = s.order.pop_front() else {
                 break;
             };
-            if let Some(e) = s.map.remove(&oldest) {
-                s.bytes -= e.size;
-                self.bytes.fetch_sub(e.size, Ordering::Relaxed);
-            }
+            self.forget(&mut s, &oldest);
         }
         // Names whose entries went another way (removed, expired) leave
         // the order queue as they reach its front.
@@ -185,11 +191,7 @@ impl ReplayCache {
     }
 
     pub fn remove(&self, name: &str) {
-        let mut s = self.shard(name);
-        if let Some(e) = s.map.remove(name) {
-            s.bytes -= e.size;
-            self.bytes.fetch_sub(e.size, Ordering::Relaxed);
-        }
+        self.forget(&mut self.shard(name), name);
     }
 
     fn flush(&self) {
