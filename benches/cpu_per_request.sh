@@ -38,23 +38,7 @@ RUST_LOG=warn "$BIN" --config "$W/idemgate.toml" --upstream "http://127.0.0.1:$U
 PID=$!; pids+=($PID)
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$A/readyz" >/dev/null && break; sleep 0.1; done
 case $SCRIPT in
-  nokey) cat > "$W/s.lua" <<'LUA'
-wrk.method = "POST"
-wrk.body = '{"amount":100,"currency":"eur"}'
-wrk.headers["Content-Type"] = "application/json"
-LUA
-  ;;
-  unique) cat > "$W/s.lua" <<'LUA'
-local n = 0
-local prefix = tostring(math.random(1, 1e9)) .. "-" .. tostring(os.time())
-wrk.method = "POST"
-wrk.body = '{"amount":100,"currency":"eur"}'
-request = function()
-  n = n + 1
-  return wrk.format(nil, "/v1/charges", {["Content-Type"] = "application/json", ["Idempotency-Key"] = prefix .. "-" .. n})
-end
-LUA
-  ;;
+  nokey | unique) cp "$(dirname "$0")/wrk/$SCRIPT.lua" "$W/s.lua" ;;
   *) echo "cpu_per_request.sh: SCRIPT is nokey or unique" >&2; exit 2 ;;
 esac
 url="http://127.0.0.1:$P/v1/charges"

@@ -155,28 +155,9 @@ prefill_memory() {
   echo "memory store prefilled: $done records, idemgate RSS $(awk '/VmRSS/ {printf "%d MiB", $2/1024}' "/proc/$MEM_PID/status")"
 }
 
-# wrk request scripts: the same Lua cost for baseline and candidate.
-cat > "$WORK/unique.lua" <<'LUA'
-local n = 0
-local prefix = tostring(math.random(1, 1e9)) .. "-" .. tostring(os.time())
-wrk.method = "POST"
-wrk.body = '{"amount":100,"currency":"eur"}'
-request = function()
-  n = n + 1
-  return wrk.format(nil, "/v1/charges", {["Content-Type"] = "application/json", ["Idempotency-Key"] = prefix .. "-" .. n})
-end
-LUA
-cat > "$WORK/replay.lua" <<'LUA'
-wrk.method = "POST"
-wrk.body = '{"amount":100,"currency":"eur"}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Idempotency-Key"] = "replay-one-key"
-LUA
-cat > "$WORK/nokey.lua" <<'LUA'
-wrk.method = "POST"
-wrk.body = '{"amount":100,"currency":"eur"}'
-wrk.headers["Content-Type"] = "application/json"
-LUA
+# wrk request scripts (benches/wrk/): the same Lua cost for baseline and
+# candidate.
+cp benches/wrk/unique.lua benches/wrk/replay.lua benches/wrk/nokey.lua "$WORK/"
 
 # run PORT SCRIPT CONNS -> "rps p50_ms p99_ms"
 run() {

@@ -1,0 +1,6 @@
+-- One Idempotency-Key on every request (replays after the first).
+-- The same request for nginx and idemgate, so both pay the same Lua cost.
+wrk.method = "POST"
+wrk.body = '{"amount":100,"currency":"eur"}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Idempotency-Key"] = "replay-one-key"
