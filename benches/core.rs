@@ -10,7 +10,9 @@
 //! skipped (with a printed reason) where redis-server is not installed.
 
 use std::hint::black_box;
-use std::process::{Command, Stdio};
+#[path = "common/redis_server.rs"]
+mod redis_server;
+use redis_server::RedisServer;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -261,34 +263,14 @@ fn stores(c: &mut Criterion) {
     g.finish();
 
     // Redis on a free loopback port, started and stopped here.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = std::env::temp_dir().join(format!("idemgate-bench-core-{port}"));
-    let _ = std::fs::create_dir_all(&dir);
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .spawn();
-    let Ok(mut child) = child else {
+    let Some(server) = RedisServer::start("core") else {
         println!("SKIPPED redis store benchmarks: redis-server is not installed");
         return;
     };
-    std::thread::sleep(Duration::from_millis(300));
-    let text = format!("[store]\nbackend = \"redis\"\nurls = [\"redis://127.0.0.1:{port}\"]\n");
+    let text = format!(
+        "[store]\nbackend = \"redis\"\nurls = [\"{}\"]\n",
+        server.url()
+    );
     let config =
         Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
     let redis = rt
@@ -334,9 +316,6 @@ fn stores(c: &mut Criterion) {
         })
     });
     g.finish();
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 criterion_group!(benches, core, webhooks, stores);

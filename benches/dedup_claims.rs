@@ -11,8 +11,9 @@
 //! (no `--bench` flag) it does a short smoke run instead, so the suite checks
 //! that the bench works without timing anything.
 
-use std::net::TcpListener;
-use std::process::{Command, Stdio};
+#[path = "common/redis_server.rs"]
+mod redis_server;
+use redis_server::RedisServer;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,31 +42,9 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let full = args.iter().any(|a| a == "--bench");
     let secs: u64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(5);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = std::env::temp_dir().join(format!("idemgate-bench-{port}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut redis = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server is needed (apt-get install redis-server)");
-    std::thread::sleep(Duration::from_millis(300));
-    let url = format!("redis://127.0.0.1:{port}");
+    let server =
+        RedisServer::start("dedup").expect("redis-server is needed (apt-get install redis-server)");
+    let url = server.url();
     let text = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[store]\nbackend = \"redis\"\nurls = [\"{url}\"]\n"
     );
@@ -220,7 +199,4 @@ async fn main() {
     println!("HTTP claim:batch x100: {claims:>9.0} claims/s");
 
     idg.stop().await;
-    let _ = redis.kill();
-    let _ = redis.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }

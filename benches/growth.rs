@@ -16,7 +16,9 @@
 //! Under `cargo test --all-targets` (no `--bench`) it runs with 1,000
 //! records as a smoke run. Redis is skipped where redis-server is missing.
 
-use std::process::{Command, Stdio};
+#[path = "common/redis_server.rs"]
+mod redis_server;
+use redis_server::RedisServer;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -181,26 +183,11 @@ fn main() {
         drop(store);
     }
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = std::env::temp_dir().join(format!("idemgate-bench-growth-{port}"));
-    let _ = std::fs::create_dir_all(&dir);
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .spawn();
-    let Ok(mut child) = child else {
+    let Some(server) = RedisServer::start("growth") else {
         println!("SKIPPED redis: redis-server is not installed");
         return;
     };
-    std::thread::sleep(Duration::from_millis(300));
-    let url = format!("redis://127.0.0.1:{port}");
+    let url = server.url();
     let text = format!("[store]\nbackend = \"redis\"\nurls = [\"{url}\"]\nreplay_cache = \"0\"\n");
     let config =
         Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
@@ -256,7 +243,4 @@ fn main() {
         let rss = redis_rss(&mut raw);
         measure_both(&rt, &store, "redis", "redis", n, ops, &rec, rss);
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }
