@@ -68,10 +68,18 @@ struct Shared {
     reaping: AtomicBool,
 }
 
-struct Idle {
+/// One upstream connection and what is polled and signalled with it.
+struct Link {
     send: http1::SendRequest<Body>,
     conn: Conn,
     ack: Ack,
+    /// Made once per connection, so a request costs no allocation for it.
+    turn: Arc<Turn>,
+    waker: Waker,
+}
+
+struct Idle {
+    link: Link,
     since: Instant,
 }
 
@@ -98,8 +106,8 @@ impl Idle {
     /// it again with its own), and ready for a request.
     fn usable(&mut self, now: Instant) -> bool {
         now.duration_since(self.since) < IDLE_TIMEOUT
-            && poll_noop(&mut self.conn).is_pending()
-            && self.send.is_ready()
+            && poll_noop(&mut self.link.conn).is_pending()
+            && self.link.send.is_ready()
     }
 }
 
@@ -195,19 +203,19 @@ impl Pool {
             req.headers_mut().insert(header::HOST, self.0.host.clone());
         }
         loop {
-            let (reused, mut idle) = match self.checkout() {
-                Some(idle) => (true, idle),
+            let (reused, link) = match self.checkout() {
+                Some(idle) => (true, idle.link),
                 None => (false, self.connect().await?),
             };
-            let mut resp = std::pin::pin!(idle.send.try_send_request(req));
-            let mut conn = Some(idle.conn);
-            let ack = idle.ack;
-            let turn = Arc::new(Turn {
-                polling: AtomicBool::new(false),
-                woken: AtomicBool::new(false),
-                task: AtomicWaker::new(),
-            });
-            let waker = Waker::from(turn.clone());
+            let Link {
+                mut send,
+                conn,
+                ack,
+                turn,
+                waker,
+            } = link;
+            let mut resp = std::pin::pin!(send.try_send_request(req));
+            let mut conn = Some(conn);
             let result = std::future::poll_fn(|cx| {
                 turns(&turn, &waker, cx, |cx| {
                     // The connection first: it writes the request and reads
@@ -227,9 +235,13 @@ impl Pool {
                     let (parts, body) = resp.into_parts();
                     let body = Driven {
                         body,
-                        conn: conn.map(|conn| (idle.send, conn, ack)),
-                        turn,
-                        waker,
+                        link: conn.map(|conn| Link {
+                            send,
+                            conn,
+                            ack,
+                            turn,
+                            waker,
+                        }),
                         pool: Arc::downgrade(&self.0),
                     };
                     return Ok(Response::from_parts(parts, Body::new(body)));
@@ -272,7 +284,7 @@ impl Pool {
         found
     }
 
-    async fn connect(&self) -> Result<Idle, UpstreamError> {
+    async fn connect(&self) -> Result<Link, UpstreamError> {
         let unreachable = |e: std::io::Error| {
             UpstreamError::Unreachable(format!("tcp connect error: {e} ({})", self.0.addr))
         };
@@ -302,28 +314,33 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
-        Ok(Idle {
+        let turn = Arc::new(Turn {
+            polling: AtomicBool::new(false),
+            woken: AtomicBool::new(false),
+            task: AtomicWaker::new(),
+        });
+        let waker = Waker::from(turn.clone());
+        Ok(Link {
             send,
             conn,
             ack,
-            since: Instant::now(),
+            turn,
+            waker,
         })
     }
 }
 
 impl Shared {
-    fn checkin(self: &Arc<Self>, send: http1::SendRequest<Body>, mut conn: Conn, ack: Ack) {
+    fn checkin(self: &Arc<Self>, mut link: Link) {
         // The last poll lets the connection see its response through and
         // turn idle; one that did not (or was closed) cannot be reused.
-        if poll_noop(&mut conn).is_ready() || !send.is_ready() {
+        if poll_noop(&mut link.conn).is_ready() || !link.send.is_ready() {
             return;
         }
         let evicted = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             idle.push_back(Idle {
-                send,
-                conn,
-                ack,
+                link,
                 since: Instant::now(),
             });
             (idle.len() > MAX_IDLE).then(|| idle.pop_front())
@@ -370,16 +387,15 @@ async fn reap(pool: Weak<Shared>) {
 /// connection cannot be reused mid-response).
 struct Driven {
     body: Incoming,
-    conn: Option<(http1::SendRequest<Body>, Conn, Ack)>,
+    /// `None` once the connection ended (or went back to the pool).
+    link: Option<Link>,
     pool: Weak<Shared>,
-    turn: Arc<Turn>,
-    waker: Waker,
 }
 
 impl Driven {
     fn release(&mut self) {
-        if let (Some((send, conn, ack)), Some(pool)) = (self.conn.take(), self.pool.upgrade()) {
-            pool.checkin(send, conn, ack);
+        if let (Some(link), Some(pool)) = (self.link.take(), self.pool.upgrade()) {
+            pool.checkin(link);
         }
     }
 }
@@ -393,25 +409,36 @@ impl http_body::Body for Driven {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let (conn, body) = (&mut this.conn, &mut this.body);
-        let frame = turns(&this.turn, &this.waker, cx, |cx| {
-            if let Some((_, c, _)) = conn.as_mut() {
-                if Pin::new(c).poll(cx).is_ready() {
-                    *conn = None;
+        let body = &mut this.body;
+        let frame = match &mut this.link {
+            Some(Link {
+                conn, turn, waker, ..
+            }) => {
+                let mut ended = false;
+                let frame = turns(turn, waker, cx, |cx| {
+                    if !ended && Pin::new(&mut *conn).poll(cx).is_ready() {
+                        ended = true;
+                    }
+                    Pin::new(&mut *body).poll_frame(cx)
+                });
+                if ended {
+                    this.link = None;
                 }
+                frame
             }
-            Pin::new(&mut *body).poll_frame(cx)
-        });
+            // The connection ended: what it delivered is in the body.
+            None => Pin::new(body).poll_frame(cx),
+        };
         match frame {
             Poll::Pending => {
-                if let Some((_, _, ack)) = &this.conn {
-                    ack.now();
+                if let Some(link) = &this.link {
+                    link.ack.now();
                 }
                 Poll::Pending
             }
             Poll::Ready(Some(Err(e))) => {
                 // A broken connection is not reused.
-                this.conn = None;
+                this.link = None;
                 Poll::Ready(Some(Err(e.into())))
             }
             frame => {
