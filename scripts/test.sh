@@ -3,18 +3,27 @@
 #
 # Installs what the tests need when it is missing (redis-server, redis-cli
 # and promtool from Debian's packages, needs root; cargo-deny from
-# crates.io), checks the dependencies against deny.toml, then runs every
-# test. The
-# tests start their own servers (upstreams, Redis, Redis Cluster) on
-# loopback ports the OS picks, and stop them when done.
+# crates.io), fetches every crate Cargo.lock names, checks the dependencies
+# against deny.toml, then runs every test. The tests start their own servers
+# (upstreams, Redis, Redis Cluster) on loopback ports the OS picks, and stop
+# them when done. Each phase prints how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_pkgs=()
-command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
-command -v redis-cli >/dev/null 2>&1 || need_pkgs+=(redis-tools)
-command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
+# `timed NAME CMD...`: runs CMD and prints how long it took.
+timed() {
+  local name=$1 start=$SECONDS
+  shift
+  "$@"
+  printf 'scripts/test.sh: %s took %ds\n' "$name" $((SECONDS - start)) >&2
+}
+
+install_packages() {
+  local need_pkgs=()
+  command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
+  command -v redis-cli >/dev/null 2>&1 || need_pkgs+=(redis-tools)
+  command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
+  [ ${#need_pkgs[@]} -gt 0 ] || return 0
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: ${need_pkgs[*]} missing; run as root (or install them) first" >&2
     exit 2
@@ -23,18 +32,32 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-fi
-# The Debian package starts a system redis on 6379; the tests never use it.
+  # The Debian package starts a system redis on 6379; the tests never use it.
+}
+
+install_tools() {
+  command -v cargo-deny >/dev/null 2>&1 && return 0
+  echo "installing cargo-deny ..."
+  cargo install cargo-deny --locked --quiet
+}
+
+timed "Debian packages" install_packages
+timed "cargo tools" install_tools
+
+# Every crate Cargo.lock names, from the registry, before anything runs
+# offline: on a machine whose cargo cache is empty nothing else has fetched
+# them yet (cargo deny --offline reads them from disk).
+timed "crate fetch" cargo fetch --locked
 
 # Supply chain: licenses, banned crates and sources (deny.toml), offline.
 # The advisory database needs the network, so it is not checked here.
-if ! command -v cargo-deny >/dev/null 2>&1; then
-  echo "installing cargo-deny ..."
-  cargo install cargo-deny --locked --quiet
-fi
-cargo deny --offline --log-level error check licenses bans sources
+timed "supply-chain check" cargo deny --offline --log-level error check licenses bans sources
 
 # The worker end-to-end test runs the example binary itself; `cargo test`
 # builds examples only as test harnesses.
-cargo build --locked --examples
-cargo test --locked --all-targets "$@"
+build() {
+  cargo build --locked --examples
+  cargo test --locked --all-targets --no-run
+}
+timed "build" build
+timed "tests" cargo test --locked --all-targets "$@"
