@@ -21,7 +21,25 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts idemgate on free ports. A port taken by another test between
+    /// the probe and the bind is tried again on new ones; any other exit
+    /// before the admin listener answers fails with what it logged.
     pub async fn start(upstream: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        for _ in 0..5 {
+            match Self::try_start(upstream, extra, env).await {
+                Ok(p) => return p,
+                Err(log) if log.contains("cannot listen") => continue,
+                Err(log) => panic!("idemgate did not start: {log}"),
+            }
+        }
+        panic!("idemgate did not start: no free ports in five tries");
+    }
+
+    async fn try_start(
+        upstream: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self, String> {
         let proxy: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_idemgate"));
@@ -38,16 +56,27 @@ impl Proc {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         let child = cmd.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(admin).await.is_err() {
-            assert!(Instant::now() < deadline, "idemgate did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Proc {
+        let mut p = Proc {
             child,
             proxy,
             admin,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(admin).await.is_err() {
+            if let Ok(Some(_)) = p.child.try_wait() {
+                let mut log = String::new();
+                if let Some(mut e) = p.child.stderr.take() {
+                    let _ = e.read_to_string(&mut log);
+                }
+                return Err(log);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "idemgate did not start within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(p)
     }
 
     pub fn signal(&self, sig: &str) {
