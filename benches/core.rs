@@ -20,12 +20,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::idempotency::key::{parse_key, Fingerprint, RecordKey};
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::seal::Keyring;
 use idemgate::idempotency::state::{decide, Begin, BeginOptions, Decision};
-use idemgate::store::{MemoryStore, RecordStore, RedisStore};
+use idemgate::store::memory::MemoryStore;
+use idemgate::store::redis_store::{RedisOptions, RedisStore};
+use idemgate::store::RecordStore;
 
 fn request_headers() -> HeaderMap {
     let mut h = HeaderMap::new();
@@ -267,15 +268,10 @@ fn stores(c: &mut Criterion) {
         println!("SKIPPED redis store benchmarks: redis-server is not installed");
         return;
     };
-    let text = format!(
-        "[store]\nbackend = \"redis\"\nurls = [\"{}\"]\n",
-        server.url()
-    );
-    let config =
-        Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
-    let redis = rt
-        .block_on(RedisStore::connect(config.store.redis_options()))
-        .unwrap();
+    // As the config's defaults have it: the replay cache on.
+    let mut options = RedisOptions::new(vec![server.url()], false);
+    options.replay_cache_bytes = 64 << 20;
+    let redis = rt.block_on(RedisStore::connect(options)).unwrap();
     let mut g = c.benchmark_group("redis store");
     g.bench_function("begin + complete (first request, 2 round trips)", |b| {
         b.to_async(&rt).iter(|| {

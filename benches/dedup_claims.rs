@@ -25,7 +25,7 @@ use hyper_util::rt::TokioExecutor;
 use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::idempotency::dedup::{ClaimOutcome, ClaimParams};
 use idemgate::server::Running;
-use idemgate::store::RedisStore;
+use idemgate::store::redis_store::{RedisOptions, RedisStore};
 use idemgate::store::{DedupStore, Ttls};
 
 const TTLS: Ttls = Ttls {
@@ -45,14 +45,14 @@ async fn main() {
     let server =
         RedisServer::start("dedup").expect("redis-server is needed (apt-get install redis-server)");
     let url = server.url();
+    let store = RedisStore::connect(RedisOptions::new(vec![url.clone()], false))
+        .await
+        .unwrap();
     let text = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[store]\nbackend = \"redis\"\nurls = [\"{url}\"]\n"
     );
     let config =
         Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
-    let store = RedisStore::connect(config.store.redis_options())
-        .await
-        .unwrap();
     let run = if full {
         Duration::from_secs(secs)
     } else {

@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode};
-use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::state::{Begin, BeginOptions};
-use idemgate::store::{MemoryStore, RecordStore, RedisStore};
+use idemgate::store::memory::MemoryStore;
+use idemgate::store::redis_store::{RedisOptions, RedisStore};
+use idemgate::store::RecordStore;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -188,11 +189,11 @@ fn main() {
         return;
     };
     let url = server.url();
-    let text = format!("[store]\nbackend = \"redis\"\nurls = [\"{url}\"]\nreplay_cache = \"0\"\n");
-    let config =
-        Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
     let store = rt
-        .block_on(RedisStore::connect(config.store.redis_options()))
+        .block_on(RedisStore::connect(RedisOptions::new(
+            vec![url.clone()],
+            false,
+        )))
         .unwrap();
     let mut raw = rt
         .block_on(async {

@@ -17,7 +17,8 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::state::{Begin, BeginOptions};
-use idemgate::store::{MemoryStore, RecordStore};
+use idemgate::store::memory::MemoryStore;
+use idemgate::store::RecordStore;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

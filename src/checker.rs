@@ -1,24 +1,24 @@
 //! Loose values → checked ones. The [`Checker`] collects every problem, one
-//! line each naming its key path, instead of stopping at the first.
+//! line each naming its key path, instead of stopping at the first. The
+//! configuration uses it for its sections, and each store backend for its
+//! own keys of `[store]`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::{HeaderName, Method, Uri};
+use http::{HeaderName, Method};
 use toml::Value;
-
-use super::parse_size;
-use crate::store::redact_url;
 
 /// Collects problems while converting loose values.
 #[derive(Default)]
-pub(super) struct Checker {
+pub struct Checker {
     pub errors: Vec<String>,
     /// Legal but risky choices, shown by check-config and logged at start.
     pub warnings: Vec<String>,
 }
 
-fn show(v: &Value) -> String {
+/// A value as a problem quotes it.
+pub fn show(v: &Value) -> String {
     match v {
         Value::String(s) => format!("{s:?}"),
         other => other.to_string(),
@@ -26,17 +26,17 @@ fn show(v: &Value) -> String {
 }
 
 impl Checker {
-    pub(super) fn err(&mut self, path: &str, msg: String) {
+    pub fn err(&mut self, path: &str, msg: String) {
         self.errors.push(format!("{path}: {msg}"));
     }
 
-    pub(super) fn warn(&mut self, path: &str, msg: String) {
+    pub fn warn(&mut self, path: &str, msg: String) {
         self.warnings.push(format!("{path}: {msg}"));
     }
 
     /// Overwrites `slot` with the checked value of the key at `path`, if the
     /// file sets it and it checks out; a problem is recorded otherwise.
-    pub(super) fn set<T>(
+    pub fn set<T>(
         &mut self,
         slot: &mut T,
         v: &Option<Value>,
@@ -50,7 +50,7 @@ impl Checker {
 
     /// [`Self::set`] with a flag (or its environment variable) that wins over
     /// the file: `flag` names both for messages.
-    pub(super) fn set_flagged<T>(
+    pub fn set_flagged<T>(
         &mut self,
         slot: &mut T,
         flag: (&Option<String>, &str),
@@ -69,7 +69,7 @@ impl Checker {
     }
 
     /// A whole number in `min..=max`, as any integer type.
-    pub(super) fn int<T: TryFrom<i64>>(
+    pub fn int<T: TryFrom<i64>>(
         min: i64,
         max: i64,
     ) -> impl FnOnce(&mut Self, &str, &Value) -> Option<T> {
@@ -77,7 +77,7 @@ impl Checker {
     }
 
     /// One of `choices` (text → value).
-    pub(super) fn one_of<T: Copy>(
+    pub fn one_of<T: Copy>(
         choices: &'static [(&'static str, T)],
     ) -> impl FnOnce(&mut Self, &str, &Value) -> Option<T> {
         move |c, path, v| {
@@ -97,7 +97,7 @@ impl Checker {
         }
     }
 
-    pub(super) fn string(&mut self, path: &str, v: &Value) -> Option<String> {
+    pub fn string(&mut self, path: &str, v: &Value) -> Option<String> {
         match v {
             Value::String(s) => Some(s.clone()),
             other => {
@@ -107,7 +107,7 @@ impl Checker {
         }
     }
 
-    pub(super) fn bool(&mut self, path: &str, v: &Value) -> Option<bool> {
+    pub fn bool(&mut self, path: &str, v: &Value) -> Option<bool> {
         match v {
             Value::Boolean(b) => Some(*b),
             other => {
@@ -117,7 +117,7 @@ impl Checker {
         }
     }
 
-    pub(super) fn uint(&mut self, path: &str, v: &Value, min: i64, max: i64) -> Option<i64> {
+    pub fn uint(&mut self, path: &str, v: &Value, min: i64, max: i64) -> Option<i64> {
         match v {
             Value::Integer(n) if (min..=max).contains(n) => Some(*n),
             Value::Integer(n) => {
@@ -131,7 +131,7 @@ impl Checker {
         }
     }
 
-    pub(super) fn duration(&mut self, path: &str, v: &Value) -> Option<Duration> {
+    pub fn duration(&mut self, path: &str, v: &Value) -> Option<Duration> {
         let parsed = match v {
             Value::String(s) => humantime::parse_duration(s.trim()).ok(),
             _ => None,
@@ -155,7 +155,7 @@ impl Checker {
         }
     }
 
-    pub(super) fn size(&mut self, path: &str, v: &Value) -> Option<u64> {
+    pub fn size(&mut self, path: &str, v: &Value) -> Option<u64> {
         let parsed = match v {
             Value::Integer(n) if *n >= 0 => Some(*n as u64),
             Value::String(s) => parse_size(s),
@@ -173,7 +173,7 @@ impl Checker {
         parsed
     }
 
-    pub(super) fn list(&mut self, path: &str, v: &Value) -> Option<Vec<Value>> {
+    pub fn list(&mut self, path: &str, v: &Value) -> Option<Vec<Value>> {
         match v {
             Value::Array(a) => Some(a.clone()),
             other => {
@@ -183,7 +183,7 @@ impl Checker {
         }
     }
 
-    pub(super) fn header_name(&mut self, path: &str, v: &Value) -> Option<HeaderName> {
+    pub fn header_name(&mut self, path: &str, v: &Value) -> Option<HeaderName> {
         let s = self.string(path, v)?;
         match HeaderName::from_bytes(s.trim().as_bytes()) {
             Ok(h) => Some(h),
@@ -194,7 +194,7 @@ impl Checker {
         }
     }
 
-    pub(super) fn each<T>(
+    pub fn each<T>(
         &mut self,
         path: &str,
         v: &Value,
@@ -210,7 +210,7 @@ impl Checker {
         (self.errors.len() == before).then_some(out)
     }
 
-    pub(super) fn method(&mut self, path: &str, v: &Value) -> Option<Method> {
+    pub fn method(&mut self, path: &str, v: &Value) -> Option<Method> {
         let s = self.string(path, v)?;
         match Method::from_bytes(s.trim().to_ascii_uppercase().as_bytes()) {
             Ok(m) => Some(m),
@@ -221,7 +221,7 @@ impl Checker {
         }
     }
 
-    pub(super) fn addr(&mut self, path: &str, v: &Value) -> Option<SocketAddr> {
+    pub fn addr(&mut self, path: &str, v: &Value) -> Option<SocketAddr> {
         let s = self.string(path, v)?;
         match s.trim().parse() {
             Ok(a) => Some(a),
@@ -234,50 +234,40 @@ impl Checker {
             }
         }
     }
+}
 
-    pub(super) fn upstream(&mut self, path: &str, v: &Value) -> Option<Uri> {
-        let s = self.string(path, v)?;
-        let uri: Uri = match s.trim().parse() {
-            Ok(u) => u,
-            Err(_) => {
-                self.err(
-                    path,
-                    format!("{s:?} is not a URL (e.g. \"http://127.0.0.1:8080\")"),
-                );
-                return None;
-            }
-        };
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
-            self.err(
-                path,
-                format!(
-                    "{s:?} must be an http:// or https:// URL with a host (e.g. \"http://127.0.0.1:8080\")"
-                ),
-            );
-            return None;
-        }
-        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            self.err(
-                path,
-                format!("{s:?} must not have a path or query; requests keep their own"),
-            );
-            return None;
-        }
-        Some(uri)
-    }
+/// Parses `"1MiB"`, `"512KiB"`, `"2MB"`, `"100B"` or `"4096"`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
 
-    pub(super) fn redis_url(&mut self, path: &str, v: &Value) -> Option<String> {
-        let s = self.string(path, v)?;
-        let s = s.trim().to_owned();
-        if !(s.starts_with("redis://") || s.starts_with("rediss://"))
-            || s.len() <= "rediss://".len()
-        {
-            self.err(
-                path,
-                format!("{:?} is not a redis:// or rediss:// URL", redact_url(&s)),
-            );
-            return None;
-        }
-        Some(s)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1MiB"), Some(1 << 20));
+        assert_eq!(parse_size("512KiB"), Some(512 << 10));
+        assert_eq!(parse_size("2MB"), Some(2_000_000));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1 MiB"), Some(1 << 20));
+        assert_eq!(parse_size("MiB"), None);
+        assert_eq!(parse_size("1XB"), None);
+        assert_eq!(parse_size("99999999999999999999GiB"), None);
     }
 }

@@ -293,3 +293,15 @@ pub fn full(bytes: Bytes) -> Body {
         .map_err(|never| match never {})
         .boxed()
 }
+
+/// An error with its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

@@ -5,16 +5,20 @@
 //! - [`idempotency`]: socket-free core. Parses `Idempotency-Key`, derives the
 //!   scoped record key and the request fingerprint, encodes stored responses
 //!   and decides what a request's store state means ([`idempotency::state`]).
+//! - [`checker`]: loose TOML values → checked ones, every problem named by
+//!   its key path (the configuration and each store backend use it).
 //! - [`store`]: the storage contract ([`store::RecordStore`] for HTTP records,
-//!   [`store::DedupStore`] for consumer dedup), the [`store::Store`] handle,
-//!   and the backends: in-memory and Redis.
-//! - [`proxy`]: the tower [`proxy::IdempotencyLayer`] that applies the
+//!   [`store::DedupStore`] for consumer dedup, [`store::BucketStore`] for
+//!   fair share), the [`store::Store`] handle, and the backends, each in its
+//!   folder and registered by name: in-memory and Redis.
+//! - [`webhook`]: webhook providers' keys and signature checks.
+//! - [`proxy`]: the tower service [`proxy::Idempotency`] that applies the
 //!   semantics around [`proxy::Upstream`], a pooled hyper client.
 //! - [`dedup`]: the consumer dedup API (claim / complete / release, mark)
 //!   for queue workers, on the same stores.
 //! - [`config`]: loose file/env/CLI input validated into [`config::Config`].
 //! - [`server`]: listeners, connection limits, graceful drain; [`admin`]: the
-//!   admin listener.
+//!   admin listener; [`reload`]: the configuration read again while running.
 //! - [`body`]: reading bodies up to a limit.
 //! - [`error`]: typed errors and the one place they become HTTP responses.
 //! - [`metrics`]: the Prometheus metrics, on a registry the caller owns.
@@ -26,6 +30,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod checker;
 pub mod config;
 pub mod dedup;
 pub mod error;

@@ -23,12 +23,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::body::HoldBreak;
-use crate::config::{Backend, Config};
+use crate::config::Config;
 use crate::idempotency::seal::Keyring;
 use crate::metrics::Metrics;
 use crate::proxy::{Idempotency, Routing, Settings, SharedRouting};
 use crate::reload::{self, ConfigSource, Targets};
-use crate::store::{MemoryStore, RedisStore, Sealing, Store};
+use crate::store::{Opening, Sealing, Store};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -64,24 +64,17 @@ pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Store, Sta
             Some(Keyring::new(&keys).map_err(|e| StartError::Store(e.to_string()))?)
         }
     };
-    let sealing = Sealing::new(keyring, Some(metrics.record_decode_errors.clone()));
-    let store = match config.store.backend {
-        Backend::Memory => Store::new(MemoryStore::bounded(
-            config.store.max_entries,
-            usize::try_from(config.store.max_bytes).unwrap_or(usize::MAX),
-            sealing,
-        )),
-        Backend::Redis | Backend::RedisCluster => {
-            let mut options = config.store.redis_options();
-            options.sealing = sealing;
-            options.ack_failures = Some(metrics.replica_ack_failures.clone());
-            options.replay_cache_lookups = Some(metrics.replay_cache_lookups.clone());
-            let store = RedisStore::connect(options)
-                .await
-                .map_err(|e| StartError::Store(e.to_string()))?;
-            Store::new(store)
-        }
+    let opening = Opening {
+        timeout: config.store.timeout,
+        sealing: Sealing::new(keyring, Some(metrics.record_decode_errors.clone())),
+        metrics: Some(metrics),
     };
+    let store = config
+        .store
+        .backend
+        .open(opening)
+        .await
+        .map_err(|e| StartError::Store(e.to_string()))?;
     Ok(store.with_metrics(metrics.clone()))
 }
 

@@ -15,7 +15,8 @@ use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::seal::Keyring;
 use idemgate::idempotency::state::{Begin, BeginOptions};
 use idemgate::server::Running;
-use idemgate::store::{RecordStore, RedisOptions, RedisStore, Sealing};
+use idemgate::store::redis_store::{RedisOptions, RedisStore};
+use idemgate::store::{RecordStore, Sealing};
 use support::redis_server::{store_toml, RedisServer};
 use support::{config, TestClient, TestUpstream};
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idemgate::server::Running;
-use idemgate::store::{RecordStore, RedisStore};
+use idemgate::store::redis_store::{RedisOptions, RedisStore};
+use idemgate::store::RecordStore;
 use support::redis_server::{shared_cluster, shared_server, RedisCluster, RedisServer};
 use support::{config, duplicates_agree, TestClient, TestUpstream};
 
@@ -24,9 +25,10 @@ fn redis_toml(urls: &[String], cluster: bool, extra_store: &str) -> String {
 /// A store whose waiters re-check only once a minute: only pub/sub can
 /// wake them in time.
 async fn connect(urls: &[String], cluster: bool) -> RedisStore {
-    let mut options = config(None, &redis_toml(urls, cluster, ""))
-        .store
-        .redis_options();
+    // As `redis_toml` configures it: a 500 ms bound, the replay cache on.
+    let mut options = RedisOptions::new(urls.to_vec(), cluster);
+    options.timeout = Duration::from_millis(500);
+    options.replay_cache_bytes = 64 << 20;
     options.recheck = Duration::from_secs(60);
     RedisStore::connect(options).await.unwrap()
 }
@@ -57,6 +59,8 @@ async fn cluster(_case: &str) -> (Arc<RedisCluster>, RedisStore) {
 
 support::contract::record_contract!(standalone_record_contract, standalone);
 support::contract::record_contract!(cluster_record_contract, cluster);
+support::contract::bucket_contract!(standalone_bucket_contract, standalone);
+support::contract::bucket_contract!(cluster_bucket_contract, cluster);
 support::dedup_contract::dedup_contract!(standalone_dedup_contract, standalone);
 support::dedup_contract::dedup_contract!(cluster_dedup_contract, cluster);
 
@@ -450,16 +454,10 @@ async fn the_readme_acl_is_enough_and_auth_comes_from_the_url() {
     let redis = RedisServer::start();
     assert_eq!(redis.cli(README_ACL).unwrap().trim(), "OK");
     // Without the password nothing works...
-    let cfg = config(
-        None,
-        &redis_toml(
-            &[redis.url().replace("redis://", "redis://idemgate:wrong@")],
-            false,
-            "",
-        ),
-    )
-    .store;
-    assert!(RedisStore::connect(cfg.redis_options()).await.is_err());
+    let wrong = redis.url().replace("redis://", "redis://idemgate:wrong@");
+    assert!(RedisStore::connect(RedisOptions::new(vec![wrong], false))
+        .await
+        .is_err());
     // ...with it, everything idemgate does is allowed.
     let url = redis.url().replace("redis://", "redis://idemgate:s3cret@");
     let up = TestUpstream::start().await;

@@ -16,7 +16,8 @@ use http::{HeaderMap, StatusCode};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::state::{Begin, BeginOptions};
-use idemgate::store::{RecordStore, RedisOptions, RedisStore};
+use idemgate::store::redis_store::{RedisOptions, RedisStore};
+use idemgate::store::RecordStore;
 use support::redis_server::RedisServer;
 
 /// How soon a purge through one replica reaches another's cache (one

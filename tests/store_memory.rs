@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::state::{Begin, BeginOptions};
-use idemgate::store::{MemoryStore, RecordStore, StoreError};
+use idemgate::store::memory::MemoryStore;
+use idemgate::store::{RecordStore, StoreError};
 
 /// A fresh store per contract case.
 async fn memory(_case: &str) -> ((), MemoryStore) {
@@ -15,6 +16,7 @@ async fn memory(_case: &str) -> ((), MemoryStore) {
 }
 
 support::contract::record_contract!(record_contract, memory);
+support::contract::bucket_contract!(bucket_contract, memory);
 support::dedup_contract::dedup_contract!(dedup_contract, memory);
 
 fn k(i: u32) -> RecordKey {

@@ -13,7 +13,9 @@ use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::lease::LeaseId;
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::state::{Begin, BeginOptions, Lease, Resolution, UnknownCause};
-use idemgate::store::{MemoryStore, RecordStore, RedisStore};
+use idemgate::store::memory::MemoryStore;
+use idemgate::store::redis_store::{RedisOptions, RedisStore};
+use idemgate::store::RecordStore;
 use proptest::prelude::*;
 use support::redis_server::RedisServer;
 
@@ -260,18 +262,8 @@ fn redis_store_matches_the_model() {
     // idemgate's back, which the replay cache by design does not see (the
     // README says so); the cache has its own tests (tests/replay_cache.rs)
     // and the contract suite runs with it on.
-    let text = format!(
-        "[store]\nbackend = \"redis\"\nurls = [\"{}\"]\nreplay_cache = 0\n",
-        server.url()
-    );
-    let cfg = idemgate::config::Config::from_parts(
-        idemgate::config::FileConfig::parse(&text).unwrap(),
-        &idemgate::config::RunArgs::default(),
-    )
-    .unwrap();
-    let store = rt
-        .block_on(RedisStore::connect(cfg.store.redis_options()))
-        .unwrap();
+    let options = RedisOptions::new(vec![server.url()], false);
+    let store = rt.block_on(RedisStore::connect(options)).unwrap();
     let mut runner = TestRunner::new(Config {
         cases: 48,
         ..Config::default()

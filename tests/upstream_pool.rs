@@ -304,6 +304,7 @@ async fn large_bodies_both_ways_go_through_and_keep_the_connection() {
     idg.stop().await;
 }
 
+#[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_body_written_after_its_head_is_not_held_by_a_delayed_ack() {
     // An upstream without TCP_NODELAY that writes head and body apart

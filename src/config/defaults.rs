@@ -5,13 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::idempotency::key_from::KeyFrom;
 use http::{header, HeaderName, Method};
 
-use super::{
-    AdminTokens, Backend, Config, DedupConfig, LogFormat, OnStoreError, OnUnknownOutcome, Policies,
-    Policy, StoreConfig,
-};
+use super::model::{AdminTokens, Config, DedupConfig, LogFormat, OnStoreError, StoreConfig};
+use super::routes::{OnUnknownOutcome, Policies, Policy};
+use crate::idempotency::key_from::KeyFrom;
+use crate::store::registry;
 
 /// How far a webhook's signed timestamp may be from now: five minutes, as
 /// Stripe, Slack and Standard Webhooks recommend.
@@ -46,16 +45,9 @@ impl Default for Config {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            backend: Backend::Memory,
-            urls: Vec::new(),
-            key_prefix: "idemgate".into(),
+            backend: registry::default_backend(),
             on_store_error: OnStoreError::Reject,
             timeout: Duration::from_secs(1),
-            max_entries: 1_000_000,
-            max_bytes: 512 << 20,
-            min_replicas: 0,
-            replica_ack_timeout: Duration::from_millis(100),
-            replay_cache: 64 << 20,
             encryption: Vec::new(),
         }
     }

@@ -13,7 +13,7 @@ use base64::Engine;
 use serde::Serialize;
 use toml::Value;
 
-use super::check::Checker;
+use crate::checker::Checker;
 
 /// Where a key's material comes from (not secret; shown by check-config).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

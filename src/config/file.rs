@@ -6,7 +6,17 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Value;
 
-use super::ConfigErrors;
+/// Every problem found, one line each, each naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
 
 /// The file as written: every leaf untyped so each problem can be named.
 #[derive(Debug, Default, Deserialize)]
@@ -21,6 +31,8 @@ pub struct FileConfig {
     pub(super) upstream_cert_file: Option<Value>,
     pub(super) upstream_key_file: Option<Value>,
     pub(super) danger_accept_invalid_certs: Option<Value>,
+    pub(super) upstream_max_idle: Option<Value>,
+    pub(super) upstream_idle_timeout: Option<Value>,
     pub(super) drain_timeout: Option<Value>,
     pub(super) max_connections: Option<Value>,
     pub(super) admin_token: Option<Value>,
@@ -31,7 +43,8 @@ pub struct FileConfig {
     pub(super) header_read_timeout: Option<Value>,
     pub(super) body_read_timeout: Option<Value>,
     pub(super) log_format: Option<Value>,
-    pub(super) store: Option<StoreFile>,
+    /// `[store]`: its keys depend on the backend, which checks its own.
+    pub(super) store: Option<toml::Table>,
     pub(super) idempotency: Option<PolicyFile>,
     pub(super) routes: Option<Vec<PolicyFile>>,
     pub(super) dedup: Option<DedupFile>,
@@ -48,22 +61,6 @@ pub(super) struct DedupFile {
     pub(super) max_result_bytes: Option<Value>,
     pub(super) max_batch: Option<Value>,
     pub(super) max_request_body: Option<Value>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct StoreFile {
-    pub(super) backend: Option<Value>,
-    pub(super) urls: Option<Value>,
-    pub(super) key_prefix: Option<Value>,
-    pub(super) on_store_error: Option<Value>,
-    pub(super) timeout: Option<Value>,
-    pub(super) max_entries: Option<Value>,
-    pub(super) max_bytes: Option<Value>,
-    pub(super) min_replicas: Option<Value>,
-    pub(super) replica_ack_timeout: Option<Value>,
-    pub(super) replay_cache: Option<Value>,
-    pub(super) encryption: Option<Value>,
 }
 
 /// `[idempotency]` and each `[[routes]]` entry (which adds `path`).
@@ -104,14 +101,47 @@ pub(super) struct PolicyFile {
     pub(super) upstream_cert_file: Option<Value>,
     pub(super) upstream_key_file: Option<Value>,
     pub(super) danger_accept_invalid_certs: Option<Value>,
+    pub(super) upstream_max_idle: Option<Value>,
+    pub(super) upstream_idle_timeout: Option<Value>,
+}
+
+/// The upstream keys as one section (the top level or a route) writes them.
+pub(super) struct UpstreamKeys<'a> {
+    pub upstream: &'a Option<Value>,
+    pub timeout: &'a Option<Value>,
+    pub protocol: &'a Option<Value>,
+    pub ca_file: &'a Option<Value>,
+    pub cert_file: &'a Option<Value>,
+    pub key_file: &'a Option<Value>,
+    pub danger: &'a Option<Value>,
+    pub max_idle: &'a Option<Value>,
+    pub idle_timeout: &'a Option<Value>,
+}
+
+impl UpstreamKeys<'_> {
+    pub fn any(&self) -> bool {
+        [
+            self.upstream,
+            self.timeout,
+            self.protocol,
+            self.ca_file,
+            self.cert_file,
+            self.key_file,
+            self.danger,
+            self.max_idle,
+            self.idle_timeout,
+        ]
+        .iter()
+        .any(|v| v.is_some())
+    }
 }
 
 /// The upstream keys of a section that has them (same names in both).
 macro_rules! upstream_keys {
     ($section:ty) => {
         impl $section {
-            pub(super) fn upstream_keys(&self) -> super::upstream::UpstreamKeys<'_> {
-                super::upstream::UpstreamKeys {
+            pub(super) fn upstream_keys(&self) -> UpstreamKeys<'_> {
+                UpstreamKeys {
                     upstream: &self.upstream,
                     timeout: &self.upstream_timeout,
                     protocol: &self.upstream_protocol,
@@ -119,6 +149,8 @@ macro_rules! upstream_keys {
                     cert_file: &self.upstream_cert_file,
                     key_file: &self.upstream_key_file,
                     danger: &self.danger_accept_invalid_certs,
+                    max_idle: &self.upstream_max_idle,
+                    idle_timeout: &self.upstream_idle_timeout,
                 }
             }
         }

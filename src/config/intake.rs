@@ -12,11 +12,11 @@
 use http::Method;
 use toml::Value;
 
-use super::check::Checker;
 use super::defaults::SIGNATURE_TOLERANCE;
 use super::file::PolicyFile;
+use super::routes::Policy;
 use super::routes::WebhookCheck;
-use super::Policy;
+use crate::checker::Checker;
 use crate::idempotency::key_from::KeyFrom;
 use crate::webhook::{Preset, Verifier};
 
@@ -146,7 +146,10 @@ impl Checker {
         at: &str,
         preset: Preset,
         v: &Value,
-    ) -> Option<(Vec<crate::webhook::Secret>, Vec<super::KeySource>)> {
+    ) -> Option<(
+        Vec<crate::webhook::Secret>,
+        Vec<super::encryption::KeySource>,
+    )> {
         let items = self.list(at, v)?;
         if items.is_empty() {
             self.err(at, "needs at least one secret".into());

@@ -5,11 +5,10 @@
 use http::HeaderName;
 use serde::Serialize;
 
-use super::{
-    Backend, Config, DedupConfig, KeySource, LogFormat, OnStoreError, OnUnknownOutcome, Policy,
-    ReconcileUrl, StoreConfig, UpstreamConfig, UpstreamProtocol,
-};
-use crate::store::redact_url;
+use super::encryption::KeySource;
+use super::model::{Config, DedupConfig, LogFormat, OnStoreError, StoreConfig};
+use super::routes::{OnUnknownOutcome, Policy, ReconcileUrl};
+use super::upstream::{UpstreamConfig, UpstreamProtocol};
 
 /// A duration as the file writes it (`"30s"`, `"1day"`).
 fn d(d: std::time::Duration) -> String {
@@ -59,6 +58,8 @@ struct UpstreamView {
     upstream_key_file: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     danger_accept_invalid_certs: bool,
+    upstream_max_idle: usize,
+    upstream_idle_timeout: String,
 }
 
 impl UpstreamView {
@@ -70,6 +71,8 @@ impl UpstreamView {
             upstream_cert_file: path(&u.cert_file),
             upstream_key_file: path(&u.key_file),
             danger_accept_invalid_certs: u.danger_accept_invalid_certs,
+            upstream_max_idle: u.max_idle,
+            upstream_idle_timeout: d(u.idle_timeout),
         }
     }
 }
@@ -86,15 +89,11 @@ struct RouteUpstreamView {
 #[derive(Serialize)]
 struct StoreView {
     backend: &'static str,
-    urls: Vec<String>,
-    key_prefix: String,
     on_store_error: &'static str,
     timeout: String,
-    max_entries: usize,
-    max_bytes: u64,
-    min_replicas: u32,
-    replica_ack_timeout: String,
-    replay_cache: u64,
+    /// The backend's own keys, as it renders them.
+    #[serde(flatten)]
+    own: toml::Table,
     /// Key ids and where they come from; never the keys.
     #[serde(skip_serializing_if = "Option::is_none")]
     encryption: Option<EncryptionView>,
@@ -207,24 +206,13 @@ impl<'a> PolicyView<'a> {
 impl StoreView {
     fn of(s: &StoreConfig) -> Self {
         StoreView {
-            backend: match s.backend {
-                Backend::Memory => "memory",
-                Backend::Redis => "redis",
-                Backend::RedisCluster => "redis-cluster",
-            },
-            // URLs may carry passwords: show only that they are set.
-            urls: s.urls.iter().map(|u| redact_url(u)).collect(),
-            key_prefix: s.key_prefix.clone(),
+            backend: s.backend.name(),
             on_store_error: match s.on_store_error {
                 OnStoreError::Reject => "reject",
                 OnStoreError::PassThrough => "pass-through",
             },
             timeout: d(s.timeout),
-            max_entries: s.max_entries,
-            max_bytes: s.max_bytes,
-            min_replicas: s.min_replicas,
-            replica_ack_timeout: d(s.replica_ack_timeout),
-            replay_cache: s.replay_cache,
+            own: s.backend.render(),
             encryption: (!s.encryption.is_empty()).then(|| EncryptionView {
                 keys: s
                     .encryption

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
-use super::KeySource;
+use super::encryption::KeySource;
+use super::upstream::UpstreamConfig;
 use crate::idempotency::key_from::KeyFrom;
 use crate::idempotency::rate::Rate;
 use crate::idempotency::state::BeginOptions;
@@ -146,7 +147,7 @@ pub struct Route {
     pub policy: Arc<Policy>,
     /// The route's own upstream, if it sets any upstream key; `None`: the
     /// top-level one.
-    pub upstream: Option<super::UpstreamConfig>,
+    pub upstream: Option<UpstreamConfig>,
 }
 
 impl Policies {

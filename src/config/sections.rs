@@ -1,27 +1,24 @@
 //! Each section of the file, checked over its defaults: the top level with
 //! its flags, `[store]`, `[idempotency]` and `[[routes]]`, `[dedup]`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use toml::Value;
 
+use super::cli::RunArgs;
+use super::file::{ConfigErrors, DedupFile, FileConfig, PolicyFile};
+use super::model::{AdminTokens, Config, DedupConfig, LogFormat, OnStoreError, StoreConfig};
+use super::routes::{OnUnknownOutcome, PathPattern, Policies, Policy, ReconcileUrl, Route};
+use super::upstream::UpstreamConfig;
+use crate::checker::Checker;
 use crate::idempotency::rate::Rate;
-
-use super::check::Checker;
-use super::file::{DedupFile, FileConfig, PolicyFile, StoreFile};
-use super::{
-    AdminTokens, Backend, Config, ConfigErrors, DedupConfig, LogFormat, OnStoreError,
-    OnUnknownOutcome, PathPattern, Policies, Policy, ReconcileUrl, Route, RunArgs, StoreConfig,
-    UpstreamConfig,
-};
+use crate::store::registry;
 
 const LOG_FORMATS: &[(&str, LogFormat)] = &[("text", LogFormat::Text), ("json", LogFormat::Json)];
-const BACKENDS: &[(&str, Backend)] = &[
-    ("memory", Backend::Memory),
-    ("redis", Backend::Redis),
-    ("redis-cluster", Backend::RedisCluster),
-];
+/// The keys of `[store]` every backend shares; the rest are backends'.
+const COMMON_STORE_KEYS: &[&str] = &["backend", "on_store_error", "timeout", "encryption"];
 const ON_UNKNOWN: &[(&str, OnUnknownOutcome)] = &[
     ("hold", OnUnknownOutcome::Hold),
     ("release", OnUnknownOutcome::Release),
@@ -33,6 +30,15 @@ const ON_STORE_ERROR: &[(&str, OnStoreError)] = &[
 ];
 
 impl Config {
+    /// Loads the file named by `args.config` (if any) and lays the flags over it.
+    pub fn load(args: &RunArgs) -> Result<Self, ConfigErrors> {
+        let file = match &args.config {
+            Some(p) => FileConfig::read(p)?,
+            None => FileConfig::default(),
+        };
+        Self::from_parts(file, args)
+    }
+
     /// Validates file values with flag/env overrides; lists every problem.
     pub fn from_parts(file: FileConfig, args: &RunArgs) -> Result<Self, ConfigErrors> {
         let mut c = Checker::default();
@@ -107,11 +113,13 @@ impl Config {
                     top.cert_file,
                     top.key_file,
                     top.danger,
+                    top.max_idle,
+                    top.idle_timeout,
                 ];
                 if more.iter().any(|v| v.is_some()) {
                     c.err(
                         "upstream",
-                        "is required with upstream_protocol or the TLS keys".into(),
+                        "is required with upstream_protocol, the TLS keys and the idle keys".into(),
                     );
                 }
                 None
@@ -205,83 +213,17 @@ impl Checker {
         t
     }
 
-    fn store(&mut self, f: StoreFile, args: &RunArgs) -> StoreConfig {
+    /// `[store]`: the shared keys here, the backend's own by the backend
+    /// (`crate::store::registry`). `--redis` and `--redis-cluster` choose a
+    /// Redis backend and its URLs over the file.
+    fn store(&mut self, mut table: toml::Table, args: &RunArgs) -> StoreConfig {
         let mut s = StoreConfig::default();
-        self.set(
-            &mut s.backend,
-            &f.backend,
-            "store.backend",
-            Checker::one_of(BACKENDS),
-        );
-        self.set(&mut s.urls, &f.urls, "store.urls", |c, p, v| {
-            c.each(p, v, Checker::redis_url)
-        });
-        self.set(
-            &mut s.on_store_error,
-            &f.on_store_error,
-            "store.on_store_error",
-            Checker::one_of(ON_STORE_ERROR),
-        );
-        self.set(
-            &mut s.key_prefix,
-            &f.key_prefix,
-            "store.key_prefix",
-            |c, p, v| {
-                let s = c.string(p, v)?;
-                if s.is_empty()
-                    || s.contains(['{', '}'])
-                    || s.chars().any(|c| c.is_whitespace() || c.is_control())
-                {
-                    c.err(
-                        p,
-                        format!("{s:?} must be non-empty, without spaces or braces"),
-                    );
-                    return None;
-                }
-                Some(s)
-            },
-        );
-        self.set(
-            &mut s.timeout,
-            &f.timeout,
-            "store.timeout",
-            Checker::duration,
-        );
-        self.set(
-            &mut s.max_entries,
-            &f.max_entries,
-            "store.max_entries",
-            Checker::int(1, i64::MAX),
-        );
-        self.set(
-            &mut s.max_bytes,
-            &f.max_bytes,
-            "store.max_bytes",
-            Checker::size,
-        );
-        if let Some(v) = &f.encryption {
-            s.encryption = self.encryption(v);
+        for key in table.keys() {
+            if !COMMON_STORE_KEYS.contains(&key.as_str()) && !registry::known_key(key) {
+                self.err(&format!("store.{key}"), "is not a key of [store]".into());
+            }
         }
-        self.set(
-            &mut s.min_replicas,
-            &f.min_replicas,
-            "store.min_replicas",
-            Checker::int(0, 16),
-        );
-        self.set(
-            &mut s.replica_ack_timeout,
-            &f.replica_ack_timeout,
-            "store.replica_ack_timeout",
-            Checker::duration,
-        );
-        self.set(
-            &mut s.replay_cache,
-            &f.replay_cache,
-            "store.replay_cache",
-            Checker::size,
-        );
-
-        // Flags choose the backend over the file.
+        let mut flags = BTreeMap::new();
         match (&args.redis, args.redis_cluster.as_slice()) {
             (Some(_), [_, ..]) => {
                 self.err(
@@ -291,39 +233,51 @@ impl Checker {
             }
             (Some(url), []) => {
                 let flag = "--redis (or IDEMGATE_REDIS)";
-                s.backend = Backend::Redis;
-                s.urls = self
-                    .redis_url(flag, &Value::String(url.clone()))
-                    .into_iter()
-                    .collect();
+                table.insert("backend".into(), "redis".into());
+                table.insert("urls".into(), url.clone().into());
+                flags.insert("urls".to_owned(), flag.to_owned());
             }
             (None, seeds @ [_, ..]) => {
                 let flag = "--redis-cluster (or IDEMGATE_REDIS_CLUSTER)";
-                s.backend = Backend::RedisCluster;
-                s.urls = seeds
-                    .iter()
-                    .filter_map(|u| self.redis_url(flag, &Value::String(u.clone())))
-                    .collect();
+                table.insert("backend".into(), "redis-cluster".into());
+                let urls = seeds.iter().map(|u| Value::from(u.clone())).collect();
+                table.insert("urls".into(), Value::Array(urls));
+                flags.insert("urls".to_owned(), flag.to_owned());
             }
             (None, []) => {}
         }
-        if s.backend != Backend::Memory && s.urls.is_empty() && self.errors.is_empty() {
-            self.err(
-                "store.urls",
-                "a Redis backend needs at least one URL".into(),
-            );
+        let mut name = s.backend.name().to_owned();
+        self.set(
+            &mut name,
+            &table.get("backend").cloned(),
+            "store.backend",
+            |c, p, v| {
+                let name = c.string(p, v)?;
+                if registry::names().any(|n| n == name) {
+                    return Some(name);
+                }
+                let known: Vec<String> = registry::names().map(|n| format!("{n:?}")).collect();
+                c.err(p, format!("{name:?} is not one of {}", known.join(", ")));
+                None
+            },
+        );
+        if let Some(backend) = registry::check(&name, &table, &flags, self) {
+            s.backend = backend;
         }
-        if s.min_replicas > 0 && s.backend != Backend::Redis {
-            self.err(
-                "store.min_replicas",
-                "is supported on the \"redis\" backend (a primary with replicas) only".into(),
-            );
-        }
-        if s.backend == Backend::Redis && s.urls.len() > 1 {
-            self.err(
-                "store.urls",
-                "the \"redis\" backend takes one URL; use \"redis-cluster\" for several".into(),
-            );
+        self.set(
+            &mut s.on_store_error,
+            &table.get("on_store_error").cloned(),
+            "store.on_store_error",
+            Checker::one_of(ON_STORE_ERROR),
+        );
+        self.set(
+            &mut s.timeout,
+            &table.get("timeout").cloned(),
+            "store.timeout",
+            Checker::duration,
+        );
+        if let Some(v) = table.get("encryption") {
+            s.encryption = self.encryption(v);
         }
         s
     }

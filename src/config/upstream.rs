@@ -17,8 +17,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
 use toml::Value;
 
-use super::check::Checker;
-use super::file::PolicyFile;
+use super::file::{PolicyFile, UpstreamKeys};
+use crate::checker::Checker;
 
 /// `upstream_protocol`: what is spoken to a plaintext upstream (over TLS,
 /// ALPN decides between h2 and HTTP/1.1 unless this says `http1`).
@@ -54,6 +54,10 @@ pub struct UpstreamConfig {
     pub key_file: Option<PathBuf>,
     /// Accept any server certificate. Logged loudly at start-up.
     pub danger_accept_invalid_certs: bool,
+    /// Idle connections kept for reuse at most (the oldest closed beyond).
+    pub max_idle: usize,
+    /// How long a connection may sit idle before it is closed.
+    pub idle_timeout: Duration,
 }
 
 impl UpstreamConfig {
@@ -62,34 +66,39 @@ impl UpstreamConfig {
     }
 }
 
-/// The upstream keys as one section (the top level or a route) writes them.
-pub(super) struct UpstreamKeys<'a> {
-    pub upstream: &'a Option<Value>,
-    pub timeout: &'a Option<Value>,
-    pub protocol: &'a Option<Value>,
-    pub ca_file: &'a Option<Value>,
-    pub cert_file: &'a Option<Value>,
-    pub key_file: &'a Option<Value>,
-    pub danger: &'a Option<Value>,
-}
-
-impl UpstreamKeys<'_> {
-    pub fn any(&self) -> bool {
-        [
-            self.upstream,
-            self.timeout,
-            self.protocol,
-            self.ca_file,
-            self.cert_file,
-            self.key_file,
-            self.danger,
-        ]
-        .iter()
-        .any(|v| v.is_some())
-    }
-}
-
 impl Checker {
+    /// An upstream URL: http or https, a host, no path or query.
+    pub(super) fn upstream(&mut self, path: &str, v: &Value) -> Option<Uri> {
+        let s = self.string(path, v)?;
+        let uri: Uri = match s.trim().parse() {
+            Ok(u) => u,
+            Err(_) => {
+                self.err(
+                    path,
+                    format!("{s:?} is not a URL (e.g. \"http://127.0.0.1:8080\")"),
+                );
+                return None;
+            }
+        };
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+            self.err(
+                path,
+                format!(
+                    "{s:?} must be an http:// or https:// URL with a host (e.g. \"http://127.0.0.1:8080\")"
+                ),
+            );
+            return None;
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            self.err(
+                path,
+                format!("{s:?} must not have a path or query; requests keep their own"),
+            );
+            return None;
+        }
+        Some(uri)
+    }
+
     /// The keys of `k` over `base`; `uri` is the URL already checked (the
     /// top level's may come from a flag). Problems are named under `at`
     /// (`""` for the top level, `"routes[0]."` for a route).
@@ -111,6 +120,8 @@ impl Checker {
                 cert_file: None,
                 key_file: None,
                 danger_accept_invalid_certs: false,
+                max_idle: 1024,
+                idle_timeout: Duration::from_secs(60),
             },
         };
         self.set(
@@ -139,6 +150,18 @@ impl Checker {
             k.danger,
             &key("danger_accept_invalid_certs"),
             Checker::bool,
+        );
+        self.set(
+            &mut u.max_idle,
+            k.max_idle,
+            &key("upstream_max_idle"),
+            Checker::int(0, 1_000_000),
+        );
+        self.set(
+            &mut u.idle_timeout,
+            k.idle_timeout,
+            &key("upstream_idle_timeout"),
+            Checker::duration,
         );
         self.check_tls(at, &u);
         u

@@ -6,7 +6,6 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};
 
-use super::fields::Fields;
 use crate::error::{full, json, Problem};
 use crate::idempotency::dedup::ClaimOutcome;
 use crate::store::StoreError;
@@ -230,32 +229,6 @@ pub(super) fn claim_answer(key: &str, out: ClaimOutcome) -> Answer {
     }
 }
 
-/// Parses batch items; a bad item's error goes straight into `results`.
-/// Returns the good items and their positions.
-pub(super) fn parse_batch<T>(
-    items: Vec<Value>,
-    results: &mut [Option<Value>],
-    parse: impl Fn(&mut Fields) -> Result<T, ApiError>,
-) -> (Vec<usize>, Vec<T>) {
-    let mut at = Vec::new();
-    let mut good = Vec::new();
-    for (i, item) in items.into_iter().enumerate() {
-        let parsed = Fields::from_value(item).and_then(|mut f| {
-            let v = parse(&mut f)?;
-            f.done()?;
-            Ok(v)
-        });
-        match parsed {
-            Ok(v) => {
-                at.push(i);
-                good.push(v);
-            }
-            Err(e) => results[i] = Some(item_error(e)),
-        }
-    }
-    (at, good)
-}
-
 /// One batch item's answer: its document plus the status it would have had.
 pub(super) fn item_answer(a: Result<Answer, StoreError>) -> Value {
     match a {
@@ -268,6 +241,7 @@ pub(super) fn item_answer(a: Result<Answer, StoreError>) -> Value {
     }
 }
 
-fn item_error(e: ApiError) -> Value {
+/// One batch item's refusal, as its answer document.
+pub(super) fn item_error(e: ApiError) -> Value {
     item_answer(Ok(e.into_answer()))
 }

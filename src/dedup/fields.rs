@@ -5,7 +5,7 @@ use base64::Engine;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::answer::ApiError;
+use super::answer::{item_error, ApiError};
 use crate::idempotency::key::hex;
 use crate::idempotency::lease::LeaseId;
 
@@ -165,4 +165,30 @@ pub(super) fn valid_scope(scope: &str) -> bool {
         && scope
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+}
+
+/// Parses batch items; a bad item's error goes straight into `results`.
+/// Returns the good items and their positions.
+pub(super) fn parse_batch<T>(
+    items: Vec<Value>,
+    results: &mut [Option<Value>],
+    parse: impl Fn(&mut Fields) -> Result<T, ApiError>,
+) -> (Vec<usize>, Vec<T>) {
+    let mut at = Vec::new();
+    let mut good = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let parsed = Fields::from_value(item).and_then(|mut f| {
+            let v = parse(&mut f)?;
+            f.done()?;
+            Ok(v)
+        });
+        match parsed {
+            Ok(v) => {
+                at.push(i);
+                good.push(v);
+            }
+            Err(e) => results[i] = Some(item_error(e)),
+        }
+    }
+    (at, good)
 }

@@ -20,10 +20,10 @@ mod answer;
 mod fields;
 
 use answer::{
-    claim_answer, complete_answer, item_answer, lease_lost, mark_answer, parse_batch, parse_result,
-    Answer, ApiError,
+    claim_answer, complete_answer, item_answer, lease_lost, mark_answer, parse_result, Answer,
+    ApiError,
 };
-use fields::{decode_segment, kind, valid_scope, Fields, MAX_SCOPE};
+use fields::{decode_segment, kind, parse_batch, valid_scope, Fields, MAX_SCOPE};
 
 use crate::body::{read_limited, Read};
 use crate::config::DedupConfig;
@@ -228,7 +228,7 @@ impl DedupApi {
             Op::Mark => {
                 let (key, ttl) = self.mark_fields(&mut f)?;
                 f.done()?;
-                let new = self.store.dedup().mark(scope, &key, ttl).await?;
+                let new = self.store.dedup()?.mark(scope, &key, ttl).await?;
                 Ok(mark_answer(new))
             }
             Op::Claim => {
@@ -236,7 +236,7 @@ impl DedupApi {
                 f.done()?;
                 let out = self
                     .store
-                    .dedup()
+                    .dedup()?
                     .claim(scope, &item.key, &item.params, self.ttls())
                     .await?;
                 Ok(claim_answer(&item.key, out))
@@ -252,7 +252,7 @@ impl DedupApi {
                 Ok(
                     match self
                         .store
-                        .dedup()
+                        .dedup()?
                         .extend(scope, &key, lease_id, lease_ms)
                         .await?
                     {
@@ -270,7 +270,7 @@ impl DedupApi {
                 f.done()?;
                 let done = self
                     .store
-                    .dedup()
+                    .dedup()?
                     .complete(scope, &item.key, item.lease_id, item.result, item.retention)
                     .await?;
                 Ok(complete_answer(done))
@@ -293,7 +293,7 @@ impl DedupApi {
                 let lease_id = lease_id.ok_or(ApiError::LeaseLost)?;
                 let released = self
                     .store
-                    .dedup()
+                    .dedup()?
                     .release(scope, &key, lease_id, outcome, error, self.ttls())
                     .await?;
                 Ok(if released {
@@ -406,7 +406,7 @@ impl DedupApi {
         match op {
             Op::MarkBatch => {
                 let (at, marks) = parse_batch(items, &mut results, |f| self.mark_fields(f));
-                let answers = self.store.dedup().mark_batch(scope, &marks).await?;
+                let answers = self.store.dedup()?.mark_batch(scope, &marks).await?;
                 for (i, a) in at.into_iter().zip(answers) {
                     results[i] = Some(item_answer(a.map(mark_answer)));
                 }
@@ -415,7 +415,7 @@ impl DedupApi {
                 let (at, claims) = parse_batch(items, &mut results, |f| self.claim_fields(f));
                 let answers = self
                     .store
-                    .dedup()
+                    .dedup()?
                     .claim_batch(scope, &claims, self.ttls())
                     .await?;
                 for ((i, item), a) in at.into_iter().zip(&claims).zip(answers) {
@@ -424,7 +424,11 @@ impl DedupApi {
             }
             _ => {
                 let (at, completes) = parse_batch(items, &mut results, |f| self.complete_fields(f));
-                let answers = self.store.dedup().complete_batch(scope, &completes).await?;
+                let answers = self
+                    .store
+                    .dedup()?
+                    .complete_batch(scope, &completes)
+                    .await?;
                 for (i, a) in at.into_iter().zip(answers) {
                     results[i] = Some(item_answer(a.map(complete_answer)));
                 }
@@ -442,7 +446,7 @@ impl DedupApi {
     }
 
     async fn get(&self, scope: &str, key: &str) -> Result<Answer, ApiError> {
-        let Some(found) = self.store.dedup().inspect(scope, key).await? else {
+        let Some(found) = self.store.dedup()?.inspect(scope, key).await? else {
             return Err(not_found("no record for that key"));
         };
         let mut doc = json!({
@@ -495,7 +499,7 @@ impl DedupApi {
     }
 
     async fn delete(&self, scope: &str, key: &str) -> Result<Answer, ApiError> {
-        if self.store.dedup().delete(scope, key).await? {
+        if self.store.dedup()?.delete(scope, key).await? {
             Ok(Answer::empty())
         } else {
             Err(not_found("no record for that key"))
@@ -505,11 +509,11 @@ impl DedupApi {
     async fn reset(&self, scope: &str, key: &str) -> Result<Answer, ApiError> {
         let previous = self
             .store
-            .dedup()
+            .dedup()?
             .inspect(scope, key)
             .await?
             .map(|f| f.record.state_name());
-        self.store.dedup().delete(scope, key).await?;
+        self.store.dedup()?.delete(scope, key).await?;
         Ok(Answer::new(
             StatusCode::OK,
             "ok",
@@ -549,7 +553,7 @@ impl DedupApi {
                 }
             }
         }
-        let (items, next) = self.store.dedup().list_failed(scope, limit, after).await?;
+        let (items, next) = self.store.dedup()?.list_failed(scope, limit, after).await?;
         let items: Vec<Value> = items
             .into_iter()
             .map(|i| json!({"key": i.key, "attempts": i.attempts, "error": i.error, "failed_at_ms": i.failed_at_ms}))
@@ -562,7 +566,7 @@ impl DedupApi {
     }
 
     async fn failed_purge(&self, scope: &str) -> Result<Answer, ApiError> {
-        let purged = self.store.dedup().purge_failed(scope).await?;
+        let purged = self.store.dedup()?.purge_failed(scope).await?;
         Ok(Answer::new(
             StatusCode::OK,
             "ok",

@@ -6,7 +6,9 @@
 //! the decisions and transitions every store backend shares; [`dedup`] is
 //! the same for consumer-dedup records; [`lease`] names who holds a lease;
 //! [`settlement`] reads what an upstream or operator says an earlier request
-//! answered.
+//! answered; [`key_from`] is where a route takes its key from (a header, a
+//! JSON [`pointer`] into the body, the body's hash); [`rate`] is the
+//! fair-share token bucket; [`seal`] seals stored bytes with AES-256-GCM.
 
 pub mod dedup;
 pub mod key;

@@ -1,5 +1,7 @@
 //! Prometheus metrics (SPEC §5). The registry is made by the caller (`main`,
 //! or a test) and passed in, so each instance's counters stand alone.
+//! How a proxy request ended and which store operation ran (the `outcome`
+//! and `op` labels) are in `outcome`.
 
 use std::sync::Arc;
 use std::time::Duration;

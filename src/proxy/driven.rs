@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
@@ -37,18 +37,14 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+// tokio's clock, so that tests can age idle connections on a paused one.
+use tokio::time::Instant;
 
-use super::upstream::error_chain;
-use crate::error::UpstreamError;
+use crate::error::{error_chain, UpstreamError};
 use crate::{Body, BoxError};
 
 type Conn = http1::Connection<TokioIo<TcpStream>, Body>;
 
-/// Idle connections kept at most (as hyper-util's `pool_max_idle_per_host`
-/// was set): enough that a busy sidecar does not reconnect.
-const MAX_IDLE: usize = 1024;
-/// How long a connection may sit idle before it is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often idle connections are checked for an upstream that closed them.
 const REAP_EVERY: Duration = Duration::from_secs(1);
 
@@ -62,6 +58,11 @@ struct Shared {
     /// The Host header sent when the request has none (HTTP/2 clients).
     host: HeaderValue,
     connect_timeout: Duration,
+    /// `upstream_max_idle`: idle connections kept at most; the oldest is
+    /// closed to make room.
+    max_idle: usize,
+    /// `upstream_idle_timeout`: how long a connection may sit idle.
+    idle_timeout: Duration,
     idle: Mutex<VecDeque<Idle>>,
     /// Whether the reaper task runs (started with the first idle return,
     /// since a pool can be built outside a runtime, by check-config).
@@ -90,22 +91,41 @@ struct Idle {
 /// measured, every such response took 44 ms on a reused connection. So
 /// whenever a response body waits for more, the socket is put in quickack
 /// mode (which also sends an ACK that was being held). A response that
-/// arrives whole never waits, and costs nothing.
+/// arrives whole never waits, and costs nothing. Quick-ACK mode is
+/// Linux's: elsewhere this is nothing, and no descriptor is duplicated.
+#[cfg(target_os = "linux")]
 struct Ack(std::net::TcpStream);
+#[cfg(not(target_os = "linux"))]
+struct Ack;
 
 impl Ack {
+    /// The second handle shares the socket (a duplicated descriptor); both
+    /// close together, as they live and drop side by side.
+    #[cfg(target_os = "linux")]
+    fn of(stream: &std::net::TcpStream) -> std::io::Result<Ack> {
+        stream.try_clone().map(Ack)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn of(_: &std::net::TcpStream) -> std::io::Result<Ack> {
+        Ok(Ack)
+    }
+
+    #[cfg(target_os = "linux")]
     fn now(&self) {
-        #[cfg(target_os = "linux")]
         let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
     }
+
+    #[cfg(not(target_os = "linux"))]
+    fn now(&self) {}
 }
 
 impl Idle {
     /// Still usable: not idle too long, not closed by the upstream (its EOF
     /// is read now; a noop waker is fine, since whoever uses it next polls
     /// it again with its own), and ready for a request.
-    fn usable(&mut self, now: Instant) -> bool {
-        now.duration_since(self.since) < IDLE_TIMEOUT
+    fn usable(&mut self, now: Instant, idle_timeout: Duration) -> bool {
+        now.duration_since(self.since) < idle_timeout
             && poll_noop(&mut self.link.conn).is_pending()
             && self.link.send.is_ready()
     }
@@ -178,7 +198,12 @@ fn poll_noop(conn: &mut Conn) -> Poll<hyper::Result<()>> {
 
 impl Pool {
     /// A pool for the upstream at `uri` (scheme `http`).
-    pub fn new(uri: &Uri, connect_timeout: Duration) -> Result<Self, String> {
+    pub fn new(
+        uri: &Uri,
+        connect_timeout: Duration,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> Result<Self, String> {
         let host = uri.host().ok_or_else(|| format!("{uri} has no host"))?;
         let port = uri.port_u16().unwrap_or(80);
         let host_header = match uri.port_u16() {
@@ -191,6 +216,8 @@ impl Pool {
             addr: format!("{host}:{port}"),
             host: HeaderValue::from_str(&host_header).map_err(|e| e.to_string())?,
             connect_timeout,
+            max_idle,
+            idle_timeout,
             idle: Mutex::new(VecDeque::new()),
             reaping: AtomicBool::new(false),
         })))
@@ -273,7 +300,7 @@ impl Pool {
                 let Some(mut i) = idle.pop_back() else {
                     break None;
                 };
-                if i.usable(now) {
+                if i.usable(now, self.0.idle_timeout) {
                     break Some(i);
                 }
                 stale.push(i);
@@ -305,10 +332,8 @@ impl Pool {
         socket2::SockRef::from(&stream)
             .set_tcp_keepalive(&keepalive)
             .map_err(unreachable)?;
-        // The second handle shares the socket (a duplicated descriptor);
-        // both close together, as they live and drop side by side.
         let std = stream.into_std().map_err(unreachable)?;
-        let ack = Ack(std.try_clone().map_err(unreachable)?);
+        let ack = Ack::of(&std).map_err(unreachable)?;
         let stream = TcpStream::from_std(std).map_err(unreachable)?;
         let (send, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -332,9 +357,12 @@ impl Pool {
 
 impl Shared {
     fn checkin(self: &Arc<Self>, mut link: Link) {
+        // An idle connection must not keep the task that used it alive, nor
+        // wake it: whoever checks it out registers its own.
+        drop(link.turn.task.take());
         // The last poll lets the connection see its response through and
         // turn idle; one that did not (or was closed) cannot be reused.
-        if poll_noop(&mut link.conn).is_ready() || !link.send.is_ready() {
+        if self.max_idle == 0 || poll_noop(&mut link.conn).is_ready() || !link.send.is_ready() {
             return;
         }
         let evicted = {
@@ -343,7 +371,7 @@ impl Shared {
                 link,
                 since: Instant::now(),
             });
-            (idle.len() > MAX_IDLE).then(|| idle.pop_front())
+            (idle.len() > self.max_idle).then(|| idle.pop_front())
         };
         drop(evicted);
         if !self.reaping.swap(true, SeqCst) {
@@ -368,7 +396,7 @@ async fn reap(pool: Weak<Shared>) {
             let mut stale = Vec::new();
             let mut kept = VecDeque::with_capacity(idle.len());
             for mut i in idle.drain(..) {
-                if i.usable(now) {
+                if i.usable(now, pool.idle_timeout) {
                     kept.push_back(i);
                 } else {
                     stale.push(i);
@@ -468,5 +496,217 @@ impl Drop for Driven {
         if self.body.is_end_stream() {
             self.release();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::{BodyExt, Empty, Full};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A waker that counts its wakes.
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+
+    fn turn() -> (Arc<Turn>, Waker) {
+        let turn = Arc::new(Turn {
+            polling: AtomicBool::new(false),
+            woken: AtomicBool::new(false),
+            task: AtomicWaker::new(),
+        });
+        let waker = Waker::from(turn.clone());
+        (turn, waker)
+    }
+
+    fn task() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        (count.clone(), Waker::from(count))
+    }
+
+    #[test]
+    fn a_wake_during_the_turn_is_another_turn_not_a_task_wake() {
+        let (turn, waker) = turn();
+        let (woken, task) = task();
+        let mut steps = 0;
+        let out = turns(&turn, &waker, &mut Context::from_waker(&task), |cx| {
+            steps += 1;
+            if steps == 1 {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            } else {
+                Poll::Ready(steps)
+            }
+        });
+        assert_eq!(out, Poll::Ready(2));
+        assert_eq!(woken.0.load(SeqCst), 0, "the task was not rescheduled");
+    }
+
+    #[test]
+    fn a_wake_from_another_thread_wakes_the_task() {
+        let (turn, waker) = turn();
+        let (woken, task) = task();
+        let out: Poll<()> = turns(&turn, &waker, &mut Context::from_waker(&task), |_| {
+            Poll::Pending
+        });
+        assert!(out.is_pending());
+        std::thread::spawn(move || waker.wake()).join().unwrap();
+        assert_eq!(woken.0.load(SeqCst), 1);
+    }
+
+    #[test]
+    fn a_step_that_always_wakes_itself_yields_after_the_turn_limit() {
+        let (turn, waker) = turn();
+        let (woken, task) = task();
+        let mut steps = 0;
+        let out: Poll<()> = turns(&turn, &waker, &mut Context::from_waker(&task), |cx| {
+            steps += 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        });
+        assert!(out.is_pending());
+        assert_eq!(steps, MAX_TURNS);
+        assert_eq!(woken.0.load(SeqCst), 1, "yielded with a wake");
+    }
+
+    /// An HTTP/1.1 upstream on a free port that answers `ok` and counts
+    /// the connections it accepted.
+    async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, SeqCst);
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        (addr, conns)
+    }
+
+    type SocketAddr = std::net::SocketAddr;
+
+    fn pool(addr: SocketAddr, max_idle: usize, idle_timeout: Duration) -> Pool {
+        let uri: Uri = format!("http://{addr}/").parse().unwrap();
+        Pool::new(&uri, Duration::from_secs(2), max_idle, idle_timeout).unwrap()
+    }
+
+    fn get() -> Request<Body> {
+        let mut req = Request::new(Empty::new().map_err(|never| match never {}).boxed());
+        *req.uri_mut() = Uri::from_static("/");
+        req
+    }
+
+    async fn read(resp: Response<Body>) -> Bytes {
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    fn idle(p: &Pool) -> usize {
+        p.0.idle.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn past_max_idle_the_oldest_idle_connection_is_closed() {
+        let (addr, conns) = upstream().await;
+        let p = pool(addr, 2, Duration::from_secs(60));
+        // Three at once: three connections, all returned when read.
+        let (a, b, c) = tokio::join!(p.send(get()), p.send(get()), p.send(get()));
+        for r in [a, b, c] {
+            assert_eq!(read(r.unwrap()).await, "ok");
+        }
+        assert_eq!(conns.load(SeqCst), 3);
+        assert_eq!(idle(&p), 2, "one closed to stay within upstream_max_idle");
+        // The two kept are reused.
+        for _ in 0..4 {
+            assert_eq!(read(p.send(get()).await.unwrap()).await, "ok");
+        }
+        assert_eq!(conns.load(SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn no_connection_is_kept_with_max_idle_zero() {
+        let (addr, conns) = upstream().await;
+        let p = pool(addr, 0, Duration::from_secs(60));
+        for _ in 0..3 {
+            assert_eq!(read(p.send(get()).await.unwrap()).await, "ok");
+            assert_eq!(idle(&p), 0);
+        }
+        assert_eq!(conns.load(SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_the_idle_timeout_is_not_reused() {
+        let (addr, conns) = upstream().await;
+        let p = pool(addr, 8, Duration::from_secs(30));
+        assert_eq!(read(p.send(get()).await.unwrap()).await, "ok");
+        assert_eq!(idle(&p), 1);
+        // Not yet: still reused.
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(29)).await;
+        {
+            let mut idle = p.0.idle.lock().unwrap();
+            assert!(idle[0].usable(Instant::now(), p.0.idle_timeout));
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(p.checkout().is_none(), "aged out");
+        assert_eq!(idle(&p), 0, "and closed");
+        tokio::time::resume();
+        assert_eq!(read(p.send(get()).await.unwrap()).await, "ok");
+        assert_eq!(conns.load(SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_left_idle_holds_no_task_waker() {
+        let (addr, _) = upstream().await;
+        let p = pool(addr, 8, Duration::from_secs(60));
+        assert_eq!(read(p.send(get()).await.unwrap()).await, "ok");
+        let idle = p.checkout().unwrap();
+        assert!(idle.link.turn.task.take().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_request_cancelled_before_its_head_never_returns_its_connection() {
+        // An upstream that reads the request and never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut seen = 0;
+            // Read until the client closes: the number of bytes it sent.
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return seen,
+                    Ok(n) => seen += n,
+                }
+            }
+        });
+        let p = pool(addr, 8, Duration::from_secs(60));
+        let timed = tokio::time::timeout(Duration::from_millis(200), p.send(get())).await;
+        assert!(timed.is_err(), "no head arrived");
+        assert_eq!(idle(&p), 0, "the connection went nowhere but closed");
+        let seen = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the connection was closed")
+            .unwrap();
+        assert!(seen > 0, "the request was written before it was cancelled");
     }
 }

@@ -1,152 +1,45 @@
-//! The life of one proxied request: find the route's policy; pass uncovered
-//! methods and keyless requests through streamed; refuse bad keys and
-//! oversized bodies before any state is taken; then loop on the store's
-//! atomic begin until the request can be run (it took the lease: see
-//! [`super::job`]), replayed (completed), refused (different fingerprint)
-//! or timed out waiting for an in-flight original.
+//! The settling loop of a covered request: the store's atomic begin, then
+//! what it decided. Run the request (it took the lease: see [`super::job`]),
+//! replay it (completed), refuse it (different fingerprint, outcome
+//! unknown), reconcile it, or wait for an in-flight original (joining its
+//! live response on this process) and begin again, until `wait_timeout`.
+//! Also what a request that takes no state goes through: [`pass_through`].
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use tokio::time::Instant;
 
-use super::job::{stored_headers, unix_ms, Job};
-use super::layer::{Shared, UpstreamService};
-use super::live::Head;
+use super::context::{refuse, Covered, Handled, Shared};
+use super::headers::{strip_hop_by_hop, IDEMPOTENT_RECONCILED};
+use super::job::Job;
 use super::reconcile::Answer;
-use super::routing::Routing;
+use super::records::{joined_response, replay, stored_headers, unix_ms};
 use super::timed::call_upstream;
-use super::{
-    strip_hop_by_hop, IDEMPOTENCY_FENCE, IDEMPOTENT_BODY_OMITTED, IDEMPOTENT_RECONCILED,
-    IDEMPOTENT_REPLAYED,
-};
-use crate::body::{read_limited, Read};
+use super::upstream::Upstream;
 use crate::config::{OnStoreError, Policy};
 use crate::error::{full, ProxyError};
-use crate::idempotency::key::{parse_key, Fingerprint, KeyError, RecordKey};
-use crate::idempotency::key_from::KeyFrom;
-use crate::idempotency::record::{CompletedRecord, StoredResponse};
+use crate::idempotency::key::{Fingerprint, RecordKey};
+use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{decide, Begin, Decision, Resolution, Unknown};
 use crate::metrics::{Outcome, StoreOp};
 use crate::store::StoreError;
 use crate::Body;
 
-/// How a request ended, and with what.
-pub(super) struct Handled {
-    pub outcome: Outcome,
-    pub response: Response<Body>,
-    /// The record key, once derived (logged as its hash, never the key).
-    pub record: Option<RecordKey>,
-}
-
-impl Handled {
-    pub fn new(outcome: Outcome, response: Response<Body>) -> Self {
-        Handled {
-            outcome,
-            response,
-            record: None,
-        }
-    }
-
-    fn on(mut self, record: RecordKey) -> Self {
-        self.record = Some(record);
-        self
-    }
-}
-
-/// A request idemgate answers itself, with a problem.
-pub(super) fn refuse(e: ProxyError) -> Handled {
-    if matches!(e, ProxyError::Upstream(_) | ProxyError::Store(_)) {
-        tracing::warn!(error = %e, "request failed");
-    }
-    Handled::new(e.outcome(), e.to_response())
-}
-
-pub(super) async fn handle(shared: Arc<Shared>, routing: &Routing, req: Request<Body>) -> Handled {
-    let (mut parts, body) = req.into_parts();
-    // Only idemgate chooses the fence an upstream sees.
-    parts.headers.remove(IDEMPOTENCY_FENCE);
-    let (policy, upstream) = routing.for_path(parts.uri.path());
-    let (policy, inner) = (policy.clone(), upstream.clone());
-
-    if !policy.covers(&parts.method) {
-        return pass_through(&shared, inner, parts, body).await;
-    }
-    // Off webhook routes a key header is checked before the body is read:
-    // a bad one is refused, a missing one passed through streamed.
-    let mut found = None;
-    if policy.webhook.is_none() {
-        if let KeyFrom::Header(name) = &policy.key_from {
-            match one_header(&parts.headers, name, &policy) {
-                Err(e) => return refuse(e),
-                Ok(Some(raw)) => found = Some(FoundKey { raw, text: None }),
-                Ok(None) if policy.required => {
-                    return refuse(ProxyError::MissingKey(policy.key_from.describe()))
-                }
-                Ok(None) => return pass_through(&shared, inner, parts, body).await,
-            }
-        }
-    }
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let limit = shared.settings.body_read_timeout;
-    let body = match tokio::time::timeout(limit, read_body(declared, body, policy.max_request_body))
-        .await
-    {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => return refuse(e),
-        Err(_) => return refuse(ProxyError::BodyTimeout(limit)),
-    };
-    // A webhook's signature is checked before anything else: before its
-    // key is looked at, and before any state.
-    if let Some(check) = &policy.webhook {
-        let preset = check.verifier.preset.name();
-        let now = i64::try_from(unix_ms() / 1000).unwrap_or(i64::MAX);
-        if let Err(e) = check.verifier.verify(&parts.headers, &body, now) {
-            shared.settings.metrics.webhook_signature(preset, e.label());
-            tracing::info!(preset, path = parts.uri.path(), reason = %e, "webhook signature refused");
-            return refuse(ProxyError::InvalidSignature(e));
-        }
-        shared.settings.metrics.webhook_signature(preset, "ok");
-    }
-    let found =
-        match found.map_or_else(|| find_key(&policy, &parts.headers, &body), |f| Ok(Some(f))) {
-            Ok(Some(found)) => found,
-            Ok(None) if policy.required => {
-                return refuse(ProxyError::MissingKey(policy.key_from.describe()))
-            }
-            Ok(None) => return pass_through(&shared, inner, parts, full(body)).await,
-            Err(e) => return refuse(e),
-        };
-    let record_key = RecordKey::derive(
-        &parts.headers,
-        &policy.scope_headers,
-        &parts.method,
-        parts.uri.path(),
-        &found.text(policy.max_key_length),
-    );
-    let fp = {
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map_or(parts.uri.path(), |pq| pq.as_str());
-        let fingerprinted: &[u8] = if policy.fingerprint_body { &body } else { &[] };
-        Fingerprint::compute(
-            &parts.method,
-            pq,
-            &parts.headers,
-            &policy.fingerprint_headers,
-            fingerprinted,
-        )
-    };
-
+/// Settles a covered request against the store.
+pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
+    let Covered {
+        parts,
+        body,
+        policy,
+        upstream: inner,
+        key: found,
+        record_key,
+        fingerprint: fp,
+    } = covered;
     let store = &shared.store;
     let deadline = Instant::now() + policy.wait_timeout;
     loop {
@@ -158,7 +51,7 @@ pub(super) async fn handle(shared: Arc<Shared>, routing: &Routing, req: Request<
         let begun = match begun {
             Ok(b) => b,
             Err(e) => {
-                return store_failed(&shared, inner, parts, body, e)
+                return store_failed(shared, inner, parts, body, e)
                     .await
                     .on(record_key)
             }
@@ -172,18 +65,18 @@ pub(super) async fn handle(shared: Arc<Shared>, routing: &Routing, req: Request<
         );
         match decide(begun, &fp) {
             Decision::Forward(lease) => {
-                if let Err(refused) = admit(&shared, &policy, &parts.headers).await {
+                if let Err(refused) = admit(shared, &policy, &parts.headers).await {
                     // Nothing was sent: give the key back at once.
                     let _ = store
                         .observe(StoreOp::Release, |b| b.release(&record_key, &lease))
                         .await;
                     let handled = match refused {
                         Refused::OverRate(wait) => refuse(ProxyError::TooManyKeys(wait)),
-                        Refused::Store(e) => store_failed(&shared, inner, parts, body, e).await,
+                        Refused::Store(e) => store_failed(shared, inner, parts, body, e).await,
                     };
                     return handled.on(record_key);
                 }
-                let job = Job::new(&shared, record_key, lease, fp, policy, inner.timeout());
+                let job = Job::new(shared, record_key, lease, fp, policy, inner.timeout());
                 return job
                     .spawn(&shared.settings.tasks, inner, parts, body)
                     .await
@@ -204,7 +97,7 @@ pub(super) async fn handle(shared: Arc<Shared>, routing: &Routing, req: Request<
                 // Owned: borrowed key text must not live across an await.
                 let key = found.text(policy.max_key_length).into_owned();
                 let asked = ask(
-                    &shared,
+                    shared,
                     &policy,
                     &record_key,
                     (&found.raw, &key),
@@ -247,7 +140,7 @@ pub(super) async fn handle(shared: Arc<Shared>, routing: &Routing, req: Request<
                     store.wait(&record_key, fence, deadline).await
                 };
                 if let Err(e) = waited {
-                    return store_failed(&shared, inner, parts, body, e)
+                    return store_failed(shared, inner, parts, body, e)
                         .await
                         .on(record_key);
                 }
@@ -270,11 +163,7 @@ async fn admit(shared: &Shared, policy: &Policy, headers: &HeaderMap) -> Result<
         return Ok(());
     };
     let scope = RecordKey::derive_scope(headers, &policy.scope_headers);
-    match shared
-        .store
-        .observe(StoreOp::Admit, |b| b.admit(&scope, rate))
-        .await
-    {
+    match shared.store.admit(&scope, rate).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(wait)) => Err(Refused::OverRate(wait)),
         Err(e) => Err(Refused::Store(e)),
@@ -355,77 +244,6 @@ async fn ask(
     }
 }
 
-/// The one value of the key header `name`: `None` when absent; sent twice,
-/// or not a valid key, is refused.
-fn one_header(
-    headers: &HeaderMap,
-    name: &HeaderName,
-    policy: &Policy,
-) -> Result<Option<HeaderValue>, ProxyError> {
-    let invalid = |reason| ProxyError::InvalidKey {
-        place: policy.key_from.describe(),
-        reason,
-    };
-    let mut values = headers.get_all(name).iter();
-    match (values.next(), values.next()) {
-        (None, _) => Ok(None),
-        (Some(_), Some(_)) => Err(invalid(KeyError::Repeated)),
-        (Some(v), None) => match parse_key(v.as_bytes(), policy.max_key_length) {
-            Ok(_) => Ok(Some(v.clone())),
-            Err(reason) => Err(invalid(reason)),
-        },
-    }
-}
-
-/// A request's key, found and checked: the header value it came in (or
-/// that carries a body key on, to reconcile), and a body key's text.
-struct FoundKey {
-    raw: HeaderValue,
-    /// `None`: a header key, whose text is parsed from `raw` when needed
-    /// (no allocation on the hot path).
-    text: Option<String>,
-}
-
-impl FoundKey {
-    fn text(&self, max_len: usize) -> Cow<'_, str> {
-        match &self.text {
-            Some(t) => Cow::Borrowed(t),
-            // `one_header` checked it: parsing cannot fail here.
-            None => parse_key(self.raw.as_bytes(), max_len).unwrap_or_default(),
-        }
-    }
-}
-
-/// The request's key where its route takes it from, once the body is read;
-/// `None` when the request carries none.
-fn find_key(
-    policy: &Policy,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Option<FoundKey>, ProxyError> {
-    if let KeyFrom::Header(name) = &policy.key_from {
-        let raw = one_header(headers, name, policy)?;
-        return Ok(raw.map(|raw| FoundKey { raw, text: None }));
-    }
-    let invalid = |reason| ProxyError::InvalidKey {
-        place: policy.key_from.describe(),
-        reason,
-    };
-    match policy.key_from.from_body(body, policy.max_key_length) {
-        Ok(None) => Ok(None),
-        // Body keys are printable ASCII by now: always a header value.
-        Ok(Some(key)) => HeaderValue::from_str(&key)
-            .map(|raw| {
-                Some(FoundKey {
-                    raw,
-                    text: Some(key),
-                })
-            })
-            .map_err(|_| invalid(KeyError::InvalidChar)),
-        Err(reason) => Err(invalid(reason)),
-    }
-}
-
 /// Counts one waiting duplicate for as long as it lives.
 struct Waiting<'a>(&'a prometheus::IntGauge);
 
@@ -442,23 +260,10 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Reads a covered request's body, refusing it past `limit` without reading
-/// it whole: a declared Content-Length over the limit is refused at once.
-async fn read_body(declared: Option<u64>, body: Body, limit: u64) -> Result<Bytes, ProxyError> {
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ProxyError::BodyTooLarge(limit));
-    }
-    match read_limited(body, limit).await {
-        Ok(Read::Whole(b)) => Ok(b),
-        Ok(Read::Overflow) => Err(ProxyError::BodyTooLarge(limit)),
-        Err(e) => Err(ProxyError::BadBody(super::error_chain(&*e))),
-    }
-}
-
 /// The store failed: refuse (503), or forward without idempotency.
-async fn store_failed<S: UpstreamService>(
+async fn store_failed(
     shared: &Shared,
-    inner: S,
+    inner: Upstream,
     parts: Parts,
     body: Bytes,
     err: StoreError,
@@ -476,44 +281,15 @@ async fn store_failed<S: UpstreamService>(
 }
 
 /// Forwards a request untouched (streamed) and without state.
-async fn pass_through<S: UpstreamService>(
+pub(super) async fn pass_through(
     shared: &Shared,
-    inner: S,
+    upstream: Upstream,
     parts: Parts,
     body: Body,
 ) -> Handled {
     let req = Request::from_parts(parts, body);
-    match call_upstream(&shared.settings.metrics, inner, req).await {
+    match call_upstream(&shared.settings.metrics, upstream, req).await {
         Ok(resp) => Handled::new(Outcome::PassThrough, resp),
         Err(e) => refuse(ProxyError::Upstream(e)),
     }
-}
-
-/// A live response, as a duplicate that joined it receives it.
-fn joined_response(head: &Head, body: Body) -> Response<Body> {
-    let mut resp = Response::new(body);
-    *resp.status_mut() = head.status;
-    *resp.headers_mut() = head.headers.clone();
-    resp.headers_mut()
-        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-    resp
-}
-
-/// A stored response, as a duplicate receives it.
-fn replay(stored: &StoredResponse) -> Response<Body> {
-    let body = if stored.body_omitted {
-        Bytes::new()
-    } else {
-        stored.body.clone()
-    };
-    let mut resp = Response::new(full(body));
-    *resp.status_mut() = stored.status;
-    *resp.headers_mut() = stored.headers.clone();
-    resp.headers_mut()
-        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-    if stored.body_omitted {
-        resp.headers_mut()
-            .insert(IDEMPOTENT_BODY_OMITTED, HeaderValue::from_static("true"));
-    }
-    resp
 }

@@ -9,23 +9,24 @@
 //! `lease_ttl`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use super::flow::{refuse, Handled};
-use super::layer::{Shared, UpstreamService};
+use super::context::{refuse, Handled, Shared};
+use super::headers::IDEMPOTENCY_FENCE;
 use super::live::{Head, Live, Lives};
+use super::records::{stored_headers, unix_ms};
 use super::timed::call_upstream;
-use super::IDEMPOTENCY_FENCE;
+use super::upstream::Upstream;
 use crate::config::{OnUnknownOutcome, Policy};
-use crate::error::{full, ProxyError, UpstreamError};
+use crate::error::{error_chain, full, ProxyError, UpstreamError};
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::record::{CompletedRecord, StoredResponse};
 use crate::idempotency::state::{Lease, UnknownCause};
@@ -67,10 +68,10 @@ impl Job {
 
     /// Runs the job on `tasks` and waits for the response head (if the
     /// caller is still there to take it); the body follows as it arrives.
-    pub async fn spawn<S: UpstreamService>(
+    pub async fn spawn(
         self,
         tasks: &TaskTracker,
-        inner: S,
+        inner: Upstream,
         mut parts: Parts,
         body: Bytes,
     ) -> Handled {
@@ -92,12 +93,7 @@ impl Job {
 
     /// Calls the upstream; answers `tx` as soon as the head arrives; then
     /// records the body as it streams and settles the lease when it ends.
-    async fn run<S: UpstreamService>(
-        self,
-        inner: S,
-        req: Request<Body>,
-        tx: oneshot::Sender<Handled>,
-    ) {
+    async fn run(self, inner: Upstream, req: Request<Body>, tx: oneshot::Sender<Handled>) {
         let deadline = Instant::now() + self.timeout;
         // Duplicates on this process find the attempt here from now on, and
         // join it once its head is in.
@@ -229,7 +225,7 @@ impl Job {
 /// stored nor sent on (as before streaming).
 async fn pump(mut body: Body, live: &Live) -> Result<(), String> {
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| super::error_chain(&*e))?;
+        let frame = frame.map_err(|e| error_chain(&*e))?;
         if let Ok(data) = frame.into_data() {
             if !data.is_empty() {
                 live.push(data).await;
@@ -248,17 +244,6 @@ impl Job {
             Some(cause) => self.guard.unknown(&self.policy, cause).await,
         }
     }
-}
-
-/// Response headers worth replaying: no framing (hyper sets Content-Length
-/// from the stored body) and none of `replay_strip_headers`.
-pub(super) fn stored_headers(policy: &Policy, headers: &HeaderMap) -> HeaderMap {
-    let mut h = headers.clone();
-    h.remove(header::CONTENT_LENGTH);
-    for name in &policy.replay_strip_headers {
-        h.remove(name);
-    }
-    h
 }
 
 /// The lease a job holds, until it is settled.
@@ -385,10 +370,4 @@ impl Drop for LeaseGuard {
             );
         }
     }
-}
-
-pub(super) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -1,9 +1,18 @@
 //! The HTTP side: the [`Idempotency`] service in front of pooled
-//! [`Upstream`] clients. One folder: [`layer`] (the service), [`routing`]
-//! (policies and upstreams, swapped by a reload), `flow` (the life of one
-//! request), `job` (a request that holds the lease, with its guard), `live`
-//! (a response while it streams), `timed` (the upstream call), [`upstream`]
-//! (the clients, plaintext or TLS).
+//! [`Upstream`] clients. The files form one chain, each using only those
+//! after it:
+//!
+//! `service` (the tower service) → `intake` (route, key, body, signature:
+//! no state) → `flow` (the settling loop over begin / decide / run / wait)
+//! → `job` (a request that holds the lease, with its guard) → `timed` (the
+//! upstream call, observed) → `context` (what they all share: settings,
+//! the covered request, how a request ended) → `reconcile` (asking the
+//! upstream about an unknown outcome), `records` (what a record is made
+//! from and gives back), `live` (a response while it streams), [`routing`]
+//! (policies and upstreams, swapped by a reload) → [`upstream`] (the
+//! clients, plaintext, h2c or TLS) → `driven` (plaintext HTTP/1.1
+//! connections polled by the request's own task) → `headers` (the header
+//! names idemgate adds and the hop-by-hop rule).
 //!
 //! The stack, outside in: hyper connection (framing, header limits) →
 //! [`Idempotency`] (decides per request: pass through, refuse, replay, wait or
@@ -12,82 +21,25 @@
 //! covered call can be moved onto a detached task with its own clone of the
 //! client, and outlive the caller's connection.
 
-use http::header::{self, HeaderMap, HeaderName};
-
+mod context;
 mod driven;
 mod flow;
+pub mod headers;
+mod intake;
 mod job;
-pub mod layer;
 mod live;
 mod reconcile;
+mod records;
 pub mod routing;
+mod service;
 mod timed;
 pub mod upstream;
 
-pub use layer::{Idempotency, Settings};
+pub use context::{Covered, FoundKey, Handled, Settings};
+pub use headers::{
+    strip_hop_by_hop, IDEMPOTENCY_FENCE, IDEMPOTENT_BODY_OMITTED, IDEMPOTENT_RECONCILED,
+    IDEMPOTENT_REPLAYED,
+};
 pub use routing::{Routing, SharedRouting};
-pub use upstream::{error_chain, Upstream};
-
-/// Request header carrying the lease's fence to the upstream.
-pub const IDEMPOTENCY_FENCE: HeaderName = HeaderName::from_static("idempotency-fence");
-/// Response header marking a replayed response.
-pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-/// Response header marking a replay whose record came from reconciliation
-/// (the upstream's own account of an earlier attempt).
-pub const IDEMPOTENT_RECONCILED: HeaderName = HeaderName::from_static("idempotent-reconciled");
-/// Response header marking a replay whose body was too large to store.
-pub const IDEMPOTENT_BODY_OMITTED: HeaderName = HeaderName::from_static("idempotent-body-omitted");
-
-/// RFC 9110 §7.6.1 connection-specific fields, plus the de-facto
-/// `proxy-connection` and `keep-alive`.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-];
-
-/// Removes hop-by-hop headers and those named in `Connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http::HeaderValue;
-
-    #[test]
-    fn strips_listed_and_standard_hop_by_hop_headers() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("close, X-Secret"));
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
-        h.insert("content-type", HeaderValue::from_static("text/plain"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("content-type"));
-    }
-}
+pub use service::Idempotency;
+pub use upstream::Upstream;

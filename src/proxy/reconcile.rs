@@ -17,7 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::IDEMPOTENCY_FENCE;
+use super::headers::IDEMPOTENCY_FENCE;
 use crate::config::Policy;
 use crate::idempotency::record::StoredResponse;
 use crate::idempotency::settlement;

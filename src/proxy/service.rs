@@ -1,55 +1,32 @@
 //! The idempotency service: [`Idempotency`] takes the current routing
-//! snapshot (policies and upstream clients, see [`super::routing`]), runs
-//! the request flow ([`super::flow`]) against the route's upstream, and
-//! counts how it ended.
+//! snapshot (policies and upstream clients, see [`super::routing`]), runs a
+//! request through the intake (`intake`) and, when it is covered, the
+//! settling loop (`flow`), and counts how it ended.
+//!
+//! [`Idempotency::covered`] is the covered path without the intake, for an
+//! intake of another kind that builds its request in code.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
-
-use super::routing::SharedRouting;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
-use tokio_util::task::TaskTracker;
 use tower::Service;
 
-use super::flow;
+use super::context::{refuse, Covered, Handled, Settings, Shared};
+use super::flow::{pass_through, settle};
+use super::intake::{take, Intake};
 use super::live::Lives;
 use super::reconcile::Reconciler;
-use crate::config::OnStoreError;
-use crate::error::UpstreamError;
-use crate::metrics::Metrics;
+use super::routing::SharedRouting;
 use crate::store::Store;
 use crate::{Body, BoxError};
-
-/// What the layer needs besides the store.
-#[derive(Clone)]
-pub struct Settings {
-    pub on_store_error: OnStoreError,
-    /// Bounds reading a covered request's body.
-    pub body_read_timeout: Duration,
-    /// Detached upstream calls are spawned here so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    pub metrics: Metrics,
-}
-
-/// What every request of the service shares.
-pub(super) struct Shared {
-    pub store: Store,
-    pub settings: Settings,
-    pub reconciler: Reconciler,
-    /// Covered responses streaming now, for duplicates to join.
-    pub lives: Arc<Lives>,
-    /// Policies and upstreams; replaced whole by a reload.
-    pub routing: SharedRouting,
-}
 
 /// The idempotency service. Never fails: every error is a problem response.
 #[derive(Clone)]
@@ -64,27 +41,31 @@ impl Idempotency {
                 store,
                 settings,
                 reconciler: Reconciler::new(),
-                lives: Arc::default(),
+                lives: Arc::new(Lives::default()),
                 routing,
             }),
         }
     }
-}
 
-/// What the flow calls upstream (the route's [`super::Upstream`]).
-pub trait UpstreamService:
-    Service<Request<Body>, Response = Response<Body>, Error = UpstreamError, Future: Send>
-    + Clone
-    + Send
-    + 'static
-{
-}
-impl<T> UpstreamService for T where
-    T: Service<Request<Body>, Response = Response<Body>, Error = UpstreamError, Future: Send>
-        + Clone
-        + Send
-        + 'static
-{
+    /// Runs a covered request through the settling loop, as the proxy does
+    /// once its intake has found the key: begin, then run, replay, wait
+    /// (joining a live response of this process), reconcile or refuse. Not
+    /// counted in `idemgate_requests_total`: the caller counts its own.
+    pub async fn covered(&self, covered: Covered) -> Handled {
+        settle(&self.shared, covered).await
+    }
+
+    /// One proxied request, start to end.
+    async fn handle(shared: Arc<Shared>, req: Request<Body>) -> Handled {
+        let routing = shared.routing.load_full();
+        match take(&shared, &routing, req).await {
+            Intake::Covered(covered) => settle(&shared, covered).await,
+            Intake::PassThrough(upstream, parts, body) => {
+                pass_through(&shared, upstream, parts, body).await
+            }
+            Intake::Refused(e) => refuse(e),
+        }
+    }
 }
 
 impl<B> Service<Request<B>> for Idempotency
@@ -108,8 +89,7 @@ where
             let started = Instant::now();
             let method = req.method().clone();
             let metrics = shared.settings.metrics.clone();
-            let routing = shared.routing.load_full();
-            let handled = flow::handle(shared, &routing, req).await;
+            let handled = Self::handle(shared, req).await;
             let elapsed = started.elapsed();
             metrics.request(handled.outcome, elapsed);
             tracing::debug!(

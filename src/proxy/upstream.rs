@@ -26,9 +26,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::strip_hop_by_hop;
+use super::driven::Pool;
+use super::headers::strip_hop_by_hop;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
-use crate::error::UpstreamError;
+use crate::error::{error_chain, UpstreamError};
 use crate::Body;
 
 #[derive(Clone)]
@@ -44,7 +45,7 @@ pub struct Upstream {
 enum Inner {
     /// A plaintext HTTP/1.1 upstream: connections driven by the request's
     /// own task (`driven.rs`).
-    Driven(super::driven::Pool),
+    Driven(Pool),
     /// A TLS or h2c upstream: hyper-util's pooled client.
     Client {
         client: Client<HttpsConnector<HttpConnector>, Body>,
@@ -61,7 +62,12 @@ impl Upstream {
         let connect_timeout = u.timeout.min(Duration::from_secs(5));
         if u.uri.scheme() != Some(&Scheme::HTTPS) && u.protocol != UpstreamProtocol::H2c {
             return Ok(Upstream {
-                inner: Inner::Driven(super::driven::Pool::new(&u.uri, connect_timeout)?),
+                inner: Inner::Driven(Pool::new(
+                    &u.uri,
+                    connect_timeout,
+                    u.max_idle,
+                    u.idle_timeout,
+                )?),
                 timeout: u.timeout,
             });
         }
@@ -84,9 +90,8 @@ impl Upstream {
         client
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            // Enough idle connections to keep a busy sidecar from reconnecting.
-            .pool_max_idle_per_host(1024);
+            .pool_idle_timeout(u.idle_timeout)
+            .pool_max_idle_per_host(u.max_idle);
         if u.protocol == UpstreamProtocol::H2c {
             client.http2_only(true);
         }
@@ -216,10 +221,14 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     }
 }
 
+/// The future of one upstream call.
+pub type UpstreamFuture =
+    Pin<Box<dyn Future<Output = Result<Response<Body>, UpstreamError>> + Send>>;
+
 impl tower::Service<Request<Body>> for Upstream {
     type Response = Response<Body>;
     type Error = UpstreamError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, UpstreamError>> + Send>>;
+    type Future = UpstreamFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -372,16 +381,4 @@ fn tls_named(e: &hyper_util::client::legacy::Error) -> String {
     } else {
         chain
     }
-}
-
-/// An error with its sources, on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::{StoreError, StoreFuture};
+use super::error::{StoreError, StoreFuture};
 use crate::idempotency::dedup::{ClaimOutcome, ClaimParams, DedupRecord, ReleaseOutcome};
 use crate::idempotency::key::hex;
 use crate::idempotency::lease::LeaseId;

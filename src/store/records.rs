@@ -1,14 +1,15 @@
-//! The HTTP half of the storage contract: [`RecordStore`], the atomic
+//! The HTTP records of the storage contract: [`RecordStore`], the atomic
 //! transitions of one idempotency record ([`crate::idempotency::state`]).
+//! The invariants every backend keeps are in `CONTRACT.md` beside this
+//! file.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::StoreFuture;
+use super::error::StoreFuture;
 use crate::idempotency::key::{Fingerprint, RecordKey};
-use crate::idempotency::rate::Rate;
 use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{Begin, BeginOptions, Lease, Resolution, State, UnknownCause};
 
@@ -81,14 +82,6 @@ pub trait RecordStore: Send + Sync + 'static {
 
     /// Whether the store answers.
     fn ping(&self) -> StoreFuture<'_, ()>;
-
-    /// Takes one token from the fair-share bucket of the caller `scope`
-    /// (see [`crate::idempotency::rate`]): `Err(wait)` when it is empty.
-    fn admit<'a>(
-        &'a self,
-        scope: &'a RecordKey,
-        rate: Rate,
-    ) -> StoreFuture<'a, Result<(), Duration>>;
 
     /// Bytes held in this process (the memory store); `None` otherwise.
     fn local_bytes(&self) -> Option<u64> {

@@ -9,7 +9,8 @@
 //! Every scheme is HMAC-SHA256 over the provider's signed content; tags
 //! are compared in constant time (`hmac`'s `verify_slice`), every secret
 //! is tried (rotation), and a timestamp outside the tolerance is refused
-//! before any MAC is computed.
+//! before any MAC is computed. Each provider's signature header is read
+//! in [`parse`].
 
 pub mod parse;
 

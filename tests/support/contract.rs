@@ -8,11 +8,12 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::lease::LeaseId;
+use idemgate::idempotency::rate::Rate;
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::state::{
     Begin, BeginOptions, Lease, Resolution, State, Unknown, UnknownCause,
 };
-use idemgate::store::RecordStore;
+use idemgate::store::{BucketStore, RecordStore};
 use tokio::time::Instant;
 
 fn key(tag: &str) -> RecordKey {
@@ -96,6 +97,66 @@ macro_rules! record_contract {
 }
 #[allow(unused_imports)]
 pub(crate) use record_contract;
+
+/// One `#[test]` per case of the fair-share bucket contract, as above.
+#[allow(unused_macros)]
+macro_rules! bucket_contract {
+    ($name:ident, $setup:ident) => {
+        $crate::support::contract::record_contract!(@cases $name, $setup;
+            a_bucket_admits_its_burst_then_says_how_long_to_wait,
+            a_bucket_refills_at_its_rate,
+            buckets_of_two_callers_are_apart
+        );
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use bucket_contract;
+
+fn scope(tag: &str) -> RecordKey {
+    RecordKey::derive_dedup("bucket", &format!("{tag}-{}", rand_suffix()))
+}
+
+pub async fn a_bucket_admits_its_burst_then_says_how_long_to_wait<S: BucketStore>(s: &S) {
+    let k = scope("burst");
+    let rate = Rate {
+        per_second: 1.0,
+        burst: 3.0,
+    };
+    for i in 0..3 {
+        assert_eq!(s.admit(&k, rate).await.unwrap(), Ok(()), "token {i}");
+    }
+    match s.admit(&k, rate).await.unwrap() {
+        Err(wait) => assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        ),
+        Ok(()) => panic!("a fourth token out of a burst of three"),
+    }
+}
+
+pub async fn a_bucket_refills_at_its_rate<S: BucketStore>(s: &S) {
+    let k = scope("refill");
+    let rate = Rate {
+        per_second: 20.0,
+        burst: 1.0,
+    };
+    assert_eq!(s.admit(&k, rate).await.unwrap(), Ok(()));
+    let wait = s.admit(&k, rate).await.unwrap().unwrap_err();
+    assert!(wait <= Duration::from_millis(50), "{wait:?}");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(s.admit(&k, rate).await.unwrap(), Ok(()));
+}
+
+pub async fn buckets_of_two_callers_are_apart<S: BucketStore>(s: &S) {
+    let (a, b) = (scope("a"), scope("b"));
+    let rate = Rate {
+        per_second: 0.1,
+        burst: 1.0,
+    };
+    assert_eq!(s.admit(&a, rate).await.unwrap(), Ok(()));
+    assert!(s.admit(&a, rate).await.unwrap().is_err());
+    assert_eq!(s.admit(&b, rate).await.unwrap(), Ok(()));
+}
 
 pub async fn the_store_answers_ping<S: RecordStore>(s: &S) {
     s.ping().await.unwrap();

@@ -5,18 +5,17 @@
 use std::future::ready;
 use std::time::Duration;
 
-use super::MemoryStore;
+use super::store::MemoryStore;
+use super::ttl_map::{lock, ms, OnRemove};
 use crate::idempotency::dedup::{
     self as rules, ClaimOutcome, ClaimParams, Completion, DedupRecord, ReleaseOutcome, Write,
 };
 use crate::idempotency::key::RecordKey;
 use crate::idempotency::lease::LeaseId;
-use crate::store::ttl_map::{lock, ms, OnRemove};
-use crate::store::{Cursor, DedupStore, FailedItem, Inspected, StoreError, StoreFuture, Ttls};
+use crate::store::dedup::{Cursor, DedupStore, FailedItem, Inspected, Ttls};
+use crate::store::error::{StoreError, StoreFuture};
 
 /// A dedup record needs no wake-up: nobody waits on it in the store.
-pub(super) type Slot = DedupRecord;
-
 impl OnRemove for DedupRecord {
     fn heap_bytes(&self) -> usize {
         let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);

@@ -1,7 +1,7 @@
 //! The embedded in-memory store: one process, no dependencies.
 //!
-//! Both keyspaces, HTTP records ([`records`]) and consumer-dedup records
-//! ([`dedup`]), are [`TtlMap`]s on one [`Clock`] and one bound,
+//! Both keyspaces, HTTP records (`records.rs`) and consumer-dedup records
+//! (`dedup.rs`), are [`TtlMap`]s on one [`Clock`] and one bound,
 //! `max_entries`: when full the store sweeps expired entries, and if it is
 //! still full it refuses new keys ([`StoreError::Full`]) rather than
 //! evicting a live record, which would break the at-most-once promise. The
@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use super::slot::Slot;
 use super::ttl_map::{Bound, Clock, TtlMap};
-use super::{Sealing, StoreError};
+use crate::idempotency::dedup::DedupRecord;
 use crate::idempotency::rate::Bucket;
-
-mod dedup;
-mod records;
+use crate::store::error::StoreError;
+use crate::store::sealing::Sealing;
 
 /// How often the store's own sweeper runs.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -27,22 +27,22 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// The in-memory backend. Cheap to clone; clones share the records.
 #[derive(Clone)]
 pub struct MemoryStore {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
-struct Inner {
-    records: TtlMap<records::Slot>,
-    dedup: TtlMap<dedup::Slot>,
+pub(super) struct Inner {
+    pub(super) records: TtlMap<Slot>,
+    pub(super) dedup: TtlMap<DedupRecord>,
     /// Fair-share buckets per caller scope: tiny, outside the bound.
-    buckets: TtlMap<Bucket>,
+    pub(super) buckets: TtlMap<Bucket>,
     /// Dead letters per scope, ordered by (failed_at_ms, key).
-    failed: Mutex<HashMap<String, BTreeSet<(u64, String)>>>,
-    bound: Arc<Bound>,
-    clock: Clock,
+    pub(super) failed: Mutex<HashMap<String, BTreeSet<(u64, String)>>>,
+    pub(super) bound: Arc<Bound>,
+    pub(super) clock: Clock,
     /// One counter for every key: strictly increasing per key, also across
     /// expiry, which is all a fence needs.
-    fence: AtomicU64,
-    sealing: Sealing,
+    pub(super) fence: AtomicU64,
+    pub(super) sealing: Sealing,
 }
 
 impl MemoryStore {
@@ -97,7 +97,7 @@ impl MemoryStore {
     }
 
     /// Before writing a new key: room for it, after a sweep if need be.
-    fn ensure_room(&self) -> Result<(), StoreError> {
+    pub(super) fn ensure_room(&self) -> Result<(), StoreError> {
         let bound = &self.inner.bound;
         if bound.full() {
             self.sweep();
@@ -112,7 +112,7 @@ impl MemoryStore {
     }
 
     /// The next fence: above every fence this store handed out.
-    fn next_fence(&self) -> u64 {
+    pub(super) fn next_fence(&self) -> u64 {
         self.inner.fence.fetch_add(1, Ordering::Relaxed) + 1
     }
 }

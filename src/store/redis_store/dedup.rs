@@ -21,10 +21,10 @@ use super::{array, malformed, millis, RedisStore};
 use crate::idempotency::dedup::{ClaimOutcome, ClaimParams, DedupRecord, ReleaseOutcome};
 use crate::idempotency::key::{hex, RecordKey};
 use crate::idempotency::lease::LeaseId;
-use crate::store::{
-    ClaimItem, CompleteItem, Cursor, DedupStore, FailedItem, Inspected, StoreError, StoreFuture,
-    Ttls,
+use crate::store::dedup::{
+    ClaimItem, CompleteItem, Cursor, DedupStore, FailedItem, Inspected, Ttls,
 };
+use crate::store::error::{StoreError, StoreFuture};
 
 /// A dead letter's fields as read back: state, attempts, error, failed at.
 type FailedRow = (Option<String>, Option<u64>, Option<String>, Option<u64>);

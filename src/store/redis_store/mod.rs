@@ -19,7 +19,11 @@
 //! duplicates subscribe to `{prefix}:done:{hex}` (sharded pub/sub on
 //! Cluster, same slot as the record) over RESP3 push messages
 //! ([`waiters`]), and re-check at least every [`RECHECK`] so a lost message
-//! only delays them. Consumer-dedup records are in [`dedup`].
+//! only delays them. The HTTP records' transitions and the fair-share
+//! bucket are in `records`, consumer-dedup records in `dedup`, the Lua
+//! scripts in `scripts`, the waiters in `waiters`, and the process-local
+//! copies of completed records in `replays`; [`config`] is the backends'
+//! keys of `[store]` and how they open.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,9 +32,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, Script, Value};
 
-use super::{Sealing, StoreError};
 use crate::idempotency::key::{Fingerprint, RecordKey};
+use crate::store::error::StoreError;
+use crate::store::sealing::Sealing;
 
+pub mod config;
 mod dedup;
 mod records;
 mod replays;

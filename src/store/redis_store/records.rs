@@ -15,7 +15,9 @@ use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{
     Begin, BeginOptions, Lease, Resolution, State, Unknown, UnknownCause,
 };
-use crate::store::{Inspection, RecordStore, StoreError, StoreFuture};
+use crate::store::buckets::BucketStore;
+use crate::store::error::{StoreError, StoreFuture};
+use crate::store::records::{Inspection, RecordStore};
 
 /// How long a released key keeps its fence.
 const TOMBSTONE_MS: &[u8] = b"1000";
@@ -434,7 +436,9 @@ impl RecordStore for RedisStore {
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(self.ping_inner())
     }
+}
 
+impl BucketStore for RedisStore {
     fn admit<'a>(
         &'a self,
         scope: &'a RecordKey,

@@ -1,0 +1,62 @@
+//! What a record is made from and what it gives back: the response headers
+//! worth storing, the time it is stamped with, and the response a duplicate
+//! receives (from a stored record, or joining a live one).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Response};
+
+use super::headers::{IDEMPOTENT_BODY_OMITTED, IDEMPOTENT_REPLAYED};
+use super::live::Head;
+use crate::config::Policy;
+use crate::error::full;
+use crate::idempotency::record::StoredResponse;
+use crate::Body;
+
+/// Response headers worth replaying: no framing (hyper sets Content-Length
+/// from the stored body) and none of `replay_strip_headers`.
+pub(super) fn stored_headers(policy: &Policy, headers: &HeaderMap) -> HeaderMap {
+    let mut h = headers.clone();
+    h.remove(header::CONTENT_LENGTH);
+    for name in &policy.replay_strip_headers {
+        h.remove(name);
+    }
+    h
+}
+
+/// Now, as a record's creation time.
+pub(super) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A live response, as a duplicate that joined it receives it.
+pub(super) fn joined_response(head: &Head, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers.clone();
+    resp.headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    resp
+}
+
+/// A stored response, as a duplicate receives it.
+pub(super) fn replay(stored: &StoredResponse) -> Response<Body> {
+    let body = if stored.body_omitted {
+        Bytes::new()
+    } else {
+        stored.body.clone()
+    };
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = stored.status;
+    *resp.headers_mut() = stored.headers.clone();
+    resp.headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    if stored.body_omitted {
+        resp.headers_mut()
+            .insert(IDEMPOTENT_BODY_OMITTED, HeaderValue::from_static("true"));
+    }
+    resp
+}
