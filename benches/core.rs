@@ -61,6 +61,7 @@ fn record(body_len: usize) -> CompletedRecord {
             headers,
             body: Bytes::from(vec![b'x'; body_len]),
             body_omitted: false,
+            trailers: http::HeaderMap::new(),
         },
     }
 }

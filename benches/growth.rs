@@ -57,6 +57,7 @@ fn record() -> Arc<CompletedRecord> {
             headers,
             body: Bytes::from_static(br#"{"id":"ch_1","amount":100,"currency":"eur"}"#),
             body_omitted: false,
+            trailers: http::HeaderMap::new(),
         },
     })
 }

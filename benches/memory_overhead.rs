@@ -43,6 +43,7 @@ fn main() {
             headers,
             body: Bytes::from(vec![b'x'; body_len]),
             body_omitted: false,
+            trailers: http::HeaderMap::new(),
         },
     });
     let encoded = record.encode().len() as u64;

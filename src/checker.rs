@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::{HeaderName, Method};
+use http::{HeaderName, HeaderValue, Method};
 use toml::Value;
 
 /// Collects problems while converting loose values.
@@ -153,6 +153,51 @@ impl Checker {
                 None
             }
         }
+    }
+
+    /// A duration that may be zero (`"0s"`).
+    pub fn duration_or_zero(&mut self, path: &str, v: &Value) -> Option<Duration> {
+        match v {
+            Value::String(s) if humantime::parse_duration(s.trim()).is_ok_and(|d| d.is_zero()) => {
+                Some(Duration::ZERO)
+            }
+            _ => self.duration(path, v),
+        }
+    }
+
+    /// A table of header names to values (`{ "Stripe-Should-Retry" =
+    /// "false" }`).
+    pub fn header_table(
+        &mut self,
+        path: &str,
+        v: &Value,
+    ) -> Option<Vec<(HeaderName, HeaderValue)>> {
+        let Value::Table(t) = v else {
+            self.err(
+                path,
+                format!("{} is not a table of header names to values", show(v)),
+            );
+            return None;
+        };
+        let before = self.errors.len();
+        let mut out = Vec::with_capacity(t.len());
+        for (name, value) in t {
+            let at = format!("{path}.{name}");
+            let name = self.header_name(&at, &Value::String(name.clone()));
+            let value = self
+                .string(&at, value)
+                .and_then(|s| match HeaderValue::from_str(&s) {
+                    Ok(v) => Some(v),
+                    Err(_) => {
+                        self.err(&at, format!("{s:?} is not a valid header value"));
+                        None
+                    }
+                });
+            if let (Some(n), Some(v)) = (name, value) {
+                out.push((n, v));
+            }
+        }
+        (self.errors.len() == before).then_some(out)
     }
 
     pub fn size(&mut self, path: &str, v: &Value) -> Option<u64> {

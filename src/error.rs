@@ -2,14 +2,18 @@
 //!
 //! Every error idemgate itself answers with, on the proxy and the admin
 //! listener alike, is a [`Problem`]: an RFC 9457 document
-//! (`application/problem+json` with `type`, `title`, `status`, `detail`).
+//! (`application/problem+json` with `type`, `title`, `status`, `detail`),
+//! with `x-should-retry` saying whether the same request may succeed later.
+//! A gRPC client gets the same refusal in its own shape instead
+//! ([`Problem::into_grpc_response`]: a trailers-only response with
+//! `grpc-status` and `grpc-message`).
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::BodyExt;
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 
+use crate::body::full;
 use crate::idempotency::key::KeyError;
 use crate::idempotency::state::{Unknown, UnknownCause};
 use crate::metrics::Outcome;
@@ -70,6 +74,8 @@ pub enum ProxyError {
     KeyReused,
     #[error("a request with this key is still in progress; retry later")]
     InProgress,
+    #[error("the grpc-timeout header {0:?} is malformed")]
+    BadGrpcTimeout(String),
     #[error("an earlier request with this key was forwarded and may have been processed (cause: {}); idemgate will not run it again until the upstream or an operator settles it", .0.cause.encode())]
     OutcomeUnknown(Unknown),
     #[error("this caller creates new keys faster than new_keys_per_scope allows; retry in {0:?}")]
@@ -125,6 +131,11 @@ impl ProxyError {
                 "request-in-progress",
                 "Request in progress",
             ),
+            BadGrpcTimeout(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid-grpc-timeout",
+                "Invalid grpc-timeout",
+            ),
             OutcomeUnknown(_) => (
                 StatusCode::CONFLICT,
                 "outcome-unknown",
@@ -155,7 +166,9 @@ impl ProxyError {
             return Problem::from(e);
         }
         let (status, slug, title) = self.parts();
-        let problem = Problem::new(status, slug, title, self.to_string());
+        let problem = Problem::new(status, slug, title, self.to_string())
+            .should_retry(self.retry_helps())
+            .grpc(self.grpc_code());
         // Conflicts clear as soon as the original finishes: tell clients
         // when to come back.
         match self {
@@ -164,6 +177,45 @@ impl ProxyError {
                 problem.retry_after(u32::try_from(wait.as_secs() + 1).unwrap_or(u32::MAX))
             }
             _ => problem,
+        }
+    }
+
+    /// Whether sending the same request again may get another answer: yes
+    /// for what clears by itself (in progress, a store outage, a rate, a
+    /// request that never reached the upstream, a body that broke off);
+    /// no for what only an operator or a different request changes (an
+    /// unknown outcome, a reused key, bad input, a refused signature).
+    pub fn retry_helps(&self) -> bool {
+        use ProxyError::*;
+        match self {
+            InProgress | TooManyKeys(_) | Store(_) | BadBody(_) | BodyTimeout(_) => true,
+            Upstream(e) => e.unknown_cause().is_none(),
+            MissingKey(_)
+            | InvalidKey { .. }
+            | InvalidSignature(_)
+            | BodyTooLarge(_)
+            | KeyReused
+            | OutcomeUnknown(_)
+            | BadGrpcTimeout(_) => false,
+        }
+    }
+
+    /// The gRPC status a gRPC client gets for this refusal (the README's
+    /// table), by the meaning the gRPC spec gives each code.
+    pub fn grpc_code(&self) -> GrpcCode {
+        use ProxyError::*;
+        match self {
+            MissingKey(_) | InvalidKey { .. } | KeyReused | BadBody(_) | BadGrpcTimeout(_) => {
+                GrpcCode::InvalidArgument
+            }
+            InvalidSignature(_) => GrpcCode::Unauthenticated,
+            BodyTooLarge(_) | TooManyKeys(_) => GrpcCode::ResourceExhausted,
+            BodyTimeout(_) | Upstream(UpstreamError::Timeout(_)) => GrpcCode::DeadlineExceeded,
+            InProgress => GrpcCode::Aborted,
+            // "Clients should not retry until the system state has been
+            // explicitly fixed": an operator or the upstream settles it.
+            OutcomeUnknown(_) => GrpcCode::FailedPrecondition,
+            Store(_) | Upstream(_) => GrpcCode::Unavailable,
         }
     }
 
@@ -182,6 +234,7 @@ impl ProxyError {
             ProxyError::BadBody(_) | ProxyError::BodyTimeout(_) => Outcome::ClientError,
             ProxyError::KeyReused => Outcome::Mismatch,
             ProxyError::InProgress => Outcome::Conflict,
+            ProxyError::BadGrpcTimeout(_) => Outcome::ClientError,
             ProxyError::OutcomeUnknown(_) => Outcome::OutcomeUnknown,
             ProxyError::TooManyKeys(_) => Outcome::TooManyKeys,
             ProxyError::Store(_) => Outcome::StoreUnavailable,
@@ -203,7 +256,30 @@ pub struct Problem {
     pub field: Option<String>,
     /// Seconds for `Retry-After`.
     pub retry_after: Option<u32>,
+    /// `x-should-retry`: whether the same request may succeed later.
+    pub should_retry: Option<bool>,
+    /// The status a gRPC client gets instead.
+    pub grpc: GrpcCode,
 }
+
+/// gRPC status codes idemgate answers with (grpc/doc/statuscodes.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcCode {
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    ResourceExhausted = 8,
+    Unauthenticated = 16,
+    Unavailable = 14,
+    Internal = 13,
+}
+
+/// `x-should-retry`, as Stainless-generated SDKs (openai-python, anthropic)
+/// read it.
+pub const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+/// The refusal's problem type, as response metadata on a gRPC refusal.
+pub const IDEMGATE_PROBLEM: HeaderName = HeaderName::from_static("idemgate-problem");
 
 impl Problem {
     pub fn new(
@@ -219,7 +295,19 @@ impl Problem {
             detail: detail.into(),
             field: None,
             retry_after: None,
+            should_retry: None,
+            grpc: GrpcCode::Internal,
         }
+    }
+
+    pub fn should_retry(mut self, yes: bool) -> Self {
+        self.should_retry = Some(yes);
+        self
+    }
+
+    pub fn grpc(mut self, code: GrpcCode) -> Self {
+        self.grpc = code;
+        self
     }
 
     pub fn field(mut self, field: impl Into<String>) -> Self {
@@ -252,12 +340,54 @@ impl Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let Some(s) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
+        self.hint(resp.headers_mut());
         resp
     }
+
+    /// The same refusal as a gRPC client reads it: HTTP 200, trailers only
+    /// (`grpc-status`, `grpc-message` percent-encoded, the problem type in
+    /// `idemgate-problem`), and the retry hints as metadata.
+    pub fn into_grpc_response(self) -> Response<Body> {
+        let mut resp = Response::new(full(Bytes::new()));
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(self.grpc as u16));
+        if let Ok(message) = HeaderValue::from_str(&grpc_percent_encode(&self.detail)) {
+            h.insert("grpc-message", message);
+        }
+        if let Ok(kind) = HeaderValue::from_str(&format!("{PROBLEM_BASE}{}", self.slug)) {
+            h.insert(IDEMGATE_PROBLEM, kind);
+        }
+        self.hint(h);
+        resp
+    }
+
+    fn hint(&self, h: &mut http::HeaderMap) {
+        if let Some(s) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if let Some(yes) = self.should_retry {
+            let v = if yes { "true" } else { "false" };
+            h.insert(X_SHOULD_RETRY, HeaderValue::from_static(v));
+        }
+    }
+}
+
+/// `grpc-message` text: bytes outside printable ASCII, and `%`, as `%XX`
+/// (the gRPC over HTTP/2 spec's Percent-Encoded).
+fn grpc_percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A store that failed is 503 with `Retry-After` on every listener: outages
@@ -272,7 +402,10 @@ const STORE_UNAVAILABLE: (StatusCode, &str, &str) = (
 impl From<&StoreError> for Problem {
     fn from(e: &StoreError) -> Self {
         let (status, slug, title) = STORE_UNAVAILABLE;
-        Problem::new(status, slug, title, e.to_string()).retry_after(1)
+        Problem::new(status, slug, title, e.to_string())
+            .retry_after(1)
+            .should_retry(true)
+            .grpc(GrpcCode::Unavailable)
     }
 }
 
@@ -285,13 +418,6 @@ pub fn json(status: StatusCode, doc: &serde_json::Value) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     resp
-}
-
-/// A complete body.
-pub fn full(bytes: Bytes) -> Body {
-    http_body_util::Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed()
 }
 
 /// An error with its sources, on one line.

@@ -26,7 +26,7 @@ use crate::body::HoldBreak;
 use crate::config::Config;
 use crate::idempotency::seal::Keyring;
 use crate::metrics::Metrics;
-use crate::proxy::{Idempotency, Routing, Settings, SharedRouting};
+use crate::proxy::{Idempotency, Routing, Settings, SharedRouting, Tunnels};
 use crate::reload::{self, ConfigSource, Targets};
 use crate::store::{Opening, Sealing, Store};
 
@@ -118,18 +118,16 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let graceful = GracefulShutdown::new();
 
+    let tunnels = Tunnels::new(metrics.open_tunnels.clone());
     let proxy = routing.clone().map(|routing| {
         let settings = Settings {
             on_store_error: config.store.on_store_error,
             body_read_timeout: config.body_read_timeout,
             tasks: tasks.clone(),
+            tunnels: tunnels.clone(),
             metrics: metrics.clone(),
         };
-        // Breaks reach the client after the bytes before them (body.rs).
-        tower::ServiceExt::<http::Request<hyper::body::Incoming>>::map_response(
-            Idempotency::new(store.clone(), settings, routing),
-            hold_breaks,
-        )
+        Idempotency::new(store.clone(), settings, routing)
     });
     let admin_policies = Arc::new(arc_swap::ArcSwap::from_pointee(config.policies.clone()));
     let admin = Admin::new(
@@ -217,14 +215,22 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
         if is_proxy {
-            if let Some(svc) = &proxy {
-                let conn = builder.serve_connection(io, TowerToHyperService::new(svc.clone()));
+            if let Some(idempotency) = &proxy {
+                // The connection's permit stays taken while the connection,
+                // or a tunnel it became, is open.
+                let svc = idempotency.holding(Arc::new(permit));
+                // Breaks reach the client after the bytes before them (body.rs).
+                let svc = tower::ServiceExt::<http::Request<hyper::body::Incoming>>::map_response(
+                    svc,
+                    hold_breaks,
+                );
+                let conn =
+                    builder.serve_connection_with_upgrades(io, TowerToHyperService::new(svc));
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "proxy connection ended with an error");
                     }
-                    drop(permit);
                 });
             }
         } else {
@@ -259,6 +265,8 @@ pub async fn run(
             "drain timeout reached with upstream calls still running"
         );
     }
+    // Tunnels (WebSockets) run until they close or the drain time is up.
+    tunnels.drain(deadline).await;
 }
 
 /// The next connection, once `limit` has room for it.

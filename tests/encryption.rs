@@ -167,6 +167,7 @@ fn record(body: &'static str) -> Arc<CompletedRecord> {
             headers: Default::default(),
             body: bytes::Bytes::from_static(body.as_bytes()),
             body_omitted: false,
+            trailers: http::HeaderMap::new(),
         },
     })
 }

@@ -58,6 +58,7 @@ async fn complete(store: &RedisStore, k: &RecordKey, ttl: Duration) {
             headers: HeaderMap::new(),
             body: Bytes::from_static(b"{\"ok\":true}"),
             body_omitted: false,
+            trailers: http::HeaderMap::new(),
         },
     };
     assert!(store

@@ -13,11 +13,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
+use idemgate::body::full;
 use idemgate::config::{FileConfig, OnStoreError, RunArgs};
-use idemgate::error::{full, UpstreamError};
+use idemgate::error::UpstreamError;
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::state::BeginOptions;
-use idemgate::proxy::{Idempotency, Routing, Settings, Upstream};
+use idemgate::proxy::{Idempotency, Routing, Settings, Tunnels, Upstream};
 use idemgate::store::memory::MemoryStore;
 use idemgate::store::{RecordStore, Store};
 use idemgate::Body;
@@ -58,11 +59,13 @@ fn policies(idempotency: &str) -> idemgate::config::Policies {
 }
 
 fn settings() -> Settings {
+    let metrics = idemgate::metrics::Metrics::standalone();
     Settings {
         on_store_error: OnStoreError::Reject,
         body_read_timeout: Duration::from_secs(600),
         tasks: TaskTracker::new(),
-        metrics: idemgate::metrics::Metrics::standalone(),
+        tunnels: Tunnels::new(metrics.open_tunnels.clone()),
+        metrics,
     }
 }
 

@@ -118,6 +118,7 @@ async fn bytes_are_counted_and_bound_new_keys() {
                 headers: Default::default(),
                 body: bytes::Bytes::from(vec![n; 100 << 10]),
                 body_omitted: false,
+                trailers: http::HeaderMap::new(),
             },
         })
     };

@@ -84,6 +84,7 @@ fn record(n: u8) -> Arc<CompletedRecord> {
             headers: HeaderMap::new(),
             body: Bytes::from_static(b"r"),
             body_omitted: false,
+            trailers: http::HeaderMap::new(),
         },
     })
 }

@@ -11,9 +11,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 
 use super::Admin;
+use crate::body::full;
 use crate::body::{read_limited, Read};
 use crate::config::Policy;
-use crate::error::{full, json, Problem};
+use crate::error::{json, Problem};
 use crate::idempotency::key::{parse_key, RecordKey};
 use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::settlement;
@@ -105,7 +106,7 @@ impl Admin {
         body: Body,
     ) -> Response<Body> {
         let bytes = match read_limited(body, MAX_SETTLEMENT).await {
-            Ok(Read::Whole(b)) => b,
+            Ok(Read::Whole(b, _)) => b,
             Ok(Read::Overflow) => {
                 return Problem::new(
                     StatusCode::PAYLOAD_TOO_LARGE,

@@ -13,9 +13,10 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::body::full;
 use crate::config::{AdminTokens, DedupConfig, Policies};
 use crate::dedup::DedupApi;
-use crate::error::{full, Problem};
+use crate::error::Problem;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::Body;

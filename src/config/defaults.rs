@@ -56,7 +56,7 @@ impl Default for StoreConfig {
 impl Default for Policy {
     fn default() -> Self {
         Policy {
-            key_from: KeyFrom::Header(HeaderName::from_static("idempotency-key")),
+            key_from: KeyFrom::header_named(HeaderName::from_static("idempotency-key")),
             methods: vec![Method::POST, Method::PATCH],
             required: false,
             record_ttl: Duration::from_secs(24 * 3600),
@@ -70,6 +70,7 @@ impl Default for Policy {
             max_response_body: 4 << 20,
             uncacheable_statuses: vec![408, 429, 502, 503, 504],
             replay_strip_headers: vec![header::SET_COOKIE],
+            no_retry_headers: Vec::new(),
             on_unknown_outcome: OnUnknownOutcome::Hold,
             unknown_statuses: vec![502, 504],
             unknown_ttl: None,

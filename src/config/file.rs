@@ -86,6 +86,7 @@ pub(super) struct PolicyFile {
     pub(super) max_response_body: Option<Value>,
     pub(super) uncacheable_statuses: Option<Value>,
     pub(super) replay_strip_headers: Option<Value>,
+    pub(super) no_retry_headers: Option<Value>,
     pub(super) on_unknown_outcome: Option<Value>,
     pub(super) unknown_statuses: Option<Value>,
     pub(super) unknown_ttl: Option<Value>,

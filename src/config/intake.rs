@@ -64,7 +64,7 @@ impl Checker {
                 self.err(&k("key_from"), "give key_from or header, not both".into())
             }
             (Some(_), None) => self.set(&mut p.key_from, &f.header, &k("header"), |c, path, v| {
-                Checker::header_name(c, path, v).map(KeyFrom::Header)
+                Checker::header_name(c, path, v).map(KeyFrom::header_named)
             }),
             (None, _) => self.set(
                 &mut p.key_from,

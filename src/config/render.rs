@@ -136,6 +136,8 @@ struct PolicyView<'a> {
     max_response_body: u64,
     uncacheable_statuses: &'a [u16],
     replay_strip_headers: Vec<&'a str>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    no_retry_headers: std::collections::BTreeMap<&'a str, &'a str>,
     on_unknown_outcome: &'static str,
     unknown_statuses: &'a [u16],
     /// Only when set: unset, it follows `record_ttl`.
@@ -186,6 +188,11 @@ impl<'a> PolicyView<'a> {
             max_response_body: p.max_response_body,
             uncacheable_statuses: &p.uncacheable_statuses,
             replay_strip_headers: names(&p.replay_strip_headers),
+            no_retry_headers: p
+                .no_retry_headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.to_str().unwrap_or("")))
+                .collect(),
             on_unknown_outcome: match p.on_unknown_outcome {
                 OnUnknownOutcome::Hold => "hold",
                 OnUnknownOutcome::Release => "release",

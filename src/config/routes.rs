@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, Method};
+use http::{HeaderName, HeaderValue, Method};
 
 use super::encryption::KeySource;
 use super::upstream::UpstreamConfig;
@@ -34,6 +34,9 @@ pub struct Policy {
     pub max_response_body: u64,
     pub uncacheable_statuses: Vec<u16>,
     pub replay_strip_headers: Vec<HeaderName>,
+    /// Sent with every refusal that retrying cannot change (next to
+    /// `x-should-retry: false`), e.g. `Stripe-Should-Retry: false`.
+    pub no_retry_headers: Vec<(HeaderName, HeaderValue)>,
     /// What a forwarded request whose outcome is unknown leaves behind.
     pub on_unknown_outcome: OnUnknownOutcome,
     /// Upstream statuses that mean "a gateway behind the upstream gave up":

@@ -343,10 +343,22 @@ impl Checker {
         for (slot, v, name) in [
             (&mut p.record_ttl, &f.record_ttl, "record_ttl"),
             (&mut p.lease_ttl, &f.lease_ttl, "lease_ttl"),
-            (&mut p.wait_timeout, &f.wait_timeout, "wait_timeout"),
         ] {
             self.set(slot, v, &k(name), Checker::duration);
         }
+        // "0s": a duplicate of a request in flight gets 409 at once.
+        self.set(
+            &mut p.wait_timeout,
+            &f.wait_timeout,
+            &k("wait_timeout"),
+            Checker::duration_or_zero,
+        );
+        self.set(
+            &mut p.no_retry_headers,
+            &f.no_retry_headers,
+            &k("no_retry_headers"),
+            Checker::header_table,
+        );
         for (slot, v, name) in [
             (&mut p.scope_headers, &f.scope_headers, "scope_headers"),
             (

@@ -6,7 +6,8 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};
 
-use crate::error::{full, json, Problem};
+use crate::body::full;
+use crate::error::{json, Problem};
 use crate::idempotency::dedup::ClaimOutcome;
 use crate::store::StoreError;
 use crate::Body;

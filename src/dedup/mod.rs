@@ -212,7 +212,7 @@ impl DedupApi {
     async fn read(&self, body: Body) -> Result<Bytes, ApiError> {
         let limit = self.config.max_request_body;
         match read_limited(body, limit).await {
-            Ok(Read::Whole(b)) => Ok(b),
+            Ok(Read::Whole(b, _)) => Ok(b),
             Ok(Read::Overflow) => Err(ApiError::Status(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body-too-large",

@@ -12,7 +12,10 @@ use super::pointer::{JsonPointer, PointerError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyFrom {
     /// `header:NAME`: the header's value, parsed as an `Idempotency-Key`.
-    Header(HeaderName),
+    /// `header:NAME|OTHER`: whichever of the spellings the request uses
+    /// (a provider that renamed its headers); both at once is a key sent
+    /// twice.
+    Header(Vec<HeaderName>),
     /// `json:/pointer`: the string or number the pointer names in a JSON body.
     Json(JsonPointer),
     /// `body-sha256`: the body's SHA-256 in hex; identical bodies are one
@@ -26,10 +29,15 @@ impl KeyFrom {
         if text == "body-sha256" {
             return Ok(KeyFrom::BodySha256);
         }
-        if let Some(name) = text.strip_prefix("header:") {
-            return HeaderName::from_bytes(name.trim().as_bytes())
-                .map(KeyFrom::Header)
-                .map_err(|_| format!("{name:?} is not a header name"));
+        if let Some(names) = text.strip_prefix("header:") {
+            return names
+                .split('|')
+                .map(|name| {
+                    HeaderName::from_bytes(name.trim().as_bytes())
+                        .map_err(|_| format!("{name:?} is not a header name"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(KeyFrom::Header);
         }
         if let Some(pointer) = text.strip_prefix("json:") {
             return JsonPointer::parse(pointer).map(KeyFrom::Json);
@@ -42,7 +50,7 @@ impl KeyFrom {
     /// The text `parse` reads back.
     pub fn render(&self) -> String {
         match self {
-            KeyFrom::Header(name) => format!("header:{name}"),
+            KeyFrom::Header(names) => format!("header:{}", join(names, "|")),
             KeyFrom::Json(p) => format!("json:{p}"),
             KeyFrom::BodySha256 => "body-sha256".to_owned(),
         }
@@ -51,7 +59,11 @@ impl KeyFrom {
     /// What a request must carry, for problem details.
     pub fn describe(&self) -> String {
         match self {
-            KeyFrom::Header(name) => format!("the {name} header"),
+            KeyFrom::Header(names) => match names.split_first() {
+                Some((first, [])) => format!("the {first} header"),
+                Some((first, rest)) => format!("the {first} header (or {})", join(rest, ", ")),
+                None => "a key header".to_owned(),
+            },
             KeyFrom::Json(p) => format!("a JSON body with a string or number at {p}"),
             KeyFrom::BodySha256 => "a request body".to_owned(),
         }
@@ -61,9 +73,25 @@ impl KeyFrom {
     /// the route's key header, or `Idempotency-Key` for body keys.
     pub fn header(&self) -> HeaderName {
         match self {
-            KeyFrom::Header(name) => name.clone(),
+            KeyFrom::Header(names) => names
+                .first()
+                .cloned()
+                .unwrap_or(HeaderName::from_static("idempotency-key")),
             _ => HeaderName::from_static("idempotency-key"),
         }
+    }
+
+    /// The header names a header source reads; `None` for body sources.
+    pub fn headers(&self) -> Option<&[HeaderName]> {
+        match self {
+            KeyFrom::Header(names) => Some(names),
+            _ => None,
+        }
+    }
+
+    /// `header:NAME`.
+    pub fn header_named(name: HeaderName) -> Self {
+        KeyFrom::Header(vec![name])
     }
 
     /// The key a body carries, for the body sources: `Ok(None)` when it has
@@ -85,6 +113,14 @@ impl KeyFrom {
         };
         check_text(key, max_len).map(Some)
     }
+}
+
+fn join(names: &[HeaderName], sep: &str) -> String {
+    names
+        .iter()
+        .map(HeaderName::as_str)
+        .collect::<Vec<_>>()
+        .join(sep)
 }
 
 /// A key taken from a body: non-empty printable ASCII (spaces allowed),
@@ -113,6 +149,7 @@ mod tests {
     fn parses_and_renders_each_source() {
         for text in [
             "header:x-github-delivery",
+            "header:x-shopify-event-id|shopify-event-id",
             "json:/data/id",
             "json:/a~1b",
             "body-sha256",
@@ -121,7 +158,11 @@ mod tests {
         }
         assert_eq!(
             KeyFrom::parse("header:X-GitHub-Delivery").unwrap(),
-            KeyFrom::Header(HeaderName::from_static("x-github-delivery"))
+            KeyFrom::header_named(HeaderName::from_static("x-github-delivery"))
+        );
+        assert_eq!(
+            KeyFrom::parse("header:a|b").unwrap().describe(),
+            "the a header (or b)"
         );
         for bad in [
             "",
@@ -129,6 +170,7 @@ mod tests {
             "json:id",
             "header:",
             "header:a b",
+            "header:a|",
             "body",
             "json:/a~",
         ] {

@@ -12,6 +12,12 @@
 //! ..  body (the rest of the bytes, raw)
 //! ```
 //!
+//! Version 2 adds the response's trailers (gRPC's `grpc-status`, a chunked
+//! response's trailer fields) after the headers, in the same form: `u16
+//! trailer count`, then per trailer as per header. A record without
+//! trailers is still written as version 1, byte for byte what earlier
+//! builds wrote and read; both versions are read.
+//!
 //! Raw body bytes, no base64: a replay is one read and one copy-free slice.
 
 use bytes::{Buf, BufMut, Bytes};
@@ -19,8 +25,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::key::Fingerprint;
 
-/// The encoding version this build writes.
+/// The encoding version of a record without trailers.
 pub const VERSION: u8 = 1;
+/// The encoding version of a record with trailers.
+pub const VERSION_TRAILERS: u8 = 2;
 const FLAG_BODY_OMITTED: u8 = 1;
 
 /// A stored response, replayed to duplicates.
@@ -32,6 +40,8 @@ pub struct StoredResponse {
     /// The upstream body was larger than `max_response_body`: replays carry an
     /// empty body and `Idempotent-Body-Omitted: true`.
     pub body_omitted: bool,
+    /// Trailer fields that followed the body (empty: none).
+    pub trailers: HeaderMap,
 }
 
 /// A completed record: the request it answered and the answer.
@@ -63,26 +73,26 @@ impl CompletedRecord {
     /// Encodes into a vector of exactly the encoded length.
     pub fn encode_vec(&self) -> Vec<u8> {
         let r = &self.response;
-        let headers_len: usize = r
-            .headers
-            .iter()
-            .map(|(n, v)| 6 + n.as_str().len() + v.len())
-            .sum();
-        let mut b = Vec::with_capacity(1 + 1 + 32 + 8 + 2 + 2 + headers_len + r.body.len());
-        b.put_u8(VERSION);
+        let fields_len = |h: &HeaderMap| -> usize {
+            h.iter().map(|(n, v)| 6 + n.as_str().len() + v.len()).sum()
+        };
+        let trailers = !r.trailers.is_empty();
+        let len = 1 + 1 + 32 + 8 + 2 + 2 + fields_len(&r.headers) + r.body.len();
+        let len = len
+            + if trailers {
+                2 + fields_len(&r.trailers)
+            } else {
+                0
+            };
+        let mut b = Vec::with_capacity(len);
+        b.put_u8(if trailers { VERSION_TRAILERS } else { VERSION });
         b.put_u8(if r.body_omitted { FLAG_BODY_OMITTED } else { 0 });
         b.put_slice(&self.fingerprint.0);
         b.put_u64(self.created_unix_ms);
         b.put_u16(r.status.as_u16());
-        // Header counts and lengths are bounded well below these limits by
-        // hyper's own header limits; saturate rather than wrap regardless.
-        let count = r.headers.len().min(u16::MAX as usize);
-        b.put_u16(count as u16);
-        for (n, v) in r.headers.iter().take(count) {
-            b.put_u16(n.as_str().len() as u16);
-            b.put_slice(n.as_str().as_bytes());
-            b.put_u32(v.len() as u32);
-            b.put_slice(v.as_bytes());
+        put_fields(&mut b, &r.headers);
+        if trailers {
+            put_fields(&mut b, &r.trailers);
         }
         b.put_slice(&r.body);
         b
@@ -99,7 +109,7 @@ impl CompletedRecord {
         }
         need(&bytes, 1)?;
         let version = bytes.get_u8();
-        if version != VERSION {
+        if version != VERSION && version != VERSION_TRAILERS {
             return Err(DecodeError::UnknownVersion(version));
         }
         need(&bytes, 1 + 32 + 8 + 2 + 2)?;
@@ -108,28 +118,13 @@ impl CompletedRecord {
         bytes.copy_to_slice(&mut fp);
         let created_unix_ms = bytes.get_u64();
         let status = StatusCode::from_u16(bytes.get_u16()).map_err(|_| DecodeError::Invalid)?;
-        let count = bytes.get_u16() as usize;
-        // The count is data, not a promise: a header takes at least 6 bytes,
-        // so never reserve more than the rest could hold (and HeaderMap
-        // panics past its own maximum unless asked fallibly).
-        let capacity = count.min(bytes.remaining() / 6);
-        let mut headers =
-            HeaderMap::try_with_capacity(capacity).map_err(|_| DecodeError::Invalid)?;
-        for _ in 0..count {
+        let headers = get_fields(&mut bytes)?;
+        let trailers = if version == VERSION_TRAILERS {
             need(&bytes, 2)?;
-            let n = bytes.get_u16() as usize;
-            need(&bytes, n)?;
-            let name =
-                HeaderName::from_bytes(&bytes.split_to(n)).map_err(|_| DecodeError::Invalid)?;
-            need(&bytes, 4)?;
-            let n = bytes.get_u32() as usize;
-            need(&bytes, n)?;
-            let value = HeaderValue::from_maybe_shared(bytes.split_to(n))
-                .map_err(|_| DecodeError::Invalid)?;
-            headers
-                .try_append(name, value)
-                .map_err(|_| DecodeError::Invalid)?;
-        }
+            get_fields(&mut bytes)?
+        } else {
+            HeaderMap::new()
+        };
         Ok(CompletedRecord {
             fingerprint: Fingerprint(fp),
             created_unix_ms,
@@ -138,9 +133,56 @@ impl CompletedRecord {
                 headers,
                 body: bytes,
                 body_omitted: flags & FLAG_BODY_OMITTED != 0,
+                trailers,
             },
         })
     }
+}
+
+/// A field section: `u16` count, then per field `u16` name length, name,
+/// `u32` value length, value. Counts and lengths are bounded well below
+/// these limits by hyper's own header limits; saturate rather than wrap.
+fn put_fields(b: &mut Vec<u8>, fields: &HeaderMap) {
+    let count = fields.len().min(u16::MAX as usize);
+    b.put_u16(count as u16);
+    for (n, v) in fields.iter().take(count) {
+        b.put_u16(n.as_str().len() as u16);
+        b.put_slice(n.as_str().as_bytes());
+        b.put_u32(v.len() as u32);
+        b.put_slice(v.as_bytes());
+    }
+}
+
+/// Reads what [`put_fields`] wrote (its count not yet read).
+fn get_fields(bytes: &mut Bytes) -> Result<HeaderMap, DecodeError> {
+    let need = |b: &Bytes, n: usize| {
+        if b.remaining() < n {
+            Err(DecodeError::Truncated)
+        } else {
+            Ok(())
+        }
+    };
+    let count = bytes.get_u16() as usize;
+    // The count is data, not a promise: a field takes at least 6 bytes, so
+    // never reserve more than the rest could hold (and HeaderMap panics
+    // past its own maximum unless asked fallibly).
+    let capacity = count.min(bytes.remaining() / 6);
+    let mut fields = HeaderMap::try_with_capacity(capacity).map_err(|_| DecodeError::Invalid)?;
+    for _ in 0..count {
+        need(bytes, 2)?;
+        let n = bytes.get_u16() as usize;
+        need(bytes, n)?;
+        let name = HeaderName::from_bytes(&bytes.split_to(n)).map_err(|_| DecodeError::Invalid)?;
+        need(bytes, 4)?;
+        let n = bytes.get_u32() as usize;
+        need(bytes, n)?;
+        let value =
+            HeaderValue::from_maybe_shared(bytes.split_to(n)).map_err(|_| DecodeError::Invalid)?;
+        fields
+            .try_append(name, value)
+            .map_err(|_| DecodeError::Invalid)?;
+    }
+    Ok(fields)
 }
 
 #[cfg(test)]
@@ -160,8 +202,26 @@ mod tests {
                 headers,
                 body: Bytes::from_static(body),
                 body_omitted: omitted,
+                trailers: HeaderMap::new(),
             },
         }
+    }
+
+    #[test]
+    fn trailers_round_trip_in_version_2_and_version_1_stays_as_it_was() {
+        let plain = sample(b"{}", false);
+        assert_eq!(plain.encode()[0], VERSION, "no trailers: version 1");
+        let mut rec = sample(b"\0\0\0\0\x02hi", false);
+        rec.response
+            .trailers
+            .insert("grpc-status", HeaderValue::from_static("0"));
+        rec.response
+            .trailers
+            .insert("x-meta", HeaderValue::from_static("a"));
+        let enc = rec.encode();
+        assert_eq!(enc[0], VERSION_TRAILERS);
+        assert_eq!(CompletedRecord::decode(enc.clone()).unwrap(), rec);
+        assert!(enc.ends_with(b"\0\0\0\0\x02hi"), "the body is still last");
     }
 
     #[test]

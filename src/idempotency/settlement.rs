@@ -80,6 +80,7 @@ pub fn parse(body: &[u8]) -> Result<StoredResponse, BadSettlement> {
         headers,
         body,
         body_omitted: false,
+        trailers: http::HeaderMap::new(),
     })
 }
 

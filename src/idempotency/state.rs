@@ -303,6 +303,7 @@ mod tests {
                 headers: Default::default(),
                 body: Default::default(),
                 body_omitted: false,
+                trailers: http::HeaderMap::new(),
             },
         })
     }

@@ -73,6 +73,8 @@ pub struct MetricSet {
     pub store_duration: HistogramVec,
     pub store_errors: IntCounterVec,
     pub waiting_duplicates: IntGauge,
+    /// Upgraded connections (WebSockets) joined to their upstream now.
+    pub open_tunnels: IntGauge,
     pub lease_renewals: IntCounter,
     pub lease_lost: IntCounter,
     pub dedup_operations: IntCounterVec,
@@ -138,6 +140,10 @@ impl Metrics {
         let waiting_duplicates = IntGauge::new(
             "idemgate_waiting_duplicates",
             "Duplicates waiting for an in-flight original.",
+        )?;
+        let open_tunnels = IntGauge::new(
+            "idemgate_open_tunnels",
+            "Upgraded connections (WebSockets and the like) joined to their upstream.",
         )?;
         let lease_renewals = IntCounter::new(
             "idemgate_lease_renewals_total",
@@ -218,6 +224,7 @@ impl Metrics {
         registry.register(Box::new(store_duration.clone()))?;
         registry.register(Box::new(store_errors.clone()))?;
         registry.register(Box::new(waiting_duplicates.clone()))?;
+        registry.register(Box::new(open_tunnels.clone()))?;
         registry.register(Box::new(lease_renewals.clone()))?;
         registry.register(Box::new(lease_lost.clone()))?;
         registry.register(Box::new(dedup_operations.clone()))?;
@@ -292,6 +299,7 @@ impl Metrics {
             store_duration,
             store_errors,
             waiting_duplicates,
+            open_tunnels,
             lease_renewals,
             lease_lost,
             dedup_operations,

@@ -24,11 +24,14 @@ pub enum Outcome {
     TooManyKeys,
     /// A webhook delivery whose signature did not check out: 401.
     InvalidSignature,
+    /// A request that switched protocols: the client's connection joined to
+    /// the upstream's (a WebSocket, say), without state.
+    Upgraded,
 }
 
 impl Outcome {
     /// Every outcome, in declaration order (`ALL[o as usize] == o`).
-    pub const ALL: [Outcome; 14] = [
+    pub const ALL: [Outcome; 15] = [
         Outcome::Forwarded,
         Outcome::Replayed,
         Outcome::Conflict,
@@ -43,6 +46,7 @@ impl Outcome {
         Outcome::OutcomeUnknown,
         Outcome::TooManyKeys,
         Outcome::InvalidSignature,
+        Outcome::Upgraded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,6 +65,7 @@ impl Outcome {
             Outcome::OutcomeUnknown => "outcome_unknown",
             Outcome::TooManyKeys => "too_many_keys",
             Outcome::InvalidSignature => "invalid_signature",
+            Outcome::Upgraded => "upgraded",
         }
     }
 }

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, Response};
+use http::{HeaderMap, HeaderValue, Response};
 use tokio_util::task::TaskTracker;
 
 use super::live::Lives;
 use super::reconcile::Reconciler;
 use super::routing::SharedRouting;
+use super::tunnel::Tunnels;
 use super::upstream::Upstream;
 use crate::config::{OnStoreError, Policy};
 use crate::error::ProxyError;
@@ -30,6 +31,8 @@ pub struct Settings {
     pub body_read_timeout: Duration,
     /// Detached upstream calls are spawned here so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Upgraded connections joined to their upstream, closed on drain.
+    pub tunnels: Tunnels,
     pub metrics: Metrics,
 }
 
@@ -47,16 +50,23 @@ pub(super) struct Shared {
 /// How a request ended, and with what.
 pub struct Handled {
     pub outcome: Outcome,
-    pub response: Response<Body>,
+    pub reply: Reply,
     /// The record key, once derived (logged as its hash, never the key).
     pub record: Option<RecordKey>,
+}
+
+/// What the client gets: a response (the upstream's, a replay), or a
+/// refusal of idemgate's own, rendered in the shape the client speaks.
+pub enum Reply {
+    Response(Response<Body>),
+    Refused(ProxyError, Arc<Policy>),
 }
 
 impl Handled {
     pub fn new(outcome: Outcome, response: Response<Body>) -> Self {
         Handled {
             outcome,
-            response,
+            reply: Reply::Response(response),
             record: None,
         }
     }
@@ -65,14 +75,43 @@ impl Handled {
         self.record = Some(record);
         self
     }
+
+    /// The response for a client: a refusal as problem JSON, or in gRPC's
+    /// shape for a gRPC client; with the route's `no_retry_headers` where
+    /// retrying cannot help.
+    pub fn into_response(self, grpc: bool) -> Response<Body> {
+        match self.reply {
+            Reply::Response(r) => r,
+            Reply::Refused(e, policy) => {
+                let problem = e.problem();
+                let no_retry = problem.should_retry == Some(false);
+                let mut resp = if grpc {
+                    problem.into_grpc_response()
+                } else {
+                    problem.into_response()
+                };
+                if no_retry {
+                    for (name, value) in &policy.no_retry_headers {
+                        resp.headers_mut().insert(name.clone(), value.clone());
+                    }
+                }
+                resp
+            }
+        }
+    }
 }
 
-/// A request idemgate answers itself, with a problem.
-pub(super) fn refuse(e: ProxyError) -> Handled {
+/// A request idemgate answers itself, refusing it under the route's
+/// `policy`.
+pub(super) fn refuse(e: ProxyError, policy: &Arc<Policy>) -> Handled {
     if matches!(e, ProxyError::Upstream(_) | ProxyError::Store(_)) {
         tracing::warn!(error = %e, "request failed");
     }
-    Handled::new(e.outcome(), e.to_response())
+    Handled {
+        outcome: e.outcome(),
+        reply: Reply::Refused(e, policy.clone()),
+        record: None,
+    }
 }
 
 /// A request's key, found and checked: the header value it came in (or
@@ -114,6 +153,11 @@ impl FoundKey {
 pub struct Covered {
     pub(super) parts: Parts,
     pub(super) body: Bytes,
+    /// The request body's trailers, sent on after it.
+    pub(super) trailers: Option<HeaderMap>,
+    /// A bound on the upstream call shorter than the upstream's own
+    /// timeout (a gRPC call's `grpc-timeout`).
+    pub(super) deadline: Option<Duration>,
     pub(super) policy: Arc<Policy>,
     pub(super) upstream: Upstream,
     pub(super) key: FoundKey,
@@ -155,6 +199,8 @@ impl Covered {
         Covered {
             parts,
             body,
+            trailers: None,
+            deadline: None,
             policy,
             upstream,
             key,
@@ -166,5 +212,18 @@ impl Covered {
     /// The record this request settles.
     pub fn record_key(&self) -> RecordKey {
         self.record_key
+    }
+
+    /// Trailers to send after the body.
+    pub fn with_trailers(mut self, trailers: Option<HeaderMap>) -> Self {
+        self.trailers = trailers;
+        self
+    }
+
+    /// Bounds the upstream call by `deadline` where it is shorter than the
+    /// upstream's timeout.
+    pub fn with_deadline(mut self, deadline: Option<Duration>) -> Self {
+        self.deadline = deadline;
+        self
     }
 }

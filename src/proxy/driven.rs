@@ -33,6 +33,7 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http::{header, HeaderValue, Request, Response, Uri};
 use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -286,6 +287,26 @@ impl Pool {
                     None => return Err(UpstreamError::Failed(error_chain(e.error()))),
                 },
             }
+        }
+    }
+
+    /// Sends a request that asks to switch protocols on a connection of
+    /// its own, driven by a task of its own until the upgrade takes it
+    /// (or the upstream answers otherwise and it closes): the response's
+    /// `hyper::upgrade::on` then yields the connection.
+    pub async fn upgrade(&self, mut req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut().insert(header::HOST, self.0.host.clone());
+        }
+        let Link { mut send, conn, .. } = self.connect().await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+            }
+        });
+        match send.send_request(req).await {
+            Ok(resp) => Ok(resp.map(|b| b.map_err(Into::into).boxed())),
+            Err(e) => Err(UpstreamError::Failed(error_chain(&e))),
         }
     }
 

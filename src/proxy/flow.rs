@@ -20,8 +20,9 @@ use super::reconcile::Answer;
 use super::records::{joined_response, replay, stored_headers, unix_ms};
 use super::timed::call_upstream;
 use super::upstream::Upstream;
+use crate::body::whole;
 use crate::config::{OnStoreError, Policy};
-use crate::error::{full, ProxyError};
+use crate::error::{ProxyError, UpstreamError};
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{decide, Begin, Decision, Resolution, Unknown};
@@ -34,12 +35,15 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
     let Covered {
         parts,
         body,
+        trailers,
+        deadline: call_deadline,
         policy,
         upstream: inner,
         key: found,
         record_key,
         fingerprint: fp,
     } = covered;
+    let refused_with = |e| refuse(e, &policy).on(record_key);
     let store = &shared.store;
     let deadline = Instant::now() + policy.wait_timeout;
     loop {
@@ -51,7 +55,7 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
         let begun = match begun {
             Ok(b) => b,
             Err(e) => {
-                return store_failed(shared, inner, parts, body, e)
+                return store_failed(shared, &policy, inner, parts, body, trailers, e)
                     .await
                     .on(record_key)
             }
@@ -70,29 +74,35 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
                     let _ = store
                         .observe(StoreOp::Release, |b| b.release(&record_key, &lease))
                         .await;
-                    let handled = match refused {
-                        Refused::OverRate(wait) => refuse(ProxyError::TooManyKeys(wait)),
-                        Refused::Store(e) => store_failed(shared, inner, parts, body, e).await,
+                    return match refused {
+                        Refused::OverRate(wait) => refused_with(ProxyError::TooManyKeys(wait)),
+                        Refused::Store(e) => {
+                            store_failed(shared, &policy, inner, parts, body, trailers, e)
+                                .await
+                                .on(record_key)
+                        }
                     };
-                    return handled.on(record_key);
                 }
-                let job = Job::new(shared, record_key, lease, fp, policy, inner.timeout());
+                // A call's own deadline (grpc-timeout) bounds it where it is
+                // shorter than the upstream's timeout.
+                let timeout = call_deadline.map_or(inner.timeout(), |d| d.min(inner.timeout()));
+                let job = Job::new(shared, record_key, lease, fp, policy, timeout);
                 return job
-                    .spawn(&shared.settings.tasks, inner, parts, body)
+                    .spawn(&shared.settings.tasks, inner, parts, body, trailers)
                     .await
                     .on(record_key);
             }
             Decision::Replay(record) => {
                 return Handled::new(Outcome::Replayed, replay(&record.response)).on(record_key)
             }
-            Decision::Mismatch => return refuse(ProxyError::KeyReused).on(record_key),
+            Decision::Mismatch => return refused_with(ProxyError::KeyReused),
             Decision::Unknown { unknown, reconcile } => {
                 if lapsed_now {
                     shared.settings.metrics.unknown_outcome("lapsed", "held");
                     tracing::warn!(record = %record_key.to_hex(), fence = unknown.fence, "outcome unknown: the lease holder stopped renewing after it forwarded; holding the key");
                 }
                 if !reconcile {
-                    return refuse(ProxyError::OutcomeUnknown(unknown)).on(record_key);
+                    return refused_with(ProxyError::OutcomeUnknown(unknown));
                 }
                 // Owned: borrowed key text must not live across an await.
                 let key = found.text(policy.max_key_length).into_owned();
@@ -112,12 +122,15 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
                     }
                     // It did not run (or was settled meanwhile): begin again.
                     Asked::Again => continue,
-                    Asked::Unknown => {
-                        return refuse(ProxyError::OutcomeUnknown(unknown)).on(record_key);
-                    }
+                    Asked::Unknown => return refused_with(ProxyError::OutcomeUnknown(unknown)),
                 }
             }
             Decision::Wait { fence } => {
+                // `wait_timeout = "0s"`, the strict setting: 409 at once,
+                // without joining or waiting.
+                if policy.wait_timeout.is_zero() {
+                    return refused_with(ProxyError::InProgress);
+                }
                 // The original streams from this process: join it, from
                 // its first byte, as soon as its head is in.
                 if let Some(live) = shared.lives.get(&record_key, fence) {
@@ -131,7 +144,7 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
                     }
                 }
                 if Instant::now() >= deadline {
-                    return refuse(ProxyError::InProgress).on(record_key);
+                    return refused_with(ProxyError::InProgress);
                 }
                 let waited = {
                     // A guard, not inc/dec: a client that disconnects drops
@@ -140,7 +153,7 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
                     store.wait(&record_key, fence, deadline).await
                 };
                 if let Err(e) = waited {
-                    return store_failed(shared, inner, parts, body, e)
+                    return store_failed(shared, &policy, inner, parts, body, trailers, e)
                         .await
                         .on(record_key);
                 }
@@ -198,7 +211,8 @@ async fn ask(
         .ask(policy, key, raw_key, unknown.fence, headers)
         .await;
     let (resolution, found) = match answer {
-        Answer::Found(mut response) => {
+        Answer::Found(response) => {
+            let mut response = *response;
             strip_hop_by_hop(&mut response.headers);
             response.headers = stored_headers(policy, &response.headers);
             let record = Arc::new(CompletedRecord {
@@ -263,33 +277,45 @@ impl Drop for Waiting<'_> {
 /// The store failed: refuse (503), or forward without idempotency.
 async fn store_failed(
     shared: &Shared,
+    policy: &Arc<Policy>,
     inner: Upstream,
     parts: Parts,
     body: Bytes,
+    trailers: Option<HeaderMap>,
     err: StoreError,
 ) -> Handled {
     match shared.settings.on_store_error {
         OnStoreError::Reject => {
             tracing::warn!(error = %err, "store failed; refusing the request");
-            refuse(ProxyError::Store(err))
+            refuse(ProxyError::Store(err), policy)
         }
         OnStoreError::PassThrough => {
             tracing::warn!(error = %err, "store failed; forwarding without idempotency");
-            pass_through(shared, inner, parts, full(body)).await
+            pass_through(shared, policy, inner, parts, whole(body, trailers), None).await
         }
     }
 }
 
-/// Forwards a request untouched (streamed) and without state.
+/// Forwards a request untouched (streamed) and without state, its head
+/// within `deadline` where that is shorter than the upstream's timeout.
 pub(super) async fn pass_through(
     shared: &Shared,
+    policy: &Arc<Policy>,
     upstream: Upstream,
     parts: Parts,
     body: Body,
+    deadline: Option<Duration>,
 ) -> Handled {
     let req = Request::from_parts(parts, body);
-    match call_upstream(&shared.settings.metrics, upstream, req).await {
+    let call = call_upstream(&shared.settings.metrics, upstream, req);
+    let answered = match deadline {
+        None => call.await,
+        Some(d) => tokio::time::timeout(d, call)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(d))),
+    };
+    match answered {
         Ok(resp) => Handled::new(Outcome::PassThrough, resp),
-        Err(e) => refuse(ProxyError::Upstream(e)),
+        Err(e) => refuse(ProxyError::Upstream(e), policy),
     }
 }

@@ -15,13 +15,14 @@ pub const IDEMPOTENT_RECONCILED: HeaderName = HeaderName::from_static("idempoten
 pub const IDEMPOTENT_BODY_OMITTED: HeaderName = HeaderName::from_static("idempotent-body-omitted");
 
 /// RFC 9110 §7.6.1 connection-specific fields, plus the de-facto
-/// `proxy-connection` and `keep-alive`.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// `proxy-connection` and `keep-alive`. (`Trailer` is not one: it names the
+/// trailer fields end to end, and HTTP/1.1 sends trailers only where it
+/// names them.)
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::PROXY_AUTHENTICATE,

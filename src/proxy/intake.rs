@@ -2,59 +2,103 @@
 //! its key, read its body, check a webhook's signature, find the key where
 //! the route takes it from. It takes no state: the request comes out
 //! [`Covered`] (for the settling loop in `flow`), to be passed through
-//! untouched, or refused.
+//! untouched (an uncovered method, no key, an upgrade, a streaming gRPC
+//! call), or refused.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderMap, HeaderName, Request};
+use http_body_util::BodyExt;
 
 use super::context::{Covered, FoundKey, Shared};
+use super::grpc::{self, is_grpc};
 use super::headers::IDEMPOTENCY_FENCE;
 use super::records::unix_ms;
 use super::routing::Routing;
+use super::tunnel::is_upgrade;
 use super::upstream::Upstream;
-use crate::body::{read_limited, Read};
+use crate::body::{read_limited, whole, Prefixed, Read};
 use crate::config::Policy;
-use crate::error::{error_chain, full, ProxyError};
+use crate::error::{error_chain, ProxyError};
 use crate::idempotency::key::{parse_key, KeyError};
-use crate::idempotency::key_from::KeyFrom;
 use crate::Body;
 
-/// What the intake made of a request.
+/// What the intake made of a request, under the route's policy.
+pub(super) struct Taken {
+    pub policy: Arc<Policy>,
+    pub intake: Intake,
+}
+
+/// What becomes of a request.
 pub(super) enum Intake {
     /// Its key is found, its body read: settle it against the store.
-    Covered(Covered),
-    /// Not covered (method, or no key on a route that does not require
-    /// one): forwarded untouched, without state.
-    PassThrough(Upstream, Parts, Body),
+    /// (Boxed: it is the large one, and it moves twice more.)
+    Covered(Box<Covered>),
+    /// Not covered (method, no key on a route that does not require one,
+    /// a streaming gRPC call): forwarded untouched, without state, within
+    /// the deadline if it names one.
+    PassThrough(Upstream, Parts, Body, Option<Duration>),
+    /// It asks to switch protocols: forwarded untouched, without state,
+    /// and joined to the upstream's connection on `101` (`tunnel`).
+    Upgrade(Upstream, Parts, Body),
     /// Answered with a problem, without state.
     Refused(ProxyError),
 }
 
-pub(super) async fn take(shared: &Shared, routing: &Routing, req: Request<Body>) -> Intake {
+pub(super) async fn take(shared: &Shared, routing: &Routing, req: Request<Body>) -> Taken {
     let (mut parts, body) = req.into_parts();
     // Only idemgate chooses the fence an upstream sees.
     parts.headers.remove(IDEMPOTENCY_FENCE);
     let (policy, upstream) = routing.for_path(parts.uri.path());
     let (policy, upstream) = (policy.clone(), upstream.clone());
+    let intake = intake(shared, &policy, upstream, parts, body).await;
+    Taken { policy, intake }
+}
 
+/// A covered request's body as read: whole (with its trailers), or a gRPC
+/// call found to stream (what was read, and the rest).
+enum BodyRead {
+    Whole(Bytes, Option<HeaderMap>),
+    Streaming(Bytes, Body),
+}
+
+async fn intake(
+    shared: &Shared,
+    policy: &Arc<Policy>,
+    upstream: Upstream,
+    parts: Parts,
+    body: Body,
+) -> Intake {
+    if is_upgrade(&parts) {
+        return Intake::Upgrade(upstream, parts, body);
+    }
+    let grpc = is_grpc(&parts.headers);
+    let deadline = if grpc {
+        match grpc::timeout(&parts.headers) {
+            Ok(d) => d,
+            Err(e) => return Intake::Refused(e),
+        }
+    } else {
+        None
+    };
     if !policy.covers(&parts.method) {
-        return Intake::PassThrough(upstream, parts, body);
+        return Intake::PassThrough(upstream, parts, body, deadline);
     }
     // Off webhook routes a key header is checked before the body is read:
     // a bad one is refused, a missing one passed through streamed.
     let mut found = None;
     if policy.webhook.is_none() {
-        if let KeyFrom::Header(name) = &policy.key_from {
-            match one_header(&parts.headers, name, &policy) {
+        if let Some(names) = policy.key_from.headers() {
+            match one_header(&parts.headers, names, policy) {
                 Err(e) => return Intake::Refused(e),
                 Ok(Some(key)) => found = Some(key),
                 Ok(None) if policy.required => {
                     return Intake::Refused(ProxyError::MissingKey(policy.key_from.describe()))
                 }
-                Ok(None) => return Intake::PassThrough(upstream, parts, body),
+                Ok(None) => return Intake::PassThrough(upstream, parts, body, deadline),
             }
         }
     }
@@ -64,10 +108,25 @@ pub(super) async fn take(shared: &Shared, routing: &Routing, req: Request<Body>)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let limit = shared.settings.body_read_timeout;
-    let body = match tokio::time::timeout(limit, read_body(declared, body, policy.max_request_body))
-        .await
-    {
-        Ok(Ok(b)) => b,
+    let read = async {
+        if !grpc {
+            let (b, t) = read_body(declared, body, policy.max_request_body).await?;
+            return Ok(BodyRead::Whole(b, t));
+        }
+        // A gRPC call is covered when its request is one message; a
+        // client- or bidi-streaming call goes through as it streams.
+        match grpc::read(body, policy.max_request_body).await? {
+            grpc::Stream::Unary(b, t) => Ok(BodyRead::Whole(b, t)),
+            grpc::Stream::TooLarge => Err(ProxyError::BodyTooLarge(policy.max_request_body)),
+            grpc::Stream::Streaming(head, rest) => Ok(BodyRead::Streaming(head, rest)),
+        }
+    };
+    let (body, trailers) = match tokio::time::timeout(limit, read).await {
+        Ok(Ok(BodyRead::Whole(b, t))) => (b, t),
+        Ok(Ok(BodyRead::Streaming(head, rest))) => {
+            let body = Prefixed::new(head, rest).boxed();
+            return Intake::PassThrough(upstream, parts, body, deadline);
+        }
         Ok(Err(e)) => return Intake::Refused(e),
         Err(_) => return Intake::Refused(ProxyError::BodyTimeout(limit)),
     };
@@ -83,30 +142,34 @@ pub(super) async fn take(shared: &Shared, routing: &Routing, req: Request<Body>)
         }
         shared.settings.metrics.webhook_signature(preset, "ok");
     }
-    let found =
-        match found.map_or_else(|| find_key(&policy, &parts.headers, &body), |f| Ok(Some(f))) {
-            Ok(Some(found)) => found,
-            Ok(None) if policy.required => {
-                return Intake::Refused(ProxyError::MissingKey(policy.key_from.describe()))
-            }
-            Ok(None) => return Intake::PassThrough(upstream, parts, full(body)),
-            Err(e) => return Intake::Refused(e),
-        };
-    Intake::Covered(Covered::new(parts, body, policy, upstream, found))
+    let found = found.map_or_else(|| find_key(policy, &parts.headers, &body), |f| Ok(Some(f)));
+    let found = match found {
+        Ok(Some(found)) => found,
+        Ok(None) if policy.required => {
+            return Intake::Refused(ProxyError::MissingKey(policy.key_from.describe()))
+        }
+        Ok(None) => return Intake::PassThrough(upstream, parts, whole(body, trailers), deadline),
+        Err(e) => return Intake::Refused(e),
+    };
+    let covered = Covered::new(parts, body, policy.clone(), upstream, found);
+    Intake::Covered(Box::new(
+        covered.with_trailers(trailers).with_deadline(deadline),
+    ))
 }
 
-/// The one value of the key header `name`: `None` when absent; sent twice,
-/// or not a valid key, is refused.
+/// The one value of the key header (of any of `names`, the spellings one
+/// provider uses): `None` when absent; sent twice, or not a valid key, is
+/// refused.
 fn one_header(
     headers: &HeaderMap,
-    name: &HeaderName,
+    names: &[HeaderName],
     policy: &Policy,
 ) -> Result<Option<FoundKey>, ProxyError> {
     let invalid = |reason| ProxyError::InvalidKey {
         place: policy.key_from.describe(),
         reason,
     };
-    let mut values = headers.get_all(name).iter();
+    let mut values = names.iter().flat_map(|n| headers.get_all(n).iter());
     match (values.next(), values.next()) {
         (None, _) => Ok(None),
         (Some(_), Some(_)) => Err(invalid(KeyError::Repeated)),
@@ -124,8 +187,8 @@ fn find_key(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Option<FoundKey>, ProxyError> {
-    if let KeyFrom::Header(name) = &policy.key_from {
-        return one_header(headers, name, policy);
+    if let Some(names) = policy.key_from.headers() {
+        return one_header(headers, names, policy);
     }
     let invalid = |reason| ProxyError::InvalidKey {
         place: policy.key_from.describe(),
@@ -141,14 +204,19 @@ fn find_key(
     }
 }
 
-/// Reads a covered request's body, refusing it past `limit` without reading
-/// it whole: a declared Content-Length over the limit is refused at once.
-async fn read_body(declared: Option<u64>, body: Body, limit: u64) -> Result<Bytes, ProxyError> {
+/// Reads a covered request's body and trailers, refusing it past `limit`
+/// without reading it whole: a declared Content-Length over the limit is
+/// refused at once.
+async fn read_body(
+    declared: Option<u64>,
+    body: Body,
+    limit: u64,
+) -> Result<(Bytes, Option<HeaderMap>), ProxyError> {
     if declared.is_some_and(|n| n > limit) {
         return Err(ProxyError::BodyTooLarge(limit));
     }
     match read_limited(body, limit).await {
-        Ok(Read::Whole(b)) => Ok(b),
+        Ok(Read::Whole(b, t)) => Ok((b, t)),
         Ok(Read::Overflow) => Err(ProxyError::BodyTooLarge(limit)),
         Err(e) => Err(ProxyError::BadBody(error_chain(&*e))),
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -25,8 +25,9 @@ use super::live::{Head, Live, Lives};
 use super::records::{stored_headers, unix_ms};
 use super::timed::call_upstream;
 use super::upstream::Upstream;
+use crate::body::whole;
 use crate::config::{OnUnknownOutcome, Policy};
-use crate::error::{error_chain, full, ProxyError, UpstreamError};
+use crate::error::{error_chain, ProxyError, UpstreamError};
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::record::{CompletedRecord, StoredResponse};
 use crate::idempotency::state::{Lease, UnknownCause};
@@ -74,20 +75,21 @@ impl Job {
         inner: Upstream,
         mut parts: Parts,
         body: Bytes,
+        trailers: Option<HeaderMap>,
     ) -> Handled {
         parts
             .headers
             .insert(IDEMPOTENCY_FENCE, HeaderValue::from(self.guard.lease.fence));
-        let req = Request::from_parts(parts, full(body));
+        let req = Request::from_parts(parts, whole(body, trailers));
+        let policy = self.policy.clone();
         let (tx, rx) = oneshot::channel();
         tasks.spawn(async move {
             // The caller may be gone; the record is stored either way.
             self.run(inner, req, tx).await;
         });
         rx.await.unwrap_or_else(|_| {
-            refuse(ProxyError::Upstream(UpstreamError::Broken(
-                "the upstream call was abandoned".into(),
-            )))
+            let e = UpstreamError::Broken("the upstream call was abandoned".into());
+            refuse(ProxyError::Upstream(e), &policy)
         })
     }
 
@@ -160,7 +162,7 @@ impl Job {
                 // Readers get their clean end now; the record follows (a
                 // duplicate arriving in between still joins this stream).
                 live.finish(Ok(()));
-                let body = live.recorded();
+                let (body, trailers) = live.recorded();
                 let record = CompletedRecord {
                     fingerprint: self.fingerprint,
                     created_unix_ms: unix_ms(),
@@ -169,6 +171,7 @@ impl Job {
                         headers,
                         body_omitted: body.is_none(),
                         body: body.unwrap_or_default(),
+                        trailers,
                     },
                 };
                 let (lives, key) = (self.lives.clone(), self.guard.key);
@@ -216,19 +219,24 @@ impl Job {
     ) {
         self.lives.remove(&self.guard.key, live);
         live.finish(Err(e.to_string()));
+        let policy = self.policy.clone();
         self.failed(&e).await;
-        let _ = tx.send(refuse(ProxyError::Upstream(e)));
+        let _ = tx.send(refuse(ProxyError::Upstream(e), &policy));
     }
 }
 
-/// Reads the upstream body into `live` until it ends. Trailers are neither
-/// stored nor sent on (as before streaming).
+/// Reads the upstream body into `live` until it ends; its trailers go to
+/// `live` too (readers get them last, the record keeps them).
 async fn pump(mut body: Body, live: &Live) -> Result<(), String> {
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| error_chain(&*e))?;
-        if let Ok(data) = frame.into_data() {
-            if !data.is_empty() {
-                live.push(data).await;
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) => live.push(data).await,
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    live.trailers(t);
+                }
             }
         }
     }

@@ -1,7 +1,8 @@
 //! A covered response while it streams ("live"): the detached job pushes
-//! the upstream's chunks in as they arrive; the first client and any
-//! duplicates that join on this replica read them from here, each at its
-//! own pace, byte for byte the same.
+//! the upstream's chunks in as they arrive, and its trailers when they come;
+//! the first client and any duplicates that join on this replica read them
+//! from here, each at its own pace, byte for byte the same, the trailers
+//! last.
 //!
 //! Memory is bounded by the route's `max_response_body`: while the body
 //! fits, every chunk is kept (it becomes the record, as before). Once it
@@ -56,6 +57,8 @@ struct Buf {
     total: u64,
     /// Past `bound`: the front may be dropped, the record omits the body.
     overflowed: bool,
+    /// The trailers that followed the body, once they came.
+    trailers: Option<HeaderMap>,
     /// How the stream ended: cleanly, or with the error every reader gets.
     end: Option<Result<(), String>>,
     /// The first client's next chunk index, while it reads.
@@ -122,6 +125,14 @@ impl Live {
         }
     }
 
+    /// The trailers arrived (readers get them after the last chunk).
+    pub fn trailers(&self, trailers: HeaderMap) {
+        self.lock()
+            .trailers
+            .get_or_insert_with(HeaderMap::new)
+            .extend(trailers);
+    }
+
     /// The stream ended: cleanly, or broken off with `why`.
     pub fn finish(&self, end: Result<(), String>) {
         self.lock().end = Some(end);
@@ -132,13 +143,14 @@ impl Live {
     /// a buffer of its own: a chunk is a slice of the upstream connection's
     /// read buffer, and a stored record holding it would pin that whole
     /// buffer for the record's life (kilobytes per small response, which no
-    /// byte bound counts).
-    pub fn recorded(&self) -> Option<Bytes> {
+    /// byte bound counts); and the trailers (empty: none).
+    pub fn recorded(&self) -> (Option<Bytes>, HeaderMap) {
         let b = self.lock();
+        let trailers = b.trailers.clone().unwrap_or_default();
         if b.overflowed {
-            return None;
+            return (None, trailers);
         }
-        Some(match b.chunks.len() {
+        let body = match b.chunks.len() {
             0 => Bytes::new(),
             1 => Bytes::copy_from_slice(&b.chunks[0]),
             _ => {
@@ -148,7 +160,8 @@ impl Live {
                 }
                 out.freeze()
             }
-        })
+        };
+        (Some(body), trailers)
     }
 
     /// The body the first client reads.
@@ -158,6 +171,7 @@ impl Live {
             live: self.clone(),
             at: 0,
             first: true,
+            trailed: false,
         })
     }
 
@@ -180,6 +194,7 @@ impl Live {
                             live: self.clone(),
                             at: 0,
                             first: false,
+                            trailed: false,
                         });
                         return Some((head, body));
                     }
@@ -199,6 +214,8 @@ struct Cursor {
     at: usize,
     /// The first client paces the job; joiners do not.
     first: bool,
+    /// Whether this reader has had the trailers.
+    trailed: bool,
 }
 
 impl Drop for Cursor {
@@ -237,7 +254,15 @@ impl Cursor {
                     return Some(Ok(Frame::data(chunk)));
                 }
                 match &b.end {
-                    Some(Ok(())) => return None,
+                    Some(Ok(())) => {
+                        if !self.trailed {
+                            self.trailed = true;
+                            if let Some(t) = &b.trailers {
+                                return Some(Ok(Frame::trailers(t.clone())));
+                            }
+                        }
+                        return None;
+                    }
                     Some(Err(why)) => return Some(Err(why.clone().into())),
                     None => {}
                 }
@@ -320,7 +345,7 @@ mod tests {
         let want = b"data: 1\n\ndata: 2\n\n".to_vec();
         assert_eq!(first.await.unwrap().unwrap(), want);
         assert_eq!(joiner.await.unwrap().unwrap(), want);
-        assert_eq!(live.recorded().unwrap(), want);
+        assert_eq!(live.recorded().0.unwrap(), want);
     }
 
     #[tokio::test]
@@ -347,7 +372,7 @@ mod tests {
         }
         live.finish(Ok(()));
         assert_eq!(first.await.unwrap().unwrap().len(), 10_000);
-        assert!(live.recorded().is_none(), "the record omits the body");
+        assert!(live.recorded().0.is_none(), "the record omits the body");
         {
             let b = live.lock();
             assert!(b.window <= 1000 + 100, "window {}", b.window);

@@ -25,7 +25,7 @@ use crate::idempotency::settlement;
 /// What the upstream said.
 pub(super) enum Answer {
     /// It ran; this was its response.
-    Found(StoredResponse),
+    Found(Box<StoredResponse>),
     /// It did not run.
     Missing,
     /// No usable answer: why.
@@ -96,7 +96,7 @@ impl Reconciler {
             Err(_) => Answer::Failed(format!("no answer within {:?}", policy.reconcile_timeout)),
             Ok(Err(e)) => Answer::Failed(e),
             Ok(Ok((StatusCode::OK, body))) => match settlement::parse(&body) {
-                Ok(found) => Answer::Found(found),
+                Ok(found) => Answer::Found(Box::new(found)),
                 Err(e) => Answer::Failed(format!("unreadable answer: {e}")),
             },
             Ok(Ok((StatusCode::NOT_FOUND, _))) => Answer::Missing,

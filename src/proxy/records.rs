@@ -9,8 +9,8 @@ use http::{header, HeaderMap, HeaderValue, Response};
 
 use super::headers::{IDEMPOTENT_BODY_OMITTED, IDEMPOTENT_REPLAYED};
 use super::live::Head;
+use crate::body::whole;
 use crate::config::Policy;
-use crate::error::full;
 use crate::idempotency::record::StoredResponse;
 use crate::Body;
 
@@ -42,16 +42,25 @@ pub(super) fn joined_response(head: &Head, body: Body) -> Response<Body> {
     resp
 }
 
-/// A stored response, as a duplicate receives it.
+/// A stored response, as a duplicate receives it: its trailers after the
+/// body, declared in `Trailer` (which HTTP/1.1 needs to send them) when the
+/// upstream did not declare them itself.
 pub(super) fn replay(stored: &StoredResponse) -> Response<Body> {
     let body = if stored.body_omitted {
         Bytes::new()
     } else {
         stored.body.clone()
     };
-    let mut resp = Response::new(full(body));
+    let trailers = (!stored.trailers.is_empty()).then(|| stored.trailers.clone());
+    let mut resp = Response::new(whole(body, trailers));
     *resp.status_mut() = stored.status;
     *resp.headers_mut() = stored.headers.clone();
+    if !stored.trailers.is_empty() && !resp.headers().contains_key(header::TRAILER) {
+        let names: Vec<&str> = stored.trailers.keys().map(|n| n.as_str()).collect();
+        if let Ok(v) = HeaderValue::from_str(&names.join(", ")) {
+            resp.headers_mut().insert(header::TRAILER, v);
+        }
+    }
     resp.headers_mut()
         .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     if stored.body_omitted {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{header, Request, Response};
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
@@ -21,17 +21,25 @@ use tower::Service;
 
 use super::context::{refuse, Covered, Handled, Settings, Shared};
 use super::flow::{pass_through, settle};
-use super::intake::{take, Intake};
+use super::grpc::is_grpc;
+use super::intake::{take, Intake, Taken};
 use super::live::Lives;
 use super::reconcile::Reconciler;
 use super::routing::SharedRouting;
+use super::tunnel::{self, Hold};
+use crate::error::ProxyError;
+use crate::metrics::Outcome;
 use crate::store::Store;
 use crate::{Body, BoxError};
 
-/// The idempotency service. Never fails: every error is a problem response.
+/// The idempotency service. Never fails: every error is a problem response
+/// (or a gRPC status, for a gRPC client).
 #[derive(Clone)]
 pub struct Idempotency {
     shared: Arc<Shared>,
+    /// What keeps this service's client connection counted: handed to a
+    /// tunnel the connection becomes ([`Idempotency::holding`]).
+    hold: Option<Hold>,
 }
 
 impl Idempotency {
@@ -44,6 +52,17 @@ impl Idempotency {
                 lives: Arc::new(Lives::default()),
                 routing,
             }),
+            hold: None,
+        }
+    }
+
+    /// This service for one client connection, whose place under
+    /// `max_connections` `hold` keeps: a tunnel the connection becomes
+    /// holds it too, so it is counted until the tunnel closes.
+    pub fn holding(&self, hold: Hold) -> Self {
+        Idempotency {
+            shared: self.shared.clone(),
+            hold: Some(hold),
         }
     }
 
@@ -56,14 +75,23 @@ impl Idempotency {
     }
 
     /// One proxied request, start to end.
-    async fn handle(shared: Arc<Shared>, req: Request<Body>) -> Handled {
+    async fn handle(shared: Arc<Shared>, req: Request<Body>, hold: Option<Hold>) -> Handled {
         let routing = shared.routing.load_full();
-        match take(&shared, &routing, req).await {
-            Intake::Covered(covered) => settle(&shared, covered).await,
-            Intake::PassThrough(upstream, parts, body) => {
-                pass_through(&shared, upstream, parts, body).await
+        let Taken { policy, intake } = take(&shared, &routing, req).await;
+        match intake {
+            Intake::Covered(covered) => settle(&shared, *covered).await,
+            Intake::PassThrough(upstream, parts, body, deadline) => {
+                pass_through(&shared, &policy, upstream, parts, body, deadline).await
             }
-            Intake::Refused(e) => refuse(e),
+            Intake::Upgrade(upstream, parts, body) => {
+                let tunnels = &shared.settings.tunnels;
+                match tunnel::forward(tunnels, upstream, parts, body, hold).await {
+                    Ok((resp, true)) => Handled::new(Outcome::Upgraded, resp),
+                    Ok((resp, false)) => Handled::new(Outcome::PassThrough, resp),
+                    Err(e) => refuse(ProxyError::Upstream(e), &policy),
+                }
+            }
+            Intake::Refused(e) => refuse(e, &policy),
         }
     }
 }
@@ -84,23 +112,32 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let shared = self.shared.clone();
+        // Only a request that may become a tunnel takes the hold along.
+        let hold = if req.headers().contains_key(header::UPGRADE) {
+            self.hold.clone()
+        } else {
+            None
+        };
         let req = req.map(|b| b.map_err(Into::into).boxed());
         Box::pin(async move {
             let started = Instant::now();
             let method = req.method().clone();
+            let grpc = is_grpc(req.headers());
             let metrics = shared.settings.metrics.clone();
-            let handled = Self::handle(shared, req).await;
+            let handled = Self::handle(shared, req, hold).await;
             let elapsed = started.elapsed();
             metrics.request(handled.outcome, elapsed);
+            let (outcome, record) = (handled.outcome, handled.record);
+            let response = handled.into_response(grpc);
             tracing::debug!(
                 %method,
-                record = handled.record.map(|k| k.to_hex()),
-                outcome = handled.outcome.as_str(),
-                status = handled.response.status().as_u16(),
+                record = record.map(|k| k.to_hex()),
+                outcome = outcome.as_str(),
+                status = response.status().as_u16(),
                 elapsed_ms = elapsed.as_secs_f64() * 1e3,
                 "request"
             );
-            Ok(handled.response)
+            Ok(response)
         })
     }
 }

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{header, HeaderValue, Request, Response, Uri, Version};
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
@@ -49,6 +49,10 @@ enum Inner {
     /// A TLS or h2c upstream: hyper-util's pooled client.
     Client {
         client: Client<HttpsConnector<HttpConnector>, Body>,
+        /// HTTP/1.1 only, for upgrades (an h2 connection cannot switch
+        /// protocols): the client itself where it speaks only HTTP/1.1, a
+        /// second one where ALPN may choose h2, none for h2c.
+        upgrades: Option<Client<HttpsConnector<HttpConnector>, Body>>,
         scheme: Scheme,
         authority: Authority,
     },
@@ -77,14 +81,19 @@ impl Upstream {
         http.set_keepalive(Some(Duration::from_secs(60)));
         http.enforce_http(false);
         let tls = tls_config(u)?;
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http();
+        let builder = || {
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http()
+        };
         let connector = match u.protocol {
             // ALPN offers h2 and http/1.1 over TLS; plaintext stays 1.1.
-            UpstreamProtocol::Auto => builder.enable_http1().enable_http2().wrap_connector(http),
-            UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
-            UpstreamProtocol::H2c => builder.enable_http2().wrap_connector(http),
+            UpstreamProtocol::Auto => builder()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http.clone()),
+            UpstreamProtocol::Http1 => builder().enable_http1().wrap_connector(http.clone()),
+            UpstreamProtocol::H2c => builder().enable_http2().wrap_connector(http.clone()),
         };
         let mut client = Client::builder(TokioExecutor::new());
         client
@@ -92,12 +101,20 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(u.idle_timeout)
             .pool_max_idle_per_host(u.max_idle);
+        let upgrades = match u.protocol {
+            UpstreamProtocol::H2c => None,
+            UpstreamProtocol::Http1 => Some(client.build(connector.clone())),
+            UpstreamProtocol::Auto => {
+                Some(client.build(builder().enable_http1().wrap_connector(http)))
+            }
+        };
         if u.protocol == UpstreamProtocol::H2c {
             client.http2_only(true);
         }
         Ok(Upstream {
             inner: Inner::Client {
                 client: client.build(connector),
+                upgrades,
                 scheme: u.uri.scheme().cloned().unwrap_or(Scheme::HTTP),
                 authority: u
                     .uri
@@ -253,37 +270,116 @@ impl tower::Service<Request<Body>> for Upstream {
                 client,
                 scheme,
                 authority,
+                ..
             } => {
-                let req = outbound(req, |pq| {
-                    let mut parts = http::uri::Parts::default();
-                    parts.scheme = Some(scheme.clone());
-                    parts.authority = Some(authority.clone());
-                    parts.path_and_query = Some(pq);
-                    Uri::from_parts(parts).map_err(|e| UpstreamError::Unreachable(e.to_string()))
-                });
-                let fut = req.map(|req| client.request(req));
+                let req = outbound(req, absolute(scheme, authority));
+                Box::pin(request(client.clone(), req, timeout))
+            }
+        }
+    }
+}
+
+impl Upstream {
+    /// Sends a request that asks to switch protocols, with its `Upgrade`
+    /// and `Connection: upgrade`, on an HTTP/1.1 connection of its own: a
+    /// `101` hands that connection over (`hyper::upgrade::on` the
+    /// response). An h2c upstream gets it as a plain request, since HTTP/2
+    /// has no upgrades.
+    pub fn upgrade(&mut self, req: Request<Body>) -> UpstreamFuture {
+        let timeout = self.timeout;
+        let upgrade = req.headers().get(header::UPGRADE).cloned();
+        let keep = move |req: Result<Request<Body>, UpstreamError>| {
+            req.map(|mut req| {
+                if let Some(u) = &upgrade {
+                    req.headers_mut().insert(header::UPGRADE, u.clone());
+                    req.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                }
+                req
+            })
+        };
+        let fut: UpstreamFuture = match &mut self.inner {
+            Inner::Service(svc) => Box::pin(tower::Service::call(svc, req)),
+            Inner::Driven(pool) => {
+                let req = keep(outbound(req, |pq| Ok(Uri::from(pq))));
+                let pool = pool.clone();
                 Box::pin(async move {
-                    match tokio::time::timeout(timeout, fut?).await {
+                    match tokio::time::timeout(timeout, pool.upgrade(req?)).await {
                         Err(_) => Err(UpstreamError::Timeout(timeout)),
-                        // Only a failed connect proves nothing was sent; any
-                        // other client error may come after the request was
-                        // written. A TLS handshake the server refused (its
-                        // certificate, or our client certificate) never
-                        // carried the request either.
-                        Ok(Err(e)) if e.is_connect() => {
-                            Err(UpstreamError::Unreachable(tls_named(&e)))
-                        }
-                        Ok(Err(e)) if refused_handshake(&e) => {
-                            Err(UpstreamError::Unreachable(tls_named(&e)))
-                        }
-                        Ok(Err(e)) => Err(UpstreamError::Failed(error_chain(&e))),
-                        Ok(Ok(resp)) => {
-                            Ok(as_received(resp.map(|b| b.map_err(Into::into).boxed())))
-                        }
+                        Ok(r) => r,
                     }
                 })
             }
-        }
+            Inner::Client {
+                client,
+                upgrades,
+                scheme,
+                authority,
+            } => {
+                let req = outbound(req, absolute(scheme, authority));
+                match upgrades {
+                    Some(h1) => Box::pin(request_raw(h1.clone(), keep(req), timeout)),
+                    None => Box::pin(request_raw(client.clone(), req, timeout)),
+                }
+            }
+        };
+        Box::pin(async move {
+            let resp = fut.await?;
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                return Ok(as_received(resp));
+            }
+            // The switch, as the client must see it.
+            let upgrade = resp.headers().get(header::UPGRADE).cloned();
+            let mut resp = as_received(resp);
+            if let Some(u) = upgrade {
+                resp.headers_mut().insert(header::UPGRADE, u);
+            }
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            Ok(resp)
+        })
+    }
+}
+
+/// Absolute form, as hyper-util's client wants it.
+fn absolute<'a>(
+    scheme: &'a Scheme,
+    authority: &'a Authority,
+) -> impl FnOnce(PathAndQuery) -> Result<Uri, UpstreamError> + 'a {
+    move |pq| {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(scheme.clone());
+        parts.authority = Some(authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|e| UpstreamError::Unreachable(e.to_string()))
+    }
+}
+
+/// One request through hyper-util's client, its failure classified.
+async fn request(
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    req: Result<Request<Body>, UpstreamError>,
+    timeout: Duration,
+) -> Result<Response<Body>, UpstreamError> {
+    request_raw(client, req, timeout).await.map(as_received)
+}
+
+/// [`request`], the response as the upstream sent it.
+async fn request_raw(
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    req: Result<Request<Body>, UpstreamError>,
+    timeout: Duration,
+) -> Result<Response<Body>, UpstreamError> {
+    match tokio::time::timeout(timeout, client.request(req?)).await {
+        Err(_) => Err(UpstreamError::Timeout(timeout)),
+        // Only a failed connect proves nothing was sent; any other client
+        // error may come after the request was written. A TLS handshake the
+        // server refused (its certificate, or our client certificate) never
+        // carried the request either.
+        Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Unreachable(tls_named(&e))),
+        Ok(Err(e)) if refused_handshake(&e) => Err(UpstreamError::Unreachable(tls_named(&e))),
+        Ok(Err(e)) => Err(UpstreamError::Failed(error_chain(&e))),
+        Ok(Ok(resp)) => Ok(resp.map(|b| b.map_err(Into::into).boxed())),
     }
 }
 

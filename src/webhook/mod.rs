@@ -60,7 +60,10 @@ impl Preset {
             Preset::Github => parse("header:x-github-delivery"),
             Preset::Stripe => parse("json:/id"),
             Preset::StandardWebhooks => parse("header:webhook-id"),
-            Preset::Shopify => parse("header:x-shopify-event-id"),
+            // Shopify's library accepts both spellings (`ShopifyHeader` and
+            // the newer `ShopifyEventsHeader`); the event id is the same on
+            // every delivery of one event.
+            Preset::Shopify => parse("header:x-shopify-event-id|shopify-event-id"),
             Preset::Slack => parse("json:/event_id"),
         }
     }
@@ -143,6 +146,10 @@ const STANDARD_ID: &str = "webhook-id";
 const STANDARD_TS: &str = "webhook-timestamp";
 const STANDARD_SIG: &str = "webhook-signature";
 const SHOPIFY_SIG: &str = "x-shopify-hmac-sha256";
+/// The same header in Shopify's newer form (without `X-`), which its own
+/// library accepts as well; `Missing` and `Malformed` name both.
+const SHOPIFY_SIG_NEW: &str = "shopify-hmac-sha256";
+const SHOPIFY_SIGS: &str = "x-shopify-hmac-sha256 (or shopify-hmac-sha256)";
 const SLACK_SIG: &str = "x-slack-signature";
 const SLACK_TS: &str = "x-slack-request-timestamp";
 
@@ -162,8 +169,19 @@ impl Verifier {
                 self.check(&[body], &[tag])
             }
             Preset::Shopify => {
-                let tag = parse::shopify(one(headers, SHOPIFY_SIG)?)
-                    .ok_or(SignatureError::Malformed(SHOPIFY_SIG))?;
+                let value = match (
+                    headers.contains_key(SHOPIFY_SIG),
+                    headers.contains_key(SHOPIFY_SIG_NEW),
+                ) {
+                    (true, true) => return Err(SignatureError::Malformed(SHOPIFY_SIGS)),
+                    (false, true) => one(headers, SHOPIFY_SIG_NEW),
+                    (_, false) => one(headers, SHOPIFY_SIG),
+                }
+                .map_err(|e| match e {
+                    SignatureError::Missing(_) => SignatureError::Missing(SHOPIFY_SIGS),
+                    _ => SignatureError::Malformed(SHOPIFY_SIGS),
+                })?;
+                let tag = parse::shopify(value).ok_or(SignatureError::Malformed(SHOPIFY_SIGS))?;
                 self.check(&[body], &[tag])
             }
             Preset::Stripe => {

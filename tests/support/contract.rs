@@ -48,6 +48,7 @@ pub fn record(body: &'static str) -> Arc<CompletedRecord> {
             headers,
             body: Bytes::from_static(body.as_bytes()),
             body_omitted: false,
+            trailers: http::HeaderMap::new(),
         },
     })
 }
