@@ -80,6 +80,9 @@ pub enum ProxyError {
     OutcomeUnknown(Unknown),
     #[error("this caller creates new keys faster than new_keys_per_scope allows; retry in {0:?}")]
     TooManyKeys(Duration),
+    /// The upstream answered; the store did not take the answer.
+    #[error("the upstream answered, but its answer could not be stored ({0}); the outcome is held as unknown")]
+    NotStored(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -146,6 +149,11 @@ impl ProxyError {
                 "too-many-keys",
                 "Too many new keys",
             ),
+            NotStored(_) => (
+                StatusCode::BAD_GATEWAY,
+                "response-not-stored",
+                "Response not stored",
+            ),
             Store(_) => STORE_UNAVAILABLE,
             Upstream(UpstreamError::Timeout(_)) => (
                 StatusCode::GATEWAY_TIMEOUT,
@@ -196,7 +204,8 @@ impl ProxyError {
             | BodyTooLarge(_)
             | KeyReused
             | OutcomeUnknown(_)
-            | BadGrpcTimeout(_) => false,
+            | BadGrpcTimeout(_)
+            | NotStored(_) => false,
         }
     }
 
@@ -215,6 +224,7 @@ impl ProxyError {
             // "Clients should not retry until the system state has been
             // explicitly fixed": an operator or the upstream settles it.
             OutcomeUnknown(_) => GrpcCode::FailedPrecondition,
+            NotStored(_) => GrpcCode::Unknown,
             Store(_) | Upstream(_) => GrpcCode::Unavailable,
         }
     }
@@ -238,7 +248,7 @@ impl ProxyError {
             ProxyError::OutcomeUnknown(_) => Outcome::OutcomeUnknown,
             ProxyError::TooManyKeys(_) => Outcome::TooManyKeys,
             ProxyError::Store(_) => Outcome::StoreUnavailable,
-            ProxyError::Upstream(_) => Outcome::UpstreamError,
+            ProxyError::Upstream(_) | ProxyError::NotStored(_) => Outcome::UpstreamError,
         }
     }
 }
@@ -273,6 +283,7 @@ pub enum GrpcCode {
     Unauthenticated = 16,
     Unavailable = 14,
     Internal = 13,
+    Unknown = 2,
 }
 
 /// `x-should-retry`, as Stainless-generated SDKs (openai-python, anthropic)

@@ -123,6 +123,7 @@ pub async fn run(
         let settings = Settings {
             on_store_error: config.store.on_store_error,
             body_read_timeout: config.body_read_timeout,
+            store_timeout: config.store.timeout,
             tasks: tasks.clone(),
             tunnels: tunnels.clone(),
             metrics: metrics.clone(),

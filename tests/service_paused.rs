@@ -63,6 +63,7 @@ fn settings() -> Settings {
     Settings {
         on_store_error: OnStoreError::Reject,
         body_read_timeout: Duration::from_secs(600),
+        store_timeout: Duration::from_secs(1),
         tasks: TaskTracker::new(),
         tunnels: Tunnels::new(metrics.open_tunnels.clone()),
         metrics,

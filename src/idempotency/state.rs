@@ -48,6 +48,9 @@ pub enum UnknownCause {
     Status(u16),
     /// The lease holder stopped renewing (it died) after forwarding.
     Lapsed,
+    /// The upstream answered, but the store did not take the answer: the
+    /// client's response was aborted rather than ended.
+    Unstored,
 }
 
 impl UnknownCause {
@@ -58,6 +61,7 @@ impl UnknownCause {
             UnknownCause::Reset => "reset",
             UnknownCause::Status(_) => "status",
             UnknownCause::Lapsed => "lapsed",
+            UnknownCause::Unstored => "unstored",
         }
     }
 
@@ -75,6 +79,7 @@ impl UnknownCause {
             "timeout" => UnknownCause::Timeout,
             "reset" => UnknownCause::Reset,
             "lapsed" => UnknownCause::Lapsed,
+            "unstored" => UnknownCause::Unstored,
             other => UnknownCause::Status(other.strip_prefix("status ")?.parse().ok()?),
         })
     }

@@ -40,7 +40,7 @@ pub const DEDUP_RESULTS: &[(&str, &[&str])] = &[
 /// The `result` label of `idemgate_webhook_signatures_total`.
 pub const SIGNATURE_RESULTS: [&str; 5] = ["ok", "missing", "malformed", "stale", "mismatch"];
 
-pub const UNKNOWN_CAUSES: [&str; 4] = ["timeout", "reset", "status", "lapsed"];
+pub const UNKNOWN_CAUSES: [&str; 5] = ["timeout", "reset", "status", "lapsed", "unstored"];
 
 /// What became of an unknown outcome (`resolution` label).
 pub const UNKNOWN_RESOLUTIONS: [&str; 6] = [

@@ -29,6 +29,8 @@ pub struct Settings {
     pub on_store_error: OnStoreError,
     /// Bounds reading a covered request's body.
     pub body_read_timeout: Duration,
+    /// `store.timeout`: bounds storing a response, retries included.
+    pub store_timeout: Duration,
     /// Detached upstream calls are spawned here so shutdown can wait for them.
     pub tasks: TaskTracker,
     /// Upgraded connections joined to their upstream, closed on drain.

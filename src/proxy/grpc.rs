@@ -57,6 +57,18 @@ pub fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, ProxyError> {
     }))
 }
 
+/// The `grpc-status` a gRPC response carries in `fields` (its trailers, or
+/// the head of a trailers-only response).
+pub fn status(fields: &HeaderMap) -> Option<u32> {
+    fields.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// gRPC statuses that mean "not now, try again" (`UNAVAILABLE`,
+/// `RESOURCE_EXHAUSTED`, `ABORTED`): not stored, like HTTP's 503 and 429.
+pub const RETRYABLE: [u32; 3] = [14, 8, 10];
+/// `DEADLINE_EXCEEDED` from the upstream: it may have run, like HTTP's 504.
+pub const DEADLINE_EXCEEDED: u32 = 4;
+
 /// A gRPC request stream, read as far as telling what kind of call it is.
 pub enum Stream {
     /// One message and the end (and its trailers, if any): covered.

@@ -13,16 +13,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{header, HeaderMap, HeaderValue, Request, Response};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::context::{refuse, Handled, Shared};
+use super::grpc;
 use super::headers::IDEMPOTENCY_FENCE;
 use super::live::{Head, Live, Lives};
-use super::records::{stored_headers, unix_ms};
+use super::records::{disposition, stored_headers, unix_ms, Disposition};
 use super::timed::call_upstream;
 use super::upstream::Upstream;
 use crate::body::whole;
@@ -55,6 +57,7 @@ impl Job {
         Job {
             guard: LeaseGuard {
                 store: shared.store.clone(),
+                store_timeout: shared.settings.store_timeout,
                 key,
                 lease,
                 metrics: shared.settings.metrics.clone(),
@@ -95,7 +98,7 @@ impl Job {
 
     /// Calls the upstream; answers `tx` as soon as the head arrives; then
     /// records the body as it streams and settles the lease when it ends.
-    async fn run(self, inner: Upstream, req: Request<Body>, tx: oneshot::Sender<Handled>) {
+    async fn run(mut self, inner: Upstream, req: Request<Body>, tx: oneshot::Sender<Handled>) {
         let deadline = Instant::now() + self.timeout;
         // Duplicates on this process find the attempt here from now on, and
         // join it once its head is in.
@@ -118,8 +121,9 @@ impl Job {
         let (parts, body) = resp.into_parts();
         let status_code = parts.status;
         let status = status_code.as_u16();
-        let stored = !self.policy.unknown_statuses.contains(&status)
-            && !self.policy.uncacheable_statuses.contains(&status);
+        let head_grpc = grpc::status(&parts.headers);
+        let disposed = disposition(&self.policy, status, head_grpc);
+        let stored = disposed == Disposition::Keep;
         let headers = stored_headers(&self.policy, &parts.headers);
         live.set_head(
             Head {
@@ -133,36 +137,61 @@ impl Job {
             // body as it comes (no duplicate joins it).
             self.lives.remove(&self.guard.key, &live);
             live.finish(Ok(()));
-            if self.policy.unknown_statuses.contains(&status) {
-                // A gateway behind the upstream gave up: the client gets its
-                // answer, the key is held as the policy says.
-                let key = self.guard.key;
-                self.guard
-                    .unknown(&self.policy, UnknownCause::Status(status))
-                    .await;
-                tracing::debug!(record = %key.to_hex(), status, "unknown status; key held");
-            } else {
-                self.guard.release().await;
-            }
+            self.dispose(disposed).await;
             let _ = tx.send(Handled::new(
                 Outcome::Forwarded,
                 Response::from_parts(parts, body),
             ));
             return;
         }
-        let _ = tx.send(Handled::new(
-            Outcome::Forwarded,
-            Response::from_parts(parts, live.first_reader()),
+        // The client's response ends only once its record is stored: its
+        // bytes stream as they come, but its last byte (a known length),
+        // terminating chunk or END_STREAM waits for the store. A body that
+        // is empty from the head on (Content-Length: 0, 204, 304) ends with
+        // its head: then the head itself waits.
+        let length = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let empty = body.is_end_stream();
+        let mut answer = Some((
+            tx,
+            Handled::new(
+                Outcome::Forwarded,
+                Response::from_parts(parts, live.first_reader(length)),
+            ),
         ));
+        if !empty {
+            if let Some((tx, handled)) = answer.take() {
+                let _ = tx.send(handled);
+            }
+        }
+        // Sends the head if it waited: as it is, or as `instead`.
+        let answer = move |instead: Option<ProxyError>, policy: &Arc<Policy>| {
+            if let Some((tx, handled)) = answer {
+                let _ = tx.send(match instead {
+                    None => handled,
+                    Some(e) => refuse(e, policy),
+                });
+            }
+        };
         let pumped = self
             .renewing(tokio::time::timeout_at(deadline, pump(body, &live)))
             .await;
+        let (lives, key, policy) = (self.lives.clone(), self.guard.key, self.policy.clone());
         match pumped {
             Ok(Ok(())) => {
-                // Readers get their clean end now; the record follows (a
-                // duplicate arriving in between still joins this stream).
-                live.finish(Ok(()));
                 let (body, trailers) = live.recorded();
+                // A gRPC status comes last, in the trailers: it may say
+                // the answer is not one to keep after all.
+                let trailed = disposition(&self.policy, status, grpc::status(&trailers));
+                if trailed != Disposition::Keep {
+                    live.finish(Ok(()));
+                    answer(None, &policy);
+                    self.dispose(trailed).await;
+                    lives.remove(&key, &live);
+                    return;
+                }
                 let record = CompletedRecord {
                     fingerprint: self.fingerprint,
                     created_unix_ms: unix_ms(),
@@ -174,14 +203,32 @@ impl Job {
                         trailers,
                     },
                 };
-                let (lives, key) = (self.lives.clone(), self.guard.key);
                 let ttl = self.policy.record_ttl;
-                self.guard.complete(Arc::new(record), ttl).await;
+                match self.guard.complete(Arc::new(record), ttl).await {
+                    Completion::Stored => {
+                        // Now readers get their clean end (a duplicate
+                        // arriving meanwhile joined this stream).
+                        live.finish(Ok(()));
+                        answer(None, &policy);
+                    }
+                    Completion::Lost => {
+                        let why = "the lease was lost before the response was stored";
+                        live.finish(Err(why.into()));
+                        answer(Some(ProxyError::NotStored(why.into())), &policy);
+                    }
+                    Completion::Failed(why) => {
+                        live.finish(Err(format!("the response could not be stored: {why}")));
+                        answer(Some(ProxyError::NotStored(why)), &policy);
+                        self.guard
+                            .unknown(&self.policy, UnknownCause::Unstored)
+                            .await;
+                    }
+                }
                 lives.remove(&key, &live);
             }
             Ok(Err(why)) => {
                 live.finish(Err(format!("the upstream response broke off: {why}")));
-                let (lives, key) = (self.lives.clone(), self.guard.key);
+                answer(None, &policy);
                 self.failed(&UpstreamError::Broken(why)).await;
                 lives.remove(&key, &live);
             }
@@ -189,7 +236,7 @@ impl Job {
                 live.finish(Err(
                     "the upstream response did not finish within upstream_timeout".into(),
                 ));
-                let (lives, key) = (self.lives.clone(), self.guard.key);
+                answer(None, &policy);
                 let e = UpstreamError::Timeout(self.timeout);
                 self.failed(&e).await;
                 lives.remove(&key, &live);
@@ -244,6 +291,21 @@ async fn pump(mut body: Body, live: &Live) -> Result<(), String> {
 }
 
 impl Job {
+    /// Settles a response that is not stored: released, or held as
+    /// unknown (a gateway behind the upstream gave up: the client has its
+    /// answer, the key is held as the policy says).
+    async fn dispose(self, disposed: Disposition) {
+        match disposed {
+            Disposition::Keep => {}
+            Disposition::Release => self.guard.release().await,
+            Disposition::Unknown(cause) => {
+                let key = self.guard.key;
+                self.guard.unknown(&self.policy, cause).await;
+                tracing::debug!(record = %key.to_hex(), cause = %cause.encode(), "unknown status; key held");
+            }
+        }
+    }
+
     /// The upstream call failed: free the key if nothing was sent, else the
     /// outcome is unknown.
     async fn failed(self, e: &UpstreamError) {
@@ -254,9 +316,20 @@ impl Job {
     }
 }
 
+/// How storing a record went.
+enum Completion {
+    Stored,
+    /// The lease was lost first: nothing was written.
+    Lost,
+    /// The store did not take the write (why), within `store.timeout`.
+    Failed(String),
+}
+
 /// The lease a job holds, until it is settled.
 struct LeaseGuard {
     store: Store,
+    /// `store.timeout`: how long a completion may take, retries included.
+    store_timeout: Duration,
     key: RecordKey,
     lease: Lease,
     metrics: Metrics,
@@ -294,29 +367,47 @@ impl LeaseGuard {
         tracing::warn!(record = %self.key.to_hex(), fence = self.lease.fence, "lease lost {when}");
     }
 
-    /// Stores the record under the lease.
-    async fn complete(mut self, record: Arc<CompletedRecord>, ttl: Duration) {
-        self.settled = true;
-        // A failed write leaves the lease to lapse and a retry to run again:
-        // worth a couple of quick retries before giving up.
-        for attempt in 0..3u32 {
-            let stored = self
-                .store
-                .observe(StoreOp::Complete, |b| {
-                    b.complete(&self.key, &self.lease, record.clone(), ttl)
-                })
-                .await;
-            match stored {
-                Ok(true) => return,
-                Ok(false) => {
-                    return self.lost("before completion; response returned but not stored")
-                }
-                Err(e) => {
-                    tracing::error!(record = %self.key.to_hex(), attempt, error = %e, "storing the response failed");
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+    /// Stores the record under the lease: a write that fails is tried
+    /// again, briefly, all of it within `store.timeout`. Settles the lease
+    /// unless the write failed (the caller then settles it otherwise).
+    async fn complete(&mut self, record: Arc<CompletedRecord>, ttl: Duration) -> Completion {
+        let attempts = async {
+            let mut attempt = 0u32;
+            loop {
+                let stored = self
+                    .store
+                    .observe(StoreOp::Complete, |b| {
+                        b.complete(&self.key, &self.lease, record.clone(), ttl)
+                    })
+                    .await;
+                match stored {
+                    Ok(true) => return Completion::Stored,
+                    Ok(false) => return Completion::Lost,
+                    Err(e) => {
+                        tracing::error!(record = %self.key.to_hex(), attempt, error = %e, "storing the response failed");
+                        tokio::time::sleep(Duration::from_millis(20 << attempt.min(4))).await;
+                        attempt += 1;
+                    }
                 }
             }
+        };
+        let completion = tokio::time::timeout(self.store_timeout, attempts)
+            .await
+            .unwrap_or_else(|_| {
+                Completion::Failed(format!(
+                    "the store did not take it within store.timeout ({:?})",
+                    self.store_timeout
+                ))
+            });
+        match &completion {
+            Completion::Stored => self.settled = true,
+            Completion::Lost => {
+                self.settled = true;
+                self.lost("before completion; the response was aborted, not stored");
+            }
+            Completion::Failed(_) => {}
         }
+        completion
     }
 
     /// The request may have run: hold the key as unknown, or free it, as

@@ -164,14 +164,23 @@ impl Live {
         (Some(body), trailers)
     }
 
-    /// The body the first client reads.
-    pub fn first_reader(self: &Arc<Self>) -> Body {
+    /// The body the first client reads. `length` is the `Content-Length`
+    /// it is sent with: its last byte is held back until the stream ends
+    /// cleanly, since with a known length that byte is the end the client
+    /// sees (without one, the end is the terminating chunk, or HTTP/2's
+    /// `END_STREAM`, which come at the clean end anyway).
+    pub fn first_reader(self: &Arc<Self>, length: Option<u64>) -> Body {
         self.lock().first_at = Some(0);
         reader(Cursor {
             live: self.clone(),
             at: 0,
             first: true,
             trailed: false,
+            hold: length.map(|length| Hold {
+                length,
+                sent: 0,
+                held: None,
+            }),
         })
     }
 
@@ -195,6 +204,7 @@ impl Live {
                             at: 0,
                             first: false,
                             trailed: false,
+                            hold: None,
                         });
                         return Some((head, body));
                     }
@@ -216,6 +226,29 @@ struct Cursor {
     first: bool,
     /// Whether this reader has had the trailers.
     trailed: bool,
+    /// A body of known length: its last byte waits for the clean end.
+    hold: Option<Hold>,
+}
+
+/// A reader's place in a body of known length.
+struct Hold {
+    length: u64,
+    sent: u64,
+    /// The last byte, once it came, until the clean end.
+    held: Option<Bytes>,
+}
+
+impl Hold {
+    /// What of `chunk` may go now: all of it but a last byte that
+    /// completes the length.
+    fn pass(&mut self, mut chunk: Bytes) -> Option<Bytes> {
+        let end = self.sent + chunk.len() as u64;
+        if end >= self.length && !chunk.is_empty() {
+            self.held = Some(chunk.split_off(chunk.len() - 1));
+        }
+        self.sent = end;
+        (!chunk.is_empty()).then_some(chunk)
+    }
 }
 
 impl Drop for Cursor {
@@ -251,10 +284,20 @@ impl Cursor {
                     if wake {
                         self.live.changed.notify_waiters();
                     }
-                    return Some(Ok(Frame::data(chunk)));
+                    let chunk = match &mut self.hold {
+                        None => Some(chunk),
+                        Some(hold) => hold.pass(chunk),
+                    };
+                    match chunk {
+                        Some(chunk) => return Some(Ok(Frame::data(chunk))),
+                        None => continue,
+                    }
                 }
                 match &b.end {
                     Some(Ok(())) => {
+                        if let Some(last) = self.hold.as_mut().and_then(|h| h.held.take()) {
+                            return Some(Ok(Frame::data(last)));
+                        }
                         if !self.trailed {
                             self.trailed = true;
                             if let Some(t) = &b.trailers {
@@ -336,7 +379,7 @@ mod tests {
     async fn first_reader_and_joiner_get_the_same_bytes() {
         let live = Live::new(1, 1 << 20);
         live.set_head(head(), true);
-        let first = tokio::spawn(read_all(live.first_reader()));
+        let first = tokio::spawn(read_all(live.first_reader(None)));
         live.push(Bytes::from_static(b"data: 1\n\n")).await;
         let (_, joined) = live.join().await.unwrap();
         let joiner = tokio::spawn(read_all(joined));
@@ -352,7 +395,7 @@ mod tests {
     async fn a_break_reaches_every_reader_as_an_error() {
         let live = Live::new(1, 1 << 20);
         live.set_head(head(), true);
-        let first = tokio::spawn(read_all(live.first_reader()));
+        let first = tokio::spawn(read_all(live.first_reader(None)));
         live.push(Bytes::from_static(b"part")).await;
         let (_, joined) = live.join().await.unwrap();
         live.finish(Err("upstream reset".into()));
@@ -365,7 +408,7 @@ mod tests {
         let live = Live::new(1, 1000);
         live.set_head(head(), true);
         let (_, slow_joiner) = live.join().await.unwrap();
-        let first = tokio::spawn(read_all(live.first_reader()));
+        let first = tokio::spawn(read_all(live.first_reader(None)));
         let chunk = Bytes::from(vec![7u8; 100]);
         for _ in 0..100 {
             live.push(chunk.clone()).await;
@@ -387,7 +430,7 @@ mod tests {
     async fn a_slow_first_reader_holds_the_job_back() {
         let live = Live::new(1, 300);
         live.set_head(head(), true);
-        let mut first = live.first_reader();
+        let mut first = live.first_reader(None);
         let pusher = {
             let live = live.clone();
             tokio::spawn(async move {

@@ -7,11 +7,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response};
 
+use super::grpc::{DEADLINE_EXCEEDED, RETRYABLE};
 use super::headers::{IDEMPOTENT_BODY_OMITTED, IDEMPOTENT_REPLAYED};
 use super::live::Head;
 use crate::body::whole;
 use crate::config::Policy;
 use crate::idempotency::record::StoredResponse;
+use crate::idempotency::state::UnknownCause;
 use crate::Body;
 
 /// Response headers worth replaying: no framing (hyper sets Content-Length
@@ -23,6 +25,36 @@ pub(super) fn stored_headers(policy: &Policy, headers: &HeaderMap) -> HeaderMap 
         h.remove(name);
     }
     h
+}
+
+/// What becomes of a response's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Disposition {
+    /// Stored and replayed.
+    Keep,
+    /// Returned, not stored: the key is released and a retry runs.
+    Release,
+    /// Returned, not stored: it may have run, the key is held as the
+    /// route's `on_unknown_outcome` says.
+    Unknown(UnknownCause),
+}
+
+/// What the route does with a response of HTTP `status` whose gRPC status
+/// (if any, from its head or its trailers) is `grpc`: `unknown_statuses`
+/// first, then `uncacheable_statuses`; a gRPC `DEADLINE_EXCEEDED` counts as
+/// a 504 and the retryable gRPC statuses as uncacheable.
+pub(super) fn disposition(policy: &Policy, status: u16, grpc: Option<u32>) -> Disposition {
+    if policy.unknown_statuses.contains(&status) {
+        return Disposition::Unknown(UnknownCause::Status(status));
+    }
+    if policy.uncacheable_statuses.contains(&status) {
+        return Disposition::Release;
+    }
+    match grpc {
+        Some(DEADLINE_EXCEEDED) => Disposition::Unknown(UnknownCause::Status(504)),
+        Some(code) if RETRYABLE.contains(&code) => Disposition::Release,
+        _ => Disposition::Keep,
+    }
 }
 
 /// Now, as a record's creation time.
