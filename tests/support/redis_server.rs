@@ -161,21 +161,26 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A cluster whose nodes also take `extra` arguments (persistence).
+    pub fn start_with(extra: &[&str]) -> Self {
         require("redis-cli");
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
                 let port = free_port(true);
-                RedisServer::start_with(
-                    port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        &format!("nodes-{port}.conf"),
-                        "--cluster-node-timeout",
-                        "5000",
-                    ],
-                )
+                let conf = format!("nodes-{port}.conf");
+                let mut args = vec![
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--cluster-node-timeout",
+                    "5000",
+                ];
+                args.extend_from_slice(extra);
+                RedisServer::start_with(port, &args)
             })
             .collect();
         let addrs: Vec<String> = nodes
@@ -194,16 +199,24 @@ impl RedisCluster {
             "cluster create failed: {}",
             String::from_utf8_lossy(&out.stdout)
         );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every node says the cluster is ok (after a start, or a
+    /// node's restart).
+    pub fn wait_ok(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         'wait: while Instant::now() < deadline {
-            for n in &nodes {
+            for n in &self.nodes {
                 let info = n.cli(&["CLUSTER", "INFO"]).unwrap_or_default();
                 if !info.contains("cluster_state:ok") {
                     std::thread::sleep(Duration::from_millis(100));
                     continue 'wait;
                 }
             }
-            return RedisCluster { nodes };
+            return;
         }
         panic!("cluster did not become ready");
     }

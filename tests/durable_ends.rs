@@ -1,0 +1,349 @@
+//! A response the client saw complete is a response the store kept: Redis
+//! (and a Cluster node) SIGKILLed while first requests finish, and Redis
+//! stalled past `store.timeout`, leave no clean-ended response without its
+//! record; the others end aborted or with a problem. A stream's first
+//! bytes still flow at once: only its end waits.
+
+mod support;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Response;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use idemgate::server::Running;
+use tokio::net::TcpListener;
+
+use support::redis_server::{free_port, RedisServer};
+use support::{config, serve_http1, TestClient, TestUpstream};
+
+/// Redis that keeps every acknowledged write: AOF, fsync on every write
+/// (and takes `DEBUG SLEEP`, for the stall tests).
+const DURABLE: &[&str] = &[
+    "--appendonly",
+    "yes",
+    "--appendfsync",
+    "always",
+    "--enable-debug-command",
+    "yes",
+];
+
+fn store_toml(urls: &[String], cluster: bool) -> String {
+    let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        "[store]\nbackend = \"{}\"\nurls = [{}]\ntimeout = \"300ms\"\nreplay_cache = 0\n",
+        if cluster { "redis-cluster" } else { "redis" },
+        list.join(", ")
+    )
+}
+
+/// How one request ended, as its client saw it.
+#[derive(Debug, Clone, PartialEq)]
+enum Ended {
+    /// A complete 201: its body.
+    Clean(Bytes),
+    /// Any other status (a problem).
+    Status(u16),
+    /// The body broke off.
+    Aborted,
+}
+
+async fn send(c: &TestClient, key: &str) -> Ended {
+    let headers = [
+        ("idempotency-key", key),
+        ("content-type", "application/json"),
+    ];
+    match c.try_send("POST", "/v1/charges", &headers, "{}").await {
+        Ok(g) if g.status == 201 => Ended::Clean(g.body),
+        Ok(g) => Ended::Status(g.status.as_u16()),
+        Err(_) => Ended::Aborted,
+    }
+}
+
+/// Drives new keys from 16 clients until `stop`, recording how each ended.
+fn load(
+    c: &TestClient,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<(String, Ended)>>> {
+    let n = Arc::new(AtomicUsize::new(0));
+    (0..16)
+        .map(|w| {
+            let (c, stop, n) = (c.clone(), stop.clone(), n.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("durable-{w}-{}", n.fetch_add(1, Ordering::Relaxed));
+                    let ended = tokio::time::timeout(Duration::from_secs(10), send(&c, &key))
+                        .await
+                        .expect("a request hung");
+                    out.push((key, ended));
+                }
+                out
+            })
+        })
+        .collect()
+}
+
+/// After the store is back: every key whose client saw a clean end
+/// replays that very response.
+async fn every_clean_end_replays(
+    c: &TestClient,
+    ended: &[(String, Ended)],
+) -> HashMap<&'static str, usize> {
+    let mut tally: HashMap<&'static str, usize> = HashMap::new();
+    let mut missing = Vec::new();
+    for (key, e) in ended {
+        match e {
+            Ended::Clean(body) => {
+                *tally.entry("clean").or_default() += 1;
+                let headers = [
+                    ("idempotency-key", key.as_str()),
+                    ("content-type", "application/json"),
+                ];
+                let again = c.send("POST", "/v1/charges", &headers, "{}").await;
+                let replayed = again.header("idempotent-replayed") == Some("true");
+                if again.status != 201 || !replayed || again.body != *body {
+                    missing.push((key.clone(), again.status, again.body));
+                }
+            }
+            Ended::Status(_) => *tally.entry("problem").or_default() += 1,
+            Ended::Aborted => *tally.entry("aborted").or_default() += 1,
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} clean-ended responses were not kept: {:?}",
+        missing.len(),
+        tally.get("clean").copied().unwrap_or(0),
+        &missing[..missing.len().min(5)]
+    );
+    tally
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_while_requests_finish_keeps_every_clean_end() {
+    let mut redis = RedisServer::start_with(free_port(false), DURABLE);
+    let up = TestUpstream::start().await;
+    let r = Running::start(config(Some(&up.url()), &store_toml(&[redis.url()], false)))
+        .await
+        .unwrap();
+    let c = TestClient::new(r.proxy_addr.unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = load(&c, &stop);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut redis = tokio::task::spawn_blocking(move || {
+        redis.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        redis.restart();
+        redis
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut ended = Vec::new();
+    for l in loads {
+        ended.extend(l.await.unwrap());
+    }
+    let tally = every_clean_end_replays(&c, &ended).await;
+    println!("Redis SIGKILLed and restarted under load: {tally:?}");
+    assert!(tally.get("clean").copied().unwrap_or(0) > 100, "{tally:?}");
+    r.stop().await;
+    redis.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_killed_while_requests_finish_keeps_every_clean_end() {
+    let cluster = support::redis_server::RedisCluster::start_with(DURABLE);
+    let up = TestUpstream::start().await;
+    let r = Running::start(config(Some(&up.url()), &store_toml(&cluster.urls(), true)))
+        .await
+        .unwrap();
+    let c = TestClient::new(r.proxy_addr.unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = load(&c, &stop);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut cluster = tokio::task::spawn_blocking(move || {
+        let mut cluster = cluster;
+        cluster.nodes[1].kill();
+        std::thread::sleep(Duration::from_millis(300));
+        cluster.nodes[1].restart();
+        cluster.wait_ok();
+        cluster
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut ended = Vec::new();
+    for l in loads {
+        ended.extend(l.await.unwrap());
+    }
+    let tally = every_clean_end_replays(&c, &ended).await;
+    println!("a Cluster master SIGKILLed and restarted under load: {tally:?}");
+    assert!(tally.get("clean").copied().unwrap_or(0) > 100, "{tally:?}");
+    r.stop().await;
+    cluster.nodes[1].kill();
+}
+
+/// One slow request (the upstream takes 600 ms) while Redis is stalled by
+/// `stall` from 300 ms in for longer than `store.timeout`: its response is
+/// aborted, and it never runs twice.
+async fn a_stall_at_the_end(stall: &[&str]) {
+    let redis = RedisServer::start_with(free_port(false), DURABLE);
+    let up = TestUpstream::start().await;
+    // A short wait: a retry that finds the lease still held says so soon.
+    let extra = format!(
+        "{}[idempotency]\nwait_timeout = \"500ms\"\n",
+        store_toml(&[redis.url()], false)
+    );
+    let r = Running::start(config(Some(&up.url()), &extra))
+        .await
+        .unwrap();
+    let c = TestClient::new(r.proxy_addr.unwrap());
+    let headers = [("idempotency-key", "stalled"), ("x-delay-ms", "600")];
+    let first = {
+        let c = c.clone();
+        tokio::spawn(async move { c.try_send("POST", "/v1/charges", &headers, "{}").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stall: Vec<String> = stall.iter().map(|s| s.to_string()).collect();
+    let stalled = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = stall.iter().map(String::as_str).collect();
+        redis.cli(&args);
+        redis
+    });
+    let got = first.await.unwrap();
+    assert!(got.is_err(), "ended as if complete: {got:?}");
+    let redis = stalled.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The retry finds the record (Redis ran the write once it woke), the
+    // outcome held as unknown, or (the store took neither write) the lease
+    // still held until it lapses: never a second call upstream.
+    let again = c.send("POST", "/v1/charges", &headers, "{}").await;
+    match again.status.as_u16() {
+        201 => assert_eq!(again.header("idempotent-replayed"), Some("true")),
+        409 => {
+            let kind = again.json()["type"].as_str().unwrap().to_owned();
+            assert!(
+                kind.ends_with("/outcome-unknown") || kind.ends_with("/request-in-progress"),
+                "{kind}"
+            );
+        }
+        other => panic!("{other}: {:?}", again.body),
+    }
+    assert_eq!(up.calls(), 1);
+    r.stop().await;
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_asleep_past_the_store_timeout_aborts_the_response() {
+    a_stall_at_the_end(&["DEBUG", "SLEEP", "1.5"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_paused_past_the_store_timeout_aborts_the_response() {
+    a_stall_at_the_end(&["CLIENT", "PAUSE", "1500", "WRITE"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_body_not_stored_is_a_problem_not_a_clean_204() {
+    let redis = RedisServer::start_with(free_port(false), DURABLE);
+    let up = TestUpstream::start().await;
+    let r = Running::start(config(Some(&up.url()), &store_toml(&[redis.url()], false)))
+        .await
+        .unwrap();
+    let c = TestClient::new(r.proxy_addr.unwrap());
+    let headers = [
+        ("idempotency-key", "empty"),
+        ("x-delay-ms", "600"),
+        ("x-status", "204"),
+    ];
+    let first = {
+        let c = c.clone();
+        tokio::spawn(async move { c.send("POST", "/v1/charges", &headers, "{}").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stalled = tokio::task::spawn_blocking(move || {
+        redis.cli(&["DEBUG", "SLEEP", "1.5"]);
+        redis
+    });
+    // The 204's head is its end: it waited for the store, which did not
+    // take it in time.
+    let got = first.await.unwrap();
+    got.assert_problem(502, "response-not-stored");
+    assert_eq!(got.header("x-should-retry"), Some("false"));
+    drop(stalled.await.unwrap());
+    r.stop().await;
+}
+
+/// An SSE upstream: three events 150 ms apart, each flushed.
+async fn sse_upstream() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    serve_http1(listener, |_req| async {
+        let events = futures_util::stream::unfold(0, |i| async move {
+            if i == 3 {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            let data = Bytes::from(format!("data: {i}\n\n"));
+            Some((Ok::<_, Infallible>(Frame::data(data)), i + 1))
+        });
+        let mut resp = Response::new(StreamBody::new(events).boxed());
+        resp.headers_mut()
+            .insert("content-type", "text/event-stream".parse().unwrap());
+        Ok::<_, Infallible>(resp)
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_flows_at_once_and_ends_once_its_record_is_kept() {
+    let redis = RedisServer::start_with(free_port(false), DURABLE);
+    let up = sse_upstream().await;
+    let r = Running::start(config(
+        Some(&format!("http://{up}")),
+        &store_toml(&[redis.url()], false),
+    ))
+    .await
+    .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<Bytes>>();
+    let req = http::Request::post(format!("http://{}/v1/chat", r.proxy_addr.unwrap()))
+        .header("idempotency-key", "sse-1")
+        .body(http_body_util::Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let started = Instant::now();
+    let mut body = client.request(req).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"data: 0\n\n");
+    let ttfb = started.elapsed();
+    assert!(
+        ttfb < Duration::from_millis(300),
+        "first byte after {ttfb:?}"
+    );
+    let mut rest = Vec::new();
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            rest.extend_from_slice(&d);
+        }
+    }
+    assert_eq!(&rest[..], b"data: 1\n\ndata: 2\n\n");
+    // The clean end came after the record: it is there at once.
+    let record = TestClient::new(r.admin_addr)
+        .send("GET", "/v1/keys?key=sse-1&path=/v1/chat", &[], "")
+        .await;
+    assert_eq!(record.status, 200, "{:?}", record.body);
+    assert_eq!(record.json()["state"], "completed");
+    r.stop().await;
+    drop(redis);
+}
