@@ -17,7 +17,11 @@ Sources:
 - slack: slack_sdk's SignatureVerifier.generate_signature.
 - shopify: the recipe of Shopify's documentation (base64 of HMAC-SHA256 of
   the raw body with the app's client secret), with Python's hmac module;
-  Shopify publishes no vectors and no Python verifier.
+  Shopify publishes no vectors and no Python verifier. Twice: in the
+  X-Shopify-* headers, and in the newer form without "X-" that
+  @shopify/shopify-api accepts as well (ShopifyEventsHeader in its
+  lib/types.ts: shopify-hmac-sha256, shopify-event-id; its
+  hmac-validator.ts checks the same HMAC under either name).
 """
 
 import base64
@@ -98,6 +102,14 @@ def main():
         "body": body,
         "now": NOW,
         "headers": {"x-shopify-hmac-sha256": sig, "x-shopify-event-id": "98880550-7158-44d4-b7cd-2c97c8a091b5"},
+    })
+    vectors.append({
+        "preset": "shopify",
+        "source": "Shopify documentation recipe, newer header form",
+        "secret": secret,
+        "body": body,
+        "now": NOW,
+        "headers": {"shopify-hmac-sha256": sig, "shopify-event-id": "98880550-7158-44d4-b7cd-2c97c8a091b5"},
     })
 
     secret = "8f742231b10e8888abcd99yyyzzz85a5"

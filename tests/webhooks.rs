@@ -175,6 +175,59 @@ async fn every_preset_on_redis() {
     every_preset(&store_toml(&redis.url())).await;
 }
 
+/// Shopify's newer header form (no `X-`, as `@shopify/shopify-api` also
+/// accepts): verified the same way, keyed by `shopify-event-id`; an event
+/// delivered in one spelling and redelivered in the other is one event.
+#[tokio::test]
+async fn shopify_deliveries_in_either_header_form() {
+    let up = TestUpstream::start().await;
+    let (dir, routes) = preset_routes();
+    let (_r, c) = idemgate(&up, &routes).await;
+    let (_, secret) = PRESETS[3];
+    let id = unique("shopify-evt");
+    let newer = |signed: Vec<(String, String)>| -> Vec<(String, String)> {
+        signed
+            .into_iter()
+            .map(|(k, v)| (k.trim_start_matches("x-").to_owned(), v))
+            .collect()
+    };
+    let send = |headers: Vec<(String, String)>, b: String| {
+        let c = c.clone();
+        async move {
+            let mut h: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            h.push(("content-type", "application/json"));
+            c.send("POST", "/hooks/shopify", &h, &b).await
+        }
+    };
+    let b = body("shopify", &id, 1);
+    let signed = newer(sign("shopify", secret, &id, &b, now()));
+    assert!(signed.iter().any(|(k, _)| k == "shopify-hmac-sha256"));
+    let first = send(signed, b).await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    assert_eq!(up.calls(), 1);
+    // Redelivered in the older spelling: the same event, replayed.
+    let b = body("shopify", &id, 2);
+    let again = send(sign("shopify", secret, &id, &b, now()), b).await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(up.calls(), 1);
+    // Forged in the newer spelling: refused before any state.
+    let other = unique("shopify-evt");
+    let b = body("shopify", &other, 1);
+    let forged = send(newer(sign("shopify", FORGER, &other, &b, now())), b).await;
+    forged.assert_problem(401, "invalid-signature");
+    // Without a signature in either spelling: the problem names both.
+    let b = body("shopify", &other, 1);
+    let unsigned = send(vec![("shopify-event-id".into(), other.clone())], b).await;
+    unsigned.assert_problem(401, "invalid-signature");
+    let detail = unsigned.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("shopify-hmac-sha256"), "{detail}");
+    assert_eq!(up.calls(), 1);
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// A failure is not the event's answer: the provider's retry runs it.
 #[tokio::test]
 async fn a_failed_delivery_is_not_stored() {

@@ -172,3 +172,37 @@ fn secrets_never_print() {
     assert!(Preset::StandardWebhooks.secret("not-base64!").is_err());
     assert!(Preset::Github.secret("  ").is_err());
 }
+
+#[test]
+fn shopify_takes_either_spelling_of_its_headers_but_not_both() {
+    let all = vectors();
+    let newer = all
+        .iter()
+        .find(|v| v.headers.contains_key("shopify-hmac-sha256"))
+        .expect("a vector in Shopify's newer header form");
+    let older = all
+        .iter()
+        .find(|v| v.headers.contains_key("x-shopify-hmac-sha256"))
+        .unwrap();
+    let check = verifier(Preset::Shopify, &[&newer.secret]);
+    assert_eq!(
+        check.verify(&headers(newer), newer.body.as_bytes(), newer.now),
+        Ok(())
+    );
+    // Both spellings at once: which would be the signature? Refused.
+    let mut both = headers(newer);
+    both.extend(headers(older));
+    assert!(matches!(
+        check.verify(&both, newer.body.as_bytes(), newer.now),
+        Err(SignatureError::Malformed(_))
+    ));
+    // The key is the event id, in either spelling.
+    let key = Preset::Shopify.key_from();
+    let names = key.headers().unwrap();
+    for v in [newer, older] {
+        let h = headers(v);
+        let found: Vec<_> = names.iter().filter_map(|n| h.get(n)).collect();
+        assert_eq!(found.len(), 1, "{:?}", v.headers);
+        assert_eq!(found[0], "98880550-7158-44d4-b7cd-2c97c8a091b5");
+    }
+}
