@@ -3,8 +3,9 @@
 #
 # Installs what the tests need when it is missing (redis-server, redis-cli
 # and promtool from Debian's packages, needs root; cargo-deny from
-# crates.io), fetches every crate Cargo.lock names, checks the dependencies
-# against deny.toml, then runs every test. The tests start their own servers
+# crates.io; openai-python from PyPI into a venv under target/), fetches
+# every crate Cargo.lock names, checks the dependencies against deny.toml,
+# then runs every test. The tests start their own servers
 # (upstreams, Redis, Redis Cluster) on loopback ports the OS picks, and stop
 # them when done. Each phase prints how long it took.
 set -euo pipefail
@@ -41,8 +42,21 @@ install_tools() {
   cargo install cargo-deny --locked --quiet
 }
 
+# A real SDK whose own retries the retry-hint test watches.
+install_python() {
+  local venv=target/venv
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import openai' 2>/dev/null; then
+    return 0
+  fi
+  echo "installing openai-python into $venv ..."
+  mkdir -p target
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40,<4'
+}
+
 timed "Debian packages" install_packages
 timed "cargo tools" install_tools
+timed "Python packages" install_python
 
 # Every crate Cargo.lock names, from the registry, before anything runs
 # offline: on a machine whose cargo cache is empty nothing else has fetched
