@@ -442,3 +442,43 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grpc_refusal_is_trailers_only_with_its_code_and_percent_encoded_message() {
+        let e = ProxyError::InProgress;
+        let resp = e.problem().into_grpc_response();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let h = resp.headers();
+        assert_eq!(h["content-type"], "application/grpc");
+        assert_eq!(h["grpc-status"], "10");
+        assert_eq!(h["x-should-retry"], "true");
+        assert_eq!(h["retry-after"], "1");
+        assert!(h["idemgate-problem"]
+            .to_str()
+            .unwrap()
+            .ends_with("/request-in-progress"));
+        assert_eq!(grpc_percent_encode("100% sûr\n"), "100%25 s%C3%BBr%0A");
+    }
+
+    #[test]
+    fn every_refusal_says_whether_retrying_helps() {
+        let cases = [
+            (ProxyError::InProgress, true),
+            (ProxyError::TooManyKeys(Duration::from_secs(1)), true),
+            (ProxyError::Store(StoreError::Timeout(Duration::from_secs(1))), true),
+            (ProxyError::Upstream(UpstreamError::Unreachable("x".into())), true),
+            (ProxyError::Upstream(UpstreamError::Timeout(Duration::from_secs(1))), false),
+            (ProxyError::KeyReused, false),
+            (ProxyError::BodyTooLarge(1), false),
+            (ProxyError::NotStored("x".into()), false),
+        ];
+        for (e, helps) in cases {
+            let hint = if helps { "true" } else { "false" };
+            assert_eq!(e.to_response().headers()["x-should-retry"], hint, "{e}");
+        }
+    }
+}

@@ -463,4 +463,64 @@ mod tests {
         live.finish(Err("connect refused".into()));
         assert!(live.join().await.is_none());
     }
+
+    async fn frames(mut body: Body) -> (Vec<u8>, Option<HeaderMap>) {
+        let (mut data, mut trailers) = (Vec::new(), None);
+        while let Some(f) = body.frame().await {
+            match f.unwrap().into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            }
+        }
+        (data, trailers)
+    }
+
+    #[tokio::test]
+    async fn trailers_reach_every_reader_last_and_the_record() {
+        let live = Live::new(1, 1 << 20);
+        live.set_head(head(), true);
+        let first = tokio::spawn(frames(live.first_reader(None)));
+        live.push(Bytes::from_static(b"grpc")).await;
+        let (_, joined) = live.join().await.unwrap();
+        let joiner = tokio::spawn(frames(joined));
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", "0".parse().unwrap());
+        live.trailers(t.clone());
+        live.finish(Ok(()));
+        for reader in [first, joiner] {
+            assert_eq!(reader.await.unwrap(), (b"grpc".to_vec(), Some(t.clone())));
+        }
+        assert_eq!(live.recorded().1, t);
+    }
+
+    #[tokio::test]
+    async fn with_a_known_length_the_last_byte_waits_for_the_clean_end() {
+        let live = Live::new(1, 1 << 20);
+        live.set_head(head(), true);
+        let mut first = live.first_reader(Some(6));
+        live.push(Bytes::from_static(b"abc")).await;
+        let got = first.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&got[..], b"abc");
+        live.push(Bytes::from_static(b"def")).await;
+        // All but the last byte, at once.
+        let got = first.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&got[..], b"de");
+        // The last byte waits for the end...
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), first.frame()).await;
+        assert!(waiting.is_err(), "the last byte went before the end");
+        live.finish(Ok(()));
+        let got = first.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&got[..], b"f");
+        assert!(first.frame().await.is_none());
+        // ...and never goes when the end is a break.
+        let live = Live::new(2, 1 << 20);
+        live.set_head(head(), true);
+        let reader = live.first_reader(Some(3));
+        live.push(Bytes::from_static(b"xyz")).await;
+        live.finish(Err("not stored".into()));
+        let mut reader = reader;
+        let got = reader.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&got[..], b"xy");
+        assert!(reader.frame().await.unwrap().is_err());
+    }
 }
