@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderMap};
+use http::{header, HeaderMap, HeaderName};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 
@@ -30,10 +30,13 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
 }
 
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// The call's `grpc-timeout`: 1 to 8 digits and a unit (`H`, `M`, `S`,
 /// `m`, `u`, `n`); `None` without one.
 pub fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, ProxyError> {
-    let Some(v) = headers.get("grpc-timeout") else {
+    let Some(v) = headers.get(GRPC_TIMEOUT) else {
         return Ok(None);
     };
     let bad = || ProxyError::BadGrpcTimeout(String::from_utf8_lossy(v.as_bytes()).into_owned());
@@ -60,7 +63,7 @@ pub fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, ProxyError> {
 /// The `grpc-status` a gRPC response carries in `fields` (its trailers, or
 /// the head of a trailers-only response).
 pub fn status(fields: &HeaderMap) -> Option<u32> {
-    fields.get("grpc-status")?.to_str().ok()?.parse().ok()
+    fields.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// gRPC statuses that mean "not now, try again" (`UNAVAILABLE`,

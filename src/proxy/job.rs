@@ -368,37 +368,37 @@ impl LeaseGuard {
     }
 
     /// Stores the record under the lease: a write that fails is tried
-    /// again, briefly, all of it within `store.timeout`. Settles the lease
-    /// unless the write failed (the caller then settles it otherwise).
+    /// again, briefly, while `store.timeout` since the first attempt has not
+    /// run out (each attempt is itself bounded by it, in the backend; the
+    /// usual write that succeeds at once sets no timer here). Settles the
+    /// lease unless the write failed (the caller then settles it).
     async fn complete(&mut self, record: Arc<CompletedRecord>, ttl: Duration) -> Completion {
-        let attempts = async {
-            let mut attempt = 0u32;
-            loop {
-                let stored = self
-                    .store
-                    .observe(StoreOp::Complete, |b| {
-                        b.complete(&self.key, &self.lease, record.clone(), ttl)
-                    })
-                    .await;
-                match stored {
-                    Ok(true) => return Completion::Stored,
-                    Ok(false) => return Completion::Lost,
-                    Err(e) => {
-                        tracing::error!(record = %self.key.to_hex(), attempt, error = %e, "storing the response failed");
-                        tokio::time::sleep(Duration::from_millis(20 << attempt.min(4))).await;
-                        attempt += 1;
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        let completion = loop {
+            let stored = self
+                .store
+                .observe(StoreOp::Complete, |b| {
+                    b.complete(&self.key, &self.lease, record.clone(), ttl)
+                })
+                .await;
+            match stored {
+                Ok(true) => break Completion::Stored,
+                Ok(false) => break Completion::Lost,
+                Err(e) => {
+                    tracing::error!(record = %self.key.to_hex(), attempt, error = %e, "storing the response failed");
+                    let pause = Duration::from_millis(20 << attempt.min(4));
+                    if started.elapsed() + pause >= self.store_timeout {
+                        break Completion::Failed(format!(
+                            "{e}; not taken within store.timeout ({:?})",
+                            self.store_timeout
+                        ));
                     }
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
                 }
             }
         };
-        let completion = tokio::time::timeout(self.store_timeout, attempts)
-            .await
-            .unwrap_or_else(|_| {
-                Completion::Failed(format!(
-                    "the store did not take it within store.timeout ({:?})",
-                    self.store_timeout
-                ))
-            });
         match &completion {
             Completion::Stored => self.settled = true,
             Completion::Lost => {
