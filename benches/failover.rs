@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -68,7 +68,7 @@ fn free_port() -> u16 {
 }
 
 /// Three masters, three replicas, every write fsynced.
-fn cluster(dir: &PathBuf) -> Vec<Node> {
+fn cluster(dir: &Path) -> Vec<Node> {
     let nodes: Vec<Node> = (0..6)
         .map(|_| {
             let port = free_port();
@@ -77,7 +77,14 @@ fn cluster(dir: &PathBuf) -> Vec<Node> {
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-                .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+                .args([
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--save",
+                    "",
+                ])
                 .arg("--dir")
                 .arg(&d)
                 .stdout(Stdio::null())
@@ -95,7 +102,10 @@ fn cluster(dir: &PathBuf) -> Vec<Node> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
     let out = Command::new("redis-cli")
         .arg("--cluster")
         .arg("create")
@@ -103,14 +113,20 @@ fn cluster(dir: &PathBuf) -> Vec<Node> {
         .args(["--cluster-replicas", "1", "--cluster-yes"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     wait_ok(&nodes);
     // A replica that never synced is not promoted (its data is "too old"):
     // start only once every replica's link to its master is up.
     let deadline = Instant::now() + Duration::from_secs(60);
     for n in &nodes {
         while n.cli(&["INFO", "replication"]).contains("role:slave")
-            && !n.cli(&["INFO", "replication"]).contains("master_link_status:up")
+            && !n
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up")
         {
             assert!(Instant::now() < deadline, "a replica did not sync");
             std::thread::sleep(Duration::from_millis(100));
@@ -153,7 +169,8 @@ async fn upstream() -> (SocketAddr, Arc<Mutex<HashMap<String, u32>>>) {
                         .to_owned();
                     *c.lock().unwrap().entry(key.clone()).or_insert(0) += 1;
                     async move {
-                        let mut r = Response::new(Full::new(Bytes::from(format!("{{\"key\":\"{key}\"}}"))));
+                        let mut r =
+                            Response::new(Full::new(Bytes::from(format!("{{\"key\":\"{key}\"}}"))));
                         *r.status_mut() = http::StatusCode::CREATED;
                         Ok::<_, Infallible>(r)
                     }
@@ -198,7 +215,11 @@ async fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(6);
-    if Command::new("redis-server").arg("--version").output().is_err() {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         println!("SKIPPED failover: redis-server is not installed");
         return;
     }
@@ -218,7 +239,8 @@ async fn main() {
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nupstream = \"http://{up}\"\n[store]\nbackend = \"redis-cluster\"\nurls = [{}]\n",
         urls.join(", ")
     );
-    let config = Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
+    let config =
+        Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
     let r = Running::start(config).await.unwrap();
     let proxy = r.proxy_addr.unwrap();
     let client: Http = Client::builder(TokioExecutor::new()).build_http();
@@ -250,9 +272,9 @@ async fn main() {
     let victim = nodes
         .iter()
         .position(|n| {
-            n.cli(&["CLUSTER", "NODES"])
-                .lines()
-                .any(|l| l.contains("myself,master") && l.split_whitespace().any(|f| f.starts_with("0-")))
+            n.cli(&["CLUSTER", "NODES"]).lines().any(|l| {
+                l.contains("myself,master") && l.split_whitespace().any(|f| f.starts_with("0-"))
+            })
         })
         .unwrap_or(0);
     let victim_port = nodes[victim].port;
@@ -301,7 +323,10 @@ async fn main() {
         }
     }
     let twice = calls.lock().unwrap().values().filter(|n| **n > 1).count();
-    println!("Cluster 3+3, 16 clients of new keys for {secs} s, master SIGKILLed at {} s:", secs / 3);
+    println!(
+        "Cluster 3+3, 16 clients of new keys for {secs} s, master SIGKILLed at {} s:",
+        secs / 3
+    );
     println!("  replica promoted, cluster ok, after: {settled:.1?}");
     println!("  answers during the run:           {statuses:?}  (0: aborted)");
     println!("  acknowledged (clean 201):         {}", acked.len());

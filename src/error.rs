@@ -469,9 +469,18 @@ mod tests {
         let cases = [
             (ProxyError::InProgress, true),
             (ProxyError::TooManyKeys(Duration::from_secs(1)), true),
-            (ProxyError::Store(StoreError::Timeout(Duration::from_secs(1))), true),
-            (ProxyError::Upstream(UpstreamError::Unreachable("x".into())), true),
-            (ProxyError::Upstream(UpstreamError::Timeout(Duration::from_secs(1))), false),
+            (
+                ProxyError::Store(StoreError::Timeout(Duration::from_secs(1))),
+                true,
+            ),
+            (
+                ProxyError::Upstream(UpstreamError::Unreachable("x".into())),
+                true,
+            ),
+            (
+                ProxyError::Upstream(UpstreamError::Timeout(Duration::from_secs(1))),
+                false,
+            ),
             (ProxyError::KeyReused, false),
             (ProxyError::BodyTooLarge(1), false),
             (ProxyError::NotStored("x".into()), false),

@@ -506,7 +506,8 @@ mod tests {
         let got = first.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&got[..], b"de");
         // The last byte waits for the end...
-        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), first.frame()).await;
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(50), first.frame()).await;
         assert!(waiting.is_err(), "the last byte went before the end");
         live.finish(Ok(()));
         let got = first.frame().await.unwrap().unwrap().into_data().unwrap();
