@@ -192,3 +192,57 @@ async fn a_lapsed_lease_of_a_dead_holder_is_taken_over() {
     assert!(started.elapsed() >= Duration::from_secs(30));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+/// Another intake (a broker consumer, say) builds its request in code and
+/// runs it through the covered path with `Idempotency::covered`: the key it
+/// found itself, run once, replayed after, a different request refused.
+#[tokio::test(start_paused = true)]
+async fn a_request_built_in_code_runs_once_through_the_covered_path() {
+    use idemgate::error::ProxyError;
+    use idemgate::metrics::Outcome;
+    use idemgate::proxy::{Covered, FoundKey, Reply};
+
+    let store = Store::new(MemoryStore::new(100));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = service(&store, "", calls.clone(), Duration::from_millis(10));
+    let policy = policies("").default;
+    let upstream = Upstream::from_service(
+        Counting {
+            calls: calls.clone(),
+            delay: Duration::from_millis(10),
+        },
+        Duration::from_secs(600),
+    );
+    let covered = |body: &'static str| {
+        let (parts, ()) = Request::post("/deliver")
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let key = FoundKey::from_text("msg-42".into()).unwrap();
+        Covered::new(
+            parts,
+            Bytes::from_static(body.as_bytes()),
+            policy.clone(),
+            upstream.clone(),
+            key,
+        )
+    };
+    let first = svc.covered(covered("{\"n\":1}")).await;
+    assert_eq!(first.outcome, Outcome::Forwarded);
+    let again = svc.covered(covered("{\"n\":1}")).await;
+    assert_eq!(again.outcome, Outcome::Replayed);
+    assert_eq!(again.record, first.record);
+    let Reply::Response(replayed) = again.reply else {
+        panic!("a replay is a response");
+    };
+    assert_eq!(body(replayed).await, "call 1");
+    // The same key with another body: refused, as a typed error the
+    // caller can act on.
+    let other = svc.covered(covered("{\"n\":2}")).await;
+    assert!(matches!(
+        other.reply,
+        Reply::Refused(ProxyError::KeyReused, _)
+    ));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
