@@ -125,25 +125,23 @@ async fn every_clean_end_replays(
     tally
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_while_requests_finish_keeps_every_clean_end() {
-    let mut redis = RedisServer::start_with(free_port(false), DURABLE);
+/// Sixteen clients of new keys through idemgate on `store`; 700 ms in,
+/// `kill` SIGKILLs a server and starts it again (on a blocking thread);
+/// a second later every clean-ended key must replay. Returns the server(s)
+/// `kill` handed back, and the tally.
+async fn under_a_kill<S: Send + 'static>(
+    store: &str,
+    kill: impl FnOnce() -> S + Send + 'static,
+) -> (S, HashMap<&'static str, usize>) {
     let up = TestUpstream::start().await;
-    let r = Running::start(config(Some(&up.url()), &store_toml(&[redis.url()], false)))
+    let r = Running::start(config(Some(&up.url()), store))
         .await
         .unwrap();
     let c = TestClient::new(r.proxy_addr.unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let loads = load(&c, &stop);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let mut redis = tokio::task::spawn_blocking(move || {
-        redis.kill();
-        std::thread::sleep(Duration::from_millis(300));
-        redis.restart();
-        redis
-    })
-    .await
-    .unwrap();
+    let servers = tokio::task::spawn_blocking(kill).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
     let mut ended = Vec::new();
@@ -151,44 +149,38 @@ async fn redis_killed_while_requests_finish_keeps_every_clean_end() {
         ended.extend(l.await.unwrap());
     }
     let tally = every_clean_end_replays(&c, &ended).await;
-    println!("Redis SIGKILLed and restarted under load: {tally:?}");
     assert!(tally.get("clean").copied().unwrap_or(0) > 100, "{tally:?}");
     r.stop().await;
-    redis.kill();
+    (servers, tally)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_while_requests_finish_keeps_every_clean_end() {
+    let mut redis = RedisServer::start_with(free_port(false), DURABLE);
+    let store = store_toml(&[redis.url()], false);
+    let (_redis, tally) = under_a_kill(&store, move || {
+        redis.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        redis.restart();
+        redis
+    })
+    .await;
+    println!("Redis SIGKILLed and restarted under load: {tally:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_node_killed_while_requests_finish_keeps_every_clean_end() {
-    let cluster = support::redis_server::RedisCluster::start_with(DURABLE);
-    let up = TestUpstream::start().await;
-    let r = Running::start(config(Some(&up.url()), &store_toml(&cluster.urls(), true)))
-        .await
-        .unwrap();
-    let c = TestClient::new(r.proxy_addr.unwrap());
-    let stop = Arc::new(AtomicBool::new(false));
-    let loads = load(&c, &stop);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let mut cluster = tokio::task::spawn_blocking(move || {
-        let mut cluster = cluster;
+    let mut cluster = support::redis_server::RedisCluster::start_with(DURABLE);
+    let store = store_toml(&cluster.urls(), true);
+    let (_cluster, tally) = under_a_kill(&store, move || {
         cluster.nodes[1].kill();
         std::thread::sleep(Duration::from_millis(300));
         cluster.nodes[1].restart();
         cluster.wait_ok();
         cluster
     })
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut ended = Vec::new();
-    for l in loads {
-        ended.extend(l.await.unwrap());
-    }
-    let tally = every_clean_end_replays(&c, &ended).await;
+    .await;
     println!("a Cluster master SIGKILLed and restarted under load: {tally:?}");
-    assert!(tally.get("clean").copied().unwrap_or(0) > 100, "{tally:?}");
-    r.stop().await;
-    cluster.nodes[1].kill();
 }
 
 /// One slow request (the upstream takes 600 ms) while Redis is stalled by

@@ -113,15 +113,14 @@ pub async fn read(mut body: Body, limit: u64) -> Result<Stream, ProxyError> {
         )
     };
     loop {
-        let complete = first_len(&chunks, total).is_some_and(|n| total >= n);
-        if complete {
-            if first_len(&chunks, total).is_some_and(|n| total > n) {
-                // A second message in the same read: a streaming client.
-                return Ok(Stream::Streaming(concat(chunks, total), body));
-            }
-            if body.is_end_stream() {
-                return Ok(Stream::Unary(concat(chunks, total), None));
-            }
+        let first = first_len(&chunks, total);
+        if first.is_some_and(|n| total > n) {
+            // A second message in the same read: a streaming client.
+            return Ok(Stream::Streaming(concat(chunks, total), body));
+        }
+        let complete = first.is_some_and(|n| total == n);
+        if complete && body.is_end_stream() {
+            return Ok(Stream::Unary(concat(chunks, total), None));
         }
         let next = if complete {
             match tokio::time::timeout(UNARY_GRACE, body.frame()).await {
