@@ -8,7 +8,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use hyper::body::Frame;
 use idemgate::server::Running;
 use tokio::net::TcpListener;
 
+use support::durable::{every_clean_end_replays, load};
 use support::redis_server::{free_port, RedisServer};
 use support::{config, serve_http1, TestClient, TestUpstream};
 
@@ -40,89 +41,6 @@ fn store_toml(urls: &[String], cluster: bool) -> String {
         if cluster { "redis-cluster" } else { "redis" },
         list.join(", ")
     )
-}
-
-/// How one request ended, as its client saw it.
-#[derive(Debug, Clone, PartialEq)]
-enum Ended {
-    /// A complete 201: its body.
-    Clean(Bytes),
-    /// Any other status (a problem).
-    Status(u16),
-    /// The body broke off.
-    Aborted,
-}
-
-async fn send(c: &TestClient, key: &str) -> Ended {
-    let headers = [
-        ("idempotency-key", key),
-        ("content-type", "application/json"),
-    ];
-    match c.try_send("POST", "/v1/charges", &headers, "{}").await {
-        Ok(g) if g.status == 201 => Ended::Clean(g.body),
-        Ok(g) => Ended::Status(g.status.as_u16()),
-        Err(_) => Ended::Aborted,
-    }
-}
-
-/// Drives new keys from 16 clients until `stop`, recording how each ended.
-fn load(
-    c: &TestClient,
-    stop: &Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<Vec<(String, Ended)>>> {
-    let n = Arc::new(AtomicUsize::new(0));
-    (0..16)
-        .map(|w| {
-            let (c, stop, n) = (c.clone(), stop.clone(), n.clone());
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let key = format!("durable-{w}-{}", n.fetch_add(1, Ordering::Relaxed));
-                    let ended = tokio::time::timeout(Duration::from_secs(10), send(&c, &key))
-                        .await
-                        .expect("a request hung");
-                    out.push((key, ended));
-                }
-                out
-            })
-        })
-        .collect()
-}
-
-/// After the store is back: every key whose client saw a clean end
-/// replays that very response.
-async fn every_clean_end_replays(
-    c: &TestClient,
-    ended: &[(String, Ended)],
-) -> HashMap<&'static str, usize> {
-    let mut tally: HashMap<&'static str, usize> = HashMap::new();
-    let mut missing = Vec::new();
-    for (key, e) in ended {
-        match e {
-            Ended::Clean(body) => {
-                *tally.entry("clean").or_default() += 1;
-                let headers = [
-                    ("idempotency-key", key.as_str()),
-                    ("content-type", "application/json"),
-                ];
-                let again = c.send("POST", "/v1/charges", &headers, "{}").await;
-                let replayed = again.header("idempotent-replayed") == Some("true");
-                if again.status != 201 || !replayed || again.body != *body {
-                    missing.push((key.clone(), again.status, again.body));
-                }
-            }
-            Ended::Status(_) => *tally.entry("problem").or_default() += 1,
-            Ended::Aborted => *tally.entry("aborted").or_default() += 1,
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "{} of {} clean-ended responses were not kept: {:?}",
-        missing.len(),
-        tally.get("clean").copied().unwrap_or(0),
-        &missing[..missing.len().min(5)]
-    );
-    tally
 }
 
 /// Sixteen clients of new keys through idemgate on `store`; 700 ms in,
