@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs idemgate's whole test suite on a fresh machine.
 #
-# Installs what the tests need when it is missing (redis-server, redis-cli
-# and promtool from Debian's packages, needs root; cargo-deny from
-# crates.io; openai-python from PyPI into a venv under target/), fetches
-# every crate Cargo.lock names, checks the dependencies against deny.toml,
-# then runs every test. The tests start their own servers
-# (upstreams, Redis, Redis Cluster) on loopback ports the OS picks, and stop
-# them when done. Each phase prints how long it took.
+# Installs what the tests need when it is missing (redis-server, redis-cli,
+# PostgreSQL's server programs and promtool from Debian's packages, needs
+# root; cargo-deny from crates.io; openai-python from PyPI into a venv
+# under target/), fetches every crate Cargo.lock names, checks the
+# dependencies against deny.toml, then runs every test. The tests start
+# their own servers (upstreams, Redis, Redis Cluster, PostgreSQL with
+# standbys) on loopback ports the OS picks, each with a data folder of its
+# own, and stop them when done. Each phase prints how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,7 @@ install_packages() {
   command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
   command -v redis-cli >/dev/null 2>&1 || need_pkgs+=(redis-tools)
   command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_pkgs+=(postgresql)
   [ ${#need_pkgs[@]} -gt 0 ] || return 0
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: ${need_pkgs[*]} missing; run as root (or install them) first" >&2
@@ -33,7 +35,8 @@ install_packages() {
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-  # The Debian package starts a system redis on 6379; the tests never use it.
+  # The Debian packages start a system redis on 6379 and a PostgreSQL
+  # cluster on 5432; the tests never use them.
 }
 
 install_tools() {

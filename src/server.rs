@@ -54,6 +54,28 @@ pub fn routing(config: &Config) -> Result<Option<SharedRouting>, StartError> {
 
 /// Opens the configured store, reporting into `metrics`.
 pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Store, StartError> {
+    let store = config
+        .store
+        .backend
+        .open(opening(config, metrics)?)
+        .await
+        .map_err(|e| StartError::Store(e.to_string()))?;
+    Ok(store.with_metrics(metrics.clone()))
+}
+
+/// Creates or migrates the configured store's schema (`idemgate migrate`);
+/// what it did.
+pub async fn migrate_store(config: &Config, metrics: &Metrics) -> Result<String, StartError> {
+    config
+        .store
+        .backend
+        .migrate(opening(config, metrics)?)
+        .await
+        .map_err(|e| StartError::Store(e.to_string()))
+}
+
+/// What opening the configured backend takes.
+fn opening<'a>(config: &Config, metrics: &'a Metrics) -> Result<Opening<'a>, StartError> {
     let keyring = match config.store.encryption.as_slice() {
         [] => None,
         keys => {
@@ -64,18 +86,11 @@ pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Store, Sta
             Some(Keyring::new(&keys).map_err(|e| StartError::Store(e.to_string()))?)
         }
     };
-    let opening = Opening {
+    Ok(Opening {
         timeout: config.store.timeout,
         sealing: Sealing::new(keyring, Some(metrics.record_decode_errors.clone())),
         metrics: Some(metrics),
-    };
-    let store = config
-        .store
-        .backend
-        .open(opening)
-        .await
-        .map_err(|e| StartError::Store(e.to_string()))?;
-    Ok(store.with_metrics(metrics.clone()))
+    })
 }
 
 /// The proxy listener (absent in dedup-only mode) and the admin listener.

@@ -1,6 +1,7 @@
 //! Faults with real processes: a lease holder killed mid-request, Redis
 //! restarted under load, Redis paused, an upstream that resets mid-response,
-//! and a fault-injecting proxy in front of both Redis and the upstream.
+//! and a fault-injecting proxy in front of both the store (Redis, and
+//! PostgreSQL) and the upstream.
 //! Every request must end within its deadline with a defined status, and a
 //! key whose response was stored must never run again.
 
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use idemgate::server::Running;
 use support::faults::{Fault, FaultProxy};
 use support::ledger::Ledger;
+use support::postgres_server::{self, PostgresServer};
 use support::proc::Proc;
 use support::redis_server::RedisServer;
 use support::{config, TestClient, TestUpstream};
@@ -373,12 +375,32 @@ async fn an_upstream_reset_mid_response_aborts_it_and_frees_the_key_under_releas
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_injected_faults_every_request_ends_and_stored_keys_never_rerun() {
     let redis = RedisServer::start();
+    let target = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    under_injected_faults(target, |at| redis_toml(&format!("redis://{at}"), "")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_injected_faults_on_postgres_every_request_ends_and_stored_keys_never_rerun() {
+    let pg = PostgresServer::start();
+    let target = format!("127.0.0.1:{}", pg.port).parse().unwrap();
+    under_injected_faults(target, |at| {
+        postgres_server::store_toml(&format!("postgres://postgres@{at}/postgres"), "faults")
+    })
+    .await;
+}
+
+/// Six clients over 40 keys while a fault proxy in front of the store (at
+/// `store`; `store_toml` makes the `[store]` section for the proxy's
+/// address) and one in front of the upstream go through latency, byte
+/// slicing, stalls and resets; then every key whose response was stored
+/// replays and never reaches the upstream again.
+async fn under_injected_faults(store: SocketAddr, store_toml: impl Fn(SocketAddr) -> String) {
     let up = TestUpstream::start().await;
-    let redis_proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let store_proxy = FaultProxy::start(store).await;
     let up_proxy = FaultProxy::start(up.addr).await;
     let toml = format!(
         "upstream_timeout = \"1s\"\n{}[idempotency]\nlease_ttl = \"1s\"\nwait_timeout = \"1s\"\n",
-        redis_toml(&format!("redis://{}", redis_proxy.addr), "")
+        store_toml(store_proxy.addr)
     );
     let idg = Running::start(config(Some(&format!("http://{}", up_proxy.addr)), &toml))
         .await
@@ -420,7 +442,7 @@ async fn under_injected_faults_every_request_ends_and_stored_keys_never_rerun() 
         (Fault::Pass, Fault::Pass),
     ];
     for (r, u) in schedule {
-        redis_proxy.set(r);
+        store_proxy.set(r);
         up_proxy.set(u);
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
@@ -441,7 +463,7 @@ async fn under_injected_faults_every_request_ends_and_stored_keys_never_rerun() 
 
     // Faults cleared and leases lapsed: every key whose response is stored
     // replays it and never reaches the upstream again.
-    redis_proxy.set(Fault::Pass);
+    store_proxy.set(Fault::Pass);
     up_proxy.set(Fault::Pass);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let admin = TestClient::new(idg.admin_addr);

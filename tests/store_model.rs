@@ -1,6 +1,7 @@
 //! Property test: random interleavings of begin / renew / complete / release
 //! and expiry, run against a simple reference model, on the memory store
-//! (tokio's paused clock) and on Redis (expiry forced with PEXPIRE).
+//! (tokio's paused clock), on Redis (expiry forced with PEXPIRE) and on
+//! PostgreSQL (expiry forced by moving the rows' `expires_ms` back).
 
 mod support;
 
@@ -14,9 +15,11 @@ use idemgate::idempotency::lease::LeaseId;
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::state::{Begin, BeginOptions, Lease, Resolution, UnknownCause};
 use idemgate::store::memory::MemoryStore;
+use idemgate::store::postgres::{PostgresOptions, PostgresStore};
 use idemgate::store::redis_store::{RedisOptions, RedisStore};
 use idemgate::store::RecordStore;
 use proptest::prelude::*;
+use support::postgres_server::PostgresServer;
 use support::redis_server::RedisServer;
 
 const KEYS: usize = 3;
@@ -297,5 +300,50 @@ fn redis_store_matches_the_model() {
         Ok(())
     });
     result.unwrap();
+    drop(server);
+}
+
+/// As [`redis_store_matches_the_model`], on PostgreSQL.
+#[test]
+fn postgres_store_matches_the_model() {
+    use proptest::test_runner::{Config, TestRunner};
+
+    let server = Arc::new(PostgresServer::start());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let options = PostgresOptions::new(&server.url(), "model").unwrap();
+    let store = rt.block_on(PostgresStore::connect(options)).unwrap();
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        ..Config::default()
+    });
+    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
+        let scope = scope();
+        let keys: Vec<String> = (0..KEYS)
+            .map(|k| format!("'\\x{}'", rk(&scope, k).to_hex()))
+            .collect();
+        let sql = format!(
+            "UPDATE model.records SET expires_ms = 0 WHERE key IN ({})",
+            keys.join(", ")
+        );
+        let server = server.clone();
+        let expire = move || -> Expire {
+            // Every record of this case expired now, as when its TTL runs
+            // out: every function takes such a row for absent.
+            let (server, sql) = (server.clone(), sql.clone());
+            Box::pin(async move {
+                tokio::task::spawn_blocking(move || server.psql(&sql).unwrap())
+                    .await
+                    .unwrap();
+            })
+        };
+        rt.block_on(check(&store, &scope, &ops, expire));
+        Ok(())
+    });
+    result.unwrap();
+    drop(store);
     drop(server);
 }

@@ -4,7 +4,7 @@
 //! the upstream is not called; under `release` the retry runs (with a
 //! higher fence); under `reconcile` idemgate asks the upstream. A request
 //! that was never sent (connect refused) frees the key. The core cases run
-//! on memory, Redis and Redis Cluster.
+//! on memory, Redis, Redis Cluster and PostgreSQL.
 
 mod support;
 
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use idemgate::server::Running;
 use support::ledger::Ledger;
+use support::postgres_server::{self, shared_postgres, PostgresServer};
 use support::redis_server::{shared_cluster, shared_server, store_toml, RedisCluster, RedisServer};
 use support::{config, Got, TestClient};
 use tokio::io::AsyncReadExt;
@@ -60,6 +61,13 @@ async fn redis() -> (Arc<RedisServer>, String) {
     let r = shared_server();
     let toml = store_toml(&r.url());
     (r, toml)
+}
+
+/// A schema of its own on the shared server: cases reuse key names.
+async fn postgres() -> (Arc<PostgresServer>, String) {
+    let pg = shared_postgres();
+    let toml = postgres_server::store_toml(&pg.url(), &postgres_server::schema("unknown"));
+    (pg, toml)
 }
 
 async fn cluster() -> (Arc<RedisCluster>, String) {
@@ -217,6 +225,15 @@ macro_rules! on_each_store {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     let (_guard, store) = super::cluster().await;
+                    super::$case(&store).await;
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let (_guard, store) = super::postgres().await;
                     super::$case(&store).await;
                 }
             )*

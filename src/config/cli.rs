@@ -25,6 +25,10 @@ pub enum Command {
     CheckConfig,
     /// Run a toy payments API behind idemgate and show what duplicates do.
     Demo,
+    /// Create or migrate the configured store's schema (PostgreSQL) and
+    /// exit; for a role that may create it, before the sidecar runs as one
+    /// that may not.
+    Migrate,
     /// Exit 0 if the admin listener's /healthz answers 200 (for container
     /// health checks without curl); `--ready` checks /readyz instead.
     Healthcheck {

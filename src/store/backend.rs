@@ -41,6 +41,14 @@ pub trait BackendConfig: fmt::Debug + Send + Sync + 'static {
 
     /// Connects (or builds), checks that it answers, starts what it runs.
     fn open<'a>(&'a self, opening: Opening<'a>) -> StoreFuture<'a, Store>;
+
+    /// Creates or migrates what the backend keeps its records in
+    /// (`idemgate migrate`); what it did, in a sentence.
+    fn migrate<'a>(&'a self, opening: Opening<'a>) -> StoreFuture<'a, String> {
+        let _ = opening;
+        let name = self.name();
+        Box::pin(async move { Ok(format!("the {name} store has no schema to migrate")) })
+    }
 }
 
 /// What opening a backend takes from the rest of the configuration.

@@ -12,9 +12,12 @@
 //! the program holds a [`handle`] ([`Store`]): a backend's parts, each
 //! behind its own trait object, and the one metrics wrapper.
 //!
-//! A backend is a folder: [`memory`] (one process) and [`redis_store`]
-//! (standalone and Cluster), both writing records through [`sealing`]
-//! (encoded, and sealed when encryption is on). Each registers in
+//! A backend is a folder: [`memory`] (one process), [`redis_store`]
+//! (standalone and Cluster) and [`postgres`] (records that survive the
+//! loss of a server), each writing records through [`sealing`]
+//! (encoded, and sealed when encryption is on); those that can tell every
+//! replica of a purge keep copies of replayed records in [`replays`]. Each
+//! registers in
 //! [`registry`] what [`backend`] asks of it: its name, its own keys of
 //! `[store]`, their check, and how it opens. Nothing outside `store/` names
 //! a backend's types.
@@ -25,9 +28,11 @@ pub mod dedup;
 pub mod error;
 pub mod handle;
 pub mod memory;
+pub mod postgres;
 pub mod records;
 pub mod redis_store;
 pub mod registry;
+pub mod replays;
 pub mod sealing;
 
 pub use backend::{BackendConfig, Opening};

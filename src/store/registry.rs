@@ -8,11 +8,17 @@ use std::sync::Arc;
 
 use super::backend::{BackendConfig, Registration, Section};
 use super::memory;
+use super::postgres::config as postgres;
 use super::redis_store::config as redis;
 use crate::checker::Checker;
 
 /// Every backend, the default first.
-const BACKENDS: &[Registration] = &[memory::REGISTRATION, redis::STANDALONE, redis::CLUSTER];
+const BACKENDS: &[Registration] = &[
+    memory::REGISTRATION,
+    redis::STANDALONE,
+    redis::CLUSTER,
+    postgres::REGISTRATION,
+];
 
 /// The backend that `[store] backend` chooses when it says nothing.
 pub fn default_backend() -> Arc<dyn BackendConfig> {

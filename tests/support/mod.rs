@@ -1,9 +1,10 @@
 //! Test support: a real upstream that counts its calls, an HTTP client, and
 //! idemgate started in-process on free loopback ports; and, as modules, the
-//! store contracts ([`contract`], [`dedup_contract`]), real Redis servers
-//! ([`redis_server`]), idemgate as a process ([`proc`]), a fault-injecting
-//! TCP proxy ([`faults`]) and the clean-end load and its replay check
-//! ([`durable`]). Each test binary uses a part.
+//! store contracts ([`contract`], [`dedup_contract`]), real Redis and
+//! PostgreSQL servers ([`redis_server`], [`postgres_server`]), idemgate as
+//! a process ([`proc`]), a fault-injecting TCP proxy ([`faults`]) and the
+//! clean-end load and its replay check ([`durable`]). Each test binary uses
+//! a part.
 #![allow(dead_code)]
 
 pub mod contract;
@@ -11,6 +12,7 @@ pub mod dedup_contract;
 pub mod durable;
 pub mod faults;
 pub mod ledger;
+pub mod postgres_server;
 pub mod proc;
 pub mod redis_server;
 pub mod streams;

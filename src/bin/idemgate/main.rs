@@ -27,6 +27,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::CheckConfig) => check_config(&cli),
         Some(Command::Demo) => demo(),
+        Some(Command::Migrate) => migrate(&cli),
         Some(Command::Healthcheck { ready }) => healthcheck(&cli, ready),
         None => serve(&cli),
     };
@@ -132,6 +133,17 @@ fn demo() -> anyhow::Result<()> {
             report.keys
         ))
     }
+}
+
+fn migrate(cli: &Cli) -> anyhow::Result<()> {
+    let config = Config::load(&cli.args)?;
+    let runtime = runtime(tokio::runtime::Builder::new_current_thread())?;
+    let done = runtime.block_on(async {
+        let metrics = Metrics::new(&prometheus::Registry::new()).context("metrics")?;
+        anyhow::Ok(server::migrate_store(&config, &metrics).await?)
+    })?;
+    println!("{done}");
+    Ok(())
 }
 
 fn healthcheck(cli: &Cli, ready: bool) -> anyhow::Result<()> {

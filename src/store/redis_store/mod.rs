@@ -43,7 +43,7 @@ mod replays;
 mod scripts;
 mod waiters;
 
-use replays::ReplayCache;
+use replays::Replays;
 use scripts::Scripts;
 use waiters::Waiters;
 
@@ -119,7 +119,7 @@ struct Inner {
     replica_ack_timeout: Duration,
     ack_failures: Option<prometheus::IntCounterVec>,
     /// Completed records kept in the process (standalone, when enabled).
-    replays: Option<Arc<ReplayCache>>,
+    replays: Option<Arc<Replays>>,
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -143,7 +143,7 @@ impl RedisStore {
     pub async fn connect(options: RedisOptions) -> Result<Self, StoreError> {
         let waiters = Arc::new(Waiters::default());
         let replays = (!options.cluster && options.replay_cache_bytes > 0).then(|| {
-            Arc::new(ReplayCache::new(
+            Arc::new(Replays::new(
                 format!("{}:replays", options.key_prefix),
                 options.replay_cache_bytes,
                 options.replay_cache_lookups.clone(),
@@ -248,7 +248,7 @@ impl RedisStore {
 
     /// Bytes the replay cache holds (0 without one).
     pub fn replay_cache_bytes(&self) -> usize {
-        self.inner.replays.as_ref().map_or(0, |r| r.bytes())
+        self.inner.replays.as_ref().map_or(0, |r| r.cache.bytes())
     }
 
     /// The scripts' `sharded` argument: `1` on Cluster (SPUBLISH).

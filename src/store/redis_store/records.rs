@@ -30,7 +30,7 @@ impl RedisStore {
         opts: BeginOptions,
     ) -> Result<Begin, StoreError> {
         let rkey = self.record_key(key);
-        let replays = self.inner.replays.as_deref();
+        let replays = self.inner.replays.as_ref().map(|r| &*r.cache);
         if let Some(rec) = replays.and_then(|c| c.get(&rkey)) {
             return Ok(Begin::Completed(rec));
         }
@@ -103,6 +103,9 @@ impl RedisStore {
                                 &[r, self.replays_channel()],
                             )
                             .await?;
+                        if let Some(c) = replays {
+                            c.invalidate(&rkey);
+                        }
                     }
                 },
                 _ => return Err(malformed("begin")),
@@ -429,6 +432,11 @@ impl RecordStore for RedisStore {
                     ],
                 )
                 .await?;
+            // The others hear the script's message; this replica forgets
+            // its copy now rather than trust that message's order.
+            if let Some(r) = &self.inner.replays {
+                r.cache.invalidate(&self.record_key(key));
+            }
             Ok(n > 0)
         })
     }

@@ -1,210 +1,37 @@
-//! Completed records kept in the process, so a replay on Redis need not
-//! leave it: a completed record does not change until it expires or is
-//! purged, so a copy is good until then. A copy is kept when a record is
-//! replayed from Redis (a key replayed once is the one retried again); new
-//! records are not copied, so traffic of fresh keys costs no memory here.
-//!
-//! What keeps a copy true:
-//! - it lives no longer than the record's remaining TTL (read with the
-//!   record, less a margin) and never longer than [`MAX_AGE`];
-//! - `purge` and `discard` publish the record's name on one invalidation
-//!   channel that every replica subscribes to at connect; a message drops
-//!   the copy;
-//! - a copy read from Redis is kept only if no invalidation arrived while
-//!   it was being read (an epoch taken before the round trip), so a purge
-//!   racing the read can never leave a stale copy behind;
-//! - when the connection drops (a Redis restart, a lost invalidation
-//!   connection), every copy is dropped and no new one is kept until the
-//!   channel is subscribed again, so a missed invalidation can never be
-//!   served.
-//!
-//! A key deleted in Redis by hand (not through idemgate) is seen by no
-//! replica: its copies live out [`MAX_AGE`] at most. Standalone Redis only:
-//! Cluster's sharded pub/sub has no one channel every replica hears.
+//! The replay cache ([`crate::store::replays`]) on standalone Redis: its
+//! invalidation channel is a pub/sub channel every replica subscribes to at
+//! connect, heard through the RESP3 push messages of the store's own
+//! connection. A message drops the copy it names; a confirmed
+//! (re)subscription turns the cache on, a dropped connection off. Cluster's
+//! sharded pub/sub has no one channel every replica hears, so Cluster runs
+//! without the cache.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::Arc;
 
 use redis::{PushInfo, PushKind, Value};
-use tokio::time::Instant;
 
-use crate::idempotency::record::CompletedRecord;
+use crate::store::replays::ReplayCache;
 
-/// The longest a copy lives, whatever the record's TTL: bounds how long a
-/// record deleted behind idemgate's back can still be replayed.
-pub(super) const MAX_AGE: Duration = Duration::from_secs(60);
-/// Copies expire this much before the record does (clocks and latency).
-const MARGIN: Duration = Duration::from_millis(250);
-const SHARDS: usize = 16;
-/// What a copy costs beyond its bytes.
-const ENTRY_OVERHEAD: usize = 1024;
-
-pub(super) struct ReplayCache {
+/// The cache and the channel its invalidations come on.
+pub(super) struct Replays {
+    pub cache: Arc<ReplayCache>,
     channel: Vec<u8>,
-    shards: Vec<Mutex<Shard>>,
-    max_bytes_per_shard: usize,
-    /// Subscribed and connected: copies may be kept and served.
-    live: AtomicBool,
-    /// Bumped by every invalidation and drop.
-    epoch: AtomicU64,
-    bytes: AtomicUsize,
-    /// `idemgate_replay_cache_lookups_total{result="hit"}` and `"miss"`,
-    /// resolved once (a label lookup per replay would hash the label).
-    counters: Option<(prometheus::IntCounter, prometheus::IntCounter)>,
 }
 
-#[derive(Default)]
-struct Shard {
-    map: HashMap<String, Entry>,
-    /// Insertion order, for eviction (oldest first).
-    order: VecDeque<String>,
-    bytes: usize,
-}
-
-struct Entry {
-    record: Arc<CompletedRecord>,
-    until: Instant,
-    size: usize,
-}
-
-impl ReplayCache {
+impl Replays {
     pub fn new(
         channel: String,
         max_bytes: usize,
         lookups: Option<prometheus::IntCounterVec>,
     ) -> Self {
-        ReplayCache {
+        Replays {
+            cache: Arc::new(ReplayCache::new(max_bytes, lookups)),
             channel: channel.into_bytes(),
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            max_bytes_per_shard: max_bytes / SHARDS,
-            live: AtomicBool::new(false),
-            epoch: AtomicU64::new(0),
-            bytes: AtomicUsize::new(0),
-            counters: lookups.map(|c| {
-                (
-                    c.with_label_values(&["hit"]),
-                    c.with_label_values(&["miss"]),
-                )
-            }),
         }
     }
 
     pub fn channel(&self) -> &[u8] {
         &self.channel
-    }
-
-    fn shard(&self, name: &str) -> MutexGuard<'_, Shard> {
-        // Record names end in hex of a SHA-256: any byte spreads well.
-        let i = name.as_bytes().last().map_or(0, |b| *b as usize) % SHARDS;
-        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Forgets the copy of `name` in shard `s`, counting its bytes out.
-    fn forget(&self, s: &mut Shard, name: &str) {
-        if let Some(e) = s.map.remove(name) {
-            s.bytes -= e.size;
-            self.bytes.fetch_sub(e.size, Ordering::Relaxed);
-        }
-    }
-
-    /// The copy of record `name`, if one is kept and still good.
-    pub fn get(&self, name: &str) -> Option<Arc<CompletedRecord>> {
-        if !self.live.load(Ordering::Acquire) {
-            return None;
-        }
-        let mut s = self.shard(name);
-        let hit = match s.map.get(name) {
-            Some(e) if e.until > Instant::now() => Some(e.record.clone()),
-            Some(_) => {
-                self.forget(&mut s, name);
-                None
-            }
-            None => None,
-        };
-        drop(s);
-        if let Some((hits, misses)) = &self.counters {
-            if hit.is_some() { hits } else { misses }.inc();
-        }
-        hit
-    }
-
-    /// The epoch to hand to [`Self::put`]: take it before asking Redis.
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
-    /// Keeps a copy of record `name`, which Redis holds for `ttl` more, if
-    /// nothing was invalidated since `epoch`.
-    pub fn put(&self, name: &str, record: Arc<CompletedRecord>, ttl: Duration, epoch: u64) {
-        let life = ttl.saturating_sub(MARGIN).min(MAX_AGE);
-        if life.is_zero() || !self.live.load(Ordering::Acquire) {
-            return;
-        }
-        // Counted with the allocations around the bytes (the map entry, the
-        // name, the record, its header map): about 1 KiB, measured by RSS.
-        let size = record.response.body.len()
-            + record
-                .response
-                .headers
-                .iter()
-                .map(|(k, v)| k.as_str().len() + v.len() + 32)
-                .sum::<usize>()
-            + name.len()
-            + ENTRY_OVERHEAD;
-        if size > self.max_bytes_per_shard {
-            return;
-        }
-        let mut s = self.shard(name);
-        // Checked under the shard lock that `remove` takes too.
-        if self.epoch.load(Ordering::Acquire) != epoch {
-            return;
-        }
-        if let Some(old) = s.map.insert(
-            name.to_owned(),
-            Entry {
-                record,
-                until: Instant::now() + life,
-                size,
-            },
-        ) {
-            s.bytes -= old.size;
-            self.bytes.fetch_sub(old.size, Ordering::Relaxed);
-        } else {
-            s.order.push_back(name.to_owned());
-        }
-        s.bytes += size;
-        self.bytes.fetch_add(size, Ordering::Relaxed);
-        while s.bytes > self.max_bytes_per_shard {
-            let Some(oldest) = s.order.pop_front() else {
-                break;
-            };
-            self.forget(&mut s, &oldest);
-        }
-        // Names whose entries went another way (removed, expired) leave
-        // the order queue as they reach its front.
-        if s.order.len() > 2 * s.map.len() + 64 {
-            let Shard { map, order, .. } = &mut *s;
-            order.retain(|n| map.contains_key(n));
-        }
-    }
-
-    pub fn remove(&self, name: &str) {
-        self.forget(&mut self.shard(name), name);
-    }
-
-    fn flush(&self) {
-        for shard in &self.shards {
-            let mut s = shard.lock().unwrap_or_else(|p| p.into_inner());
-            self.bytes.fetch_sub(s.bytes, Ordering::Relaxed);
-            *s = Shard::default();
-        }
-    }
-
-    /// Bytes held by the copies.
-    pub fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Follows the connection: invalidations, a drop, a (re)subscription.
@@ -213,23 +40,16 @@ impl ReplayCache {
             |i: usize| matches!(info.data.get(i), Some(Value::BulkString(c)) if *c == self.channel);
         match info.kind {
             PushKind::Message if on_channel(0) => {
-                self.epoch.fetch_add(1, Ordering::AcqRel);
                 if let Some(Value::BulkString(name)) = info.data.get(1) {
                     if let Ok(name) = std::str::from_utf8(name) {
-                        self.remove(name);
+                        self.cache.invalidate(name);
                     }
                 }
             }
-            PushKind::Subscribe if on_channel(0) => {
-                self.live.store(true, Ordering::Release);
-            }
-            PushKind::Disconnection => {
-                // Invalidations may have been lost: keep nothing until the
-                // channel is heard again.
-                self.live.store(false, Ordering::Release);
-                self.epoch.fetch_add(1, Ordering::AcqRel);
-                self.flush();
-            }
+            PushKind::Subscribe if on_channel(0) => self.cache.set_live(true),
+            // Invalidations may have been lost: keep nothing until the
+            // channel is heard again.
+            PushKind::Disconnection => self.cache.set_live(false),
             _ => {}
         }
     }

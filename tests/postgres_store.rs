@@ -1,0 +1,640 @@
+//! The PostgreSQL store against real PostgreSQL servers: the shared
+//! contract, several idemgate replicas sharing one database, a restart
+//! under load, a failover to a synchronous standby, and the replay cache
+//! (copies dropped by a purge through any replica, and by a lost
+//! connection).
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idemgate::server::Running;
+use idemgate::store::postgres::{PostgresOptions, PostgresStore};
+use support::durable::{every_clean_end_replays, load, replay_clean_ends};
+use support::postgres_server::{schema, shared_postgres, store_toml, PostgresServer};
+use support::{config, duplicates_agree, TestClient, TestUpstream};
+
+/// A store on its own schema, whose waiters re-check only once a minute:
+/// only `NOTIFY` can wake them in time. The replay cache is on, as by
+/// default in the config, so the contract holds with it.
+async fn connect(url: &str, schema: &str) -> PostgresStore {
+    let mut options = PostgresOptions::new(url, schema).unwrap();
+    options.recheck = Duration::from_secs(60);
+    options.replay_cache_bytes = 8 << 20;
+    PostgresStore::connect(options).await.unwrap()
+}
+
+/// Contract cases share one server while they run, each on a schema of
+/// its own.
+async fn shared(case: &str) -> (Arc<PostgresServer>, PostgresStore) {
+    let pg = shared_postgres();
+    let store = connect(&pg.url(), &schema(case)).await;
+    (pg, store)
+}
+
+support::contract::record_contract!(record_contract, shared);
+support::contract::bucket_contract!(bucket_contract, shared);
+support::dedup_contract::dedup_contract!(dedup_contract, shared);
+
+async fn replicas(up: &TestUpstream, n: usize, toml: &str) -> Vec<(Running, TestClient)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let r = Running::start(config(Some(&up.url()), toml)).await.unwrap();
+        let c = TestClient::new(r.proxy_addr.unwrap());
+        out.push((r, c));
+    }
+    out
+}
+
+/// Statements run since the last reset, all but the sweeper's, the
+/// listener's, the schema check's and this count's own.
+fn statements(pg: &PostgresServer) -> u64 {
+    pg.psql(
+        "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements \
+         WHERE query !~ '(pg_stat_statements|gone AS|LISTEN|to_regclass|schema_version)'",
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_postgres() {
+    let pg = PostgresServer::start();
+    let up = TestUpstream::start().await;
+    let nodes = replicas(&up, 3, &store_toml(&pg.url(), "shared")).await;
+
+    // 1,000 concurrent duplicates spread across the replicas: one call.
+    let clients: Vec<TestClient> = nodes.iter().map(|(_, c)| c.clone()).collect();
+    duplicates_agree(&clients, 1000, "shared").await;
+    assert_eq!(up.calls(), 1);
+
+    // Round trips per request, counted by the server: a new key is a begin
+    // and a complete; a replay is a begin alone.
+    pg.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .unwrap();
+    pg.psql("SELECT pg_stat_statements_reset()").unwrap();
+    let c = &clients[0];
+    for i in 0..100 {
+        assert_eq!(c.post("/v1/x", &format!("rt-{i}"), "{}").await.status, 201);
+    }
+    let new_keys = statements(&pg);
+    for i in 0..100 {
+        let again = c.post("/v1/x", &format!("rt-{i}"), "{}").await;
+        assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    }
+    let replays = statements(&pg) - new_keys;
+    // The first replay kept a copy: the next ones need no statement.
+    for i in 0..100 {
+        let again = c.post("/v1/x", &format!("rt-{i}"), "{}").await;
+        assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    }
+    let cached = statements(&pg) - new_keys - replays;
+    println!(
+        "statements per request: new key {new_keys}/100, replay {replays}/100, \
+         replay again {cached}/100"
+    );
+    assert_eq!(new_keys, 200, "a new key takes a begin and a complete");
+    assert_eq!(replays, 100, "a first replay takes one begin");
+    assert_eq!(cached, 0, "a replay served by the cache takes none");
+    for (r, _) in nodes {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_load_gives_503s_then_recovers_losing_nothing() {
+    let pg = PostgresServer::start();
+    let up = TestUpstream::start().await;
+    let r = Running::start(config(Some(&up.url()), &store_toml(&pg.url(), "restart")))
+        .await
+        .unwrap();
+    let c = TestClient::new(r.proxy_addr.unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = load(&c, &stop);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut pg = tokio::task::spawn_blocking(move || {
+        let mut pg = pg;
+        pg.kill();
+        pg
+    })
+    .await
+    .unwrap();
+    // While it is down: 503 with Retry-After, within the store timeout,
+    // and the upstream is not called.
+    let calls = up.calls();
+    let started = Instant::now();
+    let down = c.post("/v1/x", "during-outage", "{}").await;
+    down.assert_problem(503, "store-unavailable");
+    assert!(down.header("retry-after").is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        up.calls() <= calls + 16,
+        "only requests already past their begin ran"
+    );
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.restart();
+        pg
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut ended = Vec::new();
+    for l in loads {
+        ended.extend(l.await.unwrap());
+    }
+    // Recovered without restarting idemgate; no acknowledged record lost
+    // (crash recovery replays the WAL every commit flushed).
+    let tally = every_clean_end_replays(&c, &ended).await;
+    assert!(tally.get("clean").copied().unwrap_or(0) > 100, "{tally:?}");
+    assert!(tally.get("problem").copied().unwrap_or(0) > 0, "{tally:?}");
+    println!("PostgreSQL SIGKILLed and restarted under load: {tally:?}");
+    assert_eq!(c.post("/v1/x", "after", "{}").await.status, 201);
+    r.stop().await;
+    drop(pg);
+}
+
+/// What a failover did to the keys idemgate had answered.
+#[derive(Debug)]
+struct Failover {
+    tally: std::collections::HashMap<&'static str, usize>,
+    /// Clean-ended keys whose retry did not replay the response.
+    lost: usize,
+    /// Keys the upstream ran more than once.
+    ran_twice: usize,
+    /// From the SIGKILL of the primary, and from the end of the promotion,
+    /// to the first new key answered 201.
+    kill_to_success: Duration,
+    promoted_to_success: Duration,
+}
+
+/// A primary with a standby (synchronous or not), idemgate on the
+/// multi-host URL, sixteen clients of new keys; the primary SIGKILLed
+/// 700 ms in and the standby promoted; then every clean-ended key retried.
+async fn failover(sync: bool) -> Failover {
+    let primary = PostgresServer::start();
+    let standby = primary.standby(sync);
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    let up = TestUpstream::start().await;
+    let r = Running::start(config(Some(&up.url()), &store_toml(&url, "failover")))
+        .await
+        .unwrap();
+    let c = TestClient::new(r.proxy_addr.unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = load(&c, &stop);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let killed_at = Instant::now();
+    let (primary, standby, promoted_at) = tokio::task::spawn_blocking(move || {
+        let mut primary = primary;
+        primary.kill();
+        standby.promote();
+        (primary, standby, Instant::now())
+    })
+    .await
+    .unwrap();
+    // A probe of new keys, every 10 ms, until one is answered 201.
+    let mut n = 0;
+    let first_success = loop {
+        n += 1;
+        let got = c.post("/v1/x", &format!("probe-{n}"), "{}").await;
+        if got.status == 201 {
+            break Instant::now();
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut ended = Vec::new();
+    for l in loads {
+        ended.extend(l.await.unwrap());
+    }
+    let replayed = replay_clean_ends(&c, &ended).await;
+    let mut runs: std::collections::HashMap<String, usize> = Default::default();
+    for s in up.seen() {
+        if let Some(k) = s.headers.get("idempotency-key") {
+            *runs.entry(k.to_str().unwrap().to_owned()).or_default() += 1;
+        }
+    }
+    r.stop().await;
+    drop((primary, standby));
+    Failover {
+        tally: replayed.tally,
+        lost: replayed.missing.len(),
+        ran_twice: runs.values().filter(|n| **n > 1).count(),
+        kill_to_success: first_success - killed_at,
+        promoted_to_success: first_success.saturating_duration_since(promoted_at),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_synchronous_standby_loses_no_acknowledged_record() {
+    let f = failover(true).await;
+    println!(
+        "failover, synchronous standby: {:?}; first success {:?} after the kill, {:?} after the promotion",
+        f.tally, f.kill_to_success, f.promoted_to_success
+    );
+    assert!(f.tally.get("clean").copied().unwrap_or(0) > 100, "{f:?}");
+    assert_eq!(f.lost, 0, "{f:?}");
+    assert_eq!(f.ran_twice, 0, "{f:?}");
+}
+
+/// With asynchronous replication a commit is acknowledged before the
+/// standby has it: what the failover loses is reported, not asserted away.
+/// What holds: every request ended, and a lost record is never served as
+/// another response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_an_asynchronous_standby_reports_what_it_lost() {
+    let f = failover(false).await;
+    println!(
+        "failover, asynchronous standby: {:?}; {} acknowledged records lost, {} keys ran twice; \
+         first success {:?} after the kill",
+        f.tally, f.lost, f.ran_twice, f.kill_to_success
+    );
+    assert!(f.tally.get("clean").copied().unwrap_or(0) > 100, "{f:?}");
+    assert!(f.lost <= f.tally["clean"]);
+}
+
+fn idemgate(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"));
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("IDEMGATE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().unwrap()
+}
+
+/// A config file in a folder of its own, removed when dropped.
+struct File(std::path::PathBuf);
+
+impl File {
+    fn new(text: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "idemgate-pg-config-{}-{}.toml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, text).unwrap();
+        File(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for File {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn check_config_never_connects_nor_shows_the_password() {
+    // Nothing listens on port 1: checking must not try.
+    let f = File::new(
+        "[store]\nbackend = \"postgres\"\nurl = \"postgres://app:s3cret@127.0.0.1:1/db\"\n",
+    );
+    let o = idemgate(&["check-config", "--config", f.path()], &[]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("url = \"postgres://app:***@127.0.0.1:1/db\""),
+        "{out}"
+    );
+    assert!(out.contains("schema = \"idemgate\""), "{out}");
+    assert!(!out.contains("s3cret"));
+
+    // From the environment: only the variable's name is shown.
+    let f = File::new("[store]\nbackend = \"postgres\"\nurl_env = \"APP_DATABASE_URL\"\n");
+    let env = [("APP_DATABASE_URL", "postgres://app:s3cret@db/x")];
+    let o = idemgate(&["check-config", "--config", f.path()], &env);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("url_env = \"APP_DATABASE_URL\""), "{out}");
+    assert!(!out.contains("s3cret"));
+}
+
+#[test]
+fn bad_postgres_keys_are_exit_2_naming_each() {
+    let f = File::new(
+        "[store]\nbackend = \"postgres\"\nurl_env = \"IDEMGATE_TEST_UNSET\"\n\
+         schema = \"bad-name\"\npool_size = 0\n",
+    );
+    let o = idemgate(&["check-config", "--config", f.path()], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    for path in ["store.url_env", "store.schema", "store.pool_size"] {
+        assert!(err.contains(path), "{path} not named: {err}");
+    }
+    let f = File::new(
+        "[store]\nbackend = \"postgres\"\nurl = \"mysql://x:s3cret@h/db\"\nurl_file = \"/nope\"\n",
+    );
+    let o = idemgate(&["check-config", "--config", f.path()], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("store.url"), "{err}");
+    assert!(err.contains("one of url, url_env and url_file"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+    let f = File::new("[store]\nbackend = \"postgres\"\n");
+    let o = idemgate(&["check-config", "--config", f.path()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs a URL"));
+}
+
+/// `idemgate migrate` creates the schema as a role that may; the sidecar
+/// then runs as one that may not create anything, only use what is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_ahead_lets_a_least_privilege_role_run() {
+    let pg = PostgresServer::start();
+    let f = File::new(&store_toml(&pg.url(), "app"));
+    let o = idemgate(&["migrate", "--config", f.path()], &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "schema app created at version 1"
+    );
+    let o = idemgate(&["migrate", "--config", f.path()], &[]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "schema app is at version 1"
+    );
+    // The grants the README gives a role that runs the sidecar.
+    for sql in [
+        "CREATE ROLE app LOGIN",
+        "GRANT USAGE ON SCHEMA app TO app",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA app TO app",
+        "GRANT USAGE ON ALL SEQUENCES IN SCHEMA app TO app",
+    ] {
+        pg.psql(sql).unwrap();
+    }
+    let app_url = format!("postgres://app@127.0.0.1:{}/postgres", pg.port);
+    // The role cannot create: a schema not made ahead is an error at start.
+    let err = Running::start(config(None, &store_toml(&app_url, "other")))
+        .await
+        .err()
+        .expect("started without its schema");
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    let up = TestUpstream::start().await;
+    let r = Running::start(config(Some(&up.url()), &store_toml(&app_url, "app")))
+        .await
+        .unwrap();
+    let c = TestClient::new(r.proxy_addr.unwrap());
+    assert_eq!(c.post("/v1/x", "k", "{}").await.status, 201);
+    let again = c.post("/v1/x", "k", "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(up.calls(), 1);
+    r.stop().await;
+}
+
+// The replay cache: two stores on one schema stand for two replicas.
+
+/// How soon a purge through one replica reaches another's cache (one
+/// notification on loopback; generous for a loaded machine).
+const INVALIDATION_BOUND: Duration = Duration::from_secs(1);
+
+mod cache {
+    use super::*;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+    use idemgate::idempotency::key::{Fingerprint, RecordKey};
+    use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
+    use idemgate::idempotency::state::{Begin, BeginOptions};
+    use idemgate::store::RecordStore;
+
+    pub fn key(name: &str) -> RecordKey {
+        RecordKey::derive(&HeaderMap::new(), &[], &http::Method::POST, "/v1/x", name)
+    }
+
+    const FP: Fingerprint = Fingerprint([3; 32]);
+
+    fn opts() -> BeginOptions {
+        BeginOptions {
+            lease_ttl: Duration::from_secs(30),
+            hold_lapsed: None,
+            reconcile_every: None,
+        }
+    }
+
+    /// Completes `k` through `store` with a record that lives `ttl`.
+    pub async fn complete(store: &PostgresStore, k: &RecordKey, ttl: Duration) {
+        let Begin::Acquired(lease) = store.begin(k, &FP, opts()).await.unwrap() else {
+            panic!("not acquired")
+        };
+        let record = CompletedRecord {
+            fingerprint: FP,
+            created_unix_ms: 1,
+            response: StoredResponse {
+                status: StatusCode::CREATED,
+                headers: HeaderMap::new(),
+                body: Bytes::from_static(b"{\"ok\":true}"),
+                body_omitted: false,
+                trailers: HeaderMap::new(),
+            },
+        };
+        assert!(store
+            .complete(k, &lease, Arc::new(record), ttl)
+            .await
+            .unwrap());
+    }
+
+    pub async fn begin(store: &PostgresStore, k: &RecordKey) -> Begin {
+        store.begin(k, &FP, opts()).await.unwrap()
+    }
+
+    pub async fn is_completed(store: &PostgresStore, k: &RecordKey) -> bool {
+        matches!(begin(store, k).await, Begin::Completed(_))
+    }
+
+    /// Begin statements the server has run (the batched begin function).
+    pub fn begins(pg: &PostgresServer) -> u64 {
+        pg.psql(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements \
+             WHERE query LIKE '%begin_many%'",
+        )
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+    }
+
+    /// Waits until `store` holds no copy, failing after `bound`.
+    pub async fn emptied(store: &PostgresStore, bound: Duration, why: &str) {
+        let started = Instant::now();
+        while store.replay_cache_bytes() > 0 {
+            assert!(started.elapsed() < bound, "{why}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until the listener is back (a new copy is kept again). Calls
+    /// may fail meanwhile: pooled connections to a restarted server break
+    /// one by one.
+    pub async fn copies_resume(store: &PostgresStore, k: &RecordKey) {
+        let started = Instant::now();
+        loop {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the cache never came back"
+            );
+            let _ = store.purge(k).await;
+            if let Ok(Begin::Acquired(lease)) = store.begin(k, &FP, opts()).await {
+                let record = CompletedRecord {
+                    fingerprint: FP,
+                    created_unix_ms: 1,
+                    response: StoredResponse {
+                        status: StatusCode::CREATED,
+                        headers: HeaderMap::new(),
+                        body: Bytes::from_static(b"{}"),
+                        body_omitted: false,
+                        trailers: HeaderMap::new(),
+                    },
+                };
+                let ttl = Duration::from_secs(600);
+                if let Ok(true) = store.complete(k, &lease, Arc::new(record), ttl).await {
+                    let replayed = store.begin(k, &FP, opts()).await;
+                    if matches!(replayed, Ok(Begin::Completed(_))) && store.replay_cache_bytes() > 0
+                    {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_through_one_replica_reaches_the_others_cache() {
+    use idemgate::idempotency::state::Begin;
+    use idemgate::store::RecordStore;
+    let pg = PostgresServer::start();
+    pg.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .unwrap();
+    let (a, b) = (
+        connect(&pg.url(), "rc").await,
+        connect(&pg.url(), "rc").await,
+    );
+    let k = cache::key("purged");
+    cache::complete(&a, &k, Duration::from_secs(600)).await;
+    // A completing it kept no copy; B reads it once, then from its cache.
+    assert_eq!(a.replay_cache_bytes(), 0);
+    assert!(cache::is_completed(&b, &k).await);
+    let begins = cache::begins(&pg);
+    for _ in 0..10 {
+        assert!(cache::is_completed(&b, &k).await);
+    }
+    assert_eq!(cache::begins(&pg), begins, "replays went to PostgreSQL");
+    assert!(b.replay_cache_bytes() > 0);
+    // Purged through A: B's copy goes within the bound.
+    assert!(a.purge(&k).await.unwrap());
+    cache::emptied(
+        &b,
+        INVALIDATION_BOUND,
+        "B's copy outlived the purge by the bound",
+    )
+    .await;
+    assert!(matches!(cache::begin(&b, &k).await, Begin::Acquired(_)));
+    // Purged through B itself: its own next begin sees it at once, not
+    // only once the notification comes back (tried on many keys, as that
+    // is a race on loopback).
+    for i in 0..50 {
+        let k2 = cache::key(&format!("purged-here-{i}"));
+        cache::complete(&a, &k2, Duration::from_secs(600)).await;
+        assert!(cache::is_completed(&b, &k2).await);
+        assert!(b.purge(&k2).await.unwrap());
+        assert!(
+            matches!(cache::begin(&b, &k2).await, Begin::Acquired(_)),
+            "B replayed a record it had just purged"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_listener_empties_the_cache_and_copies_resume_after() {
+    use idemgate::store::RecordStore;
+    let pg = PostgresServer::start();
+    let b = connect(&pg.url(), "rc").await;
+    let k = cache::key("lost");
+    cache::complete(&b, &k, Duration::from_secs(600)).await;
+    assert!(cache::is_completed(&b, &k).await);
+    assert!(b.replay_cache_bytes() > 0);
+    // The listening connection is cut: purges could go unheard, so the
+    // copies go, and the record deleted behind idemgate's back is seen.
+    pg.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE query LIKE 'LISTEN%'",
+    )
+    .unwrap();
+    cache::emptied(&b, INVALIDATION_BOUND, "the cache outlived its listener").await;
+    pg.psql("DELETE FROM rc.records").unwrap();
+    assert!(!cache::is_completed(&b, &k).await);
+    b.purge(&k).await.unwrap();
+    // Listening again: copies are kept again.
+    cache::copies_resume(&b, &cache::key("after")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_empties_the_cache() {
+    let mut pg = PostgresServer::start();
+    let b = connect(&pg.url(), "rc").await;
+    let k = cache::key("restart");
+    cache::complete(&b, &k, Duration::from_secs(600)).await;
+    assert!(cache::is_completed(&b, &k).await);
+    assert!(b.replay_cache_bytes() > 0);
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.restart();
+        pg
+    })
+    .await
+    .unwrap();
+    cache::emptied(&b, Duration::from_secs(5), "the cache outlived a restart").await;
+    cache::copies_resume(&b, &cache::key("after-restart")).await;
+    drop(pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_ends_with_its_record() {
+    use idemgate::idempotency::state::Begin;
+    let pg = shared_postgres();
+    let b = connect(&pg.url(), &schema("copy-ttl")).await;
+    let k = cache::key("ttl");
+    cache::complete(&b, &k, Duration::from_millis(1000)).await;
+    assert!(cache::is_completed(&b, &k).await);
+    assert!(b.replay_cache_bytes() > 0);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(matches!(cache::begin(&b, &k).await, Begin::Acquired(_)));
+}
