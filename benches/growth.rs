@@ -1,8 +1,10 @@
 //! How the stores' cost grows with the records they hold: throughput and
 //! latency percentiles of first requests (begin + complete of a new key)
 //! and replays (begin of a random completed key) with 10 k and with 10 M
-//! live records, on the memory store and on a local Redis (the replay cache
-//! off, so every replay is Redis's), plus the memory each holds.
+//! live records, on the memory store, on a local Redis and on a local
+//! PostgreSQL (every commit flushed, 1 GiB of shared buffers), the replay
+//! caches off so every replay is the store's, plus the memory each holds
+//! (for PostgreSQL, the size of its table and indexes).
 //!
 //! ```sh
 //! cargo bench --bench growth                       # 10 k and 10 M records
@@ -11,13 +13,18 @@
 //!
 //! The HTTP path in front of the store does the same work whatever the
 //! store holds, so the store is measured alone here. Records are filled
-//! through the memory store's own API and, on Redis, as copies of a record
-//! the store wrote (pipelined, so ten million take a minute, not an hour).
+//! through the memory store's own API and, on Redis and PostgreSQL, as
+//! copies of a record the store wrote (pipelined on Redis, 10,000 rows a
+//! statement on PostgreSQL, so ten million take minutes, not hours).
 //! Under `cargo test --all-targets` (no `--bench`) it runs with 1,000
-//! records as a smoke run. Redis is skipped where redis-server is missing.
+//! records as a smoke run. Redis and PostgreSQL are skipped where they are
+//! not installed.
 
+#[path = "../tests/support/postgres_server.rs"]
+mod postgres_server;
 #[path = "common/redis_server.rs"]
 mod redis_server;
+use postgres_server::PostgresServer;
 use redis_server::RedisServer;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +36,7 @@ use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
 use idemgate::idempotency::state::{Begin, BeginOptions};
 use idemgate::store::memory::MemoryStore;
+use idemgate::store::postgres::{PostgresOptions, PostgresStore};
 use idemgate::store::redis_store::{RedisOptions, RedisStore};
 use idemgate::store::RecordStore;
 
@@ -169,7 +177,7 @@ fn main() {
         .build()
         .unwrap();
     let rec = record();
-    println!("| store  |    records | operation      |     ops/s | p50 µs  | p99 µs  | RSS MiB  |");
+    println!("| store  |    records | operation      |     ops/s | p50 µs  | p99 µs  | MiB held |");
     println!("|--------|------------|----------------|-----------|---------|---------|----------|");
 
     for &n in &sizes {
@@ -185,6 +193,11 @@ fn main() {
         drop(store);
     }
 
+    redis(&rt, &sizes, ops, &rec);
+    postgres(&rt, &sizes, ops, &rec);
+}
+
+fn redis(rt: &tokio::runtime::Runtime, sizes: &[u64], ops: u64, rec: &Arc<CompletedRecord>) {
     let Some(server) = RedisServer::start("growth") else {
         println!("SKIPPED redis: redis-server is not installed");
         return;
@@ -225,7 +238,7 @@ fn main() {
         used / (1 << 20) as f64
     };
     let mut filled = 0u64;
-    for &n in &sizes {
+    for &n in sizes {
         // Grows the keyspace to n records (the sizes ascend).
         rt.block_on(async {
             while filled < n {
@@ -243,6 +256,66 @@ fn main() {
             }
         });
         let rss = redis_rss(&mut raw);
-        measure_both(&rt, &store, "redis", "redis", n, ops, &rec, rss);
+        measure_both(rt, &store, "redis", "redis", n, ops, rec, rss);
+    }
+}
+
+fn postgres(rt: &tokio::runtime::Runtime, sizes: &[u64], ops: u64, rec: &Arc<CompletedRecord>) {
+    if !std::path::Path::new("/usr/lib/postgresql").is_dir() {
+        println!("SKIPPED postgres: PostgreSQL is not installed");
+        return;
+    }
+    // PG_SETTINGS="name=value ..." adds server settings (to compare, say,
+    // synchronous_commit=off).
+    let extra = std::env::var("PG_SETTINGS").unwrap_or_default();
+    let mut settings = vec!["shared_buffers=1GB", "synchronous_commit=on"];
+    settings.extend(extra.split_whitespace());
+    let server = PostgresServer::start_with(&settings);
+    let mut options = PostgresOptions::new(&server.url(), "growth").unwrap();
+    // PG_POOL=N: connections in idemgate's pool (`store.pool_size`).
+    if let Some(n) = std::env::var("PG_POOL").ok().and_then(|v| v.parse().ok()) {
+        options.pool_size = n;
+    }
+    let store = rt.block_on(PostgresStore::connect(options)).unwrap();
+    let (raw, connection) = rt
+        .block_on(
+            server
+                .url()
+                .parse::<tokio_postgres::Config>()
+                .unwrap()
+                .connect(tokio_postgres::NoTls),
+        )
+        .unwrap();
+    rt.spawn(connection);
+    // One record written by the store, whose columns every filled row copies.
+    let model = key("model", 0);
+    rt.block_on(first_request(&store, model, rec.clone()));
+    let fill = "INSERT INTO growth.records (key, state, token, fence, fp, record, expires_ms) \
+                SELECT k, m.state, m.token, m.fence, m.fp, m.record, m.expires_ms \
+                FROM unnest($1::bytea[]) AS k, growth.records AS m WHERE m.key = $2";
+    let size = || -> f64 {
+        let sql = "SELECT pg_total_relation_size('growth.records')";
+        let bytes: i64 = rt.block_on(raw.query_one(sql, &[])).unwrap().get(0);
+        bytes as f64 / (1 << 20) as f64
+    };
+    let mut filled = 0u64;
+    for &n in sizes {
+        rt.block_on(async {
+            while filled < n {
+                let batch = (n - filled).min(10_000);
+                let keys: Vec<Vec<u8>> = (filled..filled + batch)
+                    .map(|i| key("postgres", i).0.to_vec())
+                    .collect();
+                raw.execute(fill, &[&keys, &model.0.as_slice()])
+                    .await
+                    .unwrap();
+                filled += batch;
+            }
+            // As autovacuum would have by then: visibility map and statistics.
+            raw.batch_execute("VACUUM ANALYZE growth.records")
+                .await
+                .unwrap();
+        });
+        measure_both(rt, &store, "pg", "postgres", n, ops, rec, size());
     }
 }

@@ -7,7 +7,8 @@
 # Starts, on free loopback ports: an nginx upstream that answers a small JSON
 # body over http and over https (a test CA made with openssl),
 # body (1 worker); nginx proxy_pass with a keepalive pool as the baseline
-# (2 workers); redis-server; idemgate on the memory store and on Redis. Drives
+# (2 workers); redis-server; PostgreSQL (its own data folder, synchronous_commit
+# on, fsync on); idemgate on the memory store, on Redis and on PostgreSQL. Drives
 # each with wrk -t1 -c64, alternating baseline and candidate runs, and prints
 # req/s, p50, p99 and each candidate's ratio to nginx from the same run, then
 # idemgate's RSS under c=256 on Redis. Installs nginx, wrk and redis-server
@@ -15,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
-ONLY=${ONLY:-mem,redis,replay,nokey,tls,rss}   # a subset for quick iterations; also: bodies
+ONLY=${ONLY:-mem,redis,replay,pg,nokey,tls,rss}   # a subset for quick iterations; also: bodies
 # PREFILL=10000000 fills Redis (and the memory store, when mem runs) with
 # that many records first (see below).
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
@@ -26,6 +27,7 @@ need=()
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v wrk >/dev/null || need+=(wrk)
 command -v redis-server >/dev/null || need+=(redis-server)
+want pg && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || { echo "load.sh: ${need[*]} missing; run as root" >&2; exit 2; }
   export DEBIAN_FRONTEND=noninteractive
@@ -36,7 +38,10 @@ BIN=${BIN:-$PWD/target/release/idemgate}   # BIN=... measures another build
 
 WORK=$(mktemp -d)
 pids=()
+# PostgreSQL refuses to run as root: its programs run as `postgres` then.
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 cleanup() {
+  [ -f "$WORK/pg/data/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$WORK/pg/data" stop -m fast >/dev/null 2>&1 || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$WORK/up/nginx.pid" ] && kill "$(cat "$WORK/up/nginx.pid")" 2>/dev/null || true
   [ -f "$WORK/base/nginx.pid" ] && kill "$(cat "$WORK/base/nginx.pid")" 2>/dev/null || true
@@ -139,7 +144,27 @@ printf 'upstream_ca_file = "%s"\n[store]\nmax_entries = 100000000\n' "$WORK/ca.p
 env RUST_LOG=warn ${THREADS:+TOKIO_WORKER_THREADS=$THREADS} "$BIN" --config "$WORK/tls.toml" --upstream "https://localhost:$UPS" \
   --listen "127.0.0.1:$TLS" --admin-listen "127.0.0.1:$TLS_ADMIN" 2>"$WORK/tls.log" &
 pids+=($!)
-for p in $MEM_ADMIN $RED_ADMIN $TLS_ADMIN; do
+# PostgreSQL as an operator who keeps acknowledged records would run it:
+# every commit flushed (fsync, synchronous_commit on), 512 MiB of shared
+# buffers; idemgate on it with the default pool (16 connections).
+PG_ADMIN=""
+if want pg; then
+  PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  PGPORT=$(free_port); PGI=$(free_port); PG_ADMIN=$(free_port)
+  mkdir -p "$WORK/pg"
+  [ "$(id -u)" -eq 0 ] && chown postgres "$WORK/pg"
+  as_pg "$PGBIN/initdb" -D "$WORK/pg/data" -U postgres --auth=trust >/dev/null
+  as_pg "$PGBIN/postgres" -D "$WORK/pg/data" -p "$PGPORT" -c listen_addresses=127.0.0.1 \
+    -c unix_socket_directories="$WORK/pg" -c shared_buffers=512MB -c max_connections=200 \
+    -c synchronous_commit=on -c fsync=on 2>"$WORK/pg/server.log" &
+  pids+=($!)
+  for _ in $(seq 100); do "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PGPORT" && break; sleep 0.1; done
+  printf '[store]\nbackend = "postgres"\nurl = "postgres://postgres@127.0.0.1:%s/postgres"\n' "$PGPORT" > "$WORK/pg.toml"
+  env RUST_LOG=warn ${THREADS:+TOKIO_WORKER_THREADS=$THREADS} "$BIN" --config "$WORK/pg.toml" --upstream "http://127.0.0.1:$UP" \
+    --listen "127.0.0.1:$PGI" --admin-listen "127.0.0.1:$PG_ADMIN" 2>"$WORK/pgi.log" &
+  pids+=($!)
+fi
+for p in $MEM_ADMIN $RED_ADMIN $TLS_ADMIN $PG_ADMIN; do
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$p/readyz" >/dev/null && break; sleep 0.1; done
 done
 
@@ -203,6 +228,8 @@ scenario() { # name port script [baseline port]
 want mem && scenario "unique keys (memory)" "$MEM" unique.lua
 want redis && scenario "unique keys (Redis)" "$RED" unique.lua
 want replay && scenario "replay of one key (Redis)" "$RED" replay.lua
+want pg && scenario "unique keys (Postgres)" "$PGI" unique.lua
+want pg && scenario "replay of one key (Postgres)" "$PGI" replay.lua
 want nokey && scenario "no key, pass-through (memory)" "$MEM" nokey.lua
 want tls && scenario "no key, https upstream" "$TLS" nokey.lua "$BASE_TLS"
 want tls && scenario "unique keys, https upstream" "$TLS" unique.lua "$BASE_TLS"
