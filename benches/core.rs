@@ -54,6 +54,7 @@ fn record(body_len: usize) -> CompletedRecord {
     );
     headers.insert("server", HeaderValue::from_static("api"));
     CompletedRecord {
+        origin: None,
         fingerprint: Fingerprint([7; 32]),
         created_unix_ms: 1_764_291_600_000,
         response: StoredResponse {

@@ -58,6 +58,7 @@ fn record() -> Arc<CompletedRecord> {
     let mut headers = HeaderMap::new();
     headers.insert("content-type", HeaderValue::from_static("application/json"));
     Arc::new(CompletedRecord {
+        origin: None,
         fingerprint: Fingerprint([7; 32]),
         created_unix_ms: 1_764_291_600_000,
         response: StoredResponse {

@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
-ONLY=${ONLY:-mem,redis,replay,pg,nokey,tls,rss}   # a subset for quick iterations; also: bodies
+ONLY=${ONLY:-mem,redis,replay,pg,nokey,tls,rss}   # a subset for quick iterations; also: bodies, traced
 # PREFILL=10000000 fills Redis (and the memory store, when mem runs) with
 # that many records first (see below).
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
@@ -144,6 +144,17 @@ printf 'upstream_ca_file = "%s"\n[store]\nmax_entries = 100000000\n' "$WORK/ca.p
 env RUST_LOG=warn ${THREADS:+TOKIO_WORKER_THREADS=$THREADS} "$BIN" --config "$WORK/tls.toml" --upstream "https://localhost:$UPS" \
   --listen "127.0.0.1:$TLS" --admin-listen "127.0.0.1:$TLS_ADMIN" 2>"$WORK/tls.log" &
 pids+=($!)
+# traced: the memory store with its spans exported over OTLP/HTTP to a
+# receiver that accepts them (the upstream nginx answers 201 to any POST,
+# /v1/traces included); TRACE_RATIO of the requests sampled (default 1).
+TRC_ADMIN=""
+if want traced; then
+  TRC=$(free_port); TRC_ADMIN=$(free_port)
+  env RUST_LOG=warn ${THREADS:+TOKIO_WORKER_THREADS=$THREADS} OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$UP" \
+    OTEL_TRACES_SAMPLER=traceidratio OTEL_TRACES_SAMPLER_ARG="${TRACE_RATIO:-1}" "$BIN" --config "$WORK/idemgate.toml" --upstream "http://127.0.0.1:$UP" \
+    --listen "127.0.0.1:$TRC" --admin-listen "127.0.0.1:$TRC_ADMIN" 2>"$WORK/trc.log" &
+  pids+=($!)
+fi
 # PostgreSQL as an operator who keeps acknowledged records would run it:
 # every commit flushed (fsync, synchronous_commit on), 512 MiB of shared
 # buffers; idemgate on it with the default pool (16 connections).
@@ -164,7 +175,7 @@ if want pg; then
     --listen "127.0.0.1:$PGI" --admin-listen "127.0.0.1:$PG_ADMIN" 2>"$WORK/pgi.log" &
   pids+=($!)
 fi
-for p in $MEM_ADMIN $RED_ADMIN $TLS_ADMIN $PG_ADMIN; do
+for p in $MEM_ADMIN $RED_ADMIN $TLS_ADMIN $PG_ADMIN $TRC_ADMIN; do
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$p/readyz" >/dev/null && break; sleep 0.1; done
 done
 
@@ -226,6 +237,8 @@ scenario() { # name port script [baseline port]
     "$(python3 -c "print($cr/$br)")" "$bad"
 }
 want mem && scenario "unique keys (memory)" "$MEM" unique.lua
+want traced && scenario "unique keys (memory, traced)" "$TRC" unique.lua
+want traced && echo "traced (ratio ${TRACE_RATIO:-1}): $(curl -s "http://127.0.0.1:$TRC_ADMIN/metrics" | grep '^idemgate_trace_spans_dropped_total') (about 4 spans a sampled request)"
 want redis && scenario "unique keys (Redis)" "$RED" unique.lua
 want replay && scenario "replay of one key (Redis)" "$RED" replay.lua
 want pg && scenario "unique keys (Postgres)" "$PGI" unique.lua

@@ -36,6 +36,7 @@ fn main() {
     let mut headers = HeaderMap::new();
     headers.insert("content-type", HeaderValue::from_static("application/json"));
     let record = Arc::new(CompletedRecord {
+        origin: None,
         fingerprint: Fingerprint([7; 32]),
         created_unix_ms: 1_764_291_600_000,
         response: StoredResponse {

@@ -10,7 +10,7 @@
 //! - [`store`]: the storage contract ([`store::RecordStore`] for HTTP records,
 //!   [`store::DedupStore`] for consumer dedup, [`store::BucketStore`] for
 //!   fair share), the [`store::Store`] handle, and the backends, each in its
-//!   folder and registered by name: in-memory and Redis.
+//!   folder and registered by name: in-memory, Redis and PostgreSQL.
 //! - [`webhook`]: webhook providers' keys and signature checks.
 //! - [`proxy`]: the tower service [`proxy::Idempotency`] that applies the
 //!   semantics around [`proxy::Upstream`], a pooled hyper client.
@@ -22,6 +22,8 @@
 //! - [`body`]: reading bodies up to a limit.
 //! - [`error`]: typed errors and the one place they become HTTP responses.
 //! - [`metrics`]: the Prometheus metrics, on a registry the caller owns.
+//! - [`telemetry`]: OpenTelemetry traces (OTLP export, W3C Trace Context,
+//!   the link from a replay to the request that ran).
 //!
 //! The binary (`src/bin/idemgate/`) is the edge: `main` (errors to exit
 //! codes, in one place), `demo` and `healthcheck`. ARCHITECTURE.md draws the
@@ -40,6 +42,7 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod webhook;
 
 /// The body type every idemgate response and forwarded request uses.

@@ -178,5 +178,6 @@ fn fixed_changes(a: &Config, b: &Config) -> Vec<&'static str> {
     check(a.store != b.store, "store");
     check(a.dedup != b.dedup, "dedup");
     check(a.admin_tokens != b.admin_tokens, "admin tokens");
+    check(a.traces != b.traces, "tracing");
     out
 }

@@ -60,7 +60,17 @@ pub async fn open_store(config: &Config, metrics: &Metrics) -> Result<Store, Sta
         .open(opening(config, metrics)?)
         .await
         .map_err(|e| StartError::Store(e.to_string()))?;
-    Ok(store.with_metrics(metrics.clone()))
+    let store = store.with_metrics(metrics.clone());
+    if !crate::telemetry::on() {
+        return Ok(store);
+    }
+    // OpenTelemetry's names for the backends.
+    let system = match config.store.backend.name() {
+        "postgres" => "postgresql",
+        "redis" => "redis",
+        _ => "memory",
+    };
+    Ok(store.with_traces(system))
 }
 
 /// Creates or migrates the configured store's schema (`idemgate migrate`);

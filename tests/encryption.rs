@@ -160,6 +160,7 @@ async fn keys_rotate_without_a_flag_day() {
 
 fn record(body: &'static str) -> Arc<CompletedRecord> {
     Arc::new(CompletedRecord {
+        origin: None,
         fingerprint: Fingerprint([3; 32]),
         created_unix_ms: 1,
         response: StoredResponse {

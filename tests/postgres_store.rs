@@ -455,6 +455,7 @@ mod cache {
             panic!("not acquired")
         };
         let record = CompletedRecord {
+            origin: None,
             fingerprint: FP,
             created_unix_ms: 1,
             response: StoredResponse {
@@ -513,6 +514,7 @@ mod cache {
             let _ = store.purge(k).await;
             if let Ok(Begin::Acquired(lease)) = store.begin(k, &FP, opts()).await {
                 let record = CompletedRecord {
+                    origin: None,
                     fingerprint: FP,
                     created_unix_ms: 1,
                     response: StoredResponse {

@@ -51,6 +51,7 @@ async fn complete(store: &RedisStore, k: &RecordKey, ttl: Duration) {
         panic!("not acquired")
     };
     let record = CompletedRecord {
+        origin: None,
         fingerprint: FP,
         created_unix_ms: 1,
         response: StoredResponse {

@@ -111,6 +111,7 @@ async fn bytes_are_counted_and_bound_new_keys() {
     let s = MemoryStore::bounded(1000, 400 << 10, idemgate::store::Sealing::default());
     let big = |n: u8| {
         std::sync::Arc::new(idemgate::idempotency::record::CompletedRecord {
+            origin: None,
             fingerprint: FP,
             created_unix_ms: 0,
             response: idemgate::idempotency::record::StoredResponse {

@@ -80,6 +80,7 @@ fn fp(n: u8) -> Fingerprint {
 
 fn record(n: u8) -> Arc<CompletedRecord> {
     Arc::new(CompletedRecord {
+        origin: None,
         fingerprint: fp(n),
         created_unix_ms: 1,
         response: StoredResponse {

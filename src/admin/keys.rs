@@ -145,6 +145,7 @@ impl Admin {
             }
         };
         let record = Arc::new(CompletedRecord {
+            origin: None,
             fingerprint: unknown.fingerprint,
             created_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

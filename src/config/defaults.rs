@@ -9,6 +9,7 @@ use http::{header, HeaderName, Method};
 
 use super::model::{AdminTokens, Config, DedupConfig, LogFormat, OnStoreError, StoreConfig};
 use super::routes::{OnUnknownOutcome, Policies, Policy};
+use super::traces::TracesConfig;
 use crate::idempotency::key_from::KeyFrom;
 use crate::store::registry;
 
@@ -37,6 +38,7 @@ impl Default for Config {
                 read: None,
                 metrics_public: true,
             },
+            traces: TracesConfig::default(),
             warnings: Vec::new(),
         }
     }

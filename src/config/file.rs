@@ -48,6 +48,8 @@ pub struct FileConfig {
     pub(super) idempotency: Option<PolicyFile>,
     pub(super) routes: Option<Vec<PolicyFile>>,
     pub(super) dedup: Option<DedupFile>,
+    /// `[tracing]`: checked key by key against the environment.
+    pub(super) tracing: Option<toml::Table>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,7 +12,7 @@
 //! defaults; `[store]`'s backend keys checked by the backend itself) →
 //! `intake` (a route's key source, webhook preset and secrets) →
 //! `defaults` (every default, once) → `model` (the checked [`Config`]) →
-//! [`routes`] (policies, path patterns) → [`upstream`] (where requests go,
+//! [`traces`] (`[tracing]` over the `OTEL_*` environment) → [`routes`] (policies, path patterns) → [`upstream`] (where requests go,
 //! TLS files read) → [`file`] (the file as written), [`encryption`] (keys
 //! that seal records), [`cli`] (flags and subcommands). The value checks
 //! themselves are [`crate::checker`]'s.
@@ -26,6 +26,7 @@ mod model;
 mod render;
 pub mod routes;
 mod sections;
+pub mod traces;
 pub mod upstream;
 
 pub use cli::{Cli, Command, RunArgs};

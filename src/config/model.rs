@@ -10,6 +10,7 @@ use http::Uri;
 
 use super::encryption::EncryptionKey;
 use super::routes::Policies;
+use super::traces::TracesConfig;
 use super::upstream::UpstreamConfig;
 use crate::store::BackendConfig;
 
@@ -39,6 +40,8 @@ pub struct Config {
     pub policies: Policies,
     pub dedup: DedupConfig,
     pub admin_tokens: AdminTokens,
+    /// `[tracing]` over the `OTEL_*` environment.
+    pub traces: TracesConfig,
     /// Legal but risky choices (e.g. `key_from = "body-sha256"`): printed by
     /// check-config, logged at start.
     pub warnings: Vec<String>,

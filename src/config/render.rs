@@ -2,12 +2,15 @@
 //! serde view of [`Config`] in the file's own layout, so what it prints can
 //! be read back as a config file. Redis passwords are shown as `***`.
 
+use std::collections::BTreeMap;
+
 use http::HeaderName;
 use serde::Serialize;
 
 use super::encryption::KeySource;
 use super::model::{Config, DedupConfig, LogFormat, OnStoreError, StoreConfig};
 use super::routes::{OnUnknownOutcome, Policy, ReconcileUrl};
+use super::traces::TracesConfig;
 use super::upstream::{UpstreamConfig, UpstreamProtocol};
 
 /// A duration as the file writes it (`"30s"`, `"1day"`).
@@ -44,6 +47,36 @@ struct FileView<'a> {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     routes: Vec<PolicyView<'a>>,
     dedup: DedupView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracing: Option<TracingView>,
+}
+
+/// `[tracing]` when it is on; header values (API keys) shown as `***`.
+#[derive(Serialize)]
+struct TracingView {
+    endpoint: String,
+    service_name: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    resource_attributes: BTreeMap<String, String>,
+    sampler: &'static str,
+    sampler_arg: f64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    headers: BTreeMap<String, &'static str>,
+    timeout: String,
+}
+
+impl TracingView {
+    fn of(t: &TracesConfig) -> Option<Self> {
+        Some(TracingView {
+            endpoint: t.endpoint.as_ref()?.to_string(),
+            service_name: t.service_name.clone(),
+            resource_attributes: t.resource_attributes.iter().cloned().collect(),
+            sampler: t.sampler.as_str(),
+            sampler_arg: t.sampler_arg,
+            headers: t.headers.keys().map(|k| (k.clone(), "***")).collect(),
+            timeout: d(t.timeout),
+        })
+    }
 }
 
 /// A route's own upstream (the top level's extra keys, flattened there).
@@ -286,6 +319,7 @@ impl Config {
                 })
                 .collect(),
             dedup: DedupView::of(&self.dedup),
+            tracing: TracingView::of(&self.traces),
         };
         // Every field is a string, number, bool or list of those: always
         // representable in TOML.

@@ -11,6 +11,7 @@ use super::cli::RunArgs;
 use super::file::{ConfigErrors, DedupFile, FileConfig, PolicyFile};
 use super::model::{AdminTokens, Config, DedupConfig, LogFormat, OnStoreError, StoreConfig};
 use super::routes::{OnUnknownOutcome, PathPattern, Policies, Policy, ReconcileUrl, Route};
+use super::traces;
 use super::upstream::UpstreamConfig;
 use crate::checker::Checker;
 use crate::idempotency::rate::Rate;
@@ -132,6 +133,7 @@ impl Config {
             cfg.default_upstream.as_ref(),
         );
         cfg.dedup = c.dedup(file.dedup.unwrap_or_default());
+        cfg.traces = traces::check(&mut c, file.tracing.clone(), &|k| std::env::var(k).ok());
         cfg.warnings = std::mem::take(&mut c.warnings);
         if c.errors.is_empty() {
             Ok(cfg)

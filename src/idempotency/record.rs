@@ -18,6 +18,11 @@
 //! trailers is still written as version 1, byte for byte what earlier
 //! builds wrote and read; both versions are read.
 //!
+//! Version 3 is version 2 with the origin's trace after `created_unix_ms`:
+//! `[16] trace id, [8] span id, u8 trace flags` (the request that ran
+//! upstream, so replays can link to its trace). Written only when traces
+//! are on and the request was sampled; otherwise nothing changes.
+//!
 //! Raw body bytes, no base64: a replay is one read and one copy-free slice.
 
 use bytes::{Buf, BufMut, Bytes};
@@ -29,7 +34,11 @@ use super::key::Fingerprint;
 pub const VERSION: u8 = 1;
 /// The encoding version of a record with trailers.
 pub const VERSION_TRAILERS: u8 = 2;
+/// The encoding version of a record that names the trace that made it.
+pub const VERSION_ORIGIN: u8 = 3;
 const FLAG_BODY_OMITTED: u8 = 1;
+/// Trace id, span id, flags.
+const ORIGIN_LEN: usize = 16 + 8 + 1;
 
 /// A stored response, replayed to duplicates.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,9 +56,21 @@ pub struct StoredResponse {
 /// A completed record: the request it answered and the answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompletedRecord {
+    /// The trace of the request that ran upstream, when traces were on
+    /// and it was sampled: replays link to it.
+    pub origin: Option<Origin>,
     pub fingerprint: Fingerprint,
     pub created_unix_ms: u64,
     pub response: StoredResponse,
+}
+
+/// Where a record came from: the W3C trace id, span id and trace flags of
+/// the request that ran upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub flags: u8,
 }
 
 /// Why stored bytes could not be decoded. Callers treat every variant as a
@@ -76,19 +97,29 @@ impl CompletedRecord {
         let fields_len = |h: &HeaderMap| -> usize {
             h.iter().map(|(n, v)| 6 + n.as_str().len() + v.len()).sum()
         };
-        let trailers = !r.trailers.is_empty();
+        // Version 3 holds the trailer count whether or not there are any.
+        let trailers = !r.trailers.is_empty() || self.origin.is_some();
         let len = 1 + 1 + 32 + 8 + 2 + 2 + fields_len(&r.headers) + r.body.len();
-        let len = len
-            + if trailers {
+        let len =
+            len + if trailers {
                 2 + fields_len(&r.trailers)
             } else {
                 0
-            };
+            } + if self.origin.is_some() { ORIGIN_LEN } else { 0 };
         let mut b = Vec::with_capacity(len);
-        b.put_u8(if trailers { VERSION_TRAILERS } else { VERSION });
+        b.put_u8(match (&self.origin, trailers) {
+            (Some(_), _) => VERSION_ORIGIN,
+            (None, true) => VERSION_TRAILERS,
+            (None, false) => VERSION,
+        });
         b.put_u8(if r.body_omitted { FLAG_BODY_OMITTED } else { 0 });
         b.put_slice(&self.fingerprint.0);
         b.put_u64(self.created_unix_ms);
+        if let Some(o) = &self.origin {
+            b.put_slice(&o.trace_id);
+            b.put_slice(&o.span_id);
+            b.put_u8(o.flags);
+        }
         b.put_u16(r.status.as_u16());
         put_fields(&mut b, &r.headers);
         if trailers {
@@ -109,7 +140,7 @@ impl CompletedRecord {
         }
         need(&bytes, 1)?;
         let version = bytes.get_u8();
-        if version != VERSION && version != VERSION_TRAILERS {
+        if !(VERSION..=VERSION_ORIGIN).contains(&version) {
             return Err(DecodeError::UnknownVersion(version));
         }
         need(&bytes, 1 + 32 + 8 + 2 + 2)?;
@@ -117,15 +148,30 @@ impl CompletedRecord {
         let mut fp = [0u8; 32];
         bytes.copy_to_slice(&mut fp);
         let created_unix_ms = bytes.get_u64();
+        let origin = if version == VERSION_ORIGIN {
+            need(&bytes, ORIGIN_LEN + 2 + 2)?;
+            let mut o = Origin {
+                trace_id: [0; 16],
+                span_id: [0; 8],
+                flags: 0,
+            };
+            bytes.copy_to_slice(&mut o.trace_id);
+            bytes.copy_to_slice(&mut o.span_id);
+            o.flags = bytes.get_u8();
+            Some(o)
+        } else {
+            None
+        };
         let status = StatusCode::from_u16(bytes.get_u16()).map_err(|_| DecodeError::Invalid)?;
         let headers = get_fields(&mut bytes)?;
-        let trailers = if version == VERSION_TRAILERS {
+        let trailers = if version >= VERSION_TRAILERS {
             need(&bytes, 2)?;
             get_fields(&mut bytes)?
         } else {
             HeaderMap::new()
         };
         Ok(CompletedRecord {
+            origin,
             fingerprint: Fingerprint(fp),
             created_unix_ms,
             response: StoredResponse {
@@ -195,6 +241,7 @@ mod tests {
         headers.append("x-multi", HeaderValue::from_static("1"));
         headers.append("x-multi", HeaderValue::from_static("2"));
         CompletedRecord {
+            origin: None,
             fingerprint: Fingerprint([7; 32]),
             created_unix_ms: 1_700_000_000_123,
             response: StoredResponse {
@@ -204,6 +251,29 @@ mod tests {
                 body_omitted: omitted,
                 trailers: HeaderMap::new(),
             },
+        }
+    }
+
+    #[test]
+    fn the_origin_round_trips_in_version_3_and_is_absent_otherwise() {
+        let mut r = sample(b"{\"id\":1}", false);
+        assert_eq!(r.encode()[0], VERSION);
+        r.origin = Some(Origin {
+            trace_id: [0xab; 16],
+            span_id: [0xcd; 8],
+            flags: 1,
+        });
+        let bytes = r.encode();
+        assert_eq!(bytes[0], VERSION_ORIGIN);
+        assert_eq!(bytes.len(), r.encode_vec().capacity());
+        assert_eq!(CompletedRecord::decode(bytes.clone()).unwrap(), r);
+        r.response
+            .trailers
+            .insert("grpc-status", HeaderValue::from_static("0"));
+        assert_eq!(CompletedRecord::decode(r.encode()).unwrap(), r);
+        // Cut anywhere, it is an error, never a panic.
+        for n in 0..bytes.len() - 8 {
+            assert!(CompletedRecord::decode(bytes.slice(..n)).is_err(), "{n}");
         }
     }
 

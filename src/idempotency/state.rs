@@ -301,6 +301,7 @@ mod tests {
 
     fn record(fp: Fingerprint) -> Arc<CompletedRecord> {
         Arc::new(CompletedRecord {
+            origin: None,
             fingerprint: fp,
             created_unix_ms: 0,
             response: StoredResponse {

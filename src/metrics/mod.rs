@@ -87,8 +87,10 @@ pub struct MetricSet {
     pub store_bytes: IntGauge,
     /// `{preset, result}`: webhook signature checks; see [`SIGNATURE_RESULTS`].
     pub webhook_signatures: IntCounterVec,
-    /// `{result}`: `hit` or `miss` of the Redis replay cache.
+    /// `{result}`: `hit` or `miss` of the replay cache.
     pub replay_cache_lookups: IntCounterVec,
+    /// Spans not exported: the queue was full, or the collector failed.
+    pub trace_spans_dropped: IntCounter,
     /// `{result}`: `success` or `failure` of a configuration reload.
     pub config_reloads: IntCounterVec,
     /// When the configuration in force was loaded (start or reload).
@@ -178,6 +180,10 @@ impl Metrics {
             ),
             &["op"],
         )?;
+        let trace_spans_dropped = IntCounter::new(
+            "idemgate_trace_spans_dropped_total",
+            "Trace spans dropped: the export queue was full, or the collector was down, slow or failing.",
+        )?;
         let webhook_signatures = IntCounterVec::new(
             Opts::new(
                 "idemgate_webhook_signatures_total",
@@ -235,6 +241,7 @@ impl Metrics {
         registry.register(Box::new(webhook_signatures.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(replay_cache_lookups.clone()))?;
+        registry.register(Box::new(trace_spans_dropped.clone()))?;
         for result in ["hit", "miss"] {
             replay_cache_lookups.with_label_values(&[result]);
         }
@@ -311,6 +318,7 @@ impl Metrics {
             config_reloads,
             config_last_reload_success,
             replay_cache_lookups,
+            trace_spans_dropped,
             registry: registry.clone(),
         })))
     }

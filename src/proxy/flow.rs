@@ -28,6 +28,7 @@ use crate::idempotency::record::CompletedRecord;
 use crate::idempotency::state::{decide, Begin, Decision, Resolution, Unknown};
 use crate::metrics::{Outcome, StoreOp};
 use crate::store::StoreError;
+use crate::telemetry;
 use crate::Body;
 
 /// Settles a covered request against the store.
@@ -67,6 +68,11 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
                 ..
             }
         );
+        if telemetry::in_sampled_request() {
+            if let Some(f) = fence_of(&begun) {
+                tracing::Span::current().record("idemgate.fence", f);
+            }
+        }
         match decide(begun, &fp) {
             Decision::Forward(lease) => {
                 if let Err(refused) = admit(shared, &policy, &parts.headers).await {
@@ -93,7 +99,8 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
                     .on(record_key);
             }
             Decision::Replay(record) => {
-                return Handled::new(Outcome::Replayed, replay(&record.response)).on(record_key)
+                telemetry::link_to_origin(record.origin.as_ref());
+                return Handled::new(Outcome::Replayed, replay(&record.response)).on(record_key);
             }
             Decision::Mismatch => return refused_with(ProxyError::KeyReused),
             Decision::Unknown { unknown, reconcile } => {
@@ -133,31 +140,82 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
                 }
                 // The original streams from this process: join it, from
                 // its first byte, as soon as its head is in.
+                let span = WaitSpan::new(fence);
                 if let Some(live) = shared.lives.get(&record_key, fence) {
                     let joined = {
                         let _waiting = Waiting::new(&shared.settings.metrics.waiting_duplicates);
-                        tokio::time::timeout_at(deadline, live.join()).await
+                        span.during(tokio::time::timeout_at(deadline, live.join()))
+                            .await
                     };
                     if let Ok(Some((head, body))) = joined {
+                        span.ended("joined live");
+                        telemetry::link_to_origin(live.origin.as_ref());
                         return Handled::new(Outcome::Replayed, joined_response(&head, body))
                             .on(record_key);
                     }
                 }
                 if Instant::now() >= deadline {
+                    span.ended("timed out");
                     return refused_with(ProxyError::InProgress);
                 }
                 let waited = {
                     // A guard, not inc/dec: a client that disconnects drops
                     // this future mid-wait, and the gauge must still go down.
                     let _waiting = Waiting::new(&shared.settings.metrics.waiting_duplicates);
-                    store.wait(&record_key, fence, deadline).await
+                    span.during(store.wait(&record_key, fence, deadline)).await
                 };
+                span.ended(match &waited {
+                    Err(_) => "store failed",
+                    Ok(()) if Instant::now() >= deadline => "timed out",
+                    Ok(()) => "woken",
+                });
                 if let Err(e) = waited {
                     return store_failed(shared, &policy, inner, parts, body, trailers, e)
                         .await
                         .on(record_key);
                 }
             }
+        }
+    }
+}
+
+/// The fence a begin answered with, if any (for the request's span).
+fn fence_of(begun: &Begin) -> Option<u64> {
+    match begun {
+        Begin::Acquired(lease) => Some(lease.fence),
+        Begin::InFlight { fence, .. } => Some(*fence),
+        Begin::Unknown { unknown, .. } => Some(unknown.fence),
+        Begin::Completed(_) => None,
+    }
+}
+
+/// The span of one wait for an in-flight original (with traces on), and
+/// how it ended: `woken`, `timed out`, `joined live`, `store failed`.
+struct WaitSpan(Option<tracing::Span>);
+
+impl WaitSpan {
+    fn new(fence: u64) -> Self {
+        WaitSpan(telemetry::in_sampled_request().then(|| {
+            tracing::debug_span!(
+                "wait",
+                otel.name = "wait for duplicate",
+                idemgate.fence = fence,
+                idemgate.wait = tracing::field::Empty,
+            )
+        }))
+    }
+
+    async fn during<F: std::future::Future>(&self, f: F) -> F::Output {
+        use tracing::Instrument;
+        match &self.0 {
+            Some(span) => f.instrument(span.clone()).await,
+            None => f.await,
+        }
+    }
+
+    fn ended(&self, how: &'static str) {
+        if let Some(span) = &self.0 {
+            span.record("idemgate.wait", how);
         }
     }
 }
@@ -216,6 +274,7 @@ async fn ask(
             strip_hop_by_hop(&mut response.headers);
             response.headers = stored_headers(policy, &response.headers);
             let record = Arc::new(CompletedRecord {
+                origin: None,
                 fingerprint: *fp,
                 created_unix_ms: unix_ms(),
                 response,

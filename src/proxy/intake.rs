@@ -24,6 +24,7 @@ use crate::body::{read_limited, whole, Prefixed, Read};
 use crate::config::Policy;
 use crate::error::{error_chain, ProxyError};
 use crate::idempotency::key::{parse_key, KeyError};
+use crate::telemetry;
 use crate::Body;
 
 /// What the intake made of a request, under the route's policy.
@@ -135,7 +136,20 @@ async fn intake(
     if let Some(check) = &policy.webhook {
         let preset = check.verifier.preset.name();
         let now = i64::try_from(unix_ms() / 1000).unwrap_or(i64::MAX);
-        if let Err(e) = check.verifier.verify(&parts.headers, &body, now) {
+        let span = telemetry::in_sampled_request().then(|| {
+            tracing::debug_span!(
+                "signature",
+                otel.name = "verify signature",
+                idemgate.webhook.preset = preset,
+                idemgate.signature = tracing::field::Empty,
+            )
+        });
+        let checked = check.verifier.verify(&parts.headers, &body, now);
+        if let Some(span) = span {
+            let result = checked.as_ref().map_or_else(|e| e.label(), |_| "ok");
+            span.record("idemgate.signature", result);
+        }
+        if let Err(e) = checked {
             shared.settings.metrics.webhook_signature(preset, e.label());
             tracing::info!(preset, path = parts.uri.path(), reason = %e, "webhook signature refused");
             return Intake::Refused(ProxyError::InvalidSignature(e));

@@ -35,6 +35,7 @@ use crate::idempotency::record::{CompletedRecord, StoredResponse};
 use crate::idempotency::state::{Lease, UnknownCause};
 use crate::metrics::{Metrics, Outcome, StoreOp};
 use crate::store::Store;
+use crate::telemetry;
 use crate::Body;
 
 pub(super) struct Job {
@@ -86,10 +87,18 @@ impl Job {
         let req = Request::from_parts(parts, whole(body, trailers));
         let policy = self.policy.clone();
         let (tx, rx) = oneshot::channel();
-        tasks.spawn(async move {
+        let run = async move {
             // The caller may be gone; the record is stored either way.
             self.run(inner, req, tx).await;
-        });
+        };
+        if telemetry::in_sampled_request() {
+            // The request's span is the parent of what the job does, even
+            // after the client has gone.
+            use tracing::Instrument;
+            tasks.spawn(run.instrument(tracing::Span::current()));
+        } else {
+            tasks.spawn(run);
+        }
         rx.await.unwrap_or_else(|_| {
             let e = UpstreamError::Broken("the upstream call was abandoned".into());
             refuse(ProxyError::Upstream(e), &policy)
@@ -102,7 +111,11 @@ impl Job {
         let deadline = Instant::now() + self.timeout;
         // Duplicates on this process find the attempt here from now on, and
         // join it once its head is in.
-        let live = Live::new(self.guard.lease.fence, self.policy.max_response_body);
+        let live = Live::traced(
+            self.guard.lease.fence,
+            self.policy.max_response_body,
+            telemetry::origin(),
+        );
         self.lives.insert(self.guard.key, live.clone());
         let head = self
             .renewing(tokio::time::timeout_at(
@@ -193,6 +206,8 @@ impl Job {
                     return;
                 }
                 let record = CompletedRecord {
+                    // The request's own span: this task runs in it.
+                    origin: telemetry::origin(),
                     fingerprint: self.fingerprint,
                     created_unix_ms: unix_ms(),
                     response: StoredResponse {

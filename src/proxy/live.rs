@@ -26,11 +26,14 @@ use http_body_util::{BodyExt, StreamBody};
 use tokio::sync::Notify;
 
 use crate::idempotency::key::RecordKey;
+use crate::idempotency::record::Origin;
 use crate::{Body, BoxError};
 
 /// One streaming covered response.
 pub(super) struct Live {
     pub fence: u64,
+    /// The trace of the request that runs it (traces on): joiners link to it.
+    pub origin: Option<Origin>,
     bound: u64,
     buf: Mutex<Buf>,
     /// Woken on every change a reader or the job may wait for.
@@ -66,9 +69,16 @@ struct Buf {
 }
 
 impl Live {
+    #[cfg(test)]
     pub fn new(fence: u64, bound: u64) -> Arc<Self> {
+        Self::traced(fence, bound, None)
+    }
+
+    /// [`Self::new`] for a request whose trace joiners link to.
+    pub fn traced(fence: u64, bound: u64, origin: Option<Origin>) -> Arc<Self> {
         Arc::new(Live {
             fence,
+            origin,
             bound,
             buf: Mutex::new(Buf::default()),
             changed: Notify::new(),

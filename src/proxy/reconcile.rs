@@ -21,6 +21,7 @@ use super::headers::IDEMPOTENCY_FENCE;
 use crate::config::Policy;
 use crate::idempotency::record::StoredResponse;
 use crate::idempotency::settlement;
+use crate::telemetry;
 
 /// What the upstream said.
 pub(super) enum Answer {
@@ -80,11 +81,31 @@ impl Reconciler {
                 headers.append(name.clone(), v.clone());
             }
         }
+        // With traces on: a client span of its own, whose context the
+        // reconcile endpoint gets.
+        let span = telemetry::in_sampled_request().then(|| {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let span = tracing::debug_span!(
+                "reconcile",
+                otel.name = "GET reconcile",
+                otel.kind = "client",
+                http.request.method = "GET",
+                server.address = req.uri().host().unwrap_or(""),
+                server.port = req.uri().port_u16().unwrap_or(80),
+                http.response.status_code = tracing::field::Empty,
+                idemgate.fence = fence,
+            );
+            telemetry::inject(&span.context(), req.headers_mut());
+            span
+        });
+        let span = span.unwrap_or_else(tracing::Span::none);
         // A settlement carries the body, base64 at worst: bound what is read.
         let limit = (policy.max_response_body as usize).saturating_mul(2) + (64 << 10);
+        let noted = span.clone();
         let asked = async {
             let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status();
+            noted.record("http.response.status_code", status.as_u16());
             let body = Limited::new(resp.into_body(), limit)
                 .collect()
                 .await
@@ -92,6 +113,7 @@ impl Reconciler {
                 .to_bytes();
             Ok::<_, String>((status, body))
         };
+        let asked = tracing::Instrument::instrument(asked, span);
         match tokio::time::timeout(policy.reconcile_timeout, asked).await {
             Err(_) => Answer::Failed(format!("no answer within {:?}", policy.reconcile_timeout)),
             Ok(Err(e)) => Answer::Failed(e),

@@ -30,6 +30,7 @@ use super::tunnel::{self, Hold};
 use crate::error::ProxyError;
 use crate::metrics::Outcome;
 use crate::store::Store;
+use crate::telemetry;
 use crate::{Body, BoxError};
 
 /// The idempotency service. Never fails: every error is a problem response
@@ -118,26 +119,111 @@ where
         } else {
             None
         };
-        let req = req.map(|b| b.map_err(Into::into).boxed());
-        Box::pin(async move {
-            let started = Instant::now();
-            let method = req.method().clone();
-            let grpc = is_grpc(req.headers());
-            let metrics = shared.settings.metrics.clone();
-            let handled = Self::handle(shared, req, hold).await;
-            let elapsed = started.elapsed();
-            metrics.request(handled.outcome, elapsed);
-            let (outcome, record) = (handled.outcome, handled.record);
-            let response = handled.into_response(grpc);
-            tracing::debug!(
-                %method,
-                record = record.map(|k| k.to_hex()),
-                outcome = outcome.as_str(),
-                status = response.status().as_u16(),
-                elapsed_ms = elapsed.as_secs_f64() * 1e3,
-                "request"
-            );
-            Ok(response)
-        })
+        let mut req = req.map(|b| b.map_err(Into::into).boxed());
+        let span = if telemetry::on() {
+            Self::server_span(&shared, &mut req)
+        } else {
+            None
+        };
+        Box::pin(Self::served(shared, req, hold, span))
+    }
+}
+
+impl Idempotency {
+    /// One request, start to end, counted and logged; with traces on, in
+    /// its server span, which notes how it ended.
+    async fn served(
+        shared: Arc<Shared>,
+        req: Request<Body>,
+        hold: Option<Hold>,
+        span: Option<tracing::Span>,
+    ) -> Result<Response<Body>, Infallible> {
+        use tracing::Instrument;
+        let started = Instant::now();
+        let method = req.method().clone();
+        let grpc = is_grpc(req.headers());
+        let metrics = shared.settings.metrics.clone();
+        let handled = match &span {
+            Some(span) => {
+                Self::handle(shared, req, hold)
+                    .instrument(span.clone())
+                    .await
+            }
+            None => Self::handle(shared, req, hold).await,
+        };
+        let elapsed = started.elapsed();
+        metrics.request(handled.outcome, elapsed);
+        let (outcome, record) = (handled.outcome, handled.record);
+        let response = handled.into_response(grpc);
+        let status = response.status().as_u16();
+        let _in = span.as_ref().map(|span| {
+            span.record("http.response.status_code", status);
+            span.record("idemgate.outcome", outcome.as_str());
+            span.record("idemgate.replayed", outcome == Outcome::Replayed);
+            if let Some(k) = &record {
+                span.record("idemgate.record", k.to_hex());
+            }
+            if status >= 500 {
+                span.record("otel.status_code", "ERROR");
+            }
+            span.enter()
+        });
+        tracing::debug!(
+            %method,
+            record = record.map(|k| k.to_hex()),
+            outcome = outcome.as_str(),
+            status,
+            elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            "request"
+        );
+        Ok(response)
+    }
+
+    /// The server span of a sampled request: its parent the client's
+    /// `traceparent`, its name the method and the route's pattern (never
+    /// a raw path), its ids in every log line of the request. A request
+    /// not sampled gets no span at all (so it costs nothing more), only a
+    /// `traceparent` that carries the decision on.
+    fn server_span(shared: &Shared, req: &mut Request<Body>) -> Option<tracing::Span> {
+        use tracing::field::Empty;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let parent = telemetry::extract(req.headers());
+        if !telemetry::sampled(&parent) {
+            let tp = telemetry::unsampled_traceparent(&parent);
+            req.headers_mut().insert("traceparent", tp);
+            return None;
+        }
+        let method = req.method();
+        let route = {
+            let routing = shared.routing.load();
+            let p = &routing.policies;
+            p.find(req.uri().path())
+                .map(|i| p.routes[i].pattern.as_str().to_owned())
+        };
+        let name = match &route {
+            Some(r) => format!("{method} {r}"),
+            None => method.to_string(),
+        };
+        let span = tracing::info_span!(
+            "request",
+            otel.name = name,
+            otel.kind = "server",
+            http.request.method = %method,
+            http.route = route,
+            http.response.status_code = Empty,
+            idemgate.outcome = Empty,
+            idemgate.record = Empty,
+            idemgate.replayed = Empty,
+            idemgate.fence = Empty,
+            otel.status_code = Empty,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        let _ = span.set_parent(parent);
+        if let Some((trace, id)) = telemetry::ids(&span.context()) {
+            span.record("trace_id", tracing::field::display(trace));
+            span.record("span_id", tracing::field::display(id));
+        }
+        Some(span)
     }
 }

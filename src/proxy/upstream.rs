@@ -30,12 +30,29 @@ use super::driven::Pool;
 use super::headers::strip_hop_by_hop;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::error::{error_chain, UpstreamError};
+use crate::telemetry;
 use crate::Body;
 
 #[derive(Clone)]
 pub struct Upstream {
     inner: Inner,
     timeout: Duration,
+    /// Host and port, for the client span's `server.address` and
+    /// `server.port` (none for a service given in code).
+    origin: Option<Arc<(String, u16)>>,
+}
+
+/// The host and port of an upstream URI (the scheme's port if none).
+fn origin(uri: &Uri) -> Option<Arc<(String, u16)>> {
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme() == Some(&Scheme::HTTPS) {
+            443
+        } else {
+            80
+        });
+    Some(Arc::new((host.to_owned(), port)))
 }
 
 /// Every kind of upstream is small to clone and to move (a pointer or
@@ -77,6 +94,7 @@ impl Upstream {
                     u.idle_timeout,
                 )?),
                 timeout: u.timeout,
+                origin: origin(&u.uri),
             });
         }
         let mut http = HttpConnector::new();
@@ -127,6 +145,7 @@ impl Upstream {
                     .ok_or_else(|| format!("{} has no host", u.uri))?,
             })),
             timeout: u.timeout,
+            origin: origin(&u.uri),
         })
     }
 
@@ -143,6 +162,7 @@ impl Upstream {
         Upstream {
             inner: Inner::Service(tower::util::BoxCloneSyncService::new(service)),
             timeout,
+            origin: None,
         }
     }
 
@@ -256,9 +276,66 @@ impl tower::Service<Request<Body>> for Upstream {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if telemetry::in_sampled_request() {
+            return self.traced(req);
+        }
+        self.send(req)
+    }
+}
+
+impl Upstream {
+    /// The call in a client span, whose context the request carries on
+    /// (`traceparent`), and which notes the status the upstream gave.
+    fn traced(&mut self, mut req: Request<Body>) -> UpstreamFuture {
+        use tracing::field::Empty;
+        use tracing::Instrument;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let method = req.method().clone();
+        let (host, port) = self
+            .origin
+            .as_deref()
+            .map_or(("", 0), |(h, p)| (h.as_str(), *p));
+        let span = tracing::debug_span!(
+            "upstream",
+            otel.name = %method,
+            otel.kind = "client",
+            http.request.method = %method,
+            server.address = host,
+            server.port = port,
+            http.response.status_code = Empty,
+            error.type = Empty,
+            otel.status_code = Empty,
+        );
+        telemetry::inject(&span.context(), req.headers_mut());
+        let call = self.send(req);
+        let noted = span.clone();
+        Box::pin(
+            async move {
+                let result = call.await;
+                match &result {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        noted.record("http.response.status_code", status);
+                        if status >= 500 {
+                            noted.record("error.type", status);
+                            noted.record("otel.status_code", "ERROR");
+                        }
+                    }
+                    Err(e) => {
+                        noted.record("error.type", e.to_string());
+                        noted.record("otel.status_code", "ERROR");
+                    }
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+
+    fn send(&mut self, req: Request<Body>) -> UpstreamFuture {
         let timeout = self.timeout;
         match &mut self.inner {
-            Inner::Service(svc) => Box::pin(svc.call(req)),
+            Inner::Service(svc) => Box::pin(tower::Service::call(svc, req)),
             Inner::Driven(pool) => {
                 // Origin form, as HTTP/1.1 sends it to an origin server.
                 let req = outbound(req, |pq| Ok(Uri::from(pq)));

@@ -35,6 +35,8 @@ pub struct Parts {
 pub struct Store {
     parts: Arc<Parts>,
     metrics: Option<Metrics>,
+    /// With traces on: the backend's `db.system.name` for its spans.
+    traced: Option<&'static str>,
 }
 
 impl Store {
@@ -54,12 +56,20 @@ impl Store {
         Store {
             parts: Arc::new(parts),
             metrics: None,
+            traced: None,
         }
     }
 
     /// Times every observed operation and counts failures in `metrics`.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Makes a span of every observed operation (and wait), named by the
+    /// backend's `db.system.name` (`memory`, `redis`, `postgresql`).
+    pub fn with_traces(mut self, db_system: &'static str) -> Self {
+        self.traced = Some(db_system);
         self
     }
 
@@ -108,6 +118,41 @@ impl Store {
     }
 
     async fn timed<T>(&self, op: StoreOp, fut: StoreFuture<'_, T>) -> Result<T, StoreError> {
+        if let Some(system) = self.traced {
+            // Only inside a sampled request's span: nothing otherwise.
+            if !tracing::Span::current().is_none() {
+                return self.traced(system, op, fut).await;
+            }
+        }
+        self.counted(op, fut).await
+    }
+
+    /// [`Self::counted`] in a client span of the store call.
+    async fn traced<T>(
+        &self,
+        system: &'static str,
+        op: StoreOp,
+        fut: StoreFuture<'_, T>,
+    ) -> Result<T, StoreError> {
+        use tracing::Instrument;
+        let span = tracing::debug_span!(
+            "store",
+            otel.name = format!("{} {system}", op.as_str()),
+            otel.kind = "client",
+            db.system.name = system,
+            db.operation.name = op.as_str(),
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let result = self.counted(op, fut).instrument(span.clone()).await;
+        if let Err(e) = &result {
+            span.record("error.type", e.to_string());
+            span.record("otel.status_code", "ERROR");
+        }
+        result
+    }
+
+    async fn counted<T>(&self, op: StoreOp, fut: StoreFuture<'_, T>) -> Result<T, StoreError> {
         let Some(m) = &self.metrics else {
             return fut.await;
         };

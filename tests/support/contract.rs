@@ -41,6 +41,7 @@ pub fn record(body: &'static str) -> Arc<CompletedRecord> {
     headers.append("x-multi", HeaderValue::from_static("a"));
     headers.append("x-multi", HeaderValue::from_static("b"));
     Arc::new(CompletedRecord {
+        origin: None,
         fingerprint: FP,
         created_unix_ms: 1_700_000_000_000,
         response: StoredResponse {

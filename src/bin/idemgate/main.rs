@@ -11,6 +11,7 @@ use clap::Parser;
 use idemgate::config::{Cli, Command, Config, ConfigErrors, LogFormat};
 use idemgate::metrics::Metrics;
 use idemgate::server::{self, Listeners};
+use idemgate::telemetry;
 use tracing_subscriber::EnvFilter;
 
 mod demo;
@@ -88,12 +89,18 @@ fn runtime(mut builder: tokio::runtime::Builder) -> anyhow::Result<tokio::runtim
 
 fn serve(cli: &idemgate::config::Cli) -> anyhow::Result<()> {
     let config = Config::load(&cli.args)?;
-    init_tracing(config.log_format);
     let runtime = runtime(tokio::runtime::Builder::new_multi_thread())?;
     runtime.block_on(async move {
         // The one registry: made here, handed down.
         let registry = prometheus::Registry::new();
         let metrics = Metrics::new(&registry).context("cannot set up metrics")?;
+        // The exporter's task runs on this runtime.
+        let traces = telemetry::init(&config.traces, metrics.trace_spans_dropped.clone())
+            .map_err(|e| anyhow!(e))?;
+        init_tracing(config.log_format, traces.as_ref().map(|t| t.tracer.clone()));
+        if let Some(endpoint) = &config.traces.endpoint {
+            tracing::info!(%endpoint, "exporting traces");
+        }
         let store = server::open_store(&config, &metrics).await?;
         let listeners = Listeners::bind(&config).await?;
         match &config.upstream {
@@ -114,6 +121,9 @@ fn serve(cli: &idemgate::config::Cli) -> anyhow::Result<()> {
             shutdown_signal(),
         )
         .await;
+        if let Some(t) = traces {
+            t.flush(std::time::Duration::from_secs(5)).await;
+        }
         tracing::info!("stopped");
         Ok(())
     })
@@ -164,14 +174,53 @@ fn check_config(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs to stderr, filtered by `RUST_LOG` (info by default); with a
+/// tracer, idemgate's spans also go to OpenTelemetry, whatever the log
+/// filter says (each layer filters on its own).
+fn init_tracing(format: LogFormat, tracer: Option<opentelemetry_sdk::trace::SdkTracer>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let Some(tracer) = tracer else {
+        // One global filter: per-layer filtering costs every event a
+        // little (about 2 % of the pass-through rate, measured).
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(logs(format))
+            .init();
+        return;
+    };
+    let spans = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_level(false)
+        .with_target(false)
+        .with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("idemgate", tracing::Level::TRACE),
+        );
+    tracing_subscriber::registry()
+        .with(logs(format).with_filter(filter))
+        .with(spans)
+        .init();
+}
+
+/// The log lines, to stderr, in `format`; colours only on a terminal (a
+/// log file or a collector gets plain text).
+fn logs<S>(format: LogFormat) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().with_current_span(true).boxed(),
     }
 }
 
