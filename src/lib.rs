@@ -16,6 +16,8 @@
 //!   semantics around [`proxy::Upstream`], a pooled hyper client.
 //! - [`dedup`]: the consumer dedup API (claim / complete / release, mark)
 //!   for queue workers, on the same stores.
+//! - [`deliver`]: the delivery mode: idemgate reads a Redis stream and hands
+//!   each message to a worker over HTTP, its effect once.
 //! - [`config`]: loose file/env/CLI input validated into [`config::Config`].
 //! - [`server`]: listeners, connection limits, graceful drain; [`admin`]: the
 //!   admin listener; [`reload`]: the configuration read again while running.
@@ -35,6 +37,7 @@ pub mod body;
 pub mod checker;
 pub mod config;
 pub mod dedup;
+pub mod deliver;
 pub mod error;
 pub mod idempotency;
 pub mod metrics;

@@ -179,5 +179,6 @@ fn fixed_changes(a: &Config, b: &Config) -> Vec<&'static str> {
     check(a.dedup != b.dedup, "dedup");
     check(a.admin_tokens != b.admin_tokens, "admin tokens");
     check(a.traces != b.traces, "tracing");
+    check(a.consumers != b.consumers, "consumers");
     out
 }

@@ -142,6 +142,10 @@ pub async fn run(
 ) {
     let tasks = TaskTracker::new();
     let graceful = GracefulShutdown::new();
+    // Consumers stop fetching when this is cancelled; their deliveries in
+    // flight finish on `tasks`, within the drain.
+    let consumers = tokio_util::sync::CancellationToken::new();
+    crate::deliver::start(&config, &store, &metrics, &consumers, &tasks);
 
     let tunnels = Tunnels::new(metrics.open_tunnels.clone());
     let proxy = routing.clone().map(|routing| {
@@ -270,6 +274,7 @@ pub async fn run(
     }
 
     drop(listeners);
+    consumers.cancel();
     if let Some(w) = watcher {
         w.abort();
     }

@@ -38,7 +38,7 @@ fn alert_rules_pass_promtool() {
             "{out}{}",
             String::from_utf8_lossy(&o.stderr)
         );
-        assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
+        assert!(out.contains("SUCCESS: 11 rules found"), "{out}");
     }
 }
 
@@ -83,7 +83,12 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 
 #[test]
 fn alerts_and_dashboard_use_only_metrics_idemgate_exports() {
-    let exported = Metrics::standalone().render();
+    let m = Metrics::standalone();
+    // Per-consumer series exist once a consumer is configured.
+    m.deliveries
+        .with_label_values(&["billing", "dead_lettered"]);
+    m.consumer_connected.with_label_values(&["billing"]);
+    let exported = m.render();
     let alerts = read("prometheus/alerts.yml");
     let dashboard = read("grafana/idemgate-dashboard.json");
     let used: BTreeSet<String> = metric_names(&alerts)

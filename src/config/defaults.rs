@@ -39,6 +39,7 @@ impl Default for Config {
                 metrics_public: true,
             },
             traces: TracesConfig::default(),
+            consumers: Vec::new(),
             warnings: Vec::new(),
         }
     }

@@ -50,6 +50,8 @@ pub struct FileConfig {
     pub(super) dedup: Option<DedupFile>,
     /// `[tracing]`: checked key by key against the environment.
     pub(super) tracing: Option<toml::Table>,
+    /// `[[consumers]]`: checked key by key.
+    pub(super) consumers: Option<Vec<toml::Table>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

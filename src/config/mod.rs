@@ -12,12 +12,14 @@
 //! defaults; `[store]`'s backend keys checked by the backend itself) →
 //! `intake` (a route's key source, webhook preset and secrets) →
 //! `defaults` (every default, once) → `model` (the checked [`Config`]) →
-//! [`traces`] (`[tracing]` over the `OTEL_*` environment) → [`routes`] (policies, path patterns) → [`upstream`] (where requests go,
+//! [`traces`] (`[tracing]` over the `OTEL_*` environment), [`consumers`]
+//! (`[[consumers]]`, the delivery mode) → [`routes`] (policies, path patterns) → [`upstream`] (where requests go,
 //! TLS files read) → [`file`] (the file as written), [`encryption`] (keys
 //! that seal records), [`cli`] (flags and subcommands). The value checks
 //! themselves are [`crate::checker`]'s.
 
 pub mod cli;
+pub mod consumers;
 mod defaults;
 pub mod encryption;
 pub mod file;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use http::Uri;
 
+use super::consumers::ConsumerConfig;
 use super::encryption::EncryptionKey;
 use super::routes::Policies;
 use super::traces::TracesConfig;
@@ -42,6 +43,8 @@ pub struct Config {
     pub admin_tokens: AdminTokens,
     /// `[tracing]` over the `OTEL_*` environment.
     pub traces: TracesConfig,
+    /// `[[consumers]]`: queues idemgate reads and delivers from.
+    pub consumers: Vec<ConsumerConfig>,
     /// Legal but risky choices (e.g. `key_from = "body-sha256"`): printed by
     /// check-config, logged at start.
     pub warnings: Vec<String>,

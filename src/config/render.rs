@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use http::HeaderName;
 use serde::Serialize;
 
+use super::consumers::{self, ConsumerConfig, MessageKey, OnUnknown};
 use super::encryption::KeySource;
 use super::model::{Config, DedupConfig, LogFormat, OnStoreError, StoreConfig};
 use super::routes::{OnUnknownOutcome, Policy, ReconcileUrl};
@@ -49,6 +50,52 @@ struct FileView<'a> {
     dedup: DedupView,
     #[serde(skip_serializing_if = "Option::is_none")]
     tracing: Option<TracingView>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    consumers: Vec<ConsumerView>,
+}
+
+/// One `[[consumers]]` entry; the broker without its password.
+#[derive(Serialize)]
+struct ConsumerView {
+    name: String,
+    broker: String,
+    source: String,
+    group: String,
+    deliver_to: String,
+    key_from: String,
+    concurrency: usize,
+    max_attempts: u32,
+    retry_backoff: String,
+    retry_backoff_max: String,
+    delivery_timeout: String,
+    dead_letter: String,
+    on_unknown_outcome: &'static str,
+}
+
+impl ConsumerView {
+    fn of(c: &ConsumerConfig) -> Self {
+        ConsumerView {
+            name: c.name.clone(),
+            broker: consumers::shown_broker(c),
+            source: c.source.clone(),
+            group: c.group.clone(),
+            deliver_to: c.deliver_to.to_string(),
+            key_from: match &c.key_from {
+                MessageKey::MessageId => "message-id".into(),
+                MessageKey::Field(f) => format!("field:{f}"),
+            },
+            concurrency: c.concurrency,
+            max_attempts: c.max_attempts,
+            retry_backoff: d(c.retry_backoff),
+            retry_backoff_max: d(c.retry_backoff_max),
+            delivery_timeout: d(c.delivery_timeout),
+            dead_letter: c.dead_letter.clone(),
+            on_unknown_outcome: match c.on_unknown_outcome {
+                OnUnknown::Hold => "hold",
+                OnUnknown::Release => "release",
+            },
+        }
+    }
 }
 
 /// `[tracing]` when it is on; header values (API keys) shown as `***`.
@@ -320,6 +367,7 @@ impl Config {
                 .collect(),
             dedup: DedupView::of(&self.dedup),
             tracing: TracingView::of(&self.traces),
+            consumers: self.consumers.iter().map(ConsumerView::of).collect(),
         };
         // Every field is a string, number, bool or list of those: always
         // representable in TOML.

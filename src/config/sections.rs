@@ -8,6 +8,7 @@ use std::time::Duration;
 use toml::Value;
 
 use super::cli::RunArgs;
+use super::consumers;
 use super::file::{ConfigErrors, DedupFile, FileConfig, PolicyFile};
 use super::model::{AdminTokens, Config, DedupConfig, LogFormat, OnStoreError, StoreConfig};
 use super::routes::{OnUnknownOutcome, PathPattern, Policies, Policy, ReconcileUrl, Route};
@@ -134,6 +135,8 @@ impl Config {
         );
         cfg.dedup = c.dedup(file.dedup.unwrap_or_default());
         cfg.traces = traces::check(&mut c, file.tracing.clone(), &|k| std::env::var(k).ok());
+        cfg.consumers =
+            consumers::check(&mut c, file.consumers.clone(), &|k| std::env::var(k).ok());
         cfg.warnings = std::mem::take(&mut c.warnings);
         if c.errors.is_empty() {
             Ok(cfg)

@@ -91,6 +91,10 @@ pub struct MetricSet {
     pub replay_cache_lookups: IntCounterVec,
     /// Spans not exported: the queue was full, or the collector failed.
     pub trace_spans_dropped: IntCounter,
+    /// `{consumer, outcome}`: messages a consumer took to an end.
+    pub deliveries: IntCounterVec,
+    /// `{consumer}`: 1 while its broker answers.
+    pub consumer_connected: IntGaugeVec,
     /// `{result}`: `success` or `failure` of a configuration reload.
     pub config_reloads: IntCounterVec,
     /// When the configuration in force was loaded (start or reload).
@@ -184,6 +188,20 @@ impl Metrics {
             "idemgate_trace_spans_dropped_total",
             "Trace spans dropped: the export queue was full, or the collector was down, slow or failing.",
         )?;
+        let deliveries = IntCounterVec::new(
+            Opts::new(
+                "idemgate_deliveries_total",
+                "Messages a consumer took to an end, by outcome: delivered, duplicate, retried, dead_lettered, unknown, no_key, in_progress, store_error.",
+            ),
+            &["consumer", "outcome"],
+        )?;
+        let consumer_connected = IntGaugeVec::new(
+            Opts::new(
+                "idemgate_consumer_connected",
+                "1 while a consumer's broker answers, else 0.",
+            ),
+            &["consumer"],
+        )?;
         let webhook_signatures = IntCounterVec::new(
             Opts::new(
                 "idemgate_webhook_signatures_total",
@@ -242,6 +260,8 @@ impl Metrics {
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(replay_cache_lookups.clone()))?;
         registry.register(Box::new(trace_spans_dropped.clone()))?;
+        registry.register(Box::new(deliveries.clone()))?;
+        registry.register(Box::new(consumer_connected.clone()))?;
         for result in ["hit", "miss"] {
             replay_cache_lookups.with_label_values(&[result]);
         }
@@ -319,6 +339,8 @@ impl Metrics {
             config_last_reload_success,
             replay_cache_lookups,
             trace_spans_dropped,
+            deliveries,
+            consumer_connected,
             registry: registry.clone(),
         })))
     }

@@ -1,0 +1,367 @@
+//! `[[consumers]]`: queues idemgate reads itself, handing each message to a
+//! worker over HTTP, its effect once (the delivery mode). Each entry names
+//! its broker, its source and group, where messages go, where the key
+//! comes from, and how failures are retried and dead-lettered. Checking
+//! never connects.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use http::Uri;
+use toml::Value;
+
+use crate::checker::{show, Checker};
+
+/// The keys of a `[[consumers]]` entry.
+pub const KEYS: &[&str] = &[
+    "name",
+    "broker",
+    "broker_env",
+    "source",
+    "group",
+    "deliver_to",
+    "key_from",
+    "concurrency",
+    "max_attempts",
+    "retry_backoff",
+    "retry_backoff_max",
+    "delivery_timeout",
+    "dead_letter",
+    "on_unknown_outcome",
+];
+
+/// Where a message's key comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MessageKey {
+    /// The broker's message id: a Redis entry's `id` field, else its entry
+    /// id.
+    MessageId,
+    /// A field of the message (a Redis entry field).
+    Field(String),
+}
+
+/// What a delivery whose outcome is unknown becomes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OnUnknown {
+    /// Dead-lettered with reason `outcome-unknown`: an operator settles it.
+    Hold,
+    /// Delivered again, with a higher fence.
+    Release,
+}
+
+/// One checked `[[consumers]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerConfig {
+    /// Its records' scope, its metrics label.
+    pub name: String,
+    /// `redis://` or `rediss://` (may carry a password: never printed).
+    pub broker: String,
+    /// Where `broker` was read from, when it came from a variable.
+    pub broker_env: Option<String>,
+    /// The Redis stream.
+    pub source: String,
+    /// The Redis consumer group.
+    pub group: String,
+    pub deliver_to: Uri,
+    pub key_from: MessageKey,
+    pub concurrency: usize,
+    pub max_attempts: u32,
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+    pub delivery_timeout: Duration,
+    /// The stream dead letters are added to.
+    pub dead_letter: String,
+    pub on_unknown_outcome: OnUnknown,
+}
+
+const ON_UNKNOWN: &[(&str, OnUnknown)] =
+    &[("hold", OnUnknown::Hold), ("release", OnUnknown::Release)];
+
+/// A name fit for a scope, a metrics label and an admin path.
+fn name(c: &mut Checker, path: &str, v: &Value) -> Option<String> {
+    let s = c.string(path, v)?;
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !ok {
+        c.err(
+            path,
+            format!("{s:?} must be 1-64 letters, digits, '-', '_' or '.'"),
+        );
+        return None;
+    }
+    Some(s)
+}
+
+fn broker(c: &mut Checker, path: &str, text: &str) -> Option<String> {
+    let t = text.trim();
+    match t.split_once("://").map(|(s, _)| s) {
+        Some("redis" | "rediss") => match redis::IntoConnectionInfo::into_connection_info(t) {
+            Ok(_) => Some(t.to_owned()),
+            Err(e) => {
+                c.err(path, format!("not a Redis URL: {e}"));
+                None
+            }
+        },
+        Some(s @ ("amqp" | "amqps" | "nats")) => {
+            c.err(
+                path,
+                format!(
+                    "{s}:// is not built yet: consumers read Redis streams (redis://, rediss://)"
+                ),
+            );
+            None
+        }
+        _ => {
+            c.err(path, "must be a redis:// or rediss:// URL".into());
+            None
+        }
+    }
+}
+
+fn key_from(c: &mut Checker, path: &str, v: &Value) -> Option<MessageKey> {
+    let s = c.string(path, v)?;
+    match s.split_once(':') {
+        None if s == "message-id" => Some(MessageKey::MessageId),
+        Some(("field", f)) if !f.is_empty() => Some(MessageKey::Field(f.to_owned())),
+        _ => {
+            c.err(
+                path,
+                format!("{s:?} is not \"message-id\" or \"field:NAME\""),
+            );
+            None
+        }
+    }
+}
+
+fn http_url(c: &mut Checker, path: &str, v: &Value) -> Option<Uri> {
+    let s = c.string(path, v)?;
+    match s.trim().parse::<Uri>() {
+        Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => Some(u),
+        Ok(_) => {
+            c.err(path, format!("{s:?} must be an http:// URL with a host"));
+            None
+        }
+        Err(e) => {
+            c.err(path, format!("{s:?} is not a URL: {e}"));
+            None
+        }
+    }
+}
+
+/// Checks every entry; `env` reads `broker_env` variables.
+pub fn check(
+    c: &mut Checker,
+    entries: Option<Vec<toml::Table>>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Vec<ConsumerConfig> {
+    let mut out = Vec::new();
+    let mut names = HashSet::new();
+    for (i, t) in entries.unwrap_or_default().into_iter().enumerate() {
+        let at = |k: &str| format!("consumers[{i}].{k}");
+        let before = c.errors.len();
+        for k in t.keys() {
+            if !KEYS.contains(&k.as_str()) {
+                c.err(
+                    &at(k),
+                    format!("is not a key of [[consumers]] (known: {})", KEYS.join(", ")),
+                );
+            }
+        }
+        let get = |k: &str| t.get(k).cloned();
+        let required = |c: &mut Checker, k: &str| -> Option<Value> {
+            let v = get(k);
+            if v.is_none() {
+                c.err(&at(k), "is required".into());
+            }
+            v
+        };
+        let name_v = required(c, "name").and_then(|v| name(c, &at("name"), &v));
+        let mut broker_url = None;
+        let mut broker_env = None;
+        match (get("broker"), get("broker_env")) {
+            (Some(_), Some(_)) => {
+                c.err(&at("broker"), "give broker or broker_env, not both".into())
+            }
+            (Some(v), None) => {
+                if let Some(s) = c.string(&at("broker"), &v) {
+                    broker_url = broker(c, &at("broker"), &s);
+                }
+            }
+            (None, Some(v)) => {
+                if let Some(var) = c.string(&at("broker_env"), &v) {
+                    match env(&var) {
+                        Some(text) => broker_url = broker(c, &at("broker_env"), &text),
+                        None => c.err(
+                            &at("broker_env"),
+                            format!("the environment variable {var} is not set"),
+                        ),
+                    }
+                    broker_env = Some(var);
+                }
+            }
+            (None, None) => c.err(&at("broker"), "is required (or broker_env)".into()),
+        }
+        let source = required(c, "source").and_then(|v| name(c, &at("source"), &v));
+        let group = required(c, "group").and_then(|v| name(c, &at("group"), &v));
+        let deliver_to = required(c, "deliver_to").and_then(|v| http_url(c, &at("deliver_to"), &v));
+        let mut cfg = ConsumerConfig {
+            name: name_v.clone().unwrap_or_default(),
+            broker: broker_url.clone().unwrap_or_default(),
+            broker_env,
+            source: source.clone().unwrap_or_default(),
+            group: group.unwrap_or_default(),
+            deliver_to: deliver_to
+                .clone()
+                .unwrap_or_else(|| Uri::from_static("http://invalid")),
+            key_from: MessageKey::MessageId,
+            concurrency: 16,
+            max_attempts: 10,
+            retry_backoff: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(60),
+            delivery_timeout: Duration::from_secs(30),
+            dead_letter: source.map(|s| format!("{s}.dead")).unwrap_or_default(),
+            on_unknown_outcome: OnUnknown::Hold,
+        };
+        c.set(
+            &mut cfg.key_from,
+            &get("key_from"),
+            &at("key_from"),
+            key_from,
+        );
+        c.set(
+            &mut cfg.concurrency,
+            &get("concurrency"),
+            &at("concurrency"),
+            Checker::int(1, 1024),
+        );
+        c.set(
+            &mut cfg.max_attempts,
+            &get("max_attempts"),
+            &at("max_attempts"),
+            Checker::int(1, 1000),
+        );
+        c.set(
+            &mut cfg.retry_backoff,
+            &get("retry_backoff"),
+            &at("retry_backoff"),
+            Checker::duration,
+        );
+        c.set(
+            &mut cfg.retry_backoff_max,
+            &get("retry_backoff_max"),
+            &at("retry_backoff_max"),
+            Checker::duration,
+        );
+        c.set(
+            &mut cfg.delivery_timeout,
+            &get("delivery_timeout"),
+            &at("delivery_timeout"),
+            Checker::duration,
+        );
+        c.set(
+            &mut cfg.dead_letter,
+            &get("dead_letter"),
+            &at("dead_letter"),
+            name,
+        );
+        c.set(
+            &mut cfg.on_unknown_outcome,
+            &get("on_unknown_outcome"),
+            &at("on_unknown_outcome"),
+            Checker::one_of(ON_UNKNOWN),
+        );
+        if cfg.retry_backoff_max < cfg.retry_backoff {
+            c.err(
+                &at("retry_backoff_max"),
+                format!(
+                    "is shorter than retry_backoff ({})",
+                    humantime::format_duration(cfg.retry_backoff)
+                ),
+            );
+        }
+        if let Some(n) = &name_v {
+            if !names.insert(n.clone()) {
+                c.err(&at("name"), format!("{n:?} names two consumers"));
+            }
+        }
+        if cfg.dead_letter == cfg.source && !cfg.source.is_empty() {
+            c.err(&at("dead_letter"), "must not be the source itself".into());
+        }
+        if c.errors.len() == before {
+            out.push(cfg);
+        }
+    }
+    out
+}
+
+/// `consumers` as `check-config` shows it: the broker as scheme, host and
+/// port only (never a password), or the variable it came from.
+pub fn shown_broker(c: &ConsumerConfig) -> String {
+    if let Some(var) = &c.broker_env {
+        return format!("${var}");
+    }
+    match c.broker.parse::<Uri>() {
+        Ok(u) => format!(
+            "{}://{}{}",
+            u.scheme_str().unwrap_or("redis"),
+            u.host().unwrap_or(""),
+            u.port_u16().map(|p| format!(":{p}")).unwrap_or_default()
+        ),
+        Err(_) => show(&Value::String("***".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(text: &str) -> (Vec<ConsumerConfig>, Vec<String>) {
+        #[derive(serde::Deserialize)]
+        struct F {
+            consumers: Option<Vec<toml::Table>>,
+        }
+        let f: F = toml::from_str(text).unwrap();
+        let mut c = Checker::default();
+        let env = |k: &str| (k == "BROKER").then(|| "redis://:pw@127.0.0.1:6379".to_owned());
+        let out = check(&mut c, f.consumers, &env);
+        (out, c.errors)
+    }
+
+    #[test]
+    fn a_consumer_with_its_defaults() {
+        let (out, errors) = run(
+            "[[consumers]]\nname = \"billing\"\nbroker_env = \"BROKER\"\nsource = \"orders\"\n\
+             group = \"billing\"\ndeliver_to = \"http://127.0.0.1:8080/handle\"\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(out[0].dead_letter, "orders.dead");
+        assert_eq!(out[0].key_from, MessageKey::MessageId);
+        assert_eq!(out[0].concurrency, 16);
+        assert_eq!(shown_broker(&out[0]), "$BROKER");
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let (out, errors) = run(
+            "[[consumers]]\nname = \"a b\"\nbroker = \"amqp://x\"\nsource = \"s\"\ngroup = \"g\"\n\
+             deliver_to = \"ftp://x\"\nkey_from = \"header\"\nconcurrency = 0\ncolour = 1\n\
+             [[consumers]]\nname = \"b\"\nbroker = \"redis://127.0.0.1\"\nsource = \"s\"\n",
+        );
+        assert!(out.is_empty());
+        let all = errors.join("\n");
+        for needle in [
+            "consumers[0].name",
+            "consumers[0].broker: amqp:// is not built yet",
+            "consumers[0].deliver_to",
+            "consumers[0].key_from",
+            "consumers[0].concurrency",
+            "consumers[0].colour",
+            "consumers[1].group: is required",
+            "consumers[1].deliver_to: is required",
+        ] {
+            assert!(all.contains(needle), "{needle} missing from {all}");
+        }
+    }
+}

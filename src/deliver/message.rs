@@ -1,0 +1,268 @@
+//! One message, broker aside: claim its key in the store (scope: the
+//! consumer's name), hand it to the worker, settle the record by the
+//! worker's answer, and tell the broker what to do with the message. The
+//! record is settled before the broker hears anything, so a crash at any
+//! point leaves the message unacknowledged and its redelivery finds the
+//! record.
+
+use std::time::Duration;
+
+use crate::config::consumers::{ConsumerConfig, OnUnknown};
+use crate::config::DedupConfig;
+use crate::idempotency::dedup::{ClaimOutcome, ClaimParams, ReleaseOutcome};
+use crate::idempotency::lease::LeaseId;
+use crate::metrics::Metrics;
+use crate::store::{Store, Ttls};
+
+use super::worker::{Answer, Message, Worker};
+
+/// The `outcome` label values of `idemgate_deliveries_total`.
+pub const OUTCOMES: [&str; 8] = [
+    "delivered",
+    "duplicate",
+    "retried",
+    "dead_lettered",
+    "unknown",
+    "no_key",
+    "in_progress",
+    "store_error",
+];
+
+/// What the broker does with a message once idemgate is done with it.
+#[derive(Debug, PartialEq)]
+pub enum Settle {
+    /// Acknowledge it: its record is settled.
+    Ack,
+    /// Add it to the dead-letter stream with `reason`, then acknowledge.
+    DeadLetter { reason: String, attempts: u32 },
+    /// Leave it unacknowledged: the broker gives it again later (its key is
+    /// in flight elsewhere, or the store did not answer).
+    Leave,
+}
+
+/// One consumer's delivery rules, store and worker.
+pub struct Deliverer {
+    pub cfg: ConsumerConfig,
+    store: Store,
+    metrics: Metrics,
+    worker: Worker,
+    ttls: Ttls,
+    max_result: usize,
+}
+
+impl Deliverer {
+    pub fn new(cfg: ConsumerConfig, dedup: &DedupConfig, store: Store, metrics: Metrics) -> Self {
+        let worker = Worker::new(cfg.deliver_to.clone(), cfg.delivery_timeout);
+        // Every series from the start, at zero.
+        for outcome in OUTCOMES {
+            metrics
+                .deliveries
+                .with_label_values(&[cfg.name.as_str(), outcome]);
+        }
+        Deliverer {
+            ttls: Ttls {
+                retention: dedup.retention,
+                failed_retention: dedup.failed_retention,
+            },
+            max_result: usize::try_from(dedup.max_result_bytes).unwrap_or(usize::MAX),
+            cfg,
+            store,
+            metrics,
+            worker,
+        }
+    }
+
+    /// Whether the broker answers (`idemgate_consumer_connected`).
+    pub fn set_connected(&self, up: bool) {
+        self.metrics
+            .consumer_connected
+            .with_label_values(&[self.cfg.name.as_str()])
+            .set(i64::from(up));
+    }
+
+    /// A read from the broker failed: said once per failure, and the
+    /// connection counted down until a read works again.
+    pub fn fetch_failed(&self, e: &dyn std::fmt::Display) {
+        tracing::warn!(consumer = %self.cfg.name, error = %e, "reading the broker failed; trying again");
+        self.set_connected(false);
+    }
+
+    fn count(&self, outcome: &str) {
+        self.metrics
+            .deliveries
+            .with_label_values(&[self.cfg.name.as_str(), outcome])
+            .inc();
+    }
+
+    /// The wait before attempt `attempt + 1`: `retry_backoff` doubled per
+    /// attempt, at most `retry_backoff_max`.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let doubled = self
+            .cfg
+            .retry_backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        doubled.min(self.cfg.retry_backoff_max)
+    }
+
+    /// Runs `msg` to its end (retries included) and says what the broker
+    /// does with it.
+    pub async fn handle(&self, msg: &Message) -> Settle {
+        let Some(key) = msg.key.as_deref().filter(|k| !k.is_empty()) else {
+            self.count("no_key");
+            return Settle::DeadLetter {
+                reason: "no-key: the message names no idempotency key".into(),
+                attempts: 0,
+            };
+        };
+        let Ok(dedup) = self.store.dedup() else {
+            tracing::error!(consumer = %self.cfg.name, "the store keeps no consumer records");
+            return Settle::Leave;
+        };
+        let scope = self.cfg.name.as_str();
+        // A lease outlives the worker's timeout, so it never lapses while
+        // the worker may still be running.
+        let lease_ms =
+            u64::try_from((self.cfg.delivery_timeout + Duration::from_secs(10)).as_millis())
+                .unwrap_or(u64::MAX);
+        let params = ClaimParams {
+            lease_ms,
+            fingerprint: None,
+            max_attempts: self.cfg.max_attempts,
+            worker: Some(format!("idemgate/{scope}")),
+        };
+        loop {
+            let claimed = match dedup.claim(scope, key, &params, self.ttls).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(consumer = scope, error = %e, "claim failed; the message stays pending");
+                    self.count("store_error");
+                    return Settle::Leave;
+                }
+            };
+            let (lease_id, fence, attempt) = match claimed {
+                ClaimOutcome::Acquired {
+                    lease_id,
+                    fence,
+                    attempt,
+                    ..
+                } => (lease_id, fence, attempt),
+                ClaimOutcome::Completed { .. } => {
+                    self.count("duplicate");
+                    return Settle::Ack;
+                }
+                // Dead-lettered before (the dead letter was written then,
+                // or its attempts ran out between two lives of idemgate).
+                ClaimOutcome::Failed { .. } => {
+                    self.count("duplicate");
+                    return Settle::Ack;
+                }
+                ClaimOutcome::InProgress { .. } | ClaimOutcome::Mismatch => {
+                    self.count("in_progress");
+                    return Settle::Leave;
+                }
+            };
+            let answer = self.worker.deliver(msg, key, fence, attempt).await;
+            let (why, retry) = match answer {
+                Answer::Done(body) => {
+                    let result = (body.len() <= self.max_result)
+                        .then(|| String::from_utf8(body.to_vec()).ok())
+                        .flatten();
+                    // A store blip must not turn a finished delivery into a
+                    // second one: try the record a few times.
+                    let mut recorded = Ok(false);
+                    for pause in [0u64, 100, 300, 1000, 3000] {
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                        recorded = dedup
+                            .complete(scope, key, lease_id, result.clone(), self.ttls.retention)
+                            .await;
+                        if recorded.is_ok() {
+                            break;
+                        }
+                    }
+                    return match recorded {
+                        Ok(true) => {
+                            self.count("delivered");
+                            Settle::Ack
+                        }
+                        // The lease was lost (taken over after it lapsed):
+                        // whoever holds the key settles it.
+                        Ok(false) => Settle::Leave,
+                        Err(e) => {
+                            // Done, but not recorded: leave it pending; the
+                            // record still holds the lease, so a redelivery
+                            // waits for it to lapse and runs again. Say so.
+                            tracing::warn!(consumer = scope, key, error = %e, "the worker finished but the store did not record it; the message stays pending");
+                            self.count("store_error");
+                            Settle::Leave
+                        }
+                    };
+                }
+                Answer::Permanent(why) => (why, false),
+                Answer::Retry(why) => (why, true),
+                Answer::Unknown(why) => match self.cfg.on_unknown_outcome {
+                    OnUnknown::Hold => {
+                        self.count("unknown");
+                        let reason = format!("outcome-unknown: {why}");
+                        return self.dead_letter(key, lease_id, reason, attempt).await;
+                    }
+                    OnUnknown::Release => {
+                        self.count("unknown");
+                        (why, true)
+                    }
+                },
+            };
+            if !retry {
+                return self.dead_letter(key, lease_id, why, attempt).await;
+            }
+            if attempt >= self.cfg.max_attempts {
+                let reason = format!("max_attempts ({attempt}) reached: {why}");
+                return self.dead_letter(key, lease_id, reason, attempt).await;
+            }
+            self.count("retried");
+            let released = dedup
+                .release(
+                    scope,
+                    key,
+                    lease_id,
+                    ReleaseOutcome::Retry,
+                    Some(why),
+                    self.ttls,
+                )
+                .await;
+            if !matches!(released, Ok(true)) {
+                return Settle::Leave;
+            }
+            tokio::time::sleep(self.backoff(attempt)).await;
+        }
+    }
+
+    /// Records `key` as failed, then asks for the dead letter.
+    async fn dead_letter(
+        &self,
+        key: &str,
+        lease_id: LeaseId,
+        reason: String,
+        attempts: u32,
+    ) -> Settle {
+        let Ok(dedup) = self.store.dedup() else {
+            return Settle::Leave;
+        };
+        let released = dedup
+            .release(
+                &self.cfg.name,
+                key,
+                lease_id,
+                ReleaseOutcome::Permanent,
+                Some(reason.clone()),
+                self.ttls,
+            )
+            .await;
+        match released {
+            Ok(true) => {
+                self.count("dead_lettered");
+                Settle::DeadLetter { reason, attempts }
+            }
+            _ => Settle::Leave,
+        }
+    }
+}

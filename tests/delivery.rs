@@ -1,0 +1,430 @@
+//! The delivery mode on Redis Streams, against a real redis-server and a
+//! real HTTP worker: idemgate reads the stream through a consumer group
+//! and hands each message to the worker once; duplicate publishes are
+//! acknowledged without a delivery; retries back off; permanent refusals,
+//! exhausted attempts, unknown outcomes and messages without a key become
+//! dead letters; two replicas on one store deliver each key once.
+
+mod support;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use idemgate::server::Running;
+use support::redis_server::{store_toml, RedisServer};
+use support::{config, serve_http1, TestClient};
+
+/// One delivery the worker saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    key: String,
+    attempt: u32,
+    fence: u64,
+    at: Instant,
+    body: Bytes,
+    headers: http::HeaderMap,
+}
+
+/// A worker: answers each key's deliveries in turn with the statuses its
+/// `answers` field lists (comma-separated; the last one repeats; 200 when
+/// there is none), and records every delivery.
+#[derive(Clone)]
+struct TestWorker {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl TestWorker {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let w = TestWorker {
+            addr: listener.local_addr().unwrap(),
+            seen: Arc::default(),
+        };
+        let seen = w.seen.clone();
+        serve_http1(listener, move |req: Request<Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let headers = req.headers().clone();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let h = |n: &str| {
+                    headers
+                        .get(n)
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .unwrap_or_default()
+                };
+                let key = h("idempotency-key");
+                let answers: Vec<u16> = h("idemgate-field-answers")
+                    .split(',')
+                    .filter_map(|s| s.trim().parse().ok())
+                    .collect();
+                let status = {
+                    let mut seen = seen.lock().unwrap();
+                    let n = seen.iter().filter(|s| s.key == key).count();
+                    seen.push(Seen {
+                        key: key.clone(),
+                        attempt: h("idemgate-attempt").parse().unwrap(),
+                        fence: h("idempotency-fence").parse().unwrap(),
+                        at: Instant::now(),
+                        body,
+                        headers: headers.clone(),
+                    });
+                    answers.get(n).or(answers.last()).copied().unwrap_or(200)
+                };
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .body(Full::new(Bytes::from(format!("{{\"done\":\"{key}\"}}"))))
+                        .unwrap(),
+                )
+            }
+        });
+        w
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/handle", self.addr)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn per_key(&self) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for s in self.seen() {
+            *m.entry(s.key).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+fn consumer_toml(redis: &RedisServer, worker: &TestWorker, extra: &str) -> String {
+    format!(
+        "[[consumers]]\nname = \"billing\"\nbroker = \"{}\"\nsource = \"orders\"\n\
+         group = \"billing\"\ndeliver_to = \"{}\"\nretry_backoff = \"100ms\"\n\
+         retry_backoff_max = \"1s\"\ndelivery_timeout = \"2s\"\n{extra}",
+        redis.url(),
+        worker.url()
+    )
+}
+
+async fn start(redis: &RedisServer, worker: &TestWorker, extra: &str, store: &str) -> Running {
+    let text = format!("{}{store}", consumer_toml(redis, worker, extra));
+    Running::start(config(None, &text)).await.unwrap()
+}
+
+/// Adds an entry to `stream` with `fields`.
+fn publish(redis: &RedisServer, stream: &str, fields: &[(&str, &str)]) {
+    let mut args = vec!["XADD", stream, "*"];
+    for (k, v) in fields {
+        args.push(k);
+        args.push(v);
+    }
+    redis.cli(&args).expect("XADD");
+}
+
+/// Entries delivered to the group and not yet acknowledged.
+fn pending(redis: &RedisServer) -> usize {
+    let out = redis.cli(&["XPENDING", "orders", "billing"]).unwrap();
+    out.lines().next().unwrap().trim().parse().unwrap()
+}
+
+/// Entries of the group not yet read (Redis 7's `lag`).
+fn unread(redis: &RedisServer) -> usize {
+    let out = redis.cli(&["XINFO", "GROUPS", "orders"]).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    let i = lines.iter().position(|l| l.trim() == "lag").unwrap();
+    lines[i + 1].trim().parse().unwrap_or(usize::MAX)
+}
+
+fn stream_len(redis: &RedisServer, stream: &str) -> usize {
+    redis
+        .cli(&["XLEN", stream])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The dead-letter stream's entries, as field maps.
+fn dead_letters(redis: &RedisServer) -> Vec<HashMap<String, String>> {
+    let out = redis.cli(&["XRANGE", "orders.dead", "-", "+"]).unwrap();
+    // redis-cli prints an entry id, then field and value lines.
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    let mut entries = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i].contains('-') && lines[i].split('-').all(|p| p.parse::<u64>().is_ok()) {
+            let mut m = HashMap::new();
+            let mut j = i + 1;
+            while j + 1 < lines.len()
+                && !(lines[j].contains('-')
+                    && lines[j].split('-').all(|p| p.parse::<u64>().is_ok()))
+            {
+                m.insert(lines[j].to_owned(), lines[j + 1].to_owned());
+                j += 2;
+            }
+            entries.push(m);
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    entries
+}
+
+async fn until(what: &str, within: Duration, done: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn metric(admin: SocketAddr, outcome: &str) -> f64 {
+    let got = TestClient::new(admin)
+        .send("GET", "/metrics", &[], "")
+        .await;
+    let line = format!("idemgate_deliveries_total{{consumer=\"billing\",outcome=\"{outcome}\"}}");
+    String::from_utf8_lossy(&got.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&line).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_messages_with_duplicate_publishes_each_key_delivered_once() {
+    let redis = RedisServer::start();
+    let worker = TestWorker::start().await;
+    // Published before idemgate starts: the group reads from the start.
+    for i in 0..1000 {
+        // 200 of them publish an earlier key again.
+        let key = if i % 5 == 4 {
+            format!("order-{}", i - 4)
+        } else {
+            format!("order-{i}")
+        };
+        publish(
+            &redis,
+            "orders",
+            &[
+                ("id", &key),
+                ("body", &format!("{{\"n\":{i}}}")),
+                ("content-type", "application/json"),
+            ],
+        );
+    }
+    let r = start(&redis, &worker, "concurrency = 32\n", "").await;
+    until(
+        "every entry read and acknowledged",
+        Duration::from_secs(30),
+        || unread(&redis) == 0 && pending(&redis) == 0,
+    )
+    .await;
+    let per_key = worker.per_key();
+    assert_eq!(per_key.len(), 800);
+    assert!(per_key.values().all(|n| *n == 1), "a key delivered twice");
+    let one = &worker.seen()[0];
+    assert_eq!(one.headers["content-type"], "application/json");
+    assert_eq!(one.headers["ce-specversion"], "1.0");
+    assert!(one.headers["ce-source"]
+        .to_str()
+        .unwrap()
+        .contains("orders"));
+    assert!(one.body.starts_with(b"{\"n\":"));
+    assert_eq!(metric(r.admin_addr, "delivered").await, 800.0);
+    assert_eq!(metric(r.admin_addr, "duplicate").await, 200.0);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundreds_are_retried_with_backoff_until_the_worker_succeeds() {
+    let redis = RedisServer::start();
+    let worker = TestWorker::start().await;
+    let r = start(&redis, &worker, "", "").await;
+    publish(
+        &redis,
+        "orders",
+        &[("id", "flaky"), ("answers", "500,500,500,200")],
+    );
+    until(
+        "the fourth delivery acknowledged",
+        Duration::from_secs(10),
+        || worker.per_key().get("flaky") == Some(&4) && pending(&redis) == 0,
+    )
+    .await;
+    let seen = worker.seen();
+    let attempts: Vec<u32> = seen.iter().map(|s| s.attempt).collect();
+    assert_eq!(attempts, [1, 2, 3, 4]);
+    // 100 ms doubled per attempt: 100, 200, 400 at least.
+    for (i, min) in [100u64, 200, 400].iter().enumerate() {
+        let gap = seen[i + 1].at - seen[i].at;
+        assert!(gap >= Duration::from_millis(*min), "gap {i}: {gap:?}");
+    }
+    // One effect: the record is completed; publishing the key again is
+    // acknowledged without a delivery.
+    publish(&redis, "orders", &[("id", "flaky")]);
+    until("the duplicate acknowledged", Duration::from_secs(5), || {
+        unread(&redis) == 0 && pending(&redis) == 0
+    })
+    .await;
+    assert_eq!(worker.per_key()["flaky"], 4);
+    assert_eq!(metric(r.admin_addr, "retried").await, 3.0);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_exhausted_attempts_unknown_outcomes_and_keyless_messages_are_dead_letters() {
+    let redis = RedisServer::start();
+    let worker = TestWorker::start().await;
+    let r = start(
+        &redis,
+        &worker,
+        "max_attempts = 3\nkey_from = \"field:order\"\n",
+        "",
+    )
+    .await;
+    publish(
+        &redis,
+        "orders",
+        &[("order", "bad"), ("answers", "400"), ("body", "x")],
+    );
+    publish(&redis, "orders", &[("order", "busy"), ("answers", "503")]);
+    publish(
+        &redis,
+        "orders",
+        &[("order", "gateway"), ("answers", "502")],
+    );
+    publish(&redis, "orders", &[("no-order-here", "1")]);
+    publish(&redis, "orders", &[("order", "after")]);
+    until("every entry settled", Duration::from_secs(15), || {
+        unread(&redis) == 0 && pending(&redis) == 0 && stream_len(&redis, "orders.dead") == 4
+    })
+    .await;
+    let per_key = worker.per_key();
+    assert_eq!(per_key["bad"], 1, "a 400 is not retried");
+    assert_eq!(per_key["busy"], 3, "503 until max_attempts");
+    assert_eq!(
+        per_key["gateway"], 1,
+        "an unknown outcome is held, not run again"
+    );
+    assert_eq!(per_key["after"], 1, "the queue kept flowing");
+    let dead = dead_letters(&redis);
+    let reason = |key: &str| {
+        dead.iter()
+            .find(|m| m.get("key").map(String::as_str) == Some(key))
+            .and_then(|m| m.get("reason").cloned())
+            .unwrap_or_else(|| panic!("no dead letter for {key:?}: {dead:?}"))
+    };
+    assert!(reason("bad").contains("400"), "{}", reason("bad"));
+    assert!(
+        reason("busy").contains("max_attempts (3)"),
+        "{}",
+        reason("busy")
+    );
+    assert!(
+        reason("gateway").starts_with("outcome-unknown"),
+        "{}",
+        reason("gateway")
+    );
+    assert!(reason("").starts_with("no-key"), "{}", reason(""));
+    let bad = dead
+        .iter()
+        .find(|m| m.get("key").map(String::as_str) == Some("bad"))
+        .unwrap();
+    assert_eq!(bad["body"], "x", "the dead letter keeps the message");
+    // The store lists them as failed, as the dedup API shows dead letters.
+    let failed = TestClient::new(r.admin_addr)
+        .send("GET", "/v1/dedup/billing/failed", &[], "")
+        .await;
+    assert_eq!(failed.status, 200);
+    let listed = failed.json().to_string();
+    for key in ["bad", "busy", "gateway"] {
+        assert!(listed.contains(key), "{key} not listed: {listed}");
+    }
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_store_deliver_each_key_once() {
+    let redis = RedisServer::start();
+    let worker = TestWorker::start().await;
+    let store = store_toml(&redis.url());
+    let a = start(&redis, &worker, "concurrency = 8\n", &store).await;
+    let b = start(&redis, &worker, "concurrency = 8\n", &store).await;
+    for i in 0..300 {
+        // Every key published twice: the copies may go to either replica.
+        let key = format!("k{}", i / 2);
+        publish(&redis, "orders", &[("id", &key)]);
+    }
+    until(
+        "every entry read and acknowledged",
+        Duration::from_secs(30),
+        || unread(&redis) == 0 && pending(&redis) == 0 && worker.per_key().len() == 150,
+    )
+    .await;
+    let per_key = worker.per_key();
+    assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
+    let (da, db) = (
+        metric(a.admin_addr, "delivered").await,
+        metric(b.admin_addr, "delivered").await,
+    );
+    assert_eq!(da + db, 150.0);
+    // Fences rise per key: every delivery had one.
+    assert!(worker.seen().iter().all(|s| s.fence > 0));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[test]
+fn check_config_names_each_consumer_problem_and_hides_the_password() {
+    let dir = std::env::temp_dir().join(format!("idemgate-consumers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "[[consumers]]\nname = \"billing\"\nbroker = \"redis://:s3cret@127.0.0.1:6379\"\n\
+         source = \"orders\"\ngroup = \"billing\"\ndeliver_to = \"http://127.0.0.1:8080/handle\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args(["check-config", "--config", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("[[consumers]]"), "{text}");
+    assert!(
+        text.contains("broker = \"redis://127.0.0.1:6379\""),
+        "{text}"
+    );
+    assert!(!text.contains("s3cret"), "{text}");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[consumers]]\nname = \"billing\"\nbroker = \"amqp://127.0.0.1\"\nsource = \"orders\"\n\
+         group = \"billing\"\ndeliver_to = \"http://127.0.0.1:8080/handle\"\nmax_attempts = 0\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args(["check-config", "--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("consumers[0].broker"), "{err}");
+    assert!(err.contains("consumers[0].max_attempts"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
