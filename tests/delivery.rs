@@ -21,7 +21,8 @@ use idemgate::server::Running;
 use support::redis_server::{store_toml, RedisServer};
 use support::{config, serve_http1, TestClient};
 
-/// One delivery the worker saw.
+/// One delivery the worker saw (recorded as it arrives, before the
+/// worker answers).
 #[derive(Debug, Clone)]
 struct Seen {
     key: String,
@@ -34,7 +35,7 @@ struct Seen {
 
 /// A worker: answers each key's deliveries in turn with the statuses its
 /// `answers` field lists (comma-separated; the last one repeats; 200 when
-/// there is none), and records every delivery.
+/// there is none), after its `delay_ms` field, and records every delivery.
 #[derive(Clone)]
 struct TestWorker {
     addr: SocketAddr,
@@ -65,6 +66,7 @@ impl TestWorker {
                     .split(',')
                     .filter_map(|s| s.trim().parse().ok())
                     .collect();
+                let delay: u64 = h("idemgate-field-delay_ms").parse().unwrap_or(0);
                 let status = {
                     let mut seen = seen.lock().unwrap();
                     let n = seen.iter().filter(|s| s.key == key).count();
@@ -78,6 +80,7 @@ impl TestWorker {
                     });
                     answers.get(n).or(answers.last()).copied().unwrap_or(200)
                 };
+                tokio::time::sleep(Duration::from_millis(delay)).await;
                 Ok::<_, Infallible>(
                     Response::builder()
                         .status(status)
@@ -427,4 +430,130 @@ fn check_config_names_each_consumer_problem_and_hides_the_password() {
     assert!(err.contains("consumers[0].broker"), "{err}");
     assert!(err.contains("consumers[0].max_attempts"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// idemgate killed (SIGKILL) with ten deliveries in flight, then started
+/// again on the same store and group: no message is lost (every entry is
+/// acknowledged in the end); under `hold` none runs twice (each becomes a
+/// dead letter `outcome-unknown`); under `release` each runs once more,
+/// with a higher fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_mid_delivery_loses_no_message_and_holds_or_redelivers_as_configured() {
+    for policy in ["hold", "release"] {
+        let redis = RedisServer::start();
+        let worker = TestWorker::start().await;
+        let text = format!(
+            "{}{}",
+            consumer_toml(
+                &redis,
+                &worker,
+                &format!("on_unknown_outcome = \"{policy}\"\nconcurrency = 20\n")
+            )
+            .replace("delivery_timeout = \"2s\"", "delivery_timeout = \"3s\"")
+            .replace(
+                "retry_backoff_max = \"1s\"",
+                "retry_backoff_max = \"200ms\""
+            ),
+            store_toml(&redis.url())
+        );
+        let file = std::env::temp_dir().join(format!(
+            "idemgate-delivery-kill-{}-{policy}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&file, text).unwrap();
+        let args = ["--config", file.to_str().unwrap()];
+        let p = support::proc::Proc::start("http://127.0.0.1:9", &args, &[]).await;
+        for i in 0..10 {
+            publish(
+                &redis,
+                "orders",
+                &[("id", &format!("slow-{i}")), ("delay_ms", "1500")],
+            );
+        }
+        until("ten deliveries in flight", Duration::from_secs(10), || {
+            worker.seen().len() == 10
+        })
+        .await;
+        p.signal("-KILL");
+        let _ = p.finish();
+        assert_eq!(
+            pending(&redis),
+            10,
+            "nothing acknowledged before it settled"
+        );
+        let again = support::proc::Proc::start("http://127.0.0.1:9", &args, &[]).await;
+        until(
+            "every entry acknowledged after the restart",
+            Duration::from_secs(40),
+            || pending(&redis) == 0 && unread(&redis) == 0,
+        )
+        .await;
+        let per_key = worker.per_key();
+        assert_eq!(per_key.len(), 10);
+        match policy {
+            "hold" => {
+                assert!(per_key.values().all(|n| *n == 1), "{policy}: {per_key:?}");
+                let dead = dead_letters(&redis);
+                assert_eq!(dead.len(), 10, "{dead:?}");
+                assert!(dead
+                    .iter()
+                    .all(|m| m["reason"].starts_with("outcome-unknown")));
+            }
+            _ => {
+                assert!(per_key.values().all(|n| *n == 2), "{policy}: {per_key:?}");
+                let seen = worker.seen();
+                for i in 0..10 {
+                    let key = format!("slow-{i}");
+                    let fences: Vec<u64> = seen
+                        .iter()
+                        .filter(|s| s.key == key)
+                        .map(|s| s.fence)
+                        .collect();
+                    assert!(fences[1] > fences[0], "{key}: {fences:?}");
+                }
+                assert_eq!(stream_len(&redis, "orders.dead"), 0);
+            }
+        }
+        again.signal("-TERM");
+        let (code, _) = again.finish();
+        assert_eq!(code, Some(0));
+        let _ = std::fs::remove_file(&file);
+    }
+}
+
+/// SIGTERM: the consumer stops reading, the deliveries in flight finish
+/// and are acknowledged, and what was not started stays in the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_deliveries_in_flight_and_reads_no_more() {
+    let redis = RedisServer::start();
+    let worker = TestWorker::start().await;
+    let file = std::env::temp_dir().join(format!(
+        "idemgate-delivery-drain-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&file, consumer_toml(&redis, &worker, "concurrency = 2\n")).unwrap();
+    let args = ["--config", file.to_str().unwrap()];
+    let p = support::proc::Proc::start("http://127.0.0.1:9", &args, &[]).await;
+    for i in 0..6 {
+        publish(
+            &redis,
+            "orders",
+            &[("id", &format!("drain-{i}")), ("delay_ms", "1000")],
+        );
+    }
+    until("two deliveries in flight", Duration::from_secs(10), || {
+        worker.seen().len() == 2
+    })
+    .await;
+    p.signal("-TERM");
+    let (code, log) = p.finish();
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(worker.seen().len(), 2, "nothing started after SIGTERM");
+    assert_eq!(
+        pending(&redis),
+        0,
+        "the two in flight were settled and acknowledged"
+    );
+    assert_eq!(unread(&redis), 4, "the rest stays in the stream");
+    let _ = std::fs::remove_file(&file);
 }

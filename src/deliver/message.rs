@@ -140,6 +140,19 @@ impl Deliverer {
                 }
             };
             let (lease_id, fence, attempt) = match claimed {
+                // An earlier delivery's lease lapsed (idemgate stopped, or
+                // lost the store, mid-delivery): it may have run. Under
+                // `hold` it is not delivered again.
+                ClaimOutcome::Acquired {
+                    lease_id,
+                    attempt,
+                    recovered: true,
+                    ..
+                } if self.cfg.on_unknown_outcome == OnUnknown::Hold => {
+                    self.count("unknown");
+                    let reason = "outcome-unknown: an earlier delivery's lease lapsed before it was settled (it may have run)".to_owned();
+                    return self.dead_letter(key, lease_id, reason, attempt).await;
+                }
                 ClaimOutcome::Acquired {
                     lease_id,
                     fence,
