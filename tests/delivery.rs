@@ -557,3 +557,44 @@ async fn sigterm_finishes_the_deliveries_in_flight_and_reads_no_more() {
     assert_eq!(unread(&redis), 4, "the rest stays in the stream");
     let _ = std::fs::remove_file(&file);
 }
+
+/// `/readyz` answers 503 naming a consumer whose broker does not answer,
+/// and 200 once it reads its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_a_consumer_cut_off_from_its_broker() {
+    let worker = TestWorker::start().await;
+    let closed = support::proc::free_port();
+    let text = format!(
+        "[[consumers]]\nname = \"billing\"\nbroker = \"redis://127.0.0.1:{closed}\"\n\
+         source = \"orders\"\ngroup = \"billing\"\ndeliver_to = \"{}\"\n",
+        worker.url()
+    );
+    let r = Running::start(config(None, &text)).await.unwrap();
+    let admin = TestClient::new(r.admin_addr);
+    let got = admin.send("GET", "/readyz", &[], "").await;
+    got.assert_problem(503, "not-ready");
+    assert!(
+        got.json()["detail"].as_str().unwrap().contains("billing"),
+        "{got:?}"
+    );
+    r.stop().await;
+    let redis = RedisServer::start();
+    let r = start(&redis, &worker, "", "").await;
+    let started = Instant::now();
+    loop {
+        if admin_ready(r.admin_addr).await {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    r.stop().await;
+}
+
+async fn admin_ready(admin: SocketAddr) -> bool {
+    TestClient::new(admin)
+        .send("GET", "/readyz", &[], "")
+        .await
+        .status
+        == 200
+}

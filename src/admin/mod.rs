@@ -127,7 +127,10 @@ impl Admin {
 
     async fn ready(&self) -> Response<Body> {
         let detail = match tokio::time::timeout(READY_TIMEOUT, self.store.ping()).await {
-            Ok(Ok(())) => return text(StatusCode::OK, "text/plain", "ready\n".into()),
+            Ok(Ok(())) => match self.disconnected_consumers() {
+                None => return text(StatusCode::OK, "text/plain", "ready\n".into()),
+                Some(names) => format!("consumer {names} cannot read its broker"),
+            },
             Ok(Err(e)) => e.to_string(),
             Err(_) => "the store did not answer in time".to_owned(),
         };
@@ -138,6 +141,29 @@ impl Admin {
             &detail,
         )
         .into_response()
+    }
+}
+
+impl Admin {
+    /// The consumers (delivery mode) whose broker does not answer, as the
+    /// `idemgate_consumer_connected` gauge says; `None` when every one does.
+    fn disconnected_consumers(&self) -> Option<String> {
+        use prometheus::core::Collector;
+        let down: Vec<String> = self
+            .metrics
+            .consumer_connected
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|m| m.get_gauge().get_value() < 1.0)
+            .filter_map(|m| {
+                m.get_label()
+                    .iter()
+                    .find(|l| l.name() == "consumer")
+                    .map(|l| l.value().to_owned())
+            })
+            .collect();
+        (!down.is_empty()).then(|| down.join(", "))
     }
 }
 

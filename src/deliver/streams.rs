@@ -78,7 +78,11 @@ pub async fn run(d: Arc<Deliverer>, stop: CancellationToken, tasks: TaskTracker)
     let mut backoff = Duration::from_millis(100);
     // Until connected (Redis may not be up yet), then until stopped.
     let (mut reader, writer) = loop {
-        match connect(&d.cfg.broker).await {
+        let connected = tokio::select! {
+            () = stop.cancelled() => return,
+            c = connect(&d.cfg.broker) => c,
+        };
+        match connected {
             Ok(c) => break c,
             Err(e) => {
                 tracing::warn!(consumer = %name, error = %e, "cannot reach the broker; trying again");

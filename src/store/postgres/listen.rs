@@ -76,14 +76,17 @@ impl Waiters {
 }
 
 /// Listens on both channels while the waiters live, connecting again
-/// after every loss of the connection (backing off up to 2 s).
+/// after every loss of the connection (backing off up to 2 s);
+/// `first_listen` hears when the channels are first listened to.
 pub async fn run(
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
     channels: Channels,
     waiters: Weak<Waiters>,
     replays: Option<Arc<ReplayCache>>,
+    first_listen: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut first_listen = Some(first_listen);
     let mut backoff = Duration::from_millis(50);
     loop {
         if waiters.strong_count() == 0 {
@@ -111,6 +114,9 @@ pub async fn run(
                                 backoff = Duration::from_millis(50);
                                 if let Some(r) = &replays {
                                     r.set_live(true);
+                                }
+                                if let Some(tx) = first_listen.take() {
+                                    let _ = tx.send(());
                                 }
                                 // Anything settled before this was missed.
                                 if let Some(w) = waiters.upgrade() {

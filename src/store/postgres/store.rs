@@ -284,6 +284,7 @@ impl PostgresStore {
             .await
             .map_err(|_| StoreError::Timeout(start))??;
         tracing::info!("{migrated}");
+        let (listening, heard) = tokio::sync::oneshot::channel();
         tokio::spawn(listen::run(
             config,
             tls,
@@ -293,7 +294,16 @@ impl PostgresStore {
             },
             Arc::downgrade(&waiters),
             replays,
+            listening,
         ));
+        // Ready once the listener hears settlements and purges (the cache
+        // keeps nothing before), within the store's bound: past it the
+        // store serves anyway, waiters re-checking on their own.
+        if tokio::time::timeout(start, heard).await.is_err() {
+            tracing::warn!(
+                "the LISTEN connection is not up yet; waiters re-check on their own until it is"
+            );
+        }
         tokio::spawn(sweeper(Arc::downgrade(&store.inner)));
         Ok(store)
     }
