@@ -2,9 +2,9 @@
 //! idemgate process, new entries read with `XREADGROUP` (blocking, on a
 //! connection of its own) and entries another consumer left pending taken
 //! over with `XAUTOCLAIM`; each entry is handed to [`Deliverer::handle`]
-//! and acknowledged (`XACK`) only once its record is settled. A dead
-//! letter is added to the dead-letter stream before the entry is
-//! acknowledged. The connections come back by themselves after Redis does.
+//! and acknowledged (`XACK`, many entries per command) only once its
+//! record is settled. A dead letter is added to the dead-letter stream
+//! before the entry is acknowledged. The connections come back by themselves after Redis does.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::Value;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -97,6 +97,9 @@ pub async fn run(d: Arc<Deliverer>, stop: CancellationToken, tasks: TaskTracker)
     d.set_connected(true);
     ensure_group(&d, &mut reader).await;
     let slots = Arc::new(Semaphore::new(d.cfg.concurrency));
+    // Settled entries are acknowledged in batches by one task.
+    let (acks, acked) = mpsc::unbounded_channel();
+    tasks.spawn(acknowledge(d.clone(), writer.clone(), acked));
     let mut last_reclaim = tokio::time::Instant::now();
     // An entry pending longer than this was left by a consumer that died
     // (or by this one, for a key in flight elsewhere): take it over.
@@ -154,16 +157,46 @@ pub async fn run(d: Arc<Deliverer>, stop: CancellationToken, tasks: TaskTracker)
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 break;
             };
-            let (d, mut w) = (d.clone(), writer.clone());
+            let (d, mut w, acks) = (d.clone(), writer.clone(), acks.clone());
             tasks.spawn(async move {
                 let msg = message(&d, &entry, redelivered);
                 let settle = d.handle(&msg).await;
-                settle_entry(&d, &mut w, &msg, &entry, settle).await;
+                if settle_entry(&d, &mut w, &msg, &entry, settle).await {
+                    let _ = acks.send(entry.id);
+                }
                 drop(permit);
             });
         }
     }
     d.set_connected(false);
+}
+
+/// Acknowledges settled entries, as many as have come in since the last
+/// `XACK`, in one command; ends once every sender is gone (the consumer
+/// stopped and its deliveries finished), after the last of them.
+async fn acknowledge(
+    d: Arc<Deliverer>,
+    mut conn: ConnectionManager,
+    mut ids: mpsc::UnboundedReceiver<String>,
+) {
+    while let Some(first) = ids.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match ids.try_recv() {
+                Ok(id) => batch.push(id),
+                Err(_) => break,
+            }
+        }
+        let acked: redis::RedisResult<i64> = redis::cmd("XACK")
+            .arg(&d.cfg.source)
+            .arg(&d.cfg.group)
+            .arg(&batch)
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = acked {
+            tracing::warn!(consumer = %d.cfg.name, error = %e, entries = batch.len(), "XACK failed; the entries come back and are acknowledged as duplicates");
+        }
+    }
 }
 
 /// Creates the consumer group unless it exists. It reads the stream from
@@ -220,15 +253,16 @@ async fn read(
         .unwrap_or_default())
 }
 
-/// Tells Redis what became of `entry`: a dead letter is added first, then
-/// the entry is acknowledged; `Leave` leaves it pending.
+/// Adds a dead letter if `settle` asks for one; whether the entry may be
+/// acknowledged now (`Leave`, or a dead letter that could not be added,
+/// leaves it pending).
 async fn settle_entry(
     d: &Deliverer,
     conn: &mut ConnectionManager,
     msg: &Message,
     entry: &StreamId,
     settle: Settle,
-) {
+) -> bool {
     if let Settle::DeadLetter { reason, attempts } = &settle {
         let mut items: Vec<(String, Bytes)> = vec![
             (
@@ -263,19 +297,8 @@ async fn settle_entry(
             // failed, is acknowledged then (the dead letter is listed by
             // the admin API either way).
             tracing::warn!(consumer = %d.cfg.name, error = %e, "cannot add the dead letter; the entry stays pending");
-            return;
+            return false;
         }
     }
-    if settle == Settle::Leave {
-        return;
-    }
-    let acked: redis::RedisResult<i64> = redis::cmd("XACK")
-        .arg(&d.cfg.source)
-        .arg(&d.cfg.group)
-        .arg(&entry.id)
-        .query_async(conn)
-        .await;
-    if let Err(e) = acked {
-        tracing::warn!(consumer = %d.cfg.name, error = %e, "XACK failed; the entry comes back and is acknowledged as a duplicate");
-    }
+    settle != Settle::Leave
 }
