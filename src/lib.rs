@@ -24,6 +24,7 @@
 //! - [`body`]: reading bodies up to a limit.
 //! - [`error`]: typed errors and the one place they become HTTP responses.
 //! - [`metrics`]: the Prometheus metrics, on a registry the caller owns.
+//! - [`tls`]: the TLS client settings upstreams and the trace exporter share.
 //! - [`telemetry`]: OpenTelemetry traces (OTLP export, W3C Trace Context,
 //!   the link from a replay to the request that ran).
 //!
@@ -46,6 +47,7 @@ pub mod reload;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod webhook;
 
 /// The body type every idemgate response and forwarded request uses.

@@ -31,6 +31,7 @@ use super::headers::strip_hop_by_hop;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::error::{error_chain, UpstreamError};
 use crate::telemetry;
+use crate::tls;
 use crate::Body;
 
 #[derive(Clone)]
@@ -173,19 +174,8 @@ impl Upstream {
 
 /// The rustls client config for `u`: roots, client certificate, verifier.
 fn tls_config(u: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = &u.ca_file {
-        for cert in CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("upstream_ca_file {}: {e}", path.display()))?
-        {
-            let cert = cert.map_err(|e| format!("upstream_ca_file {}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("upstream_ca_file {}: {e}", path.display()))?;
-        }
-    }
+    let provider = tls::provider();
+    let roots = tls::roots(u.ca_file.as_deref()).map_err(|e| format!("upstream_ca_file {e}"))?;
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
