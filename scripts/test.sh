@@ -2,12 +2,12 @@
 # Runs idemgate's whole test suite on a fresh machine.
 #
 # Installs what the tests need when it is missing (redis-server, redis-cli,
-# PostgreSQL's server programs and promtool from Debian's packages, needs
-# root; cargo-deny from crates.io; openai-python from PyPI into a venv
+# PostgreSQL's server programs, rabbitmq-server and promtool from Debian's
+# packages, needs root; cargo-deny from crates.io; openai-python from PyPI into a venv
 # under target/), fetches every crate Cargo.lock names, checks the
 # dependencies against deny.toml, then runs every test. The tests start
 # their own servers (upstreams, Redis, Redis Cluster, PostgreSQL with
-# standbys) on loopback ports the OS picks, each with a data folder of its
+# standbys, RabbitMQ) on loopback ports the OS picks, each with a data folder of its
 # own, and stop them when done. Each phase prints how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,7 @@ install_packages() {
   command -v redis-cli >/dev/null 2>&1 || need_pkgs+=(redis-tools)
   command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
   compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_pkgs+=(postgresql)
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_pkgs+=(rabbitmq-server)
   [ ${#need_pkgs[@]} -gt 0 ] || return 0
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: ${need_pkgs[*]} missing; run as root (or install them) first" >&2
@@ -34,9 +35,19 @@ install_packages() {
   echo "installing ${need_pkgs[*]} ..."
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-  # The Debian packages start a system redis on 6379 and a PostgreSQL
-  # cluster on 5432; the tests never use them.
+  # No system service is started by the install (policy-rc.d says no): the
+  # tests start their own servers on ports the OS picks, and RabbitMQ's
+  # service would listen on every interface.
+  local policy=/usr/sbin/policy-rc.d own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    own_policy=1
+  fi
+  local rc=0
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null || rc=$?
+  [ "$own_policy" -eq 0 ] || rm -f "$policy"
+  return "$rc"
 }
 
 install_tools() {

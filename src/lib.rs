@@ -16,15 +16,16 @@
 //!   semantics around [`proxy::Upstream`], a pooled hyper client.
 //! - [`dedup`]: the consumer dedup API (claim / complete / release, mark)
 //!   for queue workers, on the same stores.
-//! - [`deliver`]: the delivery mode: idemgate reads a Redis stream and hands
-//!   each message to a worker over HTTP, its effect once.
+//! - [`deliver`]: the delivery mode: idemgate reads a Redis stream or a
+//!   RabbitMQ queue and hands each message to a worker over HTTP, its
+//!   effect once.
 //! - [`config`]: loose file/env/CLI input validated into [`config::Config`].
 //! - [`server`]: listeners, connection limits, graceful drain; [`admin`]: the
 //!   admin listener; [`reload`]: the configuration read again while running.
 //! - [`body`]: reading bodies up to a limit.
 //! - [`error`]: typed errors and the one place they become HTTP responses.
 //! - [`metrics`]: the Prometheus metrics, on a registry the caller owns.
-//! - [`tls`]: the TLS client settings upstreams and the trace exporter share.
+//! - [`tls`]: the TLS client settings upstreams, the trace exporter and `amqps://` consumers share.
 //! - [`telemetry`]: OpenTelemetry traces (OTLP export, W3C Trace Context,
 //!   the link from a replay to the request that ran).
 //!

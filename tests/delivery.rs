@@ -8,106 +8,13 @@
 mod support;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use idemgate::server::Running;
+use support::deliveries::{metric, until, TestWorker};
 use support::redis_server::{store_toml, RedisServer};
-use support::{config, serve_http1, TestClient};
-
-/// One delivery the worker saw (recorded as it arrives, before the
-/// worker answers).
-#[derive(Debug, Clone)]
-struct Seen {
-    key: String,
-    attempt: u32,
-    fence: u64,
-    at: Instant,
-    body: Bytes,
-    headers: http::HeaderMap,
-}
-
-/// A worker: answers each key's deliveries in turn with the statuses its
-/// `answers` field lists (comma-separated; the last one repeats; 200 when
-/// there is none), after its `delay_ms` field, and records every delivery.
-#[derive(Clone)]
-struct TestWorker {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl TestWorker {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let w = TestWorker {
-            addr: listener.local_addr().unwrap(),
-            seen: Arc::default(),
-        };
-        let seen = w.seen.clone();
-        serve_http1(listener, move |req: Request<Incoming>| {
-            let seen = seen.clone();
-            async move {
-                let headers = req.headers().clone();
-                let body = req.into_body().collect().await.unwrap().to_bytes();
-                let h = |n: &str| {
-                    headers
-                        .get(n)
-                        .map(|v| v.to_str().unwrap().to_owned())
-                        .unwrap_or_default()
-                };
-                let key = h("idempotency-key");
-                let answers: Vec<u16> = h("idemgate-field-answers")
-                    .split(',')
-                    .filter_map(|s| s.trim().parse().ok())
-                    .collect();
-                let delay: u64 = h("idemgate-field-delay_ms").parse().unwrap_or(0);
-                let status = {
-                    let mut seen = seen.lock().unwrap();
-                    let n = seen.iter().filter(|s| s.key == key).count();
-                    seen.push(Seen {
-                        key: key.clone(),
-                        attempt: h("idemgate-attempt").parse().unwrap(),
-                        fence: h("idempotency-fence").parse().unwrap(),
-                        at: Instant::now(),
-                        body,
-                        headers: headers.clone(),
-                    });
-                    answers.get(n).or(answers.last()).copied().unwrap_or(200)
-                };
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                Ok::<_, Infallible>(
-                    Response::builder()
-                        .status(status)
-                        .body(Full::new(Bytes::from(format!("{{\"done\":\"{key}\"}}"))))
-                        .unwrap(),
-                )
-            }
-        });
-        w
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/handle", self.addr)
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    fn per_key(&self) -> HashMap<String, usize> {
-        let mut m = HashMap::new();
-        for s in self.seen() {
-            *m.entry(s.key).or_insert(0) += 1;
-        }
-        m
-    }
-}
+use support::{config, TestClient};
 
 fn consumer_toml(redis: &RedisServer, worker: &TestWorker, extra: &str) -> String {
     format!(
@@ -191,25 +98,6 @@ fn dead_letters(redis: &RedisServer) -> Vec<HashMap<String, String>> {
         }
     }
     entries
-}
-
-async fn until(what: &str, within: Duration, done: impl Fn() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn metric(admin: SocketAddr, outcome: &str) -> f64 {
-    let got = TestClient::new(admin)
-        .send("GET", "/metrics", &[], "")
-        .await;
-    let line = format!("idemgate_deliveries_total{{consumer=\"billing\",outcome=\"{outcome}\"}}");
-    String::from_utf8_lossy(&got.body)
-        .lines()
-        .find_map(|l| l.strip_prefix(&line).map(|v| v.trim().parse().unwrap()))
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,7 +314,7 @@ fn check_config_names_each_consumer_problem_and_hides_the_password() {
     let bad = dir.join("bad.toml");
     std::fs::write(
         &bad,
-        "[[consumers]]\nname = \"billing\"\nbroker = \"amqp://127.0.0.1\"\nsource = \"orders\"\n\
+        "[[consumers]]\nname = \"billing\"\nbroker = \"nats://127.0.0.1\"\nsource = \"orders\"\n\
          group = \"billing\"\ndeliver_to = \"http://127.0.0.1:8080/handle\"\nmax_attempts = 0\n",
     )
     .unwrap();

@@ -1,8 +1,9 @@
 //! `[[consumers]]`: queues idemgate reads itself, handing each message to a
 //! worker over HTTP, its effect once (the delivery mode). Each entry names
-//! its broker, its source and group, where messages go, where the key
-//! comes from, and how failures are retried and dead-lettered. Checking
-//! never connects.
+//! its broker (a Redis stream or a RabbitMQ queue), its source and group,
+//! where messages go, where the key comes from, and how failures are
+//! retried and dead-lettered. Checking never connects; an `amqp://` URL is
+//! parsed here, once, into what the connection needs ([`AmqpUrl`]).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -34,10 +35,139 @@ pub const KEYS: &[&str] = &[
 #[derive(Debug, Clone, PartialEq)]
 pub enum MessageKey {
     /// The broker's message id: a Redis entry's `id` field, else its entry
-    /// id.
+    /// id; an AMQP message's `message_id` property.
     MessageId,
-    /// A field of the message (a Redis entry field).
+    /// A field of the message (a Redis entry field, an AMQP header).
     Field(String),
+}
+
+/// The broker a consumer reads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Broker {
+    /// A Redis stream through a consumer group (`redis://`, `rediss://`).
+    Redis,
+    /// A RabbitMQ queue (`amqp://`, `amqps://`).
+    Amqp(AmqpUrl),
+}
+
+/// An `amqp://` or `amqps://` URL, parsed (RabbitMQ's URI spec: user and
+/// password percent-decoded, default `guest`; the vhost is the path,
+/// percent-decoded, `/` when empty; `?heartbeat=N`).
+#[derive(Clone, PartialEq)]
+pub struct AmqpUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub vhost: String,
+    pub heartbeat: Option<u16>,
+}
+
+impl std::fmt::Debug for AmqpUrl {
+    // Never the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}://{}@{}:{}/{}",
+            if self.tls { "amqps" } else { "amqp" },
+            self.user,
+            self.host,
+            self.port,
+            self.vhost
+        )
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("{:?} has a bad percent-escape", s))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+impl AmqpUrl {
+    pub fn parse(text: &str) -> Result<AmqpUrl, String> {
+        let (scheme, rest) = text
+            .split_once("://")
+            .ok_or("is not a URL (scheme://host)")?;
+        let tls = match scheme {
+            "amqp" => false,
+            "amqps" => true,
+            _ => return Err(format!("{scheme}:// is not amqp:// or amqps://")),
+        };
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo {
+            Some(u) => {
+                let (n, p) = u.split_once(':').unwrap_or((u, ""));
+                (percent_decode(n)?, percent_decode(p)?)
+            }
+            None => ("guest".to_owned(), "guest".to_owned()),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or("has an unclosed [ in its host")?;
+            (h.to_owned(), after.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), Some(p)),
+                None => (hostport.to_owned(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err("names no host".into());
+        }
+        let port = match port {
+            Some(p) => p
+                .parse()
+                .map_err(|_| format!("port {p:?} is not a number"))?,
+            None if tls => 5671,
+            None => 5672,
+        };
+        let vhost = if path.is_empty() {
+            "/".to_owned()
+        } else {
+            percent_decode(path)?
+        };
+        let mut heartbeat = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("heartbeat", v)) => {
+                    heartbeat = Some(
+                        v.parse()
+                            .map_err(|_| format!("heartbeat {v:?} is not 0-65535 seconds"))?,
+                    );
+                }
+                _ => return Err(format!("{pair:?} is not a known query (heartbeat=N)")),
+            }
+        }
+        Ok(AmqpUrl {
+            tls,
+            host,
+            port,
+            user,
+            password,
+            vhost,
+            heartbeat,
+        })
+    }
 }
 
 /// What a delivery whose outcome is unknown becomes.
@@ -54,13 +184,16 @@ pub enum OnUnknown {
 pub struct ConsumerConfig {
     /// Its records' scope, its metrics label.
     pub name: String,
-    /// `redis://` or `rediss://` (may carry a password: never printed).
+    /// `redis://`, `rediss://`, `amqp://` or `amqps://` (may carry a
+    /// password: never printed).
     pub broker: String,
+    /// What `broker` is.
+    pub kind: Broker,
     /// Where `broker` was read from, when it came from a variable.
     pub broker_env: Option<String>,
-    /// The Redis stream.
+    /// The Redis stream, or the AMQP queue.
     pub source: String,
-    /// The Redis consumer group.
+    /// The Redis consumer group (not used for AMQP).
     pub group: String,
     pub deliver_to: Uri,
     pub key_from: MessageKey,
@@ -69,7 +202,9 @@ pub struct ConsumerConfig {
     pub retry_backoff: Duration,
     pub retry_backoff_max: Duration,
     pub delivery_timeout: Duration,
-    /// The stream dead letters are added to.
+    /// The stream dead letters are added to (Redis), or the exchange they
+    /// are published to (AMQP; empty: the queue's own dead-letter exchange,
+    /// by rejecting the message).
     pub dead_letter: String,
     pub on_unknown_outcome: OnUnknown,
 }
@@ -94,27 +229,37 @@ fn name(c: &mut Checker, path: &str, v: &Value) -> Option<String> {
     Some(s)
 }
 
-fn broker(c: &mut Checker, path: &str, text: &str) -> Option<String> {
+fn broker(c: &mut Checker, path: &str, text: &str) -> Option<(String, Broker)> {
     let t = text.trim();
     match t.split_once("://").map(|(s, _)| s) {
         Some("redis" | "rediss") => match redis::IntoConnectionInfo::into_connection_info(t) {
-            Ok(_) => Some(t.to_owned()),
+            Ok(_) => Some((t.to_owned(), Broker::Redis)),
             Err(e) => {
                 c.err(path, format!("not a Redis URL: {e}"));
                 None
             }
         },
-        Some(s @ ("amqp" | "amqps" | "nats")) => {
+        Some("amqp" | "amqps") => match AmqpUrl::parse(t) {
+            Ok(u) => Some((t.to_owned(), Broker::Amqp(u))),
+            Err(e) => {
+                c.err(path, format!("not an AMQP URL: {e}"));
+                None
+            }
+        },
+        Some(s @ "nats") => {
             c.err(
                 path,
                 format!(
-                    "{s}:// is not built yet: consumers read Redis streams (redis://, rediss://)"
+                    "{s}:// is not built yet: consumers read Redis streams (redis://, rediss://) and RabbitMQ queues (amqp://, amqps://)"
                 ),
             );
             None
         }
         _ => {
-            c.err(path, "must be a redis:// or rediss:// URL".into());
+            c.err(
+                path,
+                "must be a redis://, rediss://, amqp:// or amqps:// URL".into(),
+            );
             None
         }
     }
@@ -124,11 +269,12 @@ fn key_from(c: &mut Checker, path: &str, v: &Value) -> Option<MessageKey> {
     let s = c.string(path, v)?;
     match s.split_once(':') {
         None if s == "message-id" => Some(MessageKey::MessageId),
-        Some(("field", f)) if !f.is_empty() => Some(MessageKey::Field(f.to_owned())),
+        // A header is an AMQP message's field: one spelling for each.
+        Some(("field" | "header", f)) if !f.is_empty() => Some(MessageKey::Field(f.to_owned())),
         _ => {
             c.err(
                 path,
-                format!("{s:?} is not \"message-id\" or \"field:NAME\""),
+                format!("{s:?} is not \"message-id\", \"field:NAME\" or \"header:NAME\""),
             );
             None
         }
@@ -204,11 +350,22 @@ pub fn check(
             (None, None) => c.err(&at("broker"), "is required (or broker_env)".into()),
         }
         let source = required(c, "source").and_then(|v| name(c, &at("source"), &v));
-        let group = required(c, "group").and_then(|v| name(c, &at("group"), &v));
+        let amqp = matches!(&broker_url, Some((_, Broker::Amqp(_))));
+        let redis = matches!(&broker_url, Some((_, Broker::Redis)));
+        // AMQP consumers share a queue without a group.
+        let group = match get("group") {
+            Some(v) => name(c, &at("group"), &v),
+            None if redis => {
+                c.err(&at("group"), "is required for a Redis stream".into());
+                None
+            }
+            None => Some(String::new()),
+        };
         let deliver_to = required(c, "deliver_to").and_then(|v| http_url(c, &at("deliver_to"), &v));
         let mut cfg = ConsumerConfig {
             name: name_v.clone().unwrap_or_default(),
-            broker: broker_url.clone().unwrap_or_default(),
+            broker: broker_url.clone().map(|(u, _)| u).unwrap_or_default(),
+            kind: broker_url.map_or(Broker::Redis, |(_, k)| k),
             broker_env,
             source: source.clone().unwrap_or_default(),
             group: group.unwrap_or_default(),
@@ -221,7 +378,11 @@ pub fn check(
             retry_backoff: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(60),
             delivery_timeout: Duration::from_secs(30),
-            dead_letter: source.map(|s| format!("{s}.dead")).unwrap_or_default(),
+            // AMQP: the queue's own dead-letter exchange unless one is named.
+            dead_letter: match &source {
+                Some(s) if !amqp => format!("{s}.dead"),
+                _ => String::new(),
+            },
             on_unknown_outcome: OnUnknown::Hold,
         };
         c.set(
@@ -345,7 +506,7 @@ mod tests {
     #[test]
     fn every_problem_is_named() {
         let (out, errors) = run(
-            "[[consumers]]\nname = \"a b\"\nbroker = \"amqp://x\"\nsource = \"s\"\ngroup = \"g\"\n\
+            "[[consumers]]\nname = \"a b\"\nbroker = \"nats://x\"\nsource = \"s\"\ngroup = \"g\"\n\
              deliver_to = \"ftp://x\"\nkey_from = \"header\"\nconcurrency = 0\ncolour = 1\n\
              [[consumers]]\nname = \"b\"\nbroker = \"redis://127.0.0.1\"\nsource = \"s\"\n",
         );
@@ -353,7 +514,7 @@ mod tests {
         let all = errors.join("\n");
         for needle in [
             "consumers[0].name",
-            "consumers[0].broker: amqp:// is not built yet",
+            "consumers[0].broker: nats:// is not built yet",
             "consumers[0].deliver_to",
             "consumers[0].key_from",
             "consumers[0].concurrency",
@@ -362,6 +523,58 @@ mod tests {
             "consumers[1].deliver_to: is required",
         ] {
             assert!(all.contains(needle), "{needle} missing from {all}");
+        }
+    }
+
+    #[test]
+    fn an_amqp_consumer_needs_no_group_and_defaults_to_the_queues_dead_letters() {
+        let (out, errors) = run(
+            "[[consumers]]\nname = \"billing\"\nbroker = \"amqp://app:p%40ss@mq.internal/%2f\"\n\
+             source = \"orders\"\ndeliver_to = \"http://127.0.0.1:8080/handle\"\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(out[0].dead_letter, "");
+        let Broker::Amqp(u) = &out[0].kind else {
+            panic!("not AMQP: {:?}", out[0].kind)
+        };
+        assert_eq!(
+            (
+                u.tls,
+                u.host.as_str(),
+                u.port,
+                u.user.as_str(),
+                u.password.as_str(),
+                u.vhost.as_str()
+            ),
+            (false, "mq.internal", 5672, "app", "p@ss", "/")
+        );
+        assert_eq!(shown_broker(&out[0]), "amqp://mq.internal");
+        assert!(!format!("{u:?}").contains("p@ss"));
+    }
+
+    #[test]
+    fn amqp_urls() {
+        let u = AmqpUrl::parse("amqps://[::1]:5999/billing?heartbeat=10").unwrap();
+        assert_eq!(
+            (
+                u.tls,
+                u.host.as_str(),
+                u.port,
+                u.vhost.as_str(),
+                u.heartbeat
+            ),
+            (true, "::1", 5999, "billing", Some(10))
+        );
+        assert_eq!(u.user, "guest");
+        for bad in [
+            "amqp://",
+            "amqp://h:x",
+            "amqp://h/%zz",
+            "amqp://h?heartbeat",
+            "amqp://h?colour=red",
+            "http://h",
+        ] {
+            assert!(AmqpUrl::parse(bad).is_err(), "{bad} parsed");
         }
     }
 }

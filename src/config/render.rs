@@ -60,7 +60,9 @@ struct ConsumerView {
     name: String,
     broker: String,
     source: String,
-    group: String,
+    /// None for AMQP (no group), shown as absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
     deliver_to: String,
     key_from: String,
     concurrency: usize,
@@ -68,7 +70,9 @@ struct ConsumerView {
     retry_backoff: String,
     retry_backoff_max: String,
     delivery_timeout: String,
-    dead_letter: String,
+    /// None: the AMQP queue's own dead-letter exchange.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dead_letter: Option<String>,
     on_unknown_outcome: &'static str,
 }
 
@@ -78,7 +82,7 @@ impl ConsumerView {
             name: c.name.clone(),
             broker: consumers::shown_broker(c),
             source: c.source.clone(),
-            group: c.group.clone(),
+            group: (!c.group.is_empty()).then(|| c.group.clone()),
             deliver_to: c.deliver_to.to_string(),
             key_from: match &c.key_from {
                 MessageKey::MessageId => "message-id".into(),
@@ -89,7 +93,7 @@ impl ConsumerView {
             retry_backoff: d(c.retry_backoff),
             retry_backoff_max: d(c.retry_backoff_max),
             delivery_timeout: d(c.delivery_timeout),
-            dead_letter: c.dead_letter.clone(),
+            dead_letter: (!c.dead_letter.is_empty()).then(|| c.dead_letter.clone()),
             on_unknown_outcome: match c.on_unknown_outcome {
                 OnUnknown::Hold => "hold",
                 OnUnknown::Release => "release",

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use crate::config::consumers::{ConsumerConfig, OnUnknown};
 use crate::config::DedupConfig;
 use crate::idempotency::dedup::{ClaimOutcome, ClaimParams, ReleaseOutcome};
@@ -31,8 +33,9 @@ pub const OUTCOMES: [&str; 8] = [
 /// What the broker does with a message once idemgate is done with it.
 #[derive(Debug, PartialEq)]
 pub enum Settle {
-    /// Acknowledge it: its record is settled.
-    Ack,
+    /// Acknowledge it: its record is settled. The worker's answer as the
+    /// record keeps it (for a reply), where it kept one.
+    Ack(Option<Bytes>),
     /// Add it to the dead-letter stream with `reason`, then acknowledge.
     DeadLetter { reason: String, attempts: u32 },
     /// Leave it unacknowledged: the broker gives it again later (its key is
@@ -159,15 +162,15 @@ impl Deliverer {
                     attempt,
                     ..
                 } => (lease_id, fence, attempt),
-                ClaimOutcome::Completed { .. } => {
+                ClaimOutcome::Completed { result, .. } => {
                     self.count("duplicate");
-                    return Settle::Ack;
+                    return Settle::Ack(result.map(Bytes::from));
                 }
                 // Dead-lettered before (the dead letter was written then,
                 // or its attempts ran out between two lives of idemgate).
                 ClaimOutcome::Failed { .. } => {
                     self.count("duplicate");
-                    return Settle::Ack;
+                    return Settle::Ack(None);
                 }
                 ClaimOutcome::InProgress { .. } | ClaimOutcome::Mismatch => {
                     self.count("in_progress");
@@ -180,6 +183,9 @@ impl Deliverer {
                     let result = (body.len() <= self.max_result)
                         .then(|| String::from_utf8(body.to_vec()).ok())
                         .flatten();
+                    // The worker's answer, for a reply (a duplicate's reply
+                    // is the record's result).
+                    let reply = Some(body.clone());
                     // A store blip must not turn a finished delivery into a
                     // second one: try the record a few times.
                     let mut recorded = Ok(false);
@@ -195,7 +201,7 @@ impl Deliverer {
                     return match recorded {
                         Ok(true) => {
                             self.count("delivered");
-                            Settle::Ack
+                            Settle::Ack(reply)
                         }
                         // The lease was lost (taken over after it lapsed):
                         // whoever holds the key settles it.

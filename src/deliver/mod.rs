@@ -4,11 +4,13 @@
 //!
 //! The files, each using only those after it: `streams` (a Redis stream
 //! read through a consumer group: new entries, entries a dead consumer
-//! left pending, acknowledgements and dead letters) → `message` (one
+//! left pending, acknowledgements and dead letters) and `amqp` (a RabbitMQ
+//! queue: prefetch, acknowledgements, dead letters, replies) → `message` (one
 //! message, broker aside: claim its key in the store, deliver, settle the
 //! record, then say what the broker does) → `worker` (the HTTP call to the
 //! worker and what its answer means).
 
+mod amqp;
 mod message;
 mod streams;
 mod worker;
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::consumers::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -43,6 +46,11 @@ pub fn start(
         ));
         d.set_connected(false);
         tracing::info!(consumer = %c.name, source = %c.source, group = %c.group, deliver_to = %c.deliver_to, "consumer started");
-        tasks.spawn(streams::run(d, stop.clone(), tasks.clone()));
+        match &c.kind {
+            Broker::Redis => tasks.spawn(streams::run(d, stop.clone(), tasks.clone())),
+            Broker::Amqp(url) => {
+                tasks.spawn(amqp::run(d, url.clone(), stop.clone(), tasks.clone()))
+            }
+        };
     }
 }

@@ -68,6 +68,8 @@ fn message(d: &Deliverer, e: &StreamId, redelivered: bool) -> Message {
         content_type: fields.get("content-type").and_then(as_string),
         fields: others,
         redelivered,
+        kind: None,
+        time: None,
     }
 }
 

@@ -14,7 +14,8 @@ use hyper_util::rt::TokioExecutor;
 /// A message as a broker hands it over.
 #[derive(Debug, Clone)]
 pub struct Message {
-    /// The broker's id of this delivery (a Redis entry id).
+    /// The broker's id of this message (a Redis entry id, an AMQP
+    /// `message_id` or else the queue and delivery tag).
     pub id: String,
     /// Where it came from, for `ce-source` (never credentials).
     pub source: String,
@@ -27,6 +28,12 @@ pub struct Message {
     pub fields: Vec<(String, Bytes)>,
     /// The broker delivered it before (to this or another consumer).
     pub redelivered: bool,
+    /// Its type, for `ce-type` (an AMQP `type` property); else
+    /// `idemgate.message`.
+    pub kind: Option<String>,
+    /// When it was published (RFC 3339), for `ce-time`, where the broker
+    /// says.
+    pub time: Option<String>,
 }
 
 /// What the worker's answer means for the message.
@@ -90,7 +97,10 @@ impl Worker {
         put("ce-specversion", "1.0");
         put("ce-id", &msg.id);
         put("ce-source", &msg.source);
-        put("ce-type", "idemgate.message");
+        put("ce-type", msg.kind.as_deref().unwrap_or("idemgate.message"));
+        if let Some(t) = &msg.time {
+            put("ce-time", t);
+        }
         put("idemgate-attempt", &attempt.to_string());
         put(
             "idemgate-redelivered",

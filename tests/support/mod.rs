@@ -9,11 +9,13 @@
 
 pub mod contract;
 pub mod dedup_contract;
+pub mod deliveries;
 pub mod durable;
 pub mod faults;
 pub mod ledger;
 pub mod postgres_server;
 pub mod proc;
+pub mod rabbitmq;
 pub mod redis_server;
 pub mod streams;
 pub mod tls;

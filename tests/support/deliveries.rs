@@ -1,0 +1,125 @@
+//! A real HTTP worker for the delivery-mode tests, whatever the broker:
+//! it answers each key's deliveries in turn with the statuses its message
+//! asks for, and records every delivery it saw. And the waits and metric
+//! reads those tests share.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+
+use super::{serve_http1, TestClient};
+
+/// One delivery the worker saw (recorded as it arrives, before the
+/// worker answers).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub key: String,
+    pub attempt: u32,
+    pub fence: u64,
+    pub at: Instant,
+    pub body: Bytes,
+    pub headers: http::HeaderMap,
+}
+
+/// A worker: answers each key's deliveries in turn with the statuses its
+/// `answers` field lists (comma-separated; the last one repeats; 200 when
+/// there is none), after its `delay_ms` field, and records every delivery.
+#[derive(Clone)]
+pub struct TestWorker {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl TestWorker {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let w = TestWorker {
+            addr: listener.local_addr().unwrap(),
+            seen: Arc::default(),
+        };
+        let seen = w.seen.clone();
+        serve_http1(listener, move |req: Request<Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let headers = req.headers().clone();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let h = |n: &str| {
+                    headers
+                        .get(n)
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .unwrap_or_default()
+                };
+                let key = h("idempotency-key");
+                let answers: Vec<u16> = h("idemgate-field-answers")
+                    .split(',')
+                    .filter_map(|s| s.trim().parse().ok())
+                    .collect();
+                let delay: u64 = h("idemgate-field-delay_ms").parse().unwrap_or(0);
+                let status = {
+                    let mut seen = seen.lock().unwrap();
+                    let n = seen.iter().filter(|s| s.key == key).count();
+                    seen.push(Seen {
+                        key: key.clone(),
+                        attempt: h("idemgate-attempt").parse().unwrap(),
+                        fence: h("idempotency-fence").parse().unwrap(),
+                        at: Instant::now(),
+                        body,
+                        headers: headers.clone(),
+                    });
+                    answers.get(n).or(answers.last()).copied().unwrap_or(200)
+                };
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .body(Full::new(Bytes::from(format!("{{\"done\":\"{key}\"}}"))))
+                        .unwrap(),
+                )
+            }
+        });
+        w
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/handle", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn per_key(&self) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for s in self.seen() {
+            *m.entry(s.key).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+pub async fn until(what: &str, within: Duration, done: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn metric(admin: SocketAddr, outcome: &str) -> f64 {
+    let got = TestClient::new(admin)
+        .send("GET", "/metrics", &[], "")
+        .await;
+    let line = format!("idemgate_deliveries_total{{consumer=\"billing\",outcome=\"{outcome}\"}}");
+    String::from_utf8_lossy(&got.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&line).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0.0)
+}
