@@ -145,7 +145,7 @@ pub async fn run(
     // Consumers stop fetching when this is cancelled; their deliveries in
     // flight finish on `tasks`, within the drain.
     let consumers = tokio_util::sync::CancellationToken::new();
-    crate::deliver::start(&config, &store, &metrics, &consumers, &tasks);
+    let running_consumers = crate::deliver::start(&config, &store, &metrics, &consumers, &tasks);
 
     let tunnels = Tunnels::new(metrics.open_tunnels.clone());
     let proxy = routing.clone().map(|routing| {
@@ -166,6 +166,7 @@ pub async fn run(
         admin_policies.clone(),
         config.dedup.clone(),
         &config.admin_tokens,
+        running_consumers,
     );
     metrics.config_last_reload_success.set(reload::unix_now());
     for u in config.default_upstream.iter().chain(

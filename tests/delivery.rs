@@ -535,3 +535,86 @@ async fn a_broker_restarted_mid_stream_loses_nothing_and_runs_nothing_twice() {
     assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
     r.stop().await;
 }
+
+/// `POST /v1/consumers/{name}/redrive`: a dead letter sent back to the
+/// stream with its key, its record reset, is delivered once more and
+/// completed; `all` sends back every one; bad requests are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_sends_dead_letters_back_to_be_delivered_once_more() {
+    let redis = RedisServer::start();
+    let worker = TestWorker::start().await;
+    let r = start(&redis, &worker, "", "").await;
+    // Refused the first time, accepted after.
+    for key in ["one", "two", "three"] {
+        publish(
+            &redis,
+            "orders",
+            &[("id", key), ("answers", "400,200"), ("body", "b")],
+        );
+    }
+    until("three dead letters", Duration::from_secs(10), || {
+        stream_len(&redis, "orders.dead") == 3
+    })
+    .await;
+    let admin = TestClient::new(r.admin_addr);
+    let post = |body: &'static str| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .send(
+                    "POST",
+                    "/v1/consumers/billing/redrive",
+                    &[("content-type", "application/json")],
+                    body,
+                )
+                .await
+        }
+    };
+    let got = post("{\"key\":\"one\"}").await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(got.json()["redriven"], 1);
+    until("one delivered again", Duration::from_secs(10), || {
+        worker.per_key().get("one") == Some(&2)
+    })
+    .await;
+    assert_eq!(stream_len(&redis, "orders.dead"), 2);
+    let again = worker
+        .seen()
+        .into_iter()
+        .filter(|s| s.key == "one")
+        .collect::<Vec<_>>();
+    assert_eq!(again[1].body, "b", "the message itself came back");
+    assert!(again[1].fence > again[0].fence);
+    let got = post("{\"all\":true}").await;
+    assert_eq!(got.json()["redriven"], 2, "{got:?}");
+    until("every one delivered again", Duration::from_secs(10), || {
+        let p = worker.per_key();
+        p.get("two") == Some(&2) && p.get("three") == Some(&2)
+    })
+    .await;
+    until("all settled", Duration::from_secs(10), || {
+        pending(&redis) == 0 && unread(&redis) == 0
+    })
+    .await;
+    assert_eq!(stream_len(&redis, "orders.dead"), 0);
+    // Completed now: the dedup API shows it.
+    let rec = admin
+        .send("GET", "/v1/dedup/billing/keys/one", &[], "")
+        .await;
+    assert_eq!(rec.json()["state"], "completed", "{rec:?}");
+    post("{}").await.assert_problem(422, "invalid-field");
+    post("{\"key\":\"one\",\"all\":true}")
+        .await
+        .assert_problem(422, "invalid-field");
+    post("[1]").await.assert_problem(400, "invalid-json");
+    admin
+        .send(
+            "POST",
+            "/v1/consumers/nobody/redrive",
+            &[],
+            "{\"all\":true}",
+        )
+        .await
+        .assert_problem(404, "not-found");
+    r.stop().await;
+}

@@ -510,3 +510,62 @@ async fn two_replicas_on_one_store_deliver_each_key_once() {
     b.stop().await;
     assert_eq!(ready(&ch, "orders").await, 0);
 }
+
+/// `POST /v1/consumers/{name}/redrive` with the queue holding the dead
+/// letters: each is published to the source again with its key and its
+/// record reset, delivered once more and completed; another key's dead
+/// letter stays where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_sends_dead_letters_back_from_their_queue() {
+    let rabbit = RabbitServer::start();
+    let (_c, ch) = rabbit.channel().await;
+    declare_queue(&ch, "orders", None).await;
+    declare_exchange_to(&ch, "orders.dead", "orders.dead.q").await;
+    let worker = TestWorker::start().await;
+    let r = start(&rabbit, &worker, "dead_letter = \"orders.dead\"\n", "").await;
+    for key in ["one", "two"] {
+        publish(&ch, "orders", props(key, &[("answers", "400,200")]), b"b").await;
+    }
+    until_ready(&ch, "orders.dead.q", 2, Duration::from_secs(10)).await;
+    let admin = TestClient::new(r.admin_addr);
+    let got = admin
+        .send(
+            "POST",
+            "/v1/consumers/billing/redrive",
+            &[],
+            "{\"key\":\"one\",\"queue\":\"orders.dead.q\"}",
+        )
+        .await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(got.json()["keys"], serde_json::json!(["one"]));
+    until("one delivered again", Duration::from_secs(10), || {
+        worker.per_key().get("one") == Some(&2)
+    })
+    .await;
+    let again: Vec<_> = worker
+        .seen()
+        .into_iter()
+        .filter(|s| s.key == "one")
+        .collect();
+    assert_eq!(again[1].body, "b");
+    assert!(again[1].fence > again[0].fence);
+    assert!(
+        again[1]
+            .headers
+            .get("idemgate-field-x-idemgate-reason")
+            .is_none(),
+        "the dead letter's own headers are not sent back"
+    );
+    // The other dead letter stayed.
+    until_ready(&ch, "orders.dead.q", 1, Duration::from_secs(5)).await;
+    admin
+        .send(
+            "POST",
+            "/v1/consumers/billing/redrive",
+            &[],
+            "{\"all\":true}",
+        )
+        .await
+        .assert_problem(422, "invalid-field");
+    r.stop().await;
+}

@@ -1,6 +1,8 @@
 //! The admin listener: health, readiness, metrics, one HTTP idempotency
 //! record (`/v1/keys`, see [`keys`]), and the consumer dedup API
-//! (`/v1/dedup/...`, see [`crate::dedup`]); who may call which is `auth`.
+//! (`/v1/dedup/...`, see [`crate::dedup`]), dead letters sent back to a
+//! consumer's source (`/v1/consumers/...`, see [`consumers`]); who may call
+//! which is `auth`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,12 +18,14 @@ use hyper::body::Incoming;
 use crate::body::full;
 use crate::config::{AdminTokens, DedupConfig, Policies};
 use crate::dedup::DedupApi;
+use crate::deliver::Consumers;
 use crate::error::Problem;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::Body;
 
 mod auth;
+mod consumers;
 mod keys;
 
 use auth::{Access, Auth};
@@ -36,6 +40,7 @@ pub struct Admin {
     /// Replaced by a reload, as the proxy's are.
     policies: Arc<ArcSwap<Policies>>,
     dedup: DedupApi,
+    consumers: Consumers,
     auth: Auth,
 }
 
@@ -46,8 +51,10 @@ impl Admin {
         policies: Arc<ArcSwap<Policies>>,
         dedup: DedupConfig,
         tokens: &AdminTokens,
+        consumers: Consumers,
     ) -> Self {
         Admin {
+            consumers,
             dedup: DedupApi::new(store.clone(), dedup, metrics.clone()),
             store,
             metrics,
@@ -89,6 +96,11 @@ impl Admin {
                 .dedup
                 .handle(&method, &rest, query, req.into_body())
                 .await;
+        }
+        if let Some(rest) = req.uri().path().strip_prefix("/v1/consumers/") {
+            let rest = rest.to_owned();
+            let method = req.method().clone();
+            return self.consumers(&method, &rest, req.into_body()).await;
         }
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),

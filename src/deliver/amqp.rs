@@ -62,7 +62,8 @@ pub async fn run(d: Arc<Deliverer>, url: AmqpUrl, stop: CancellationToken, tasks
     d.set_connected(false);
 }
 
-fn open_args(url: &AmqpUrl, name: &str) -> Result<OpenConnectionArguments, String> {
+/// How to open a connection to `url` (TLS by the shared client settings).
+pub fn open_args(url: &AmqpUrl, name: &str) -> Result<OpenConnectionArguments, String> {
     let mut args = OpenConnectionArguments::new(&url.host, url.port, &url.user, &url.password);
     args.virtual_host(&url.vhost)
         .connection_name(&format!("idemgate/{name}"));

@@ -2,7 +2,8 @@
 //! to a worker over HTTP, its effect once. `[[consumers]]` names each
 //! queue; [`start`] runs one consumer per entry until shutdown.
 //!
-//! The files, each using only those after it: `streams` (a Redis stream
+//! The files, each using only those after it: `redrive` (dead letters sent
+//! back to their source, for the admin API) → `streams` (a Redis stream
 //! read through a consumer group: new entries, entries a dead consumer
 //! left pending, acknowledgements and dead letters) and `amqp` (a RabbitMQ
 //! queue: prefetch, acknowledgements, dead letters, replies) → `message` (one
@@ -12,6 +13,7 @@
 
 mod amqp;
 mod message;
+mod redrive;
 mod streams;
 mod worker;
 
@@ -20,13 +22,37 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::consumers::Broker;
+use crate::config::consumers::{Broker, ConsumerConfig};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
 pub use message::{Deliverer, Settle};
+pub use redrive::{RedriveError, Redriven};
 pub use worker::{Answer, Message, Worker};
+
+/// The running consumers, as the admin API reaches them.
+#[derive(Clone, Default)]
+pub struct Consumers {
+    list: Arc<Vec<ConsumerConfig>>,
+    store: Option<Store>,
+}
+
+impl Consumers {
+    /// Sends consumer `name`'s dead letters back to its source (`key`'s
+    /// only, when given; from the RabbitMQ queue `queue`); `None`: no such
+    /// consumer.
+    pub async fn redrive(
+        &self,
+        name: &str,
+        key: Option<&str>,
+        queue: Option<&str>,
+    ) -> Option<Result<Redriven, RedriveError>> {
+        let cfg = self.list.iter().find(|c| c.name == name)?;
+        let store = self.store.as_ref()?;
+        Some(redrive::redrive(cfg, store, key, queue).await)
+    }
+}
 
 /// Starts every consumer of `config` on `tasks`; they stop fetching when
 /// `stop` is cancelled, and their deliveries in flight finish on `tasks`.
@@ -36,7 +62,7 @@ pub fn start(
     metrics: &Metrics,
     stop: &CancellationToken,
     tasks: &TaskTracker,
-) {
+) -> Consumers {
     for c in &config.consumers {
         let d = Arc::new(Deliverer::new(
             c.clone(),
@@ -52,5 +78,9 @@ pub fn start(
                 tasks.spawn(amqp::run(d, url.clone(), stop.clone(), tasks.clone()))
             }
         };
+    }
+    Consumers {
+        list: Arc::new(config.consumers.clone()),
+        store: Some(store.clone()),
     }
 }

@@ -1,0 +1,224 @@
+//! Sending dead letters back (`POST /v1/consumers/{name}/redrive`): each
+//! dead letter of a consumer (one key's, or every one) has its record
+//! reset and is published to the source again with the same key, then
+//! taken off the dead letters. From Redis, the dead-letter stream; from
+//! RabbitMQ, the queue the operator names (bound to the dead-letter
+//! exchange), where the publish and the acknowledgement commit together.
+//! A crash half-way leaves a dead letter both sent back and still listed:
+//! sending it again is a duplicate publish, which its record absorbs.
+
+use std::time::Duration;
+
+use amqprs::channel::{BasicAckArguments, BasicGetArguments, BasicPublishArguments};
+use amqprs::connection::Connection;
+use amqprs::{FieldTable, FieldValue};
+use redis::streams::StreamRangeReply;
+use redis::Value;
+
+use super::amqp;
+use crate::config::consumers::{Broker, ConsumerConfig, MessageKey};
+use crate::store::Store;
+
+/// The most dead letters one call sends back (the answer says whether
+/// more are left).
+pub const MAX_PER_CALL: usize = 10_000;
+
+/// What a redrive did.
+#[derive(Debug, Default)]
+pub struct Redriven {
+    /// The keys sent back, in the order they were.
+    pub keys: Vec<String>,
+    /// The call stopped at [`MAX_PER_CALL`]: call again for the rest.
+    pub more: bool,
+}
+
+/// Why a redrive could not run.
+#[derive(Debug)]
+pub enum RedriveError {
+    /// The request is missing something (the field it names).
+    Invalid(&'static str, String),
+    /// The broker or the store did not answer; nothing past what was
+    /// reported was changed.
+    Unavailable(String),
+}
+
+fn unavailable(e: impl std::fmt::Display) -> RedriveError {
+    RedriveError::Unavailable(e.to_string())
+}
+
+/// Sends `cfg`'s dead letters back: only `key`'s when given; from the
+/// RabbitMQ queue `queue`.
+pub async fn redrive(
+    cfg: &ConsumerConfig,
+    store: &Store,
+    key: Option<&str>,
+    queue: Option<&str>,
+) -> Result<Redriven, RedriveError> {
+    let bound = Duration::from_secs(30);
+    let run = async {
+        match &cfg.kind {
+            Broker::Redis => from_stream(cfg, store, key).await,
+            Broker::Amqp(url) => {
+                let queue = queue.ok_or_else(|| {
+                    RedriveError::Invalid(
+                        "queue",
+                        "name the queue that holds this consumer's dead letters".into(),
+                    )
+                })?;
+                from_queue(cfg, url, store, key, queue).await
+            }
+        }
+    };
+    tokio::time::timeout(bound, run)
+        .await
+        .unwrap_or_else(|_| Err(unavailable("the broker did not finish within 30 s")))
+}
+
+async fn reset(cfg: &ConsumerConfig, store: &Store, key: &str) -> Result<(), RedriveError> {
+    let dedup = store.dedup().map_err(unavailable)?;
+    dedup.delete(&cfg.name, key).await.map_err(unavailable)?;
+    Ok(())
+}
+
+fn text(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        _ => None,
+    }
+}
+
+async fn from_stream(
+    cfg: &ConsumerConfig,
+    store: &Store,
+    key: Option<&str>,
+) -> Result<Redriven, RedriveError> {
+    let client = redis::Client::open(cfg.broker.as_str()).map_err(unavailable)?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(unavailable)?;
+    let mut out = Redriven::default();
+    let mut after = "-".to_owned();
+    loop {
+        let page: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&cfg.dead_letter)
+            .arg(&after)
+            .arg("+")
+            .arg("COUNT")
+            .arg(500)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Some(last) = page.ids.last() else { break };
+        after = format!("({}", last.id);
+        for e in &page.ids {
+            let get = |f: &str| e.map.get(f).and_then(text);
+            let k = get("key")
+                .and_then(|k| String::from_utf8(k).ok())
+                .unwrap_or_default();
+            // A keyless message would only be a dead letter again.
+            if k.is_empty() || key.is_some_and(|want| want != k) {
+                continue;
+            }
+            if out.keys.len() == MAX_PER_CALL {
+                out.more = true;
+                return Ok(out);
+            }
+            reset(cfg, store, &k).await?;
+            let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            for (name, v) in &e.map {
+                if let (Some(f), Some(v)) = (name.strip_prefix("field."), text(v)) {
+                    fields.push((f.as_bytes().to_vec(), v));
+                }
+            }
+            for f in ["body", "content-type"] {
+                if let Some(v) = get(f) {
+                    fields.push((f.as_bytes().to_vec(), v));
+                }
+            }
+            // The same key again: an entry id was the key only once.
+            if cfg.key_from == MessageKey::MessageId && !fields.iter().any(|(n, _)| n == b"id") {
+                fields.push((b"id".to_vec(), k.clone().into_bytes()));
+            }
+            let mut add = redis::cmd("XADD");
+            add.arg(&cfg.source).arg("*");
+            for (n, v) in &fields {
+                add.arg(n).arg(v);
+            }
+            let _: String = add.query_async(&mut conn).await.map_err(unavailable)?;
+            let _: i64 = redis::cmd("XDEL")
+                .arg(&cfg.dead_letter)
+                .arg(&e.id)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            out.keys.push(k);
+        }
+    }
+    Ok(out)
+}
+
+fn header_text(h: Option<&FieldTable>, name: &str) -> Option<String> {
+    match h?.get(&name.try_into().ok()?)? {
+        FieldValue::S(s) => Some(AsRef::<String>::as_ref(s).clone()),
+        _ => None,
+    }
+}
+
+async fn from_queue(
+    cfg: &ConsumerConfig,
+    url: &crate::config::consumers::AmqpUrl,
+    store: &Store,
+    key: Option<&str>,
+    queue: &str,
+) -> Result<Redriven, RedriveError> {
+    let args = amqp::open_args(url, &cfg.name).map_err(unavailable)?;
+    let conn = Connection::open(&args).await.map_err(unavailable)?;
+    let ch = conn.open_channel(None).await.map_err(unavailable)?;
+    // The publish to the source and the acknowledgement of the dead letter
+    // commit together.
+    ch.tx_select().await.map_err(unavailable)?;
+    let mut out = Redriven::default();
+    // Messages taken and not acknowledged (another key's) go back to the
+    // queue when the channel closes.
+    while let Some((got, props, body)) = ch
+        .basic_get(BasicGetArguments::new(queue))
+        .await
+        .map_err(unavailable)?
+    {
+        let k = header_text(props.headers(), "x-idemgate-key")
+            .or_else(|| props.message_id().cloned())
+            .unwrap_or_default();
+        if k.is_empty() || key.is_some_and(|want| want != k) {
+            continue;
+        }
+        if out.keys.len() == MAX_PER_CALL {
+            out.more = true;
+            break;
+        }
+        reset(cfg, store, &k).await?;
+        let mut again = props.clone();
+        if let Some(h) = props.headers() {
+            let mut kept = FieldTable::new();
+            for (n, v) in h.as_ref() {
+                let name: &String = n.as_ref();
+                if !name.starts_with("x-idemgate-") && name != "x-death" {
+                    kept.insert(n.clone(), v.clone());
+                }
+            }
+            again.with_headers(kept);
+        }
+        ch.basic_publish(again, body, BasicPublishArguments::new("", &cfg.source))
+            .await
+            .map_err(unavailable)?;
+        ch.basic_ack(BasicAckArguments::new(got.delivery_tag(), false))
+            .await
+            .map_err(unavailable)?;
+        ch.tx_commit().await.map_err(unavailable)?;
+        out.keys.push(k);
+    }
+    let _ = ch.close().await;
+    let _ = conn.close().await;
+    Ok(out)
+}
