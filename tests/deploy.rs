@@ -121,6 +121,8 @@ fn dashboard_covers_what_operators_watch() {
         "Waiting duplicates",
         "Store latency p99 by operation",
         "Store errors by operation",
+        "Delivery mode: messages by outcome",
+        "Delivery mode: dead letters and broker connections",
     ] {
         assert!(titles.contains(&want), "no panel {want:?} in {titles:?}");
     }
