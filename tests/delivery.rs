@@ -618,3 +618,65 @@ async fn redrive_sends_dead_letters_back_to_be_delivered_once_more() {
         .assert_problem(404, "not-found");
     r.stop().await;
 }
+
+/// `on_unknown_outcome = "reconcile"`: a delivery whose outcome is unknown
+/// (here a 502) makes idemgate ask the worker's `reconcile_url`. It ran →
+/// the record completes with the worker's answer, no second delivery; it
+/// did not run → delivered again, with a higher fence; no usable answer →
+/// held as a dead letter `outcome-unknown`, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_asks_the_worker_whether_an_unknown_outcome_ran() {
+    let redis = RedisServer::start();
+    let worker = TestWorker::start().await;
+    let extra = format!(
+        "on_unknown_outcome = \"reconcile\"\nreconcile_url = \"{}\"\n",
+        worker.reconcile_url()
+    );
+    let r = start(&redis, &worker, &extra, "").await;
+    publish(&redis, "orders", &[("id", "ran-1"), ("answers", "502")]);
+    publish(&redis, "orders", &[("id", "not-1"), ("answers", "502,200")]);
+    publish(&redis, "orders", &[("id", "err-1"), ("answers", "502")]);
+    until("all three settled", Duration::from_secs(15), || {
+        unread(&redis) == 0 && pending(&redis) == 0 && worker.asked().len() == 3
+    })
+    .await;
+    let per_key = worker.per_key();
+    assert_eq!(per_key["ran-1"], 1, "it ran: not delivered again");
+    assert_eq!(per_key["not-1"], 2, "it did not run: delivered again");
+    assert_eq!(per_key["err-1"], 1, "no answer: held");
+    let seen = worker.seen();
+    let fences: Vec<u64> = seen
+        .iter()
+        .filter(|s| s.key == "not-1")
+        .map(|s| s.fence)
+        .collect();
+    assert!(fences[1] > fences[0], "{fences:?}");
+    // The question carried the fence of the delivery that may have run.
+    let asked = worker.asked();
+    let ran_fence = seen.iter().find(|s| s.key == "ran-1").unwrap().fence;
+    assert!(asked.contains(&("ran-1".into(), ran_fence)), "{asked:?}");
+    let admin = TestClient::new(r.admin_addr);
+    let rec = admin
+        .send("GET", "/v1/dedup/billing/keys/ran-1", &[], "")
+        .await;
+    assert_eq!(rec.json()["state"], "completed", "{rec:?}");
+    assert!(
+        rec.json()["result"].to_string().contains("reconciled"),
+        "{rec:?}"
+    );
+    let rec = admin
+        .send("GET", "/v1/dedup/billing/keys/not-1", &[], "")
+        .await;
+    assert_eq!(rec.json()["state"], "completed", "{rec:?}");
+    let dead = dead_letters(&redis);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["key"], "err-1");
+    assert!(
+        dead[0]["reason"].starts_with("outcome-unknown")
+            && dead[0]["reason"].contains("reconcile: it answered 500"),
+        "{dead:?}"
+    );
+    assert_eq!(metric(r.admin_addr, "reconciled").await, 1.0);
+    assert_eq!(metric(r.admin_addr, "unknown").await, 3.0);
+    r.stop().await;
+}

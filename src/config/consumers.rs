@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::Uri;
 use toml::Value;
 
+use super::routes::ReconcileUrl;
 use crate::checker::{show, Checker};
 
 /// The keys of a `[[consumers]]` entry.
@@ -29,6 +30,7 @@ pub const KEYS: &[&str] = &[
     "delivery_timeout",
     "dead_letter",
     "on_unknown_outcome",
+    "reconcile_url",
 ];
 
 /// Where a message's key comes from.
@@ -177,6 +179,9 @@ pub enum OnUnknown {
     Hold,
     /// Delivered again, with a higher fence.
     Release,
+    /// Ask the worker's `reconcile_url`: it ran (its answer is the
+    /// result), it did not (delivered again), or no answer (held).
+    Reconcile,
 }
 
 /// One checked `[[consumers]]` entry.
@@ -207,10 +212,15 @@ pub struct ConsumerConfig {
     /// by rejecting the message).
     pub dead_letter: String,
     pub on_unknown_outcome: OnUnknown,
+    /// Where `reconcile` asks (`{key}` filled in).
+    pub reconcile_url: Option<ReconcileUrl>,
 }
 
-const ON_UNKNOWN: &[(&str, OnUnknown)] =
-    &[("hold", OnUnknown::Hold), ("release", OnUnknown::Release)];
+const ON_UNKNOWN: &[(&str, OnUnknown)] = &[
+    ("hold", OnUnknown::Hold),
+    ("release", OnUnknown::Release),
+    ("reconcile", OnUnknown::Reconcile),
+];
 
 /// A name fit for a scope, a metrics label and an admin path.
 fn name(c: &mut Checker, path: &str, v: &Value) -> Option<String> {
@@ -384,6 +394,7 @@ pub fn check(
                 _ => String::new(),
             },
             on_unknown_outcome: OnUnknown::Hold,
+            reconcile_url: None,
         };
         c.set(
             &mut cfg.key_from,
@@ -433,6 +444,20 @@ pub fn check(
             &at("on_unknown_outcome"),
             Checker::one_of(ON_UNKNOWN),
         );
+        if let Some(v) = get("reconcile_url") {
+            if let Some(text) = c.string(&at("reconcile_url"), &v) {
+                match ReconcileUrl::parse(&text) {
+                    Ok(u) => cfg.reconcile_url = Some(u),
+                    Err(e) => c.err(&at("reconcile_url"), e),
+                }
+            }
+        }
+        if cfg.on_unknown_outcome == OnUnknown::Reconcile && cfg.reconcile_url.is_none() {
+            c.err(
+                &at("reconcile_url"),
+                "is required with on_unknown_outcome = \"reconcile\"".into(),
+            );
+        }
         if cfg.retry_backoff_max < cfg.retry_backoff {
             c.err(
                 &at("retry_backoff_max"),
@@ -576,5 +601,31 @@ mod tests {
         ] {
             assert!(AmqpUrl::parse(bad).is_err(), "{bad} parsed");
         }
+    }
+
+    #[test]
+    fn reconcile_needs_a_reconcile_url() {
+        let base = "[[consumers]]\nname = \"b\"\nbroker = \"redis://127.0.0.1\"\nsource = \"s\"\n\
+                    group = \"g\"\ndeliver_to = \"http://127.0.0.1:8080/h\"\n\
+                    on_unknown_outcome = \"reconcile\"\n";
+        let (_, errors) = run(base);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("consumers[0].reconcile_url: is required")),
+            "{errors:?}"
+        );
+        let (out, errors) = run(&format!(
+            "{base}reconcile_url = \"http://127.0.0.1:8080/runs/{{key}}\"\n"
+        ));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(out[0].on_unknown_outcome, OnUnknown::Reconcile);
+        let (_, errors) = run(&format!("{base}reconcile_url = \"ftp://x/{{key}}\"\n"));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("consumers[0].reconcile_url")),
+            "{errors:?}"
+        );
     }
 }

@@ -74,6 +74,8 @@ struct ConsumerView {
     #[serde(skip_serializing_if = "Option::is_none")]
     dead_letter: Option<String>,
     on_unknown_outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reconcile_url: Option<String>,
 }
 
 impl ConsumerView {
@@ -97,7 +99,9 @@ impl ConsumerView {
             on_unknown_outcome: match c.on_unknown_outcome {
                 OnUnknown::Hold => "hold",
                 OnUnknown::Release => "release",
+                OnUnknown::Reconcile => "reconcile",
             },
+            reconcile_url: c.reconcile_url.as_ref().map(|u| u.as_str().to_owned()),
         }
     }
 }

@@ -16,15 +16,16 @@ use crate::idempotency::lease::LeaseId;
 use crate::metrics::Metrics;
 use crate::store::{Store, Ttls};
 
-use super::worker::{Answer, Message, Worker};
+use super::worker::{Answer, Asked, Message, Worker};
 
 /// The `outcome` label values of `idemgate_deliveries_total`.
-pub const OUTCOMES: [&str; 8] = [
+pub const OUTCOMES: [&str; 9] = [
     "delivered",
     "duplicate",
     "retried",
     "dead_lettered",
     "unknown",
+    "reconciled",
     "no_key",
     "in_progress",
     "store_error",
@@ -41,6 +42,14 @@ pub enum Settle {
     /// Leave it unacknowledged: the broker gives it again later (its key is
     /// in flight elsewhere, or the store did not answer).
     Leave,
+}
+
+/// What became of a delivery whose outcome is unknown.
+enum Unknown {
+    /// Settled (held as a dead letter, or reconciled as run).
+    Settled(Settle),
+    /// It did not run, or may run again (`release`): deliver again.
+    Again,
 }
 
 /// One consumer's delivery rules, store and worker.
@@ -148,13 +157,23 @@ impl Deliverer {
                 // `hold` it is not delivered again.
                 ClaimOutcome::Acquired {
                     lease_id,
+                    fence,
                     attempt,
                     recovered: true,
                     ..
-                } if self.cfg.on_unknown_outcome == OnUnknown::Hold => {
+                } if self.cfg.on_unknown_outcome != OnUnknown::Release => {
                     self.count("unknown");
-                    let reason = "outcome-unknown: an earlier delivery's lease lapsed before it was settled (it may have run)".to_owned();
-                    return self.dead_letter(key, lease_id, reason, attempt).await;
+                    let why = "an earlier delivery's lease lapsed before it was settled (it may have run)";
+                    // The reconcile question carries this lease's fence;
+                    // the attempt that may have run had a lower one.
+                    match self
+                        .unknown(key, lease_id, fence, attempt, why.into())
+                        .await
+                    {
+                        Unknown::Settled(s) => return s,
+                        // It did not run: deliver it now, under this lease.
+                        Unknown::Again => (lease_id, fence, attempt),
+                    }
                 }
                 ClaimOutcome::Acquired {
                     lease_id,
@@ -180,55 +199,20 @@ impl Deliverer {
             let answer = self.worker.deliver(msg, key, fence, attempt).await;
             let (why, retry) = match answer {
                 Answer::Done(body) => {
-                    let result = (body.len() <= self.max_result)
-                        .then(|| String::from_utf8(body.to_vec()).ok())
-                        .flatten();
-                    // The worker's answer, for a reply (a duplicate's reply
-                    // is the record's result).
-                    let reply = Some(body.clone());
-                    // A store blip must not turn a finished delivery into a
-                    // second one: try the record a few times.
-                    let mut recorded = Ok(false);
-                    for pause in [0u64, 100, 300, 1000, 3000] {
-                        tokio::time::sleep(Duration::from_millis(pause)).await;
-                        recorded = dedup
-                            .complete(scope, key, lease_id, result.clone(), self.ttls.retention)
-                            .await;
-                        if recorded.is_ok() {
-                            break;
-                        }
-                    }
-                    return match recorded {
-                        Ok(true) => {
-                            self.count("delivered");
-                            Settle::Ack(reply)
-                        }
-                        // The lease was lost (taken over after it lapsed):
-                        // whoever holds the key settles it.
-                        Ok(false) => Settle::Leave,
-                        Err(e) => {
-                            // Done, but not recorded: leave it pending; the
-                            // record still holds the lease, so a redelivery
-                            // waits for it to lapse and runs again. Say so.
-                            tracing::warn!(consumer = scope, key, error = %e, "the worker finished but the store did not record it; the message stays pending");
-                            self.count("store_error");
-                            Settle::Leave
-                        }
-                    };
+                    return self.complete(key, lease_id, body, "delivered").await;
                 }
                 Answer::Permanent(why) => (why, false),
                 Answer::Retry(why) => (why, true),
-                Answer::Unknown(why) => match self.cfg.on_unknown_outcome {
-                    OnUnknown::Hold => {
-                        self.count("unknown");
-                        let reason = format!("outcome-unknown: {why}");
-                        return self.dead_letter(key, lease_id, reason, attempt).await;
+                Answer::Unknown(why) => {
+                    self.count("unknown");
+                    match self
+                        .unknown(key, lease_id, fence, attempt, why.clone())
+                        .await
+                    {
+                        Unknown::Settled(s) => return s,
+                        Unknown::Again => (why, true),
                     }
-                    OnUnknown::Release => {
-                        self.count("unknown");
-                        (why, true)
-                    }
-                },
+                }
             };
             if !retry {
                 return self.dead_letter(key, lease_id, why, attempt).await;
@@ -252,6 +236,77 @@ impl Deliverer {
                 return Settle::Leave;
             }
             tokio::time::sleep(self.backoff(attempt)).await;
+        }
+    }
+
+    /// Records `key` as completed with the worker's answer `body` (counted
+    /// as `outcome`) and acknowledges it, its answer kept for a reply.
+    async fn complete(&self, key: &str, lease_id: LeaseId, body: Bytes, outcome: &str) -> Settle {
+        let Ok(dedup) = self.store.dedup() else {
+            return Settle::Leave;
+        };
+        let scope = self.cfg.name.as_str();
+        let result = (body.len() <= self.max_result)
+            .then(|| String::from_utf8(body.to_vec()).ok())
+            .flatten();
+        // A store blip must not turn a finished delivery into a second one:
+        // try the record a few times.
+        let mut recorded = Ok(false);
+        for pause in [0u64, 100, 300, 1000, 3000] {
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            recorded = dedup
+                .complete(scope, key, lease_id, result.clone(), self.ttls.retention)
+                .await;
+            if recorded.is_ok() {
+                break;
+            }
+        }
+        match recorded {
+            Ok(true) => {
+                self.count(outcome);
+                // The worker's answer, for a reply (a duplicate's reply is
+                // the record's result).
+                Settle::Ack(Some(body))
+            }
+            // The lease was lost (taken over after it lapsed): whoever holds
+            // the key settles it.
+            Ok(false) => Settle::Leave,
+            Err(e) => {
+                // Done, but not recorded: leave it pending; the record still
+                // holds the lease, so a redelivery waits for it to lapse and
+                // runs again. Say so.
+                tracing::warn!(consumer = scope, key, error = %e, "the worker finished but the store did not record it; the message stays pending");
+                self.count("store_error");
+                Settle::Leave
+            }
+        }
+    }
+
+    /// A delivery (with `fence`) whose outcome is unknown, by policy:
+    /// `hold` makes it a dead letter; `release` delivers it again;
+    /// `reconcile` asks the worker whether it ran.
+    async fn unknown(
+        &self,
+        key: &str,
+        lease_id: LeaseId,
+        fence: u64,
+        attempt: u32,
+        why: String,
+    ) -> Unknown {
+        let held = |why: String| async move {
+            let reason = format!("outcome-unknown: {why}");
+            Unknown::Settled(self.dead_letter(key, lease_id, reason, attempt).await)
+        };
+        match (&self.cfg.on_unknown_outcome, &self.cfg.reconcile_url) {
+            (OnUnknown::Release, _) => Unknown::Again,
+            (OnUnknown::Reconcile, Some(url)) => match self.worker.ask(url, key, fence).await {
+                Asked::Ran(body) => {
+                    Unknown::Settled(self.complete(key, lease_id, body, "reconciled").await)
+                }
+                Asked::NotRun => Unknown::Again,
+                Asked::Failed(e) => held(format!("{why}; reconcile: {e}")).await,
+            },
+            _ => held(why).await,
         }
     }
 

@@ -11,6 +11,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::config::routes::ReconcileUrl;
+
 /// A message as a broker hands it over.
 #[derive(Debug, Clone)]
 pub struct Message {
@@ -47,6 +49,18 @@ pub enum Answer {
     Retry(String),
     /// It may have run (a timeout or reset after sending, 502, 504).
     Unknown(String),
+}
+
+/// What the worker's reconcile endpoint said of a delivery that may have
+/// run.
+#[derive(Debug)]
+pub enum Asked {
+    /// 200: it ran; this was its answer.
+    Ran(Bytes),
+    /// 404: it did not run.
+    NotRun,
+    /// Anything else, or no answer.
+    Failed(String),
 }
 
 /// The largest worker answer kept.
@@ -140,6 +154,41 @@ impl Worker {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(a) => a,
             Err(_) => Answer::Unknown(format!("no answer within {:?}", self.timeout)),
+        }
+    }
+}
+
+impl Worker {
+    /// `GET url` for `key`, with `Idempotency-Key` and the
+    /// `Idempotency-Fence` of the delivery that may have run.
+    pub async fn ask(&self, url: &ReconcileUrl, key: &str, fence: u64) -> Asked {
+        let uri: Uri = match url.for_key(key).parse() {
+            Ok(u) => u,
+            Err(e) => return Asked::Failed(format!("reconcile URL: {e}")),
+        };
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = uri;
+        if let Ok(v) = HeaderValue::from_str(key) {
+            req.headers_mut().insert("idempotency-key", v);
+        }
+        req.headers_mut()
+            .insert("idempotency-fence", HeaderValue::from(fence));
+        let call = async {
+            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok((StatusCode::OK, body))) => Asked::Ran(body),
+            Ok(Ok((StatusCode::NOT_FOUND, _))) => Asked::NotRun,
+            Ok(Ok((status, _))) => Asked::Failed(format!("it answered {}", status.as_u16())),
+            Ok(Err(e)) => Asked::Failed(e),
+            Err(_) => Asked::Failed(format!("no answer within {:?}", self.timeout)),
         }
     }
 }

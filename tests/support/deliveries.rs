@@ -32,10 +32,15 @@ pub struct Seen {
 /// A worker: answers each key's deliveries in turn with the statuses its
 /// `answers` field lists (comma-separated; the last one repeats; 200 when
 /// there is none), after its `delay_ms` field, and records every delivery.
+/// Its reconcile endpoint (`GET /reconcile/{key}`) says a key starting
+/// `ran-` ran (200 `{"reconciled":"KEY"}`), one starting `not-` did not
+/// (404), and fails (500) for any other; each question is recorded.
 #[derive(Clone)]
 pub struct TestWorker {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Reconcile questions: the key and the fence asked with.
+    asked: Arc<Mutex<Vec<(String, u64)>>>,
 }
 
 impl TestWorker {
@@ -44,11 +49,34 @@ impl TestWorker {
         let w = TestWorker {
             addr: listener.local_addr().unwrap(),
             seen: Arc::default(),
+            asked: Arc::default(),
         };
-        let seen = w.seen.clone();
+        let (seen, asked) = (w.seen.clone(), w.asked.clone());
         serve_http1(listener, move |req: Request<Incoming>| {
-            let seen = seen.clone();
+            let (seen, asked) = (seen.clone(), asked.clone());
             async move {
+                if let Some(key) = req.uri().path().strip_prefix("/reconcile/") {
+                    let key = key.to_owned();
+                    let fence = req.headers()["idempotency-fence"]
+                        .to_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    asked.lock().unwrap().push((key.clone(), fence));
+                    let (status, body) = if key.starts_with("ran-") {
+                        (200, format!("{{\"reconciled\":\"{key}\"}}"))
+                    } else if key.starts_with("not-") {
+                        (404, String::new())
+                    } else {
+                        (500, String::new())
+                    };
+                    return Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from(body)))
+                            .unwrap(),
+                    );
+                }
                 let headers = req.headers().clone();
                 let body = req.into_body().collect().await.unwrap().to_bytes();
                 let h = |n: &str| {
@@ -90,6 +118,14 @@ impl TestWorker {
 
     pub fn url(&self) -> String {
         format!("http://{}/handle", self.addr)
+    }
+
+    pub fn asked(&self) -> Vec<(String, u64)> {
+        self.asked.lock().unwrap().clone()
+    }
+
+    pub fn reconcile_url(&self) -> String {
+        format!("http://{}/reconcile/{{key}}", self.addr)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
