@@ -142,6 +142,23 @@ async fn a_thousand_messages_with_duplicate_publishes_each_key_delivered_once() 
     assert!(one.body.starts_with(b"{\"n\":"));
     assert_eq!(metric(r.admin_addr, "delivered").await, 800.0);
     assert_eq!(metric(r.admin_addr, "duplicate").await, 200.0);
+    let text = TestClient::new(r.admin_addr)
+        .send("GET", "/metrics", &[], "")
+        .await;
+    let text = String::from_utf8_lossy(&text.body);
+    // One observation per handling: each message once, and once more each
+    // time it was left pending because its key was in flight.
+    let handled = 1000.0 + metric(r.admin_addr, "in_progress").await;
+    assert!(
+        text.contains(&format!(
+            "idemgate_delivery_duration_seconds_count{{consumer=\"billing\"}} {handled}"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("idemgate_deliveries_in_flight{consumer=\"billing\"} 0"),
+        "{text}"
+    );
     r.stop().await;
 }
 

@@ -71,6 +71,9 @@ impl Deliverer {
                 .deliveries
                 .with_label_values(&[cfg.name.as_str(), outcome]);
         }
+        metrics
+            .deliveries_in_flight
+            .with_label_values(&[cfg.name.as_str()]);
         Deliverer {
             ttls: Ttls {
                 retention: dedup.retention,
@@ -117,8 +120,22 @@ impl Deliverer {
     }
 
     /// Runs `msg` to its end (retries included) and says what the broker
-    /// does with it.
+    /// does with it; timed and counted in flight.
     pub async fn handle(&self, msg: &Message) -> Settle {
+        let name = [self.cfg.name.as_str()];
+        let in_flight = self.metrics.deliveries_in_flight.with_label_values(&name);
+        in_flight.inc();
+        let started = std::time::Instant::now();
+        let settle = self.run(msg).await;
+        in_flight.dec();
+        self.metrics
+            .delivery_duration
+            .with_label_values(&name)
+            .observe(started.elapsed().as_secs_f64());
+        settle
+    }
+
+    async fn run(&self, msg: &Message) -> Settle {
         let Some(key) = msg.key.as_deref().filter(|k| !k.is_empty()) else {
             self.count("no_key");
             return Settle::DeadLetter {

@@ -95,6 +95,11 @@ pub struct MetricSet {
     pub deliveries: IntCounterVec,
     /// `{consumer}`: 1 while its broker answers.
     pub consumer_connected: IntGaugeVec,
+    /// `{consumer}`: one message from its claim to its end, retries and
+    /// backoff included.
+    pub delivery_duration: HistogramVec,
+    /// `{consumer}`: messages being handled now.
+    pub deliveries_in_flight: IntGaugeVec,
     /// `{result}`: `success` or `failure` of a configuration reload.
     pub config_reloads: IntCounterVec,
     /// When the configuration in force was loaded (start or reload).
@@ -191,7 +196,7 @@ impl Metrics {
         let deliveries = IntCounterVec::new(
             Opts::new(
                 "idemgate_deliveries_total",
-                "Messages a consumer took to an end, by outcome: delivered, duplicate, retried, dead_lettered, unknown, no_key, in_progress, store_error.",
+                "Messages a consumer took to an end, by outcome: delivered, duplicate, retried, dead_lettered, unknown, reconciled, no_key, in_progress, store_error.",
             ),
             &["consumer", "outcome"],
         )?;
@@ -199,6 +204,21 @@ impl Metrics {
             Opts::new(
                 "idemgate_consumer_connected",
                 "1 while a consumer's broker answers, else 0.",
+            ),
+            &["consumer"],
+        )?;
+        let delivery_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "idemgate_delivery_duration_seconds",
+                "One message from its claim to its end (retries and backoff included), by consumer.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["consumer"],
+        )?;
+        let deliveries_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "idemgate_deliveries_in_flight",
+                "Messages a consumer is handling now.",
             ),
             &["consumer"],
         )?;
@@ -262,6 +282,8 @@ impl Metrics {
         registry.register(Box::new(trace_spans_dropped.clone()))?;
         registry.register(Box::new(deliveries.clone()))?;
         registry.register(Box::new(consumer_connected.clone()))?;
+        registry.register(Box::new(delivery_duration.clone()))?;
+        registry.register(Box::new(deliveries_in_flight.clone()))?;
         for result in ["hit", "miss"] {
             replay_cache_lookups.with_label_values(&[result]);
         }
@@ -341,6 +363,8 @@ impl Metrics {
             trace_spans_dropped,
             deliveries,
             consumer_connected,
+            delivery_duration,
+            deliveries_in_flight,
             registry: registry.clone(),
         })))
     }
