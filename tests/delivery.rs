@@ -331,7 +331,7 @@ fn check_config_names_each_consumer_problem_and_hides_the_password() {
     let bad = dir.join("bad.toml");
     std::fs::write(
         &bad,
-        "[[consumers]]\nname = \"billing\"\nbroker = \"nats://127.0.0.1\"\nsource = \"orders\"\n\
+        "[[consumers]]\nname = \"billing\"\nbroker = \"mqtt://127.0.0.1\"\nsource = \"orders\"\n\
          group = \"billing\"\ndeliver_to = \"http://127.0.0.1:8080/handle\"\nmax_attempts = 0\n",
     )
     .unwrap();

@@ -50,6 +50,9 @@ pub enum Broker {
     Redis,
     /// A RabbitMQ queue (`amqp://`, `amqps://`).
     Amqp(AmqpUrl),
+    /// A NATS JetStream stream through a durable pull consumer (`nats://`,
+    /// `tls://`).
+    Nats,
 }
 
 /// An `amqp://` or `amqps://` URL, parsed (RabbitMQ's URI spec: user and
@@ -196,9 +199,10 @@ pub struct ConsumerConfig {
     pub kind: Broker,
     /// Where `broker` was read from, when it came from a variable.
     pub broker_env: Option<String>,
-    /// The Redis stream, or the AMQP queue.
+    /// The Redis stream, the AMQP queue, or the JetStream stream.
     pub source: String,
-    /// The Redis consumer group (not used for AMQP).
+    /// The Redis consumer group or the JetStream durable consumer (not
+    /// used for AMQP).
     pub group: String,
     pub deliver_to: Uri,
     pub key_from: MessageKey,
@@ -207,9 +211,10 @@ pub struct ConsumerConfig {
     pub retry_backoff: Duration,
     pub retry_backoff_max: Duration,
     pub delivery_timeout: Duration,
-    /// The stream dead letters are added to (Redis), or the exchange they
-    /// are published to (AMQP; empty: the queue's own dead-letter exchange,
-    /// by rejecting the message).
+    /// The stream dead letters are added to (Redis), the exchange they are
+    /// published to (AMQP; empty: the queue's own dead-letter exchange, by
+    /// rejecting the message), or the subject (NATS; a stream must capture
+    /// it).
     pub dead_letter: String,
     pub on_unknown_outcome: OnUnknown,
     /// Where `reconcile` asks (`{key}` filled in).
@@ -256,19 +261,17 @@ fn broker(c: &mut Checker, path: &str, text: &str) -> Option<(String, Broker)> {
                 None
             }
         },
-        Some(s @ "nats") => {
-            c.err(
-                path,
-                format!(
-                    "{s}:// is not built yet: consumers read Redis streams (redis://, rediss://) and RabbitMQ queues (amqp://, amqps://)"
-                ),
-            );
-            None
-        }
+        Some("nats" | "tls") => match t.parse::<Uri>() {
+            Ok(u) if u.host().is_some_and(|h| !h.is_empty()) => Some((t.to_owned(), Broker::Nats)),
+            _ => {
+                c.err(path, "not a NATS URL (nats://host:port)".into());
+                None
+            }
+        },
         _ => {
             c.err(
                 path,
-                "must be a redis://, rediss://, amqp:// or amqps:// URL".into(),
+                "must be a redis://, rediss://, amqp://, amqps://, nats:// or tls:// URL".into(),
             );
             None
         }
@@ -361,12 +364,16 @@ pub fn check(
         }
         let source = required(c, "source").and_then(|v| name(c, &at("source"), &v));
         let amqp = matches!(&broker_url, Some((_, Broker::Amqp(_))));
-        let redis = matches!(&broker_url, Some((_, Broker::Redis)));
+        let grouped = matches!(&broker_url, Some((_, Broker::Redis | Broker::Nats)));
         // AMQP consumers share a queue without a group.
         let group = match get("group") {
             Some(v) => name(c, &at("group"), &v),
-            None if redis => {
-                c.err(&at("group"), "is required for a Redis stream".into());
+            None if grouped => {
+                c.err(
+                    &at("group"),
+                    "is required (the Redis consumer group, or the JetStream durable consumer)"
+                        .into(),
+                );
                 None
             }
             None => Some(String::new()),
@@ -531,7 +538,7 @@ mod tests {
     #[test]
     fn every_problem_is_named() {
         let (out, errors) = run(
-            "[[consumers]]\nname = \"a b\"\nbroker = \"nats://x\"\nsource = \"s\"\ngroup = \"g\"\n\
+            "[[consumers]]\nname = \"a b\"\nbroker = \"mqtt://x\"\nsource = \"s\"\ngroup = \"g\"\n\
              deliver_to = \"ftp://x\"\nkey_from = \"header\"\nconcurrency = 0\ncolour = 1\n\
              [[consumers]]\nname = \"b\"\nbroker = \"redis://127.0.0.1\"\nsource = \"s\"\n",
         );
@@ -539,7 +546,7 @@ mod tests {
         let all = errors.join("\n");
         for needle in [
             "consumers[0].name",
-            "consumers[0].broker: nats:// is not built yet",
+            "consumers[0].broker: must be a redis://",
             "consumers[0].deliver_to",
             "consumers[0].key_from",
             "consumers[0].concurrency",

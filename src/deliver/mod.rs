@@ -5,14 +5,16 @@
 //! The files, each using only those after it: `redrive` (dead letters sent
 //! back to their source, for the admin API) → `streams` (a Redis stream
 //! read through a consumer group: new entries, entries a dead consumer
-//! left pending, acknowledgements and dead letters) and `amqp` (a RabbitMQ
-//! queue: prefetch, acknowledgements, dead letters, replies) → `message` (one
+//! left pending, acknowledgements and dead letters), `amqp` (a RabbitMQ
+//! queue: prefetch, acknowledgements, dead letters, replies) and `nats` (a
+//! JetStream stream through a durable pull consumer) → `message` (one
 //! message, broker aside: claim its key in the store, deliver, settle the
 //! record, then say what the broker does) → `worker` (the HTTP call to the
 //! worker and what its answer means).
 
 mod amqp;
 mod message;
+mod nats;
 mod redrive;
 mod streams;
 mod worker;
@@ -77,6 +79,7 @@ pub fn start(
             Broker::Amqp(url) => {
                 tasks.spawn(amqp::run(d, url.clone(), stop.clone(), tasks.clone()))
             }
+            Broker::Nats => tasks.spawn(nats::run(d, stop.clone(), tasks.clone())),
         };
     }
     Consumers {

@@ -3,7 +3,9 @@
 //! reset and is published to the source again with the same key, then
 //! taken off the dead letters. From Redis, the dead-letter stream; from
 //! RabbitMQ, the queue the operator names (bound to the dead-letter
-//! exchange), where the publish and the acknowledgement commit together.
+//! exchange), where the publish and the acknowledgement commit together;
+//! from NATS, the stream that captures the dead-letter subject (published
+//! to the original subject with the key in `Idemgate-Key`).
 //! A crash half-way leaves a dead letter both sent back and still listed:
 //! sending it again is a duplicate publish, which its record absorbs.
 
@@ -16,6 +18,7 @@ use redis::streams::StreamRangeReply;
 use redis::Value;
 
 use super::amqp;
+use super::nats::{ORIGINAL_SUBJECT, REDRIVEN_KEY};
 use crate::config::consumers::{Broker, ConsumerConfig, MessageKey};
 use crate::store::Store;
 
@@ -67,6 +70,7 @@ pub async fn redrive(
                 })?;
                 from_queue(cfg, url, store, key, queue).await
             }
+            Broker::Nats => from_subject(cfg, store, key).await,
         }
     };
     tokio::time::timeout(bound, run)
@@ -220,5 +224,80 @@ async fn from_queue(
     }
     let _ = ch.close().await;
     let _ = conn.close().await;
+    Ok(out)
+}
+
+async fn from_subject(
+    cfg: &ConsumerConfig,
+    store: &Store,
+    key: Option<&str>,
+) -> Result<Redriven, RedriveError> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("idemgate/{}/redrive", cfg.name))
+        .connection_timeout(Duration::from_secs(5))
+        .connect(cfg.broker.as_str())
+        .await
+        .map_err(unavailable)?;
+    let js = async_nats::jetstream::new(client);
+    let name = js
+        .stream_by_subject(cfg.dead_letter.as_str())
+        .await
+        .map_err(|e| unavailable(format!("no stream captures {:?}: {e}", cfg.dead_letter)))?;
+    let stream = js.get_stream(&name).await.map_err(unavailable)?;
+    let mut out = Redriven::default();
+    let mut next = 1u64;
+    loop {
+        let got = stream
+            .raw_message_builder()
+            .sequence(next)
+            .next_by_subject(cfg.dead_letter.clone())
+            .send()
+            .await;
+        let m = match got {
+            Ok(m) => m,
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                break
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        next = m.sequence + 1;
+        let get = |n: &str| m.headers.get(n).map(|v| v.as_str().to_owned());
+        let k = get("Idemgate-Key").unwrap_or_default();
+        let Some(subject) = get(ORIGINAL_SUBJECT) else {
+            continue;
+        };
+        if k.is_empty() || key.is_some_and(|want| want != k) {
+            continue;
+        }
+        if out.keys.len() == MAX_PER_CALL {
+            out.more = true;
+            break;
+        }
+        reset(cfg, store, &k).await?;
+        let mut h = async_nats::HeaderMap::new();
+        for (n, values) in m.headers.iter() {
+            let name = n.to_string();
+            if name.starts_with("Idemgate-") || name.eq_ignore_ascii_case("Nats-Msg-Id") {
+                continue;
+            }
+            for v in values {
+                h.append(n.clone(), v.clone());
+            }
+        }
+        h.insert(REDRIVEN_KEY, k.as_str());
+        let ack = js
+            .publish_with_headers(subject, h, m.payload.clone())
+            .await
+            .map_err(unavailable)?;
+        ack.await.map_err(unavailable)?;
+        stream
+            .delete_message(m.sequence)
+            .await
+            .map_err(unavailable)?;
+        out.keys.push(k);
+    }
     Ok(out)
 }

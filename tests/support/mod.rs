@@ -13,6 +13,7 @@ pub mod deliveries;
 pub mod durable;
 pub mod faults;
 pub mod ledger;
+pub mod nats_server;
 pub mod postgres_server;
 pub mod proc;
 pub mod rabbitmq;

@@ -1,0 +1,307 @@
+//! A consumer of a NATS JetStream stream: one durable pull consumer (the
+//! `group`, created when missing, explicit acknowledgements), batches
+//! fetched only as deliveries finish, each message handed to
+//! [`Deliverer::handle`] and acknowledged only once its record is settled.
+//! While a message is handled idemgate tells the server it is still working
+//! on it (`+WPI`), so the server does not hand it to another consumer. A
+//! dead letter is published to its subject through JetStream (a stream
+//! must capture it) before the message is acknowledged. The client
+//! reconnects by itself after the server comes back.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
+use async_nats::jetstream::{self, AckKind, Context};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::message::{Deliverer, Settle};
+use super::worker::Message;
+use crate::config::consumers::MessageKey;
+
+/// The header a redriven message's key travels in.
+pub const REDRIVEN_KEY: &str = "Idemgate-Key";
+/// The header a dead letter keeps its original subject in.
+pub const ORIGINAL_SUBJECT: &str = "Idemgate-Subject";
+
+/// How long one fetch waits for messages (the loop checks for shutdown
+/// between).
+const FETCH_WAIT: Duration = Duration::from_secs(1);
+
+/// Runs the consumer until `stop`; in-flight deliveries finish on `tasks`.
+pub async fn run(d: Arc<Deliverer>, stop: CancellationToken, tasks: TaskTracker) {
+    let mut backoff = Duration::from_millis(100);
+    let (js, consumer) = loop {
+        let ready = tokio::select! {
+            () = stop.cancelled() => return,
+            r = connect(&d) => r,
+        };
+        match ready {
+            Ok(r) => break r,
+            Err(e) => {
+                d.fetch_failed(&e);
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    d.set_connected(true);
+    let js = Arc::new(js);
+    let slots = Arc::new(Semaphore::new(d.cfg.concurrency));
+    loop {
+        let free = tokio::select! {
+            () = stop.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let room = slots.available_permits() + 1;
+        drop(free);
+        let batch = consumer
+            .fetch()
+            .max_messages(room)
+            .expires(FETCH_WAIT)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                d.fetch_failed(&e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let mut failed = false;
+        while let Some(m) = batch.next().await {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    d.fetch_failed(&e);
+                    failed = true;
+                    break;
+                }
+            };
+            // Stopping: what was fetched and not started goes back at once.
+            if stop.is_cancelled() {
+                let _ = m.ack_with(AckKind::Nak(None)).await;
+                continue;
+            }
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let (d, js) = (d.clone(), js.clone());
+            tasks.spawn(async move {
+                deliver(&d, &js, m).await;
+                drop(permit);
+            });
+        }
+        if failed {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        } else {
+            d.set_connected(true);
+        }
+    }
+    // The messages handed back unstarted, sent before the process ends.
+    let _ = js.client().flush().await;
+    d.set_connected(false);
+}
+
+/// The server's idea of "still working": how long it waits for an
+/// acknowledgement before giving the message to another consumer. Renewed
+/// every third of it while the message is handled.
+fn ack_wait(d: &Deliverer) -> Duration {
+    (d.cfg.delivery_timeout + Duration::from_secs(10)).max(Duration::from_secs(30))
+}
+
+async fn connect(d: &Deliverer) -> Result<(Context, PullConsumer), String> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("idemgate/{}", d.cfg.name))
+        .connection_timeout(Duration::from_secs(5))
+        .connect(d.cfg.broker.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    let js = jetstream::new(client);
+    // A dead letter nobody stores would be lost, and one the source stream
+    // stores would come back to this consumer: say so now, and keep the
+    // consumer down until a stream of its own captures the subject.
+    match js.stream_by_subject(d.cfg.dead_letter.as_str()).await {
+        Ok(name) if name == d.cfg.source => {
+            return Err(format!(
+                "the dead-letter subject {:?} is captured by the source stream itself",
+                d.cfg.dead_letter
+            ))
+        }
+        Ok(_) => {}
+        Err(e) => {
+            return Err(format!(
+                "no stream captures the dead-letter subject {:?}: {e}",
+                d.cfg.dead_letter
+            ))
+        }
+    }
+    let stream = js
+        .get_stream(&d.cfg.source)
+        .await
+        .map_err(|e| format!("the stream {:?}: {e}", d.cfg.source))?;
+    let consumer: PullConsumer = stream
+        .get_or_create_consumer(
+            &d.cfg.group,
+            PullConfig {
+                durable_name: Some(d.cfg.group.clone()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: ack_wait(d),
+                max_ack_pending: i64::try_from(d.cfg.concurrency)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(4),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("the consumer {:?}: {e}", d.cfg.group))?;
+    Ok((js, consumer))
+}
+
+fn message(d: &Deliverer, m: &jetstream::Message) -> Message {
+    let mut fields: Vec<(String, Bytes)> = Vec::new();
+    let mut content_type = None;
+    if let Some(h) = &m.headers {
+        for (name, values) in h.iter() {
+            for v in values {
+                let (n, v) = (name.to_string(), v.as_str().to_owned());
+                if n.eq_ignore_ascii_case("content-type") {
+                    content_type = Some(v);
+                } else {
+                    fields.push((n, Bytes::from(v)));
+                }
+            }
+        }
+    }
+    fields.sort();
+    let header = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| String::from_utf8(v.to_vec()).ok())
+    };
+    let key = match &d.cfg.key_from {
+        // A redriven message carries its key in `Idemgate-Key`: the same
+        // `Nats-Msg-Id` again would be dropped by the stream's duplicate
+        // window.
+        MessageKey::MessageId => header("Nats-Msg-Id").or_else(|| header(REDRIVEN_KEY)),
+        MessageKey::Field(f) => header(f),
+    };
+    let info = m.info().ok();
+    let time = info.as_ref().and_then(|i| {
+        let secs = u64::try_from(i.published.unix_timestamp()).ok()?;
+        let t = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))?;
+        Some(humantime::format_rfc3339_seconds(t).to_string())
+    });
+    Message {
+        id: key.clone().unwrap_or_else(|| {
+            let seq = info.as_ref().map_or(0, |i| i.stream_sequence);
+            format!("{}/{seq}", d.cfg.source)
+        }),
+        source: format!("idemgate/{}/nats/{}", d.cfg.name, d.cfg.source),
+        key,
+        body: m.payload.clone(),
+        content_type,
+        fields,
+        redelivered: info.as_ref().is_some_and(|i| i.delivered > 1),
+        kind: None,
+        time,
+    }
+}
+
+/// Handles one message to its end (telling the server it is still
+/// working on it meanwhile) and tells the server.
+async fn deliver(d: &Deliverer, js: &Context, m: jetstream::Message) {
+    let msg = message(d, &m);
+    let settle = {
+        let handled = d.handle(&msg);
+        tokio::pin!(handled);
+        let mut tick = tokio::time::interval(ack_wait(d) / 3);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                s = &mut handled => break s,
+                _ = tick.tick() => { let _ = m.ack_with(AckKind::Progress).await; }
+            }
+        }
+    };
+    // An acknowledgement waits for the server's word (one round trip), so
+    // none is left in a buffer when idemgate exits after a drain. A failed
+    // one (the connection went) leaves the message to the server, which
+    // gives it again; its record answers then.
+    match settle {
+        Settle::Ack(_) => {
+            let _ = m.double_ack().await;
+        }
+        Settle::DeadLetter { reason, attempts } => {
+            if dead_letter(d, js, &m, &msg, &reason, attempts).await {
+                let _ = m.double_ack().await;
+            } else {
+                let _ = m.ack_with(AckKind::Nak(Some(d.cfg.retry_backoff))).await;
+            }
+        }
+        // Its key is in flight elsewhere, or the store did not answer:
+        // again after the backoff.
+        Settle::Leave => {
+            let _ = m.ack_with(AckKind::Nak(Some(d.cfg.retry_backoff))).await;
+        }
+    }
+}
+
+/// Publishes the dead letter to its subject (the message's body and
+/// headers, and why), waiting for the capturing stream's acknowledgement;
+/// whether it was stored.
+async fn dead_letter(
+    d: &Deliverer,
+    js: &Context,
+    m: &jetstream::Message,
+    msg: &Message,
+    reason: &str,
+    attempts: u32,
+) -> bool {
+    let mut h = m.headers.clone().unwrap_or_default();
+    // The dead letter must not be taken for a duplicate of the original
+    // by the dead-letter stream's own deduplication.
+    let original_id = h.get("Nats-Msg-Id").map(|v| v.as_str().to_owned());
+    let mut clean = async_nats::HeaderMap::new();
+    for (name, values) in h.iter() {
+        if name.to_string().eq_ignore_ascii_case("Nats-Msg-Id") {
+            continue;
+        }
+        for v in values {
+            clean.append(name.clone(), v.clone());
+        }
+    }
+    h = clean;
+    if let Some(id) = original_id {
+        h.insert("Idemgate-Msg-Id", id.as_str());
+    }
+    h.insert("Idemgate-Reason", reason);
+    h.insert("Idemgate-Key", msg.key.as_deref().unwrap_or(""));
+    h.insert("Idemgate-Attempts", attempts.to_string().as_str());
+    h.insert("Idemgate-Source", d.cfg.source.as_str());
+    h.insert(ORIGINAL_SUBJECT, m.subject.as_str());
+    let sent = js
+        .publish_with_headers(d.cfg.dead_letter.clone(), h, msg.body.clone())
+        .await;
+    let stored = match sent {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match stored {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(consumer = %d.cfg.name, error = %e, subject = %d.cfg.dead_letter, "cannot store the dead letter (does a stream capture its subject?); the message comes back after the backoff");
+            false
+        }
+    }
+}
