@@ -8,6 +8,7 @@
 //! ```sh
 //! cargo bench --bench delivery            # 20,000 messages a side
 //! cargo bench --bench delivery -- 50000   # another count
+//! CONCURRENCY=256 cargo bench --bench delivery   # deliveries in flight (64)
 //! ```
 //!
 //! Starts its own redis-server on a free loopback port; idemgate runs in
@@ -16,26 +17,17 @@
 
 #[path = "common/redis_server.rs"]
 mod redis_server;
+#[path = "common/worker.rs"]
+mod worker;
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::server::Running;
 use redis::aio::MultiplexedConnection;
 use redis_server::RedisServer;
-
-fn micros_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
+use worker::{micros_now, percentile, worker};
 
 async fn publish(conn: &mut MultiplexedConnection, stream: &str, n: usize, tag: &str) {
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
@@ -104,54 +96,6 @@ async fn plain(conn: &mut MultiplexedConnection, n: usize) -> Duration {
     started.elapsed()
 }
 
-/// A worker answering 200 at once; counts deliveries and, for messages
-/// carrying a `t` field, the latency from their publication.
-struct Worker {
-    count: AtomicU64,
-    latencies: Mutex<Vec<Duration>>,
-}
-
-async fn worker() -> (String, Arc<Worker>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let w = Arc::new(Worker {
-        count: AtomicU64::new(0),
-        latencies: Mutex::new(Vec::new()),
-    });
-    let me = w.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                continue;
-            };
-            let me = me.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                    let me = me.clone();
-                    async move {
-                        if let Some(t) = req
-                            .headers()
-                            .get("idemgate-field-t")
-                            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-                        {
-                            let took = Duration::from_micros(micros_now().saturating_sub(t));
-                            me.latencies.lock().unwrap().push(took);
-                        }
-                        me.count.fetch_add(1, Ordering::Relaxed);
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
-                            b"{}",
-                        ))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    (format!("http://{addr}/handle"), w)
-}
-
 fn pending(conn_url: &str, stream: &str, group: &str) -> u64 {
     let c = redis::Client::open(conn_url).unwrap();
     let mut c = c.get_connection().unwrap();
@@ -169,10 +113,6 @@ fn pending(conn_url: &str, stream: &str, group: &str) -> u64 {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p) as usize]
-}
-
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -181,6 +121,11 @@ async fn main() {
         args.iter()
             .find_map(|a| a.parse().ok())
             .unwrap_or(if full { 20_000 } else { 300 });
+    // Deliveries in flight.
+    let concurrency: usize = std::env::var("CONCURRENCY")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(64);
     let Some(server) = RedisServer::start("delivery") else {
         eprintln!("redis-server is needed (apt-get install redis-server)");
         return;
@@ -197,7 +142,7 @@ async fn main() {
     let text = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[store]\nmax_entries = 10000000\n\
          [[consumers]]\nname = \"bench\"\nbroker = \"{url}\"\nsource = \"orders\"\ngroup = \"bench\"\n\
-         deliver_to = \"{worker_url}\"\nconcurrency = 64\n"
+         deliver_to = \"{worker_url}\"\nconcurrency = {concurrency}\n"
     );
     let config =
         Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
@@ -239,7 +184,7 @@ async fn main() {
         rate(plain_took)
     );
     println!(
-        "| idemgate (claim, POST to the worker, complete, XACK; concurrency 64) | {:.0} | {:.2}× |",
+        "| idemgate (claim, POST to the worker, complete, XACK; concurrency {concurrency}) | {:.0} | {:.2}× |",
         rate(idem_took),
         rate(idem_took) / rate(plain_took)
     );

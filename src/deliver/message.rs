@@ -60,21 +60,30 @@ pub struct Deliverer {
     worker: Worker,
     ttls: Ttls,
     max_result: usize,
+    /// This consumer's series, looked up once (a label lookup hashes and
+    /// locks; a message counts several times).
+    outcomes: Vec<prometheus::IntCounter>,
+    in_flight: prometheus::IntGauge,
+    duration: prometheus::Histogram,
 }
 
 impl Deliverer {
     pub fn new(cfg: ConsumerConfig, dedup: &DedupConfig, store: Store, metrics: Metrics) -> Self {
         let worker = Worker::new(cfg.deliver_to.clone(), cfg.delivery_timeout);
         // Every series from the start, at zero.
-        for outcome in OUTCOMES {
-            metrics
-                .deliveries
-                .with_label_values(&[cfg.name.as_str(), outcome]);
-        }
-        metrics
-            .deliveries_in_flight
-            .with_label_values(&[cfg.name.as_str()]);
+        let outcomes = OUTCOMES
+            .iter()
+            .map(|o| {
+                metrics
+                    .deliveries
+                    .with_label_values(&[cfg.name.as_str(), o])
+            })
+            .collect();
+        let name = [cfg.name.as_str()];
         Deliverer {
+            outcomes,
+            in_flight: metrics.deliveries_in_flight.with_label_values(&name),
+            duration: metrics.delivery_duration.with_label_values(&name),
             ttls: Ttls {
                 retention: dedup.retention,
                 failed_retention: dedup.failed_retention,
@@ -103,10 +112,9 @@ impl Deliverer {
     }
 
     fn count(&self, outcome: &str) {
-        self.metrics
-            .deliveries
-            .with_label_values(&[self.cfg.name.as_str(), outcome])
-            .inc();
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
+            self.outcomes[i].inc();
+        }
     }
 
     /// The wait before attempt `attempt + 1`: `retry_backoff` doubled per
@@ -122,16 +130,11 @@ impl Deliverer {
     /// Runs `msg` to its end (retries included) and says what the broker
     /// does with it; timed and counted in flight.
     pub async fn handle(&self, msg: &Message) -> Settle {
-        let name = [self.cfg.name.as_str()];
-        let in_flight = self.metrics.deliveries_in_flight.with_label_values(&name);
-        in_flight.inc();
+        self.in_flight.inc();
         let started = std::time::Instant::now();
         let settle = self.run(msg).await;
-        in_flight.dec();
-        self.metrics
-            .delivery_duration
-            .with_label_values(&name)
-            .observe(started.elapsed().as_secs_f64());
+        self.in_flight.dec();
+        self.duration.observe(started.elapsed().as_secs_f64());
         settle
     }
 

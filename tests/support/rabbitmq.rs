@@ -2,7 +2,8 @@
 //! name, AMQP, distribution and epmd ports on loopback, its own data
 //! folder; killed (with its epmd) and its files removed on drop. And a
 //! small AMQP client over amqprs for the tests' side: declare, publish,
-//! count, read.
+//! count, read. (Also compiled into `benches/delivery_amqp.rs`, so it
+//! names nothing else of the tests' support.)
 #![allow(dead_code)]
 
 use std::os::unix::process::CommandExt;
@@ -40,7 +41,10 @@ impl RabbitServer {
         let dir = std::env::temp_dir().join(format!("idemgate-rabbit-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let free = || super::redis_server::free_port(false);
+        let free = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
         let mut s = RabbitServer {
             port: free(),
             dist_port: free(),

@@ -1,0 +1,148 @@
+//! The delivery mode's throughput on RabbitMQ against a plain consumer of
+//! the same broker, in one run: messages per second taken to their end
+//! (the plain consumer acknowledges each message without work, prefetch
+//! 200; idemgate claims each key in the store, POSTs the message to a
+//! worker that answers 200 at once, completes the record and acknowledges,
+//! `concurrency` 256 unless `CONCURRENCY` says), and the latency from
+//! publishing to the worker at a low rate.
+//!
+//! ```sh
+//! cargo bench --bench delivery_amqp                          # 20,000 messages a side
+//! CONCURRENCY=64 cargo bench --bench delivery_amqp -- 50000  # another prefetch, count
+//! ```
+//!
+//! Starts its own rabbitmq-server (Debian's package) on free loopback
+//! ports; idemgate runs in this process on the memory store. Under `cargo
+//! test --all-targets` (no `--bench` flag) it does a short smoke run.
+
+#[path = "../tests/support/rabbitmq.rs"]
+mod rabbitmq;
+#[path = "common/worker.rs"]
+mod worker;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use amqprs::channel::{BasicAckArguments, BasicConsumeArguments, BasicQosArguments, Channel};
+use idemgate::config::{Config, FileConfig, RunArgs};
+use idemgate::server::Running;
+use rabbitmq::{declare_queue, props, publish, ready, RabbitServer};
+use worker::{micros_now, percentile, worker};
+
+async fn fill(ch: &Channel, queue: &str, n: usize, tag: &str) {
+    for i in 0..n {
+        let p = props(&format!("{tag}-{i}"), &[]);
+        publish(ch, queue, p, b"{\"amount\":100}").await;
+    }
+    // Publishing is asynchronous: wait until the broker holds them all.
+    while (ready(ch, queue).await as usize) < n {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A plain consumer: prefetch 200, acknowledge each message, until `n`.
+async fn plain(ch: &Channel, n: usize) -> Duration {
+    ch.basic_qos(BasicQosArguments::new(0, 200, false))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (_, mut rx) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new("plain", "plain")
+                .manual_ack(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..n {
+        let m = rx.recv().await.unwrap();
+        let tag = m.deliver.unwrap().delivery_tag();
+        ch.basic_ack(BasicAckArguments::new(tag, false))
+            .await
+            .unwrap();
+    }
+    started.elapsed()
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let full = args.iter().any(|a| a == "--bench");
+    let n: usize =
+        args.iter()
+            .find_map(|a| a.parse().ok())
+            .unwrap_or(if full { 20_000 } else { 300 });
+    if !std::path::Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server").exists() {
+        eprintln!("rabbitmq-server is needed (apt-get install rabbitmq-server)");
+        return;
+    }
+    // Deliveries in flight (the channel's prefetch).
+    let concurrency: usize = std::env::var("CONCURRENCY")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(256);
+    let server = RabbitServer::start();
+    let (_pc, pch) = server.channel().await;
+    declare_queue(&pch, "plain", None).await;
+    fill(&pch, "plain", n, "p").await;
+    let plain_took = plain(&pch, n).await;
+
+    let (_c, ch) = server.channel().await;
+    declare_queue(&ch, "orders", None).await;
+    fill(&ch, "orders", n, "k").await;
+    let (worker_url, w) = worker().await;
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[store]\nmax_entries = 10000000\n\
+         [[consumers]]\nname = \"bench\"\nbroker = \"{}\"\nsource = \"orders\"\n\
+         deliver_to = \"{worker_url}\"\nconcurrency = {concurrency}\n",
+        server.url()
+    );
+    let config =
+        Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
+    let started = Instant::now();
+    let running = Running::start(config).await.unwrap();
+    while w.count.load(Ordering::Relaxed) < n as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let idem_took = started.elapsed();
+
+    // Latency at a low rate: one message every 5 ms.
+    let slow = if full { 400 } else { 20 };
+    for i in 0..slow {
+        let t = micros_now().to_string();
+        publish(
+            &ch,
+            "orders",
+            props(&format!("lat-{i}"), &[("t", &t)]),
+            b"{}",
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while w.latencies.lock().unwrap().len() < slow {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    running.stop().await;
+    assert_eq!(ready(&ch, "orders").await, 0, "every message acknowledged");
+    let mut lat = w.latencies.lock().unwrap().clone();
+    lat.sort();
+
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    println!("delivery on RabbitMQ: {n} messages a side, 2 cores shared\n");
+    println!("| consumer | messages/s | ratio |");
+    println!("|---|---|---|");
+    println!(
+        "| plain (prefetch 200, basic.ack each, no work) | {:.0} | 1.00× |",
+        rate(plain_took)
+    );
+    println!(
+        "| idemgate (claim, POST to the worker, complete, basic.ack; prefetch {concurrency}) | {:.0} | {:.2}× |",
+        rate(idem_took),
+        rate(idem_took) / rate(plain_took)
+    );
+    println!(
+        "\npublish to the worker at one message per 5 ms ({slow}): p50 {:.2} ms, p99 {:.2} ms",
+        percentile(&lat, 0.5).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3
+    );
+}
