@@ -155,6 +155,15 @@ async fn demo_runs_and_reports_one_charge_per_key() {
     assert!(text.contains("Exactly one charge per order"), "{text}");
     assert!(text.contains("(identical answers)"), "{text}");
     assert!(text.contains("422"), "{text}");
+    // The queue act (redis-server is on the PATH here).
+    assert!(
+        text.contains("Queue: 7 messages for 5 orders; the worker shipped 5 time(s)."),
+        "{text}"
+    );
+    assert!(
+        text.contains("asked the worker, and recorded it shipped"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! `idemgate demo`: a toy payments API behind idemgate on the memory store,
 //! driven through the cases that matter, with a short account of what
-//! happened. Everything binds free loopback ports and stops at the end.
+//! happened; then the delivery mode's act (`demo_queue`). Everything binds
+//! free loopback ports and stops at the end.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -18,12 +19,16 @@ use tokio::net::TcpListener;
 use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::server::Running;
 
+use crate::demo_queue::{self, QueueReport};
+
 /// What the demo saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Report {
     pub requests: u64,
     pub keys: u64,
     pub charges: u64,
+    /// The queue act's, when it ran.
+    pub queue: Option<QueueReport>,
 }
 
 /// A payments API that charges once per call it receives, slowly.
@@ -183,10 +188,15 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<Report> {
         requests += 1;
         writeln!(out, "   order-{i}: {status}")?;
     }
+    idg.stop().await;
+    payments_task.abort();
+    writeln!(out)?;
+    let queue = demo_queue::run(out).await?;
     let report = Report {
         requests,
         keys: 7,
         charges: charges.load(Ordering::SeqCst),
+        queue,
     };
     writeln!(
         out,
@@ -201,7 +211,20 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<Report> {
     } else {
         writeln!(out, "Charges do not match orders: something is wrong.")?;
     }
-    idg.stop().await;
-    payments_task.abort();
+    if let Some(q) = report.queue {
+        writeln!(
+            out,
+            "Queue: {} messages for {} orders; the worker shipped {} time(s).",
+            q.published, q.orders, q.shipped
+        )?;
+        if q.shipped == q.orders {
+            writeln!(
+                out,
+                "Exactly one shipment per order: duplicates and a crash never shipped twice."
+            )?;
+        } else {
+            writeln!(out, "Shipments do not match orders: something is wrong.")?;
+        }
+    }
     Ok(report)
 }

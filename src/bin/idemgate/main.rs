@@ -15,6 +15,7 @@ use idemgate::telemetry;
 use tracing_subscriber::EnvFilter;
 
 mod demo;
+mod demo_queue;
 mod healthcheck;
 
 /// mimalloc: per-thread heaps. Under load glibc malloc contends on its arena
