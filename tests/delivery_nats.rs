@@ -469,3 +469,40 @@ async fn two_replicas_on_one_store_deliver_each_key_once() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A request naming `Idemgate-Reply-To` gets the worker's answer there;
+/// the same request sent again (a retried request, keyed by a header) runs
+/// once and gets the same answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_runs_once_and_gets_the_same_reply_twice() {
+    use futures_util::StreamExt;
+    let nats = NatsServer::start();
+    let js = nats.js().await;
+    streams(&js).await;
+    let mut replies = js.client().subscribe("replies.r1").await.unwrap();
+    js.client().flush().await.unwrap();
+    let worker = TestWorker::start().await;
+    let r = start(&nats, &worker, "key_from = \"header:order\"\n", "").await;
+    for _ in 0..2 {
+        publish(
+            &js,
+            "orders.new",
+            "",
+            &[("order", "rpc-1"), ("Idemgate-Reply-To", "replies.r1")],
+            b"charge",
+        )
+        .await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(10), replies.next())
+            .await
+            .expect("a reply")
+            .unwrap();
+        got.push(m.payload);
+    }
+    assert_eq!(worker.per_key()["rpc-1"], 1, "one delivery");
+    assert_eq!(got[0].as_ref(), b"{\"done\":\"rpc-1\"}");
+    assert_eq!(got[0], got[1], "the same answer twice");
+    r.stop().await;
+}

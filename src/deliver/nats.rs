@@ -5,8 +5,10 @@
 //! While a message is handled idemgate tells the server it is still working
 //! on it (`+WPI`), so the server does not hand it to another consumer. A
 //! dead letter is published to its subject through JetStream (a stream
-//! must capture it) before the message is acknowledged. The client
-//! reconnects by itself after the server comes back.
+//! must capture it) before the message is acknowledged. A message naming
+//! `Idemgate-Reply-To` gets the worker's answer published there (a
+//! duplicate too, from the record). The client reconnects by itself after
+//! the server comes back.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,6 +30,10 @@ use crate::config::consumers::MessageKey;
 pub const REDRIVEN_KEY: &str = "Idemgate-Key";
 /// The header a dead letter keeps its original subject in.
 pub const ORIGINAL_SUBJECT: &str = "Idemgate-Subject";
+/// The header naming where the worker's answer goes (a JetStream message
+/// does not keep its publisher's reply subject: a publish's reply is the
+/// stream's acknowledgement).
+pub const REPLY_TO: &str = "Idemgate-Reply-To";
 
 /// How long one fetch waits for messages (the loop checks for shutdown
 /// between).
@@ -239,7 +245,19 @@ async fn deliver(d: &Deliverer, js: &Context, m: jetstream::Message) {
     // one (the connection went) leaves the message to the server, which
     // gives it again; its record answers then.
     match settle {
-        Settle::Ack(_) => {
+        Settle::Ack(answer) => {
+            let to = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(REPLY_TO))
+                .map(|v| v.as_str().to_owned());
+            if let (Some(to), Some(answer)) = (to, answer) {
+                // Core NATS: the requester waits on its inbox.
+                let client = js.client();
+                if let Err(e) = client.publish(to, answer).await {
+                    tracing::warn!(consumer = %d.cfg.name, error = %e, "cannot publish the reply");
+                }
+            }
             let _ = m.double_ack().await;
         }
         Settle::DeadLetter { reason, attempts } => {
