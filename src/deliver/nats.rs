@@ -17,7 +17,7 @@ use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, AckKind, Context};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -69,8 +69,11 @@ pub async fn run(d: Arc<Deliverer>, stop: CancellationToken, tasks: TaskTracker)
         };
         let room = slots.available_permits() + 1;
         drop(free);
+        // A pull request for as many as there is room for: messages stream
+        // in as the server has them (one at a time at a low rate, no
+        // waiting for the batch to fill), until `room` came or it expires.
         let batch = consumer
-            .fetch()
+            .batch()
             .max_messages(room)
             .expires(FETCH_WAIT)
             .messages()
@@ -84,7 +87,12 @@ pub async fn run(d: Arc<Deliverer>, stop: CancellationToken, tasks: TaskTracker)
             }
         };
         let mut failed = false;
-        while let Some(m) = batch.next().await {
+        loop {
+            let m = tokio::select! {
+                () = stop.cancelled() => break,
+                m = batch.next() => m,
+            };
+            let Some(m) = m else { break };
             let m = match m {
                 Ok(m) => m,
                 Err(e) => {
@@ -93,11 +101,6 @@ pub async fn run(d: Arc<Deliverer>, stop: CancellationToken, tasks: TaskTracker)
                     break;
                 }
             };
-            // Stopping: what was fetched and not started goes back at once.
-            if stop.is_cancelled() {
-                let _ = m.ack_with(AckKind::Nak(None)).await;
-                continue;
-            }
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 break;
             };
@@ -107,14 +110,30 @@ pub async fn run(d: Arc<Deliverer>, stop: CancellationToken, tasks: TaskTracker)
                 drop(permit);
             });
         }
+        if stop.is_cancelled() {
+            // Stopping: what arrived and was not started goes back at once
+            // (what is still on its way comes back after the
+            // acknowledgement wait).
+            while let Some(Some(Ok(m))) = batch.next().now_or_never() {
+                let _ = m.ack_with(AckKind::Nak(None)).await;
+            }
+            break;
+        }
         if failed {
             tokio::time::sleep(Duration::from_millis(200)).await;
         } else {
             d.set_connected(true);
         }
     }
-    // The messages handed back unstarted, sent before the process ends.
-    let _ = js.client().flush().await;
+    // Acknowledgements are sent without waiting for the server's word: once
+    // every delivery has ended, what is still in the client's buffer goes
+    // out before the process does.
+    let client = js.client();
+    let all = u32::try_from(d.cfg.concurrency).unwrap_or(u32::MAX);
+    tasks.spawn(async move {
+        let _ = slots.acquire_many(all).await;
+        let _ = client.flush().await;
+    });
     d.set_connected(false);
 }
 
@@ -240,10 +259,8 @@ async fn deliver(d: &Deliverer, js: &Context, m: jetstream::Message) {
             }
         }
     };
-    // An acknowledgement waits for the server's word (one round trip), so
-    // none is left in a buffer when idemgate exits after a drain. A failed
-    // one (the connection went) leaves the message to the server, which
-    // gives it again; its record answers then.
+    // A lost acknowledgement (the connection went) leaves the message to
+    // the server, which gives it again; its record answers then.
     match settle {
         Settle::Ack(answer) => {
             let to = m
@@ -258,11 +275,11 @@ async fn deliver(d: &Deliverer, js: &Context, m: jetstream::Message) {
                     tracing::warn!(consumer = %d.cfg.name, error = %e, "cannot publish the reply");
                 }
             }
-            let _ = m.double_ack().await;
+            let _ = m.ack().await;
         }
         Settle::DeadLetter { reason, attempts } => {
             if dead_letter(d, js, &m, &msg, &reason, attempts).await {
-                let _ = m.double_ack().await;
+                let _ = m.ack().await;
             } else {
                 let _ = m.ack_with(AckKind::Nak(Some(d.cfg.retry_backoff))).await;
             }

@@ -2,7 +2,8 @@
 //! which scripts/test.sh installs into target/venv): its own port on
 //! loopback and its own store folder; killed and its files removed on
 //! drop. And the tests' side over async-nats: streams, publishing,
-//! counting, reading.
+//! counting, reading. (Also compiled into `benches/delivery_nats.rs`, so
+//! it names nothing else of the tests' support.)
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -48,7 +49,11 @@ impl NatsServer {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut s = NatsServer {
-            port: super::redis_server::free_port(false),
+            port: std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
             dir,
             child: None,
         };
