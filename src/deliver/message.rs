@@ -174,7 +174,8 @@ impl Deliverer {
             let (lease_id, fence, attempt) = match claimed {
                 // An earlier delivery's lease lapsed (idemgate stopped, or
                 // lost the store, mid-delivery): it may have run. Under
-                // `hold` it is not delivered again.
+                // `hold` it is not delivered again; under `reconcile` the
+                // worker is asked first.
                 ClaimOutcome::Acquired {
                     lease_id,
                     fence,

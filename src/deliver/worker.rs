@@ -16,8 +16,9 @@ use crate::config::routes::ReconcileUrl;
 /// A message as a broker hands it over.
 #[derive(Debug, Clone)]
 pub struct Message {
-    /// The broker's id of this message (a Redis entry id, an AMQP
-    /// `message_id` or else the queue and delivery tag).
+    /// The broker's id of this message (a Redis entry id; an AMQP
+    /// `message_id`, else the queue and delivery tag; on NATS its key, else
+    /// the stream and sequence).
     pub id: String,
     /// Where it came from, for `ce-source` (never credentials).
     pub source: String,
