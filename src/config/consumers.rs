@@ -19,6 +19,7 @@ pub const KEYS: &[&str] = &[
     "name",
     "broker",
     "broker_env",
+    "broker_file",
     "source",
     "group",
     "deliver_to",
@@ -199,6 +200,8 @@ pub struct ConsumerConfig {
     pub kind: Broker,
     /// Where `broker` was read from, when it came from a variable.
     pub broker_env: Option<String>,
+    /// Where `broker` was read from, when it came from a file.
+    pub broker_file: Option<String>,
     /// The Redis stream, the AMQP queue, or the JetStream stream.
     pub source: String,
     /// The Redis consumer group or the JetStream durable consumer (not
@@ -339,17 +342,23 @@ pub fn check(
         let name_v = required(c, "name").and_then(|v| name(c, &at("name"), &v));
         let mut broker_url = None;
         let mut broker_env = None;
-        match (get("broker"), get("broker_env")) {
-            (Some(_), Some(_)) => {
-                c.err(&at("broker"), "give broker or broker_env, not both".into())
-            }
-            (Some(v), None) => {
-                if let Some(s) = c.string(&at("broker"), &v) {
+        let mut broker_file = None;
+        let given: Vec<&str> = ["broker", "broker_env", "broker_file"]
+            .into_iter()
+            .filter(|k| t.contains_key(*k))
+            .collect();
+        match given.as_slice() {
+            [] => c.err(
+                &at("broker"),
+                "is required (or broker_env, or broker_file)".into(),
+            ),
+            ["broker"] => {
+                if let Some(s) = get("broker").and_then(|v| c.string(&at("broker"), &v)) {
                     broker_url = broker(c, &at("broker"), &s);
                 }
             }
-            (None, Some(v)) => {
-                if let Some(var) = c.string(&at("broker_env"), &v) {
+            ["broker_env"] => {
+                if let Some(var) = get("broker_env").and_then(|v| c.string(&at("broker_env"), &v)) {
                     match env(&var) {
                         Some(text) => broker_url = broker(c, &at("broker_env"), &text),
                         None => c.err(
@@ -360,7 +369,22 @@ pub fn check(
                     broker_env = Some(var);
                 }
             }
-            (None, None) => c.err(&at("broker"), "is required (or broker_env)".into()),
+            ["broker_file"] => {
+                if let Some(path) =
+                    get("broker_file").and_then(|v| c.string(&at("broker_file"), &v))
+                {
+                    // A URL with a password, kept out of the file itself.
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) => broker_url = broker(c, &at("broker_file"), text.trim()),
+                        Err(e) => c.err(&at("broker_file"), format!("cannot read {path:?}: {e}")),
+                    }
+                    broker_file = Some(path);
+                }
+            }
+            _ => c.err(
+                &at("broker"),
+                format!("give one of {}, not several", given.join(", ")),
+            ),
         }
         let source = required(c, "source").and_then(|v| name(c, &at("source"), &v));
         let amqp = matches!(&broker_url, Some((_, Broker::Amqp(_))));
@@ -384,6 +408,7 @@ pub fn check(
             broker: broker_url.clone().map(|(u, _)| u).unwrap_or_default(),
             kind: broker_url.map_or(Broker::Redis, |(_, k)| k),
             broker_env,
+            broker_file,
             source: source.clone().unwrap_or_default(),
             group: group.unwrap_or_default(),
             deliver_to: deliver_to
@@ -494,6 +519,9 @@ pub fn check(
 pub fn shown_broker(c: &ConsumerConfig) -> String {
     if let Some(var) = &c.broker_env {
         return format!("${var}");
+    }
+    if let Some(path) = &c.broker_file {
+        return format!("(read from {path})");
     }
     match c.broker.parse::<Uri>() {
         Ok(u) => format!(
@@ -634,5 +662,36 @@ mod tests {
                 .any(|e| e.starts_with("consumers[0].reconcile_url")),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn the_broker_url_can_come_from_a_file_and_only_one_source_is_taken() {
+        let path = std::env::temp_dir().join(format!("idemgate-broker-{}", std::process::id()));
+        std::fs::write(&path, "amqp://app:s3cret@127.0.0.1:5672/%2f\n").unwrap();
+        let base = "[[consumers]]\nname = \"b\"\nsource = \"s\"\n\
+                    deliver_to = \"http://127.0.0.1:8080/h\"\n";
+        let (out, errors) = run(&format!(
+            "{base}broker_file = {:?}\n",
+            path.to_str().unwrap()
+        ));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(matches!(out[0].kind, Broker::Amqp(_)));
+        assert!(!shown_broker(&out[0]).contains("s3cret"));
+        let (_, errors) = run(&format!(
+            "{base}broker_file = {:?}\nbroker = \"amqp://x\"\n",
+            path.to_str().unwrap()
+        ));
+        assert!(
+            errors.iter().any(|e| e.contains("not several")),
+            "{errors:?}"
+        );
+        let (_, errors) = run(&format!("{base}broker_file = \"/nonexistent/idemgate\"\n"));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("consumers[0].broker_file: cannot read")),
+            "{errors:?}"
+        );
+        let _ = std::fs::remove_file(&path);
     }
 }
