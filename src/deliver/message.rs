@@ -274,7 +274,11 @@ impl Deliverer {
         // try the record a few times.
         let mut recorded = Ok(false);
         for pause in [0u64, 100, 300, 1000, 3000] {
-            tokio::time::sleep(Duration::from_millis(pause)).await;
+            // Not even a zero sleep on the first try: the timer would hold
+            // the delivery (and its slot) until its next tick, up to 1 ms.
+            if pause > 0 {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
             recorded = dedup
                 .complete(scope, key, lease_id, result.clone(), self.ttls.retention)
                 .await;

@@ -250,8 +250,10 @@ async fn deliver(d: &Deliverer, js: &Context, m: jetstream::Message) {
     let settle = {
         let handled = d.handle(&msg);
         tokio::pin!(handled);
-        let mut tick = tokio::time::interval(ack_wait(d) / 3);
-        tick.tick().await;
+        // The first signal a period from now (an interval's immediate
+        // first tick still waits for the timer's next turn, up to 1 ms).
+        let period = ack_wait(d) / 3;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             tokio::select! {
                 s = &mut handled => break s,
