@@ -27,7 +27,7 @@ use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::server::Running;
 use redis::aio::MultiplexedConnection;
 use redis_server::RedisServer;
-use worker::{micros_now, percentile, worker};
+use worker::{micros_now, report, run_args, worker};
 
 async fn publish(conn: &mut MultiplexedConnection, stream: &str, n: usize, tag: &str) {
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
@@ -115,17 +115,7 @@ fn pending(conn_url: &str, stream: &str, group: &str) -> u64 {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let full = args.iter().any(|a| a == "--bench");
-    let n: usize =
-        args.iter()
-            .find_map(|a| a.parse().ok())
-            .unwrap_or(if full { 20_000 } else { 300 });
-    // Deliveries in flight.
-    let concurrency: usize = std::env::var("CONCURRENCY")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(64);
+    let (full, n, concurrency) = run_args(64);
     let Some(server) = RedisServer::start("delivery") else {
         eprintln!("redis-server is needed (apt-get install redis-server)");
         return;
@@ -175,22 +165,17 @@ async fn main() {
     let mut lat = w.latencies.lock().unwrap().clone();
     lat.sort();
 
-    let rate = |d: Duration| n as f64 / d.as_secs_f64();
-    println!("delivery on Redis Streams at {url}: {n} messages a side, 2 cores shared\n");
-    println!("| consumer | messages/s | ratio |");
-    println!("|---|---|---|");
-    println!(
-        "| plain (XREADGROUP 200, XACK, no work) | {:.0} | 1.00× |",
-        rate(plain_took)
-    );
-    println!(
-        "| idemgate (claim, POST to the worker, complete, XACK; concurrency {concurrency}) | {:.0} | {:.2}× |",
-        rate(idem_took),
-        rate(idem_took) / rate(plain_took)
-    );
-    println!(
-        "\nXADD to the worker at one message per 5 ms ({slow}): p50 {:.2} ms, p99 {:.2} ms",
-        percentile(&lat, 0.5).as_secs_f64() * 1e3,
-        percentile(&lat, 0.99).as_secs_f64() * 1e3
+    report(
+        &format!("delivery on Redis Streams at {url}"),
+        n,
+        ("plain (XREADGROUP 200, XACK, no work)", plain_took),
+        (
+            &format!(
+                "idemgate (claim, POST to the worker, complete, XACK; concurrency {concurrency})"
+            ),
+            idem_took,
+        ),
+        "XADD",
+        &lat,
     );
 }

@@ -27,7 +27,7 @@ use amqprs::channel::{BasicAckArguments, BasicConsumeArguments, BasicQosArgument
 use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::server::Running;
 use rabbitmq::{declare_queue, props, publish, ready, RabbitServer};
-use worker::{micros_now, percentile, worker};
+use worker::{micros_now, report, run_args, worker};
 
 async fn fill(ch: &Channel, queue: &str, n: usize, tag: &str) {
     for i in 0..n {
@@ -66,21 +66,11 @@ async fn plain(ch: &Channel, n: usize) -> Duration {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let full = args.iter().any(|a| a == "--bench");
-    let n: usize =
-        args.iter()
-            .find_map(|a| a.parse().ok())
-            .unwrap_or(if full { 20_000 } else { 300 });
+    let (full, n, concurrency) = run_args(256);
     if !std::path::Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server").exists() {
         eprintln!("rabbitmq-server is needed (apt-get install rabbitmq-server)");
         return;
     }
-    // Deliveries in flight (the channel's prefetch).
-    let concurrency: usize = std::env::var("CONCURRENCY")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(256);
     let server = RabbitServer::start();
     let (_pc, pch) = server.channel().await;
     declare_queue(&pch, "plain", None).await;
@@ -127,22 +117,17 @@ async fn main() {
     let mut lat = w.latencies.lock().unwrap().clone();
     lat.sort();
 
-    let rate = |d: Duration| n as f64 / d.as_secs_f64();
-    println!("delivery on RabbitMQ: {n} messages a side, 2 cores shared\n");
-    println!("| consumer | messages/s | ratio |");
-    println!("|---|---|---|");
-    println!(
-        "| plain (prefetch 200, basic.ack each, no work) | {:.0} | 1.00× |",
-        rate(plain_took)
-    );
-    println!(
-        "| idemgate (claim, POST to the worker, complete, basic.ack; prefetch {concurrency}) | {:.0} | {:.2}× |",
-        rate(idem_took),
-        rate(idem_took) / rate(plain_took)
-    );
-    println!(
-        "\npublish to the worker at one message per 5 ms ({slow}): p50 {:.2} ms, p99 {:.2} ms",
-        percentile(&lat, 0.5).as_secs_f64() * 1e3,
-        percentile(&lat, 0.99).as_secs_f64() * 1e3
+    report(
+        "delivery on RabbitMQ",
+        n,
+        ("plain (prefetch 200, basic.ack each, no work)", plain_took),
+        (
+            &format!(
+                "idemgate (claim, POST to the worker, complete, basic.ack; prefetch {concurrency})"
+            ),
+            idem_took,
+        ),
+        "publish",
+        &lat,
     );
 }

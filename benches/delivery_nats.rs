@@ -32,7 +32,7 @@ use futures_util::StreamExt;
 use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::server::Running;
 use nats_server::{create_stream, publish, NatsServer};
-use worker::{micros_now, percentile, worker};
+use worker::{micros_now, report, run_args, worker};
 
 async fn fill(js: &Context, subject: &str, n: usize, tag: &str) {
     // Published 1,000 at a time without waiting for each acknowledgement
@@ -89,17 +89,7 @@ async fn plain(js: &Context, n: usize) -> Duration {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let full = args.iter().any(|a| a == "--bench");
-    let n: usize =
-        args.iter()
-            .find_map(|a| a.parse().ok())
-            .unwrap_or(if full { 20_000 } else { 300 });
-    // Deliveries in flight.
-    let concurrency: usize = std::env::var("CONCURRENCY")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(256);
+    let (full, n, concurrency) = run_args(256);
     let server = NatsServer::start();
     let js = server.js().await;
     create_stream(&js, "PLAIN", &["plain.>"]).await;
@@ -139,22 +129,17 @@ async fn main() {
     let mut lat = w.latencies.lock().unwrap().clone();
     lat.sort();
 
-    let rate = |d: Duration| n as f64 / d.as_secs_f64();
-    println!("delivery on NATS JetStream: {n} messages a side, 2 cores shared\n");
-    println!("| consumer | messages/s | ratio |");
-    println!("|---|---|---|");
-    println!(
-        "| plain (pull 200 at a time, ack each, no work) | {:.0} | 1.00× |",
-        rate(plain_took)
-    );
-    println!(
-        "| idemgate (claim, POST to the worker, complete, ack; concurrency {concurrency}) | {:.0} | {:.2}× |",
-        rate(idem_took),
-        rate(idem_took) / rate(plain_took)
-    );
-    println!(
-        "\npublish to the worker at one message per 5 ms ({slow}): p50 {:.2} ms, p99 {:.2} ms",
-        percentile(&lat, 0.5).as_secs_f64() * 1e3,
-        percentile(&lat, 0.99).as_secs_f64() * 1e3
+    report(
+        "delivery on NATS JetStream",
+        n,
+        ("plain (pull 200 at a time, ack each, no work)", plain_took),
+        (
+            &format!(
+                "idemgate (claim, POST to the worker, complete, ack; concurrency {concurrency})"
+            ),
+            idem_took,
+        ),
+        "publish",
+        &lat,
     );
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use amqprs::channel::Channel;
 use idemgate::server::Running;
-use support::deliveries::{metric, until, TestWorker};
+use support::deliveries::{metric, until, until_counted, TestWorker};
 use support::rabbitmq::{
     declare_exchange_to, declare_queue, drain, header, props, publish, ready, RabbitServer,
 };
@@ -84,15 +84,13 @@ async fn a_thousand_messages_with_duplicate_publishes_each_key_delivered_once() 
         || worker.per_key().len() == 800,
     )
     .await;
-    let started = std::time::Instant::now();
-    while metric(r.admin_addr, "delivered").await + metric(r.admin_addr, "duplicate").await < 1000.0
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "not every message settled"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_counted(
+        &[r.admin_addr],
+        &["delivered", "duplicate"],
+        1000.0,
+        Duration::from_secs(20),
+    )
+    .await;
     let per_key = worker.per_key();
     assert!(per_key.values().all(|n| *n == 1), "a key delivered twice");
     let one = &worker.seen()[0];
@@ -140,11 +138,7 @@ async fn five_hundreds_are_retried_with_backoff_until_the_worker_succeeds() {
     }
     // One effect: publishing the key again is acknowledged undelivered.
     publish(&ch, "orders", props("flaky", &[]), b"").await;
-    let started = std::time::Instant::now();
-    while metric(r.admin_addr, "duplicate").await < 1.0 {
-        assert!(started.elapsed() < Duration::from_secs(5), "no duplicate");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_counted(&[r.admin_addr], &["duplicate"], 1.0, Duration::from_secs(5)).await;
     assert_eq!(worker.per_key()["flaky"], 4);
     assert_eq!(metric(r.admin_addr, "retried").await, 3.0);
     r.stop().await;
@@ -489,21 +483,13 @@ async fn two_replicas_on_one_store_deliver_each_key_once() {
         worker.per_key().len() == 150
     })
     .await;
-    let started = std::time::Instant::now();
-    loop {
-        let settled = metric(a.admin_addr, "delivered").await
-            + metric(a.admin_addr, "duplicate").await
-            + metric(b.admin_addr, "delivered").await
-            + metric(b.admin_addr, "duplicate").await;
-        if settled >= 300.0 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{settled} settled"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_counted(
+        &[a.admin_addr, b.admin_addr],
+        &["delivered", "duplicate"],
+        300.0,
+        Duration::from_secs(30),
+    )
+    .await;
     let per_key = worker.per_key();
     assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
     a.stop().await;

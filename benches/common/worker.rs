@@ -1,6 +1,7 @@
-//! The worker both delivery benches hand messages to: a hyper server
-//! answering 200 at once, counting deliveries and, for messages carrying a
-//! `t` field (a publication time in microseconds), their latency.
+//! What the delivery benches share: the worker they hand messages to (a
+//! hyper server answering 200 at once, counting deliveries and, for
+//! messages carrying a `t` field (a publication time in microseconds),
+//! their latency), the run's arguments and the report.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -69,4 +70,49 @@ pub async fn worker() -> (String, Arc<Worker>) {
 
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p) as usize]
+}
+
+/// The run's arguments: whether it is a real run (`--bench`), the message
+/// count (a number argument; 20,000, or 300 for the smoke run under `cargo
+/// test`), and the deliveries in flight (`CONCURRENCY`, else `default`).
+pub fn run_args(default_concurrency: usize) -> (bool, usize, usize) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let full = args.iter().any(|a| a == "--bench");
+    let n = args
+        .iter()
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(if full { 20_000 } else { 300 });
+    let concurrency = std::env::var("CONCURRENCY")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(default_concurrency);
+    (full, n, concurrency)
+}
+
+/// Prints the table (`plain` and `idem` describe each side) and the
+/// latency line (`lat` sorted, from `from` to the worker).
+pub fn report(
+    title: &str,
+    n: usize,
+    (plain, plain_took): (&str, Duration),
+    (idem, idem_took): (&str, Duration),
+    from: &str,
+    lat: &[Duration],
+) {
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    println!("{title}: {n} messages a side, 2 cores shared\n");
+    println!("| consumer | messages/s | ratio |");
+    println!("|---|---|---|");
+    println!("| {plain} | {:.0} | 1.00× |", rate(plain_took));
+    println!(
+        "| {idem} | {:.0} | {:.2}× |",
+        rate(idem_took),
+        rate(idem_took) / rate(plain_took)
+    );
+    println!(
+        "\n{from} to the worker at one message per 5 ms ({}): p50 {:.2} ms, p99 {:.2} ms",
+        lat.len(),
+        percentile(lat, 0.5).as_secs_f64() * 1e3,
+        percentile(lat, 0.99).as_secs_f64() * 1e3
+    );
 }

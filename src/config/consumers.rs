@@ -224,7 +224,8 @@ pub struct ConsumerConfig {
     pub reconcile_url: Option<ReconcileUrl>,
 }
 
-const ON_UNKNOWN: &[(&str, OnUnknown)] = &[
+/// `on_unknown_outcome`'s values and what each means.
+pub const ON_UNKNOWN: &[(&str, OnUnknown)] = &[
     ("hold", OnUnknown::Hold),
     ("release", OnUnknown::Release),
     ("reconcile", OnUnknown::Reconcile),

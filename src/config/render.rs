@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use http::HeaderName;
 use serde::Serialize;
 
-use super::consumers::{self, ConsumerConfig, MessageKey, OnUnknown};
+use super::consumers::{self, ConsumerConfig, MessageKey};
 use super::encryption::KeySource;
 use super::model::{Config, DedupConfig, LogFormat, OnStoreError, StoreConfig};
 use super::routes::{OnUnknownOutcome, Policy, ReconcileUrl};
@@ -96,11 +96,10 @@ impl ConsumerView {
             retry_backoff_max: d(c.retry_backoff_max),
             delivery_timeout: d(c.delivery_timeout),
             dead_letter: (!c.dead_letter.is_empty()).then(|| c.dead_letter.clone()),
-            on_unknown_outcome: match c.on_unknown_outcome {
-                OnUnknown::Hold => "hold",
-                OnUnknown::Release => "release",
-                OnUnknown::Reconcile => "reconcile",
-            },
+            on_unknown_outcome: consumers::ON_UNKNOWN
+                .iter()
+                .find(|(_, v)| *v == c.on_unknown_outcome)
+                .map_or("hold", |(name, _)| name),
             reconcile_url: c.reconcile_url.as_ref().map(|u| u.as_str().to_owned()),
         }
     }

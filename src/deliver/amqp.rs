@@ -11,7 +11,7 @@
 //! gives again, and those redeliveries find their records.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use amqprs::channel::{
     BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicNackArguments,
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::message::{Deliverer, Settle};
-use super::worker::Message;
+use super::worker::{rfc3339, Message};
 use crate::config::consumers::{AmqpUrl, MessageKey};
 
 /// One open connection and what runs on it; kept alive by the deliveries
@@ -175,7 +175,7 @@ async fn session(
 }
 
 /// A header value as text, where it is text or a number.
-fn header_text(v: &FieldValue) -> Option<String> {
+pub fn header_text(v: &FieldValue) -> Option<String> {
     Some(match v {
         FieldValue::S(s) => AsRef::<String>::as_ref(s).clone(),
         FieldValue::t(b) => b.to_string(),
@@ -217,10 +217,7 @@ fn message(
             .find(|(k, _)| k == f)
             .and_then(|(_, v)| String::from_utf8(v.to_vec()).ok()),
     };
-    let time = p.timestamp().and_then(|secs| {
-        let t = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))?;
-        Some(humantime::format_rfc3339_seconds(t).to_string())
-    });
+    let time = p.timestamp().and_then(rfc3339);
     Message {
         id: p
             .message_id()

@@ -104,6 +104,38 @@ impl Deliverer {
             .set(i64::from(up));
     }
 
+    /// Runs `connect` until it works (the broker may not be up yet), with
+    /// backoff from 100 ms to 5 s; `None` once `stop` is cancelled first.
+    pub async fn connect_until<T, E, F, Fut>(
+        &self,
+        stop: &tokio_util::sync::CancellationToken,
+        mut connect: F,
+    ) -> Option<T>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let connected = tokio::select! {
+                () = stop.cancelled() => return None,
+                c = connect() => c,
+            };
+            match connected {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    self.fetch_failed(&e);
+                    tokio::select! {
+                        () = stop.cancelled() => return None,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
     /// A read from the broker failed: said once per failure, and the
     /// connection counted down until a read works again.
     pub fn fetch_failed(&self, e: &dyn std::fmt::Display) {

@@ -11,7 +11,7 @@
 //! the server comes back.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::message::{Deliverer, Settle};
-use super::worker::Message;
-use crate::config::consumers::MessageKey;
+use super::worker::{rfc3339, Message};
+use crate::config::consumers::{ConsumerConfig, MessageKey};
 
 /// The header a redriven message's key travels in.
 pub const REDRIVEN_KEY: &str = "Idemgate-Key";
@@ -41,23 +41,8 @@ const FETCH_WAIT: Duration = Duration::from_secs(1);
 
 /// Runs the consumer until `stop`; in-flight deliveries finish on `tasks`.
 pub async fn run(d: Arc<Deliverer>, stop: CancellationToken, tasks: TaskTracker) {
-    let mut backoff = Duration::from_millis(100);
-    let (js, consumer) = loop {
-        let ready = tokio::select! {
-            () = stop.cancelled() => return,
-            r = connect(&d) => r,
-        };
-        match ready {
-            Ok(r) => break r,
-            Err(e) => {
-                d.fetch_failed(&e);
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+    let Some((js, consumer)) = d.connect_until(&stop, || connect(&d)).await else {
+        return;
     };
     d.set_connected(true);
     let js = Arc::new(js);
@@ -144,14 +129,22 @@ fn ack_wait(d: &Deliverer) -> Duration {
     (d.cfg.delivery_timeout + Duration::from_secs(10)).max(Duration::from_secs(30))
 }
 
-async fn connect(d: &Deliverer) -> Result<(Context, PullConsumer), String> {
+/// A JetStream context on `cfg`'s server, the connection named
+/// `idemgate/<consumer><suffix>`.
+pub async fn context(
+    cfg: &ConsumerConfig,
+    suffix: &str,
+) -> Result<Context, async_nats::ConnectError> {
     let client = async_nats::ConnectOptions::new()
-        .name(format!("idemgate/{}", d.cfg.name))
+        .name(format!("idemgate/{}{suffix}", cfg.name))
         .connection_timeout(Duration::from_secs(5))
-        .connect(d.cfg.broker.as_str())
-        .await
-        .map_err(|e| e.to_string())?;
-    let js = jetstream::new(client);
+        .connect(cfg.broker.as_str())
+        .await?;
+    Ok(jetstream::new(client))
+}
+
+async fn connect(d: &Deliverer) -> Result<(Context, PullConsumer), String> {
+    let js = context(&d.cfg, "").await.map_err(|e| e.to_string())?;
     // A dead letter nobody stores would be lost, and one the source stream
     // stores would come back to this consumer: say so now, and keep the
     // consumer down until a stream of its own captures the subject.
@@ -222,11 +215,10 @@ fn message(d: &Deliverer, m: &jetstream::Message) -> Message {
         MessageKey::Field(f) => header(f),
     };
     let info = m.info().ok();
-    let time = info.as_ref().and_then(|i| {
-        let secs = u64::try_from(i.published.unix_timestamp()).ok()?;
-        let t = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))?;
-        Some(humantime::format_rfc3339_seconds(t).to_string())
-    });
+    let time = info
+        .as_ref()
+        .and_then(|i| u64::try_from(i.published.unix_timestamp()).ok())
+        .and_then(rfc3339);
     Message {
         id: key.clone().unwrap_or_else(|| {
             let seq = info.as_ref().map_or(0, |i| i.stream_sequence);

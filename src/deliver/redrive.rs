@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use amqprs::channel::{BasicAckArguments, BasicGetArguments, BasicPublishArguments};
 use amqprs::connection::Connection;
-use amqprs::{FieldTable, FieldValue};
+use amqprs::FieldTable;
 use redis::streams::StreamRangeReply;
 use redis::Value;
 
 use super::amqp;
-use super::nats::{ORIGINAL_SUBJECT, REDRIVEN_KEY};
+use super::nats::{self, ORIGINAL_SUBJECT, REDRIVEN_KEY};
 use crate::config::consumers::{Broker, ConsumerConfig, MessageKey};
 use crate::store::Store;
 
@@ -163,13 +163,6 @@ async fn from_stream(
     Ok(out)
 }
 
-fn header_text(h: Option<&FieldTable>, name: &str) -> Option<String> {
-    match h?.get(&name.try_into().ok()?)? {
-        FieldValue::S(s) => Some(AsRef::<String>::as_ref(s).clone()),
-        _ => None,
-    }
-}
-
 async fn from_queue(
     cfg: &ConsumerConfig,
     url: &crate::config::consumers::AmqpUrl,
@@ -191,7 +184,10 @@ async fn from_queue(
         .await
         .map_err(unavailable)?
     {
-        let k = header_text(props.headers(), "x-idemgate-key")
+        let k = props
+            .headers()
+            .and_then(|h| h.get(&"x-idemgate-key".try_into().ok()?))
+            .and_then(amqp::header_text)
             .or_else(|| props.message_id().cloned())
             .unwrap_or_default();
         if k.is_empty() || key.is_some_and(|want| want != k) {
@@ -232,13 +228,7 @@ async fn from_subject(
     store: &Store,
     key: Option<&str>,
 ) -> Result<Redriven, RedriveError> {
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("idemgate/{}/redrive", cfg.name))
-        .connection_timeout(Duration::from_secs(5))
-        .connect(cfg.broker.as_str())
-        .await
-        .map_err(unavailable)?;
-    let js = async_nats::jetstream::new(client);
+    let js = nats::context(cfg, "/redrive").await.map_err(unavailable)?;
     let name = js
         .stream_by_subject(cfg.dead_letter.as_str())
         .await

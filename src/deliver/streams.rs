@@ -75,26 +75,10 @@ fn message(d: &Deliverer, e: &StreamId, redelivered: bool) -> Message {
 
 /// Runs the consumer until `stop`; in-flight deliveries finish on `tasks`.
 pub async fn run(d: Arc<Deliverer>, stop: CancellationToken, tasks: TaskTracker) {
-    let name = d.cfg.name.clone();
     let me = format!("idemgate-{}-{}", std::process::id(), rand::random::<u32>());
-    let mut backoff = Duration::from_millis(100);
     // Until connected (Redis may not be up yet), then until stopped.
-    let (mut reader, writer) = loop {
-        let connected = tokio::select! {
-            () = stop.cancelled() => return,
-            c = connect(&d.cfg.broker) => c,
-        };
-        match connected {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::warn!(consumer = %name, error = %e, "cannot reach the broker; trying again");
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+    let Some((mut reader, writer)) = d.connect_until(&stop, || connect(&d.cfg.broker)).await else {
+        return;
     };
     d.set_connected(true);
     ensure_group(&d, &mut reader).await;

@@ -39,6 +39,12 @@ pub struct Message {
     pub time: Option<String>,
 }
 
+/// `secs` since the epoch as RFC 3339 (for `ce-time`).
+pub fn rfc3339(secs: u64) -> Option<String> {
+    let t = std::time::SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))?;
+    Some(humantime::format_rfc3339_seconds(t).to_string())
+}
+
 /// What the worker's answer means for the message.
 #[derive(Debug)]
 pub enum Answer {

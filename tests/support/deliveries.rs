@@ -159,3 +159,30 @@ pub async fn metric(admin: SocketAddr, outcome: &str) -> f64 {
         .find_map(|l| l.strip_prefix(&line).map(|v| v.trim().parse().unwrap()))
         .unwrap_or(0.0)
 }
+
+/// Waits until the `outcomes` counted on the admin listeners `admins`
+/// add up to at least `at_least`.
+pub async fn until_counted(
+    admins: &[SocketAddr],
+    outcomes: &[&str],
+    at_least: f64,
+    within: Duration,
+) {
+    let started = Instant::now();
+    loop {
+        let mut total = 0.0;
+        for a in admins {
+            for o in outcomes {
+                total += metric(*a, o).await;
+            }
+        }
+        if total >= at_least {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{outcomes:?}: {total} counted, not {at_least}, within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
