@@ -385,12 +385,12 @@ async fn migrate_ahead_lets_a_least_privilege_role_run() {
     );
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
-        "schema app created at version 1"
+        "schema app created at version 2"
     );
     let o = idemgate(&["migrate", "--config", f.path()], &[]);
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
-        "schema app is at version 1"
+        "schema app is at version 2"
     );
     // The grants the README gives a role that runs the sidecar.
     for sql in [
@@ -418,6 +418,115 @@ async fn migrate_ahead_lets_a_least_privilege_role_run() {
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(up.calls(), 1);
     r.stop().await;
+}
+
+/// A schema made by version 1 (its SQL kept as a fixture) is brought to
+/// version 2 in place by `idemgate migrate`: its records are kept, its
+/// batch functions replaced, the one-key completion it no longer calls
+/// dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_schema_is_migrated_keeping_its_records() {
+    let pg = PostgresServer::start();
+    let up = TestUpstream::start().await;
+    let toml = store_toml(&pg.url(), "old");
+    let r = Running::start(config(Some(&up.url()), &toml))
+        .await
+        .unwrap();
+    let c = TestClient::new(r.proxy_addr.unwrap());
+    assert_eq!(c.post("/v1/x", "before", "{}").await.status, 201);
+    r.stop().await;
+    // Back to version 1: its functions, its version row.
+    let v1 = include_str!("fixtures/postgres_schema_v1.sql")
+        .replace("{schema}", "\"old\"")
+        .replace("{channel}", "old_done")
+        .replace("{replays}", "old_replays");
+    pg.psql(&v1).expect("the version 1 schema");
+    pg.psql("UPDATE old.schema_version SET version = 1")
+        .unwrap();
+    let one_key = "SELECT count(*) FROM pg_proc \
+                   WHERE proname = 'complete_lease' AND pronamespace = 'old'::regnamespace";
+    assert_eq!(pg.psql(one_key).unwrap().trim(), "1");
+
+    let f = File::new(&toml);
+    let o = idemgate(&["migrate", "--config", f.path()], &[]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "schema old migrated from version 1 to 2",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(pg.psql(one_key).unwrap().trim(), "0");
+    assert_eq!(
+        pg.psql("SELECT max(version) FROM old.schema_version")
+            .unwrap()
+            .trim(),
+        "2"
+    );
+    let r = Running::start(config(Some(&up.url()), &toml))
+        .await
+        .unwrap();
+    let c = TestClient::new(r.proxy_addr.unwrap());
+    let again = c.post("/v1/x", "before", "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(c.post("/v1/x", "after", "{}").await.status, 201);
+    let again = c.post("/v1/x", "after", "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(up.calls(), 2);
+    r.stop().await;
+}
+
+/// One `begin_many` holding every case a batch can meet: new keys (taken
+/// by its one insert), a key given twice (the second finds the first's
+/// lease), a completed key, an expired one (a new lease, a higher fence)
+/// and a key in flight elsewhere; then one `complete_many` completing the
+/// batch's leases and refusing a token that is not the lease's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_answers_each_of_its_keys_on_its_own() {
+    let pg = PostgresServer::start();
+    let store = connect(&pg.url(), "batch").await;
+    drop(store);
+    let q = |sql: &str| {
+        pg.psql(sql)
+            .unwrap_or_else(|| panic!("{sql}"))
+            .trim()
+            .to_owned()
+    };
+    // Rows in place: 'done' completed, 'old' expired, 'busy' in flight.
+    q("INSERT INTO batch.records (key, state, token, fence, fp, lease_until_ms, record, expires_ms) VALUES \
+       ('\\x646f6e65', 'c', NULL, nextval('batch.fences'), NULL, NULL, '\\x01', batch.now_ms() + 60000), \
+       ('\\x6f6c64', 'c', NULL, nextval('batch.fences'), NULL, NULL, '\\x02', batch.now_ms() - 1), \
+       ('\\x62757379', 'i', 'other', nextval('batch.fences'), '\\x03', batch.now_ms() + 60000, NULL, batch.now_ms() + 60000)");
+    let old_fence: i64 = q("SELECT fence FROM batch.records WHERE key = '\\x6f6c64'")
+        .parse()
+        .unwrap();
+    // Positions: 1 'b', 2 'a', 3 'done', 4 'old', 5 'a' again, 6 'busy'.
+    let got = q(
+        "SELECT string_agg(i || ':' || kind::text, ' ' ORDER BY i) FROM batch.begin_many(\
+         ARRAY['\\x62', '\\x61', '\\x646f6e65', '\\x6f6c64', '\\x61', '\\x62757379']::bytea[], \
+         ARRAY['t1', 't2', 't3', 't4', 't5', 't6'], \
+         array_fill('\\x09'::bytea, ARRAY[6]), array_fill(30000::bigint, ARRAY[6]), \
+         array_fill(60000::bigint, ARRAY[6]), array_fill(NULL::bigint, ARRAY[6]), \
+         array_fill(NULL::bigint, ARRAY[6]))",
+    );
+    assert_eq!(got, "1:a 2:a 3:c 4:a 5:i 6:i");
+    // The first of the key given twice holds the lease.
+    assert_eq!(
+        q("SELECT token FROM batch.records WHERE key = '\\x61'"),
+        "t2"
+    );
+    let new_fence: i64 = q("SELECT fence FROM batch.records WHERE key = '\\x6f6c64'")
+        .parse()
+        .unwrap();
+    assert!(new_fence > old_fence, "{new_fence} after {old_fence}");
+
+    let done = q("SELECT string_agg(i || ':' || done, ' ' ORDER BY i) FROM batch.complete_many(\
+         ARRAY['\\x61', '\\x62', '\\x62757379', '\\x6f6c64']::bytea[], ARRAY['t2', 't1', 't6', 't4'], \
+         array_fill('\\x0a'::bytea, ARRAY[4]), array_fill(60000::bigint, ARRAY[4]))");
+    assert_eq!(done, "1:true 2:true 3:false 4:true");
+    assert_eq!(
+        q("SELECT string_agg(encode(key, 'escape') || '=' || state::text, ' ' ORDER BY key) FROM batch.records"),
+        "a=c b=c busy=i done=c old=c"
+    );
 }
 
 // The replay cache: two stores on one schema stand for two replicas.

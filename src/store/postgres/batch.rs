@@ -142,7 +142,8 @@ pub(super) async fn begins(
     by_position(n, rows)
 }
 
-/// One completion's arguments, as `complete_lease` takes them.
+/// One completion's arguments, as `complete_many` takes them (one
+/// element of each array).
 pub(super) struct CompleteArgs {
     pub key: Vec<u8>,
     pub token: String,

@@ -7,7 +7,7 @@ use tokio_postgres::Client;
 use crate::store::error::StoreError;
 
 /// The schema version this build writes and reads.
-pub const VERSION: i32 = 1;
+pub const VERSION: i32 = 2;
 
 /// The DDL and functions, `{schema}` and `{channel}` still to fill in.
 const SCHEMA: &str = include_str!("schema.sql");
@@ -102,7 +102,10 @@ pub async fn migrate(client: &mut Client, schema: &str) -> Result<String, StoreE
             )
             .await
             .map_err(unavailable)?;
-            format!("schema {schema} created at version {VERSION}")
+            match current {
+                Some(v) => format!("schema {schema} migrated from version {v} to {VERSION}"),
+                None => format!("schema {schema} created at version {VERSION}"),
+            }
         }
     };
     tx.commit().await.map_err(unavailable)?;

@@ -1,6 +1,10 @@
--- idemgate's PostgreSQL schema, version 1. `{schema}` is replaced by the
+-- idemgate's PostgreSQL schema, version 2. `{schema}` is replaced by the
 -- configured schema name (quoted), `{channel}` by the waiters' channel and
 -- `{replays}` by the replay caches' invalidation channel.
+--
+-- Every statement here can run again on an older schema: that is how one
+-- is migrated. Version 1 ran begin_many and complete_many as loops of
+-- one-key calls.
 --
 -- Every transition of the storage contract is one function call: one
 -- statement, one transaction, the row locked for no longer than that. The
@@ -179,18 +183,50 @@ BEGIN
 END
 $$;
 
--- begin_many: begin_lease for each element, in key order (so two batches
--- that lock the same rows lock them in the same order), all in one
--- transaction: one commit, one round trip for many requests. `i` is the
--- element's position (1-based).
+-- begin_many: begin_lease for each element, all in one transaction: one
+-- commit, one round trip for many requests. `i` is the element's position
+-- (1-based). Most keys of a batch are new: one insert takes them all
+-- (the first of a key given twice), with no function call, no lock-free
+-- read and no row lock per key; begin_lease decides the rest (keys
+-- present, or inserted by another batch meanwhile, and repeats). Both
+-- parts go in key order, and the second only locks rows that were present
+-- before the first (or that it waited for), so two batches never wait on
+-- each other in a cycle.
 CREATE OR REPLACE FUNCTION {schema}.begin_many(ks bytea[], toks text[], fps bytea[],
     lease_ms bigint[], in_flight_ms bigint[], hold_ms bigint[], reconcile_ms bigint[])
 RETURNS TABLE (i integer, kind "char", fence bigint, fp bytea, record bytea, ttl_ms bigint,
     cause text, since_ms bigint, next_ms bigint, reconcile boolean, held_now boolean)
 LANGUAGE plpgsql AS $$
-DECLARE j integer;
+DECLARE
+    t bigint := {schema}.now_ms();
+    taken bigint[];
+    fences bigint[];
+    j integer;
 BEGIN
-    FOR j IN SELECT u.o FROM unnest(ks) WITH ORDINALITY AS u(k, o) ORDER BY u.k, u.o LOOP
+    -- No join with the table here: a plan cached by the connection while
+    -- the table was small (a hash join over a scan of it) would stay
+    -- while it grows. The insert's conflict check is always the index's.
+    -- A fence drawn for a key that has a row is skipped: fences rise,
+    -- with gaps.
+    WITH u AS (
+        SELECT DISTINCT ON (v.k) v.k, v.tok, v.fp, v.l, v.f, v.o
+        FROM unnest(ks, toks, fps, lease_ms, in_flight_ms) WITH ORDINALITY AS v(k, tok, fp, l, f, o)
+        ORDER BY v.k, v.o),
+    ins AS (
+        INSERT INTO {schema}.records AS x (key, state, token, fence, fp, lease_until_ms, expires_ms)
+        SELECT u.k, 'i', u.tok, nextval('{schema}.fences'), u.fp, t + u.l, t + u.f
+        FROM u ORDER BY u.k
+        ON CONFLICT DO NOTHING
+        RETURNING x.key, x.fence)
+    SELECT array_agg(u.o), array_agg(ins.fence) INTO taken, fences
+    FROM ins JOIN u ON u.k = ins.key;
+    IF taken IS NOT NULL THEN
+        RETURN QUERY SELECT g.o::integer, 'a'::"char", g.f, NULL::bytea, NULL::bytea,
+            NULL::bigint, NULL::text, NULL::bigint, NULL::bigint, false, false
+            FROM unnest(taken, fences) AS g(o, f);
+    END IF;
+    FOR j IN SELECT v.o FROM unnest(ks) WITH ORDINALITY AS v(k, o)
+            WHERE taken IS NULL OR v.o <> ALL (taken) ORDER BY v.k, v.o LOOP
         RETURN QUERY SELECT j, b.* FROM {schema}.begin_lease(ks[j], toks[j], fps[j],
             lease_ms[j], in_flight_ms[j], hold_ms[j], reconcile_ms[j]) AS b;
     END LOOP;
@@ -210,35 +246,41 @@ BEGIN
 END
 $$;
 
--- complete: store the response for the current lease and wake waiters.
-CREATE OR REPLACE FUNCTION {schema}.complete_lease(k bytea, tok text, rec bytea, ttl bigint)
-RETURNS boolean LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE t bigint := {schema}.now_ms(); w boolean;
-BEGIN
-    UPDATE {schema}.records AS x SET state = 'c', token = NULL, fp = NULL,
-        lease_until_ms = NULL, record = rec, expires_ms = t + ttl
-        WHERE x.key = k AND x.state = 'i' AND x.token = tok AND x.expires_ms > t
-        RETURNING x.waited INTO w;
-    IF NOT FOUND THEN RETURN false; END IF;
-    IF w THEN
-        PERFORM pg_notify('{channel}', encode(k, 'hex'));
-    END IF;
-    RETURN true;
-END
-$$;
+-- Version 1 completed one key per call; complete_many does it itself.
+DROP FUNCTION IF EXISTS {schema}.complete_lease(bytea, text, bytea, bigint);
 
--- complete_many: complete_lease for each element, in key order, in one
--- transaction.
+-- complete_many: store the responses for the current leases and wake
+-- their waiters, in key order (as begin_many locks rows), in one
+-- transaction; `done` false where the lease is no longer the caller's.
+-- One update per key, each on the primary key's index: one update joined
+-- with the input would be planned once per connection, and a plan made
+-- while the table was small (a scan of it) would stay.
 CREATE OR REPLACE FUNCTION {schema}.complete_many(ks bytea[], toks text[], recs bytea[],
     ttls bigint[])
 RETURNS TABLE (i integer, done boolean)
 LANGUAGE plpgsql AS $$
-DECLARE j integer;
+#variable_conflict use_column
+DECLARE
+    t bigint := {schema}.now_ms();
+    j integer;
+    w boolean;
+    settled integer[] := '{}';
 BEGIN
-    FOR j IN SELECT u.o FROM unnest(ks) WITH ORDINALITY AS u(k, o) ORDER BY u.k, u.o LOOP
-        RETURN QUERY SELECT j, {schema}.complete_lease(ks[j], toks[j], recs[j], ttls[j]);
+    FOR j IN SELECT v.o FROM unnest(ks) WITH ORDINALITY AS v(k, o) ORDER BY v.k, v.o LOOP
+        UPDATE {schema}.records AS x SET state = 'c', token = NULL, fp = NULL,
+            lease_until_ms = NULL, record = recs[j], expires_ms = t + ttls[j]
+            WHERE x.key = ks[j] AND x.state = 'i' AND x.token = toks[j] AND x.expires_ms > t
+            RETURNING x.waited INTO w;
+        IF FOUND THEN
+            settled := settled || j;
+            -- Only where a duplicate waits (see `waited`).
+            IF w THEN
+                PERFORM pg_notify('{channel}', encode(ks[j], 'hex'));
+            END IF;
+        END IF;
     END LOOP;
+    RETURN QUERY SELECT v.o::integer, v.o = ANY (settled)
+        FROM unnest(ks) WITH ORDINALITY AS v(k, o);
 END
 $$;
 

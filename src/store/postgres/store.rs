@@ -35,6 +35,9 @@ const SWEEP_BATCH: i64 = 1000;
 /// The most begins (or completions) one batch carries.
 const MAX_BATCH: usize = 128;
 
+/// Batches of begins (and of completions) sent at once.
+const BATCHES_IN_FLIGHT: usize = 2;
+
 fn closing() -> StoreError {
     StoreError::Unavailable("the store is closing".into())
 }
@@ -249,10 +252,14 @@ impl PostgresStore {
         let waiters = Arc::new(Waiters::default());
         let replays = (replay_cache_bytes > 0)
             .then(|| Arc::new(ReplayCache::new(replay_cache_bytes, replay_cache_lookups)));
-        // Batches at once: a quarter of the pool, so the calls that are
-        // not batched (renewals, waits, the dedup API) always find a
-        // connection.
-        let parallel = (pool_size / 4).max(1);
+        // Batches of each kind at once: two, whatever the pool (one
+        // committing while the next gathers, and a batch held up by a row
+        // lock does not hold up every begin). More in flight means smaller
+        // batches and more of the database's time per request: at 64
+        // clients, four each cost 95 µs of PostgreSQL CPU a request, two
+        // 70 µs, one 55 µs (benches/RESULTS.md). The other calls
+        // (renewals, waits, the dedup API) keep the rest of the pool.
+        let parallel = BATCHES_IN_FLIGHT.min((pool_size / 2).max(1));
         let inner = Arc::new_cyclic(|me: &Weak<Inner>| {
             let (b, c) = (me.clone(), me.clone());
             Inner {
