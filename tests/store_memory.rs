@@ -25,6 +25,22 @@ fn k(i: u32) -> RecordKey {
 
 const FP: Fingerprint = Fingerprint([9; 32]);
 
+/// A completed record with a 1 KiB body.
+fn record() -> std::sync::Arc<idemgate::idempotency::record::CompletedRecord> {
+    std::sync::Arc::new(idemgate::idempotency::record::CompletedRecord {
+        origin: None,
+        fingerprint: FP,
+        created_unix_ms: 0,
+        response: idemgate::idempotency::record::StoredResponse {
+            status: http::StatusCode::OK,
+            headers: Default::default(),
+            body: bytes::Bytes::from(vec![1; 1024]),
+            body_omitted: false,
+            trailers: http::HeaderMap::new(),
+        },
+    })
+}
+
 #[tokio::test(start_paused = true)]
 async fn full_store_refuses_new_keys_but_never_evicts_live_ones() {
     let s = MemoryStore::new(3);
@@ -93,7 +109,8 @@ async fn leases_lapse_on_the_paused_clock() {
 
 #[tokio::test(start_paused = true)]
 async fn sweep_drops_only_expired_records() {
-    let s = MemoryStore::new(100);
+    // Outside a runtime: no expirer, only the explicit sweep.
+    let s = std::thread::spawn(|| MemoryStore::new(100)).join().unwrap();
     s.begin(&k(1), &FP, BeginOptions::lease(Duration::from_secs(5)))
         .await
         .unwrap();
@@ -101,8 +118,47 @@ async fn sweep_drops_only_expired_records() {
         .await
         .unwrap();
     tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(s.len(), 2, "nothing removes them but a sweep or a read");
     assert_eq!(s.sweep(), 1);
     assert_eq!(s.len(), 1);
+    assert_eq!(s.sweep(), 0);
+}
+
+/// Records leave at their deadlines, nobody reading them: the expirer
+/// sleeps until the earliest one. A record moved earlier (completed with
+/// a TTL shorter than its lease) leaves at its new deadline, one extended
+/// (a renewed lease) at its later one, and the bytes they held go with
+/// them.
+#[tokio::test(start_paused = true)]
+async fn records_leave_at_their_deadlines() {
+    let s = MemoryStore::new(100);
+    let lease = |secs| BeginOptions::lease(Duration::from_secs(secs));
+    s.begin(&k(1), &FP, lease(5)).await.unwrap();
+    let Begin::Acquired(l2) = s.begin(&k(2), &FP, lease(60)).await.unwrap() else {
+        panic!("not acquired")
+    };
+    let Begin::Acquired(l3) = s.begin(&k(3), &FP, lease(5)).await.unwrap() else {
+        panic!("not acquired")
+    };
+    let empty = s.bytes();
+    assert!(s
+        .complete(&k(2), &l2, record(), Duration::from_secs(2))
+        .await
+        .unwrap());
+    assert!(s.renew(&k(3), &l3, Duration::from_secs(30)).await.unwrap());
+    assert!(
+        s.bytes() > empty,
+        "the completed record's bytes are counted"
+    );
+
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_eq!(s.len(), 2, "k(2) completed with a 2 s TTL has left");
+    assert!(s.bytes() < empty, "{} < {empty}", s.bytes());
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    assert_eq!(s.len(), 1, "k(1) at its 5 s lease, k(3) renewed");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(s.len(), 0, "k(3) at its renewed lease");
+    assert_eq!(s.bytes(), 0);
 }
 
 #[tokio::test]

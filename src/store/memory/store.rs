@@ -5,8 +5,9 @@
 //! `max_entries`: when full the store sweeps expired entries, and if it is
 //! still full it refuses new keys ([`StoreError::Full`]) rather than
 //! evicting a live record, which would break the at-most-once promise. The
-//! store starts its own sweeper, which returns memory held by keys nobody
-//! asks for again and stops when the last clone of the store is dropped.
+//! store starts its own expirer, which removes records at their deadlines
+//! (so memory follows the live records, also of keys nobody asks for
+//! again) and stops when the last clone of the store is dropped.
 //! Times use tokio's clock so tests can pause and advance it.
 
 use std::collections::{BTreeSet, HashMap};
@@ -15,14 +16,18 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use super::slot::Slot;
-use super::ttl_map::{Bound, Clock, TtlMap};
+use super::ttl_map::{ms, Bound, Clock, TtlMap};
 use crate::idempotency::dedup::DedupRecord;
 use crate::idempotency::rate::Bucket;
 use crate::store::error::StoreError;
 use crate::store::sealing::Sealing;
 
-/// How often the store's own sweeper runs.
-const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// The longest the expirer sleeps: a record written meanwhile with an
+/// earlier deadline than the one it sleeps for leaves at most this late.
+const EXPIRE_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
+/// The shortest: records falling due within it leave together (a steady
+/// stream of records would otherwise wake the expirer every millisecond).
+const EXPIRE_AT_MOST_EVERY: Duration = Duration::from_millis(10);
 
 /// The in-memory backend. Cheap to clone; clones share the records.
 #[derive(Clone)]
@@ -47,7 +52,7 @@ pub(super) struct Inner {
 
 impl MemoryStore {
     /// A store that holds at most `max_entries` records, with no bound in
-    /// bytes (tests, tools). Inside a tokio runtime it starts its sweeper.
+    /// bytes (tests, tools). Inside a tokio runtime it starts its expirer.
     pub fn new(max_entries: usize) -> Self {
         Self::bounded(max_entries, usize::MAX, Sealing::default())
     }
@@ -69,7 +74,7 @@ impl MemoryStore {
             }),
         };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(sweeper(Arc::downgrade(&store.inner)));
+            rt.spawn(expirer(Arc::downgrade(&store.inner)));
         }
         store
     }
@@ -91,9 +96,18 @@ impl MemoryStore {
 
     /// Removes every expired record; returns how many went.
     pub fn sweep(&self) -> usize {
+        self.expire().0
+    }
+
+    /// Removes every expired entry; how many records went, and the
+    /// earliest deadline still ahead.
+    fn expire(&self) -> (usize, Option<u64>) {
         let now = self.inner.clock.now();
-        self.inner.buckets.sweep(now);
-        self.inner.records.sweep(now) + self.inner.dedup.sweep(now)
+        let (_, buckets) = self.inner.buckets.expire(now);
+        let (records, r) = self.inner.records.expire(now);
+        let (dedup, d) = self.inner.dedup.expire(now);
+        let next = [buckets, r, d].into_iter().flatten().min();
+        (records + dedup, next)
     }
 
     /// Before writing a new key: room for it, after a sweep if need be.
@@ -117,17 +131,25 @@ impl MemoryStore {
     }
 }
 
-/// Sweeps every [`SWEEP_EVERY`] while the store lives.
-async fn sweeper(store: Weak<Inner>) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
-    tick.tick().await;
+/// Removes entries as they fall due, while the store lives: sleeps until
+/// the earliest deadline, no less than [`EXPIRE_AT_MOST_EVERY`] and no
+/// more than [`EXPIRE_AT_LEAST_EVERY`].
+async fn expirer(store: Weak<Inner>) {
     loop {
-        tick.tick().await;
-        match store.upgrade() {
+        let until = match store.upgrade() {
             Some(inner) => {
-                MemoryStore { inner }.sweep();
+                let store = MemoryStore { inner };
+                let (_, next) = store.expire();
+                let clock = store.inner.clock;
+                let now = clock.now();
+                let latest = now + ms(EXPIRE_AT_LEAST_EVERY);
+                let earliest = now + ms(EXPIRE_AT_MOST_EVERY);
+                // A deadline in this millisecond is due in the next.
+                let at = next.map_or(latest, |n| (n + 1).clamp(earliest, latest));
+                clock.instant(at)
             }
             None => return,
-        }
+        };
+        tokio::time::sleep_until(until).await;
     }
 }
