@@ -27,6 +27,11 @@ const FP: Fingerprint = Fingerprint([9; 32]);
 
 /// A completed record with a 1 KiB body.
 fn record() -> std::sync::Arc<idemgate::idempotency::record::CompletedRecord> {
+    record_of(1024)
+}
+
+/// A completed record with a body of `len` bytes, each its own.
+fn record_of(len: usize) -> std::sync::Arc<idemgate::idempotency::record::CompletedRecord> {
     std::sync::Arc::new(idemgate::idempotency::record::CompletedRecord {
         origin: None,
         fingerprint: FP,
@@ -34,11 +39,69 @@ fn record() -> std::sync::Arc<idemgate::idempotency::record::CompletedRecord> {
         response: idemgate::idempotency::record::StoredResponse {
             status: http::StatusCode::OK,
             headers: Default::default(),
-            body: bytes::Bytes::from(vec![1; 1024]),
+            body: bytes::Bytes::from((0..len).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
             body_omitted: false,
             trailers: http::HeaderMap::new(),
         },
     })
+}
+
+/// Records of every size around the ones held in two parts (16 to 128
+/// KiB), plaintext and sealed, replay byte for byte; the bytes counted
+/// are the record's.
+#[tokio::test]
+async fn records_of_every_size_replay_whole() {
+    let keyring = idemgate::idempotency::seal::Keyring::new(&[("k1".into(), vec![7; 32])]).unwrap();
+    for sealing in [
+        idemgate::store::Sealing::default(),
+        idemgate::store::Sealing::new(Some(keyring), None),
+    ] {
+        let sealed = sealing.is_on();
+        let s = MemoryStore::bounded(1000, usize::MAX, sealing);
+        for (i, len) in [
+            1000,
+            16 << 10,
+            65_000,
+            64 << 10,
+            65_536 + 100,
+            100_000,
+            130_000,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let key = k(i as u32);
+            let Begin::Acquired(lease) = s
+                .begin(&key, &FP, BeginOptions::lease(Duration::from_secs(10)))
+                .await
+                .unwrap()
+            else {
+                panic!("not acquired")
+            };
+            let before = s.bytes();
+            let rec = record_of(len);
+            assert!(s
+                .complete(&key, &lease, rec.clone(), Duration::from_secs(60))
+                .await
+                .unwrap());
+            let grew = s.bytes() - before;
+            assert!(
+                grew + 256 >= len && grew < len + 1024,
+                "{len} bytes (sealed {sealed}): {grew} counted"
+            );
+            let Begin::Completed(back) = s
+                .begin(&key, &FP, BeginOptions::lease(Duration::from_secs(10)))
+                .await
+                .unwrap()
+            else {
+                panic!("not replayed")
+            };
+            assert_eq!(
+                back.response.body, rec.response.body,
+                "{len} bytes (sealed {sealed})"
+            );
+        }
+    }
 }
 
 #[tokio::test(start_paused = true)]

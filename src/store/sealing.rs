@@ -74,6 +74,23 @@ impl Sealing {
             .ok()
     }
 
+    /// The record stored in `parts` (one record's bytes, in order), or
+    /// `None`: as [`Sealing::decode`], with the parts joined in the one copy
+    /// decoding makes anyway.
+    pub fn decode_parts(&self, key: &RecordKey, parts: &[&[u8]]) -> Option<CompletedRecord> {
+        let joined = parts.concat();
+        let plain = match &self.keyring {
+            Some(k) => match k.open(&key.0, &joined) {
+                Ok(p) => Bytes::from(p),
+                Err(e) => return self.unreadable(key, &e),
+            },
+            None => Bytes::from(joined),
+        };
+        CompletedRecord::decode(plain)
+            .map_err(|e| self.unreadable::<()>(key, &e))
+            .ok()
+    }
+
     /// A dedup `result` as stored.
     pub fn seal_text(&self, key: &RecordKey, text: String) -> String {
         match &self.keyring {

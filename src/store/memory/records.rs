@@ -165,8 +165,8 @@ impl RecordStore for MemoryStore {
         if unknown {
             match resolution {
                 Resolution::Completed(record, ttl) => {
-                    let encoded = self.inner.sealing.encode(key, &record).into_boxed_slice();
-                    shard.put(*key, Slot::Completed(encoded), now + ms(ttl));
+                    let slot = Slot::completed(self.inner.sealing.encode(key, &record));
+                    shard.put(*key, slot, now + ms(ttl));
                 }
                 Resolution::Release => {
                     shard.remove(key);
@@ -184,11 +184,11 @@ impl RecordStore for MemoryStore {
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         // Encode outside the shard lock.
-        let encoded = self.inner.sealing.encode(key, &record).into_boxed_slice();
+        let slot = Slot::completed(self.inner.sealing.encode(key, &record));
         let done = self.with_lease(key, lease, |e, now| {
             // Waiters re-check under this shard lock, so they see the record.
             e.value.removed();
-            e.value = Slot::Completed(encoded);
+            e.value = slot;
             e.expires = now + ms(ttl);
         });
         Box::pin(ready(Ok(done)))
