@@ -519,6 +519,20 @@ async fn one_batch_answers_each_of_its_keys_on_its_own() {
         .unwrap();
     assert!(new_fence > old_fence, "{new_fence} after {old_fence}");
 
+    // A batch of keys that have rows draws no fence: it writes nothing,
+    // so it waits for no WAL flush.
+    let fences = "SELECT last_value FROM batch.fences";
+    let before = q(fences);
+    let got = q(
+        "SELECT string_agg(i || ':' || kind::text, ' ' ORDER BY i) FROM batch.begin_many(\
+         ARRAY['\\x646f6e65', '\\x62757379']::bytea[], ARRAY['t7', 't8'], \
+         array_fill('\\x09'::bytea, ARRAY[2]), array_fill(30000::bigint, ARRAY[2]), \
+         array_fill(60000::bigint, ARRAY[2]), array_fill(NULL::bigint, ARRAY[2]), \
+         array_fill(NULL::bigint, ARRAY[2]))",
+    );
+    assert_eq!(got, "1:c 2:i");
+    assert_eq!(q(fences), before);
+
     let done = q("SELECT string_agg(i || ':' || done, ' ' ORDER BY i) FROM batch.complete_many(\
          ARRAY['\\x61', '\\x62', '\\x62757379', '\\x6f6c64']::bytea[], ARRAY['t2', 't1', 't6', 't4'], \
          array_fill('\\x0a'::bytea, ARRAY[4]), array_fill(60000::bigint, ARRAY[4]))");

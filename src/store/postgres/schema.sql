@@ -203,14 +203,17 @@ DECLARE
     fences bigint[];
     j integer;
 BEGIN
-    -- No join with the table here: a plan cached by the connection while
-    -- the table was small (a hash join over a scan of it) would stay
-    -- while it grows. The insert's conflict check is always the index's.
-    -- A fence drawn for a key that has a row is skipped: fences rise,
-    -- with gaps.
+    -- Keys with a row are left to begin_lease: drawing a fence for them
+    -- would write (the sequence), so a batch of replays would wait for a
+    -- WAL flush. The check is a scalar subquery, never a join: PL/pgSQL
+    -- caches a statement's plan per connection, and a join planned while
+    -- the table was small (a hash join over a scan of it) would stay while
+    -- it grows; a subquery on the primary key stays an index probe. A row
+    -- inserted meanwhile by another batch is the insert's conflict.
     WITH u AS (
         SELECT DISTINCT ON (v.k) v.k, v.tok, v.fp, v.l, v.f, v.o
         FROM unnest(ks, toks, fps, lease_ms, in_flight_ms) WITH ORDINALITY AS v(k, tok, fp, l, f, o)
+        WHERE (SELECT true FROM {schema}.records AS x WHERE x.key = v.k) IS NULL
         ORDER BY v.k, v.o),
     ins AS (
         INSERT INTO {schema}.records AS x (key, state, token, fence, fp, lease_until_ms, expires_ms)
