@@ -20,14 +20,12 @@ use idemgate::idempotency::state::{Begin, BeginOptions};
 use idemgate::store::memory::MemoryStore;
 use idemgate::store::RecordStore;
 
+#[path = "common/rss.rs"]
+mod rss;
+use rss::rss;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn rss() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4096
-}
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");

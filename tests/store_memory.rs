@@ -228,20 +228,6 @@ async fn records_leave_at_their_deadlines() {
 async fn bytes_are_counted_and_bound_new_keys() {
     // Room for a few 100 KiB records, not for ten.
     let s = MemoryStore::bounded(1000, 400 << 10, idemgate::store::Sealing::default());
-    let big = |n: u8| {
-        std::sync::Arc::new(idemgate::idempotency::record::CompletedRecord {
-            origin: None,
-            fingerprint: FP,
-            created_unix_ms: 0,
-            response: idemgate::idempotency::record::StoredResponse {
-                status: http::StatusCode::OK,
-                headers: Default::default(),
-                body: bytes::Bytes::from(vec![n; 100 << 10]),
-                body_omitted: false,
-                trailers: http::HeaderMap::new(),
-            },
-        })
-    };
     assert_eq!(s.bytes(), 0);
     let mut stored = 0;
     let mut refused = None;
@@ -252,7 +238,7 @@ async fn bytes_are_counted_and_bound_new_keys() {
         {
             Ok(Begin::Acquired(lease)) => {
                 assert!(s
-                    .complete(&k(i), &lease, big(i as u8), Duration::from_secs(60))
+                    .complete(&k(i), &lease, record_of(100 << 10), Duration::from_secs(60))
                     .await
                     .unwrap());
                 stored += 1;

@@ -8,6 +8,7 @@
 //! longer configured, plaintext while encryption is on) are a miss, counted
 //! in `idemgate_record_decode_errors_total` and logged, never a panic.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -62,29 +63,23 @@ impl Sealing {
 
     /// The record stored as `bytes` under `key`, or `None` (a miss).
     pub fn decode(&self, key: &RecordKey, bytes: &[u8]) -> Option<CompletedRecord> {
-        let plain = match &self.keyring {
-            Some(k) => match k.open(&key.0, bytes) {
-                Ok(p) => Bytes::from(p),
-                Err(e) => return self.unreadable(key, &e),
-            },
-            None => Bytes::copy_from_slice(bytes),
-        };
-        CompletedRecord::decode(plain)
-            .map_err(|e| self.unreadable::<()>(key, &e))
-            .ok()
+        self.decode_parts(key, &[bytes])
     }
 
     /// The record stored in `parts` (one record's bytes, in order), or
-    /// `None`: as [`Sealing::decode`], with the parts joined in the one copy
-    /// decoding makes anyway.
+    /// `None`: several parts are joined in the one copy decoding makes
+    /// anyway.
     pub fn decode_parts(&self, key: &RecordKey, parts: &[&[u8]]) -> Option<CompletedRecord> {
-        let joined = parts.concat();
+        let stored: Cow<'_, [u8]> = match parts {
+            [one] => Cow::Borrowed(one),
+            _ => Cow::Owned(parts.concat()),
+        };
         let plain = match &self.keyring {
-            Some(k) => match k.open(&key.0, &joined) {
+            Some(k) => match k.open(&key.0, &stored) {
                 Ok(p) => Bytes::from(p),
                 Err(e) => return self.unreadable(key, &e),
             },
-            None => Bytes::from(joined),
+            None => Bytes::from(stored.into_owned()),
         };
         CompletedRecord::decode(plain)
             .map_err(|e| self.unreadable::<()>(key, &e))

@@ -264,24 +264,21 @@ impl<V: OnRemove> Locked<'_, V> {
     /// Writes `value` under `key`, counting a new entry against the bound.
     pub fn put(&mut self, key: RecordKey, value: V, expires: u64) {
         self.bound.add(weight(&value));
-        // A key written again keeps its item if that comes up no later.
-        if self
-            .shard
-            .map
-            .get(&key)
-            .is_none_or(|old| old.expires > expires)
-        {
-            self.shard.due.push(Reverse((expires, key)));
-        }
         let previous = self.shard.map.insert(key, Entry { value, expires });
-        match previous {
+        // A key written again keeps its item if that comes up no later.
+        let due_item = match previous {
             Some(mut old) => {
                 old.value.removed();
                 self.bound.sub(weight(&old.value));
+                old.expires > expires
             }
             None => {
                 self.bound.len.fetch_add(1, Ordering::Relaxed);
+                true
             }
+        };
+        if due_item {
+            self.shard.due.push(Reverse((expires, key)));
         }
     }
 
