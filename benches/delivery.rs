@@ -9,6 +9,7 @@
 //! cargo bench --bench delivery            # 20,000 messages a side
 //! cargo bench --bench delivery -- 50000   # another count
 //! CONCURRENCY=256 cargo bench --bench delivery   # deliveries in flight (64)
+//! BATCH=64 cargo bench --bench delivery   # batch mode: up to 64 messages per request
 //! ```
 //!
 //! Starts its own redis-server on a free loopback port; idemgate runs in
@@ -27,7 +28,7 @@ use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::server::Running;
 use redis::aio::MultiplexedConnection;
 use redis_server::RedisServer;
-use worker::{micros_now, report, run_args, worker};
+use worker::{batch_size, micros_now, report, run_args, worker};
 
 async fn publish(conn: &mut MultiplexedConnection, stream: &str, n: usize, tag: &str) {
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
@@ -113,9 +114,15 @@ fn pending(conn_url: &str, stream: &str, group: &str) -> u64 {
     }
 }
 
+// The allocator the idemgate binary runs with: idemgate runs in this
+// process, and the system allocator's arena locks would be measured instead.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let (full, n, concurrency) = run_args(64);
+    let batch = batch_size();
     let Some(server) = RedisServer::start("delivery") else {
         eprintln!("redis-server is needed (apt-get install redis-server)");
         return;
@@ -132,7 +139,7 @@ async fn main() {
     let text = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[store]\nmax_entries = 10000000\n\
          [[consumers]]\nname = \"bench\"\nbroker = \"{url}\"\nsource = \"orders\"\ngroup = \"bench\"\n\
-         deliver_to = \"{worker_url}\"\nconcurrency = {concurrency}\n"
+         deliver_to = \"{worker_url}\"\nconcurrency = {concurrency}\nbatch_size = {batch}\n"
     );
     let config =
         Config::from_parts(FileConfig::parse(&text).unwrap(), &RunArgs::default()).unwrap();
@@ -171,7 +178,7 @@ async fn main() {
         ("plain (XREADGROUP 200, XACK, no work)", plain_took),
         (
             &format!(
-                "idemgate (claim, POST to the worker, complete, XACK; concurrency {concurrency})"
+                "idemgate (claim, POST to the worker, complete, XACK; concurrency {concurrency}, batch {batch})"
             ),
             idem_took,
         ),

@@ -9,6 +9,7 @@
 //! ```sh
 //! cargo bench --bench delivery_amqp                          # 20,000 messages a side
 //! CONCURRENCY=64 cargo bench --bench delivery_amqp -- 50000  # another prefetch, count
+//! BATCH=64 cargo bench --bench delivery_amqp   # batch mode: up to 64 messages per request
 //! ```
 //!
 //! Starts its own rabbitmq-server (Debian's package) on free loopback
@@ -27,7 +28,7 @@ use amqprs::channel::{BasicAckArguments, BasicConsumeArguments, BasicQosArgument
 use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::server::Running;
 use rabbitmq::{declare_queue, props, publish, ready, RabbitServer};
-use worker::{micros_now, report, run_args, worker};
+use worker::{batch_size, micros_now, report, run_args, worker};
 
 async fn fill(ch: &Channel, queue: &str, n: usize, tag: &str) {
     for i in 0..n {
@@ -64,9 +65,15 @@ async fn plain(ch: &Channel, n: usize) -> Duration {
     started.elapsed()
 }
 
+// The allocator the idemgate binary runs with: idemgate runs in this
+// process, and the system allocator's arena locks would be measured instead.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let (full, n, concurrency) = run_args(256);
+    let batch = batch_size();
     if !std::path::Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server").exists() {
         eprintln!("rabbitmq-server is needed (apt-get install rabbitmq-server)");
         return;
@@ -84,7 +91,7 @@ async fn main() {
     let text = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[store]\nmax_entries = 10000000\n\
          [[consumers]]\nname = \"bench\"\nbroker = \"{}\"\nsource = \"orders\"\n\
-         deliver_to = \"{worker_url}\"\nconcurrency = {concurrency}\n",
+         deliver_to = \"{worker_url}\"\nconcurrency = {concurrency}\nbatch_size = {batch}\n",
         server.url()
     );
     let config =
@@ -123,7 +130,7 @@ async fn main() {
         ("plain (prefetch 200, basic.ack each, no work)", plain_took),
         (
             &format!(
-                "idemgate (claim, POST to the worker, complete, basic.ack; prefetch {concurrency})"
+                "idemgate (claim, POST to the worker, complete, basic.ack; prefetch {concurrency}, batch {batch})"
             ),
             idem_took,
         ),

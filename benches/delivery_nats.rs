@@ -10,6 +10,7 @@
 //! ```sh
 //! cargo bench --bench delivery_nats                          # 20,000 messages a side
 //! CONCURRENCY=64 cargo bench --bench delivery_nats -- 50000  # another window, count
+//! BATCH=64 cargo bench --bench delivery_nats   # batch mode: up to 64 messages per request
 //! ```
 //!
 //! Starts its own nats-server (from target/venv, as scripts/test.sh
@@ -32,7 +33,7 @@ use futures_util::StreamExt;
 use idemgate::config::{Config, FileConfig, RunArgs};
 use idemgate::server::Running;
 use nats_server::{create_stream, publish, NatsServer};
-use worker::{micros_now, report, run_args, worker};
+use worker::{batch_size, micros_now, report, run_args, worker};
 
 async fn fill(js: &Context, subject: &str, n: usize, tag: &str) {
     // Published 1,000 at a time without waiting for each acknowledgement
@@ -87,9 +88,15 @@ async fn plain(js: &Context, n: usize) -> Duration {
     started.elapsed()
 }
 
+// The allocator the idemgate binary runs with: idemgate runs in this
+// process, and the system allocator's arena locks would be measured instead.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let (full, n, concurrency) = run_args(256);
+    let batch = batch_size();
     let server = NatsServer::start();
     let js = server.js().await;
     create_stream(&js, "PLAIN", &["plain.>"]).await;
@@ -103,7 +110,7 @@ async fn main() {
     let text = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[store]\nmax_entries = 10000000\n\
          [[consumers]]\nname = \"bench\"\nbroker = \"{}\"\nsource = \"ORDERS\"\ngroup = \"bench\"\n\
-         deliver_to = \"{worker_url}\"\nconcurrency = {concurrency}\ndead_letter = \"dead.orders\"\n",
+         deliver_to = \"{worker_url}\"\nconcurrency = {concurrency}\nbatch_size = {batch}\ndead_letter = \"dead.orders\"\n",
         server.url()
     );
     let config =
@@ -135,7 +142,7 @@ async fn main() {
         ("plain (pull 200 at a time, ack each, no work)", plain_took),
         (
             &format!(
-                "idemgate (claim, POST to the worker, complete, ack; concurrency {concurrency})"
+                "idemgate (claim, POST to the worker, complete, ack; concurrency {concurrency}, batch {batch})"
             ),
             idem_took,
         ),

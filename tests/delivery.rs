@@ -697,3 +697,163 @@ async fn reconcile_asks_the_worker_whether_an_unknown_outcome_ran() {
     assert_eq!(metric(r.admin_addr, "unknown").await, 3.0);
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_mode_hands_many_messages_per_request_and_each_key_once() {
+    let redis = RedisServer::start();
+    let worker = TestWorker::start().await;
+    for i in 0..1000 {
+        // 200 of them publish an earlier key again.
+        let key = if i % 5 == 4 {
+            format!("order-{}", i - 4)
+        } else {
+            format!("order-{i}")
+        };
+        publish(
+            &redis,
+            "orders",
+            &[
+                ("id", &key),
+                ("body", &format!("{{\"n\":{i}}}")),
+                ("content-type", "application/json"),
+                ("tenant", "acme"),
+            ],
+        );
+    }
+    publish(
+        &redis,
+        "orders",
+        &[("id", "raw"), ("body", "\x01bytes"), ("not_sent", "x")],
+    );
+    let r = start(&redis, &worker, "concurrency = 64\nbatch_size = 32\n", "").await;
+    until(
+        "every entry read and acknowledged",
+        Duration::from_secs(30),
+        || unread(&redis) == 0 && pending(&redis) == 0,
+    )
+    .await;
+    let per_key = worker.per_key();
+    assert_eq!(per_key.len(), 801);
+    assert!(per_key.values().all(|n| *n == 1), "a key delivered twice");
+    let seen = worker.seen();
+    let largest = seen.iter().map(|s| s.batch).max().unwrap();
+    assert!(
+        (2..=32).contains(&largest),
+        "batches of at most 32, some of more than one: largest {largest}"
+    );
+    let one = seen.iter().find(|s| s.key == "order-0").unwrap();
+    assert_eq!(
+        one.headers["content-type"],
+        "application/cloudevents-batch+json"
+    );
+    let e = one.event.as_ref().unwrap();
+    assert_eq!(e["specversion"], "1.0");
+    assert_eq!(e["datacontenttype"], "application/json");
+    assert_eq!(e["data"], serde_json::json!({"n": 0}), "JSON data inline");
+    assert!(e["source"].as_str().unwrap().contains("orders"));
+    assert_eq!(e["idemgatefieldtenant"], "acme");
+    assert_eq!(e["idemgateattempt"], 1);
+    assert_eq!(e["idemgateredelivered"], false);
+    assert!(one.fence > 0);
+    // Bytes travel as base64; a field whose name is not letters and
+    // digits cannot be a CloudEvents attribute and is not sent.
+    let raw = seen.iter().find(|s| s.key == "raw").unwrap();
+    assert_eq!(&raw.body[..], b"\x01bytes");
+    let e = raw.event.as_ref().unwrap();
+    assert_eq!(e["datacontenttype"], "application/octet-stream");
+    assert!(e.get("idemgatefieldnot_sent").is_none(), "{e}");
+    assert_eq!(metric(r.admin_addr, "delivered").await, 801.0);
+    assert_eq!(metric(r.admin_addr, "duplicate").await, 200.0);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_mode_settles_each_message_by_its_own_result() {
+    let redis = RedisServer::start();
+    let worker = TestWorker::start().await;
+    // Published before idemgate starts, so they share batches.
+    publish(&redis, "orders", &[("order", "bad"), ("answers", "400")]);
+    publish(&redis, "orders", &[("order", "busy"), ("answers", "503")]);
+    publish(
+        &redis,
+        "orders",
+        &[("order", "flaky"), ("answers", "500,200")],
+    );
+    publish(
+        &redis,
+        "orders",
+        &[("order", "gateway"), ("answers", "502")],
+    );
+    publish(&redis, "orders", &[("order", "fine")]);
+    let r = start(
+        &redis,
+        &worker,
+        "max_attempts = 3\nkey_from = \"field:order\"\nconcurrency = 8\nbatch_size = 8\n",
+        "",
+    )
+    .await;
+    until("every entry settled", Duration::from_secs(15), || {
+        unread(&redis) == 0 && pending(&redis) == 0 && stream_len(&redis, "orders.dead") == 3
+    })
+    .await;
+    let per_key = worker.per_key();
+    assert_eq!(per_key["bad"], 1, "a 400 is not retried");
+    assert_eq!(per_key["busy"], 3, "503 until max_attempts");
+    assert_eq!(per_key["flaky"], 2, "a 500, then done");
+    assert_eq!(per_key["gateway"], 1, "an unknown outcome is held");
+    assert_eq!(per_key["fine"], 1);
+    assert!(
+        worker.seen().iter().any(|s| s.batch > 1),
+        "messages published together share a request"
+    );
+    let dead = dead_letters(&redis);
+    let reason = |key: &str| {
+        dead.iter()
+            .find(|m| m.get("key").map(String::as_str) == Some(key))
+            .and_then(|m| m.get("reason").cloned())
+            .unwrap_or_else(|| panic!("no dead letter for {key:?}: {dead:?}"))
+    };
+    assert!(reason("bad").contains("400"), "{}", reason("bad"));
+    assert!(reason("busy").contains("max_attempts (3)"));
+    assert!(reason("gateway").starts_with("outcome-unknown"));
+    // Each key's record holds its own answer.
+    let done = TestClient::new(r.admin_addr)
+        .send("GET", "/v1/dedup/billing/keys/flaky", &[], "")
+        .await;
+    assert!(
+        String::from_utf8_lossy(&done.body).contains("done"),
+        "{}",
+        String::from_utf8_lossy(&done.body)
+    );
+
+    // A 2xx that is not one result per message says nothing of what ran:
+    // held as unknown. A 2xx with no body says every message is done.
+    publish(&redis, "orders", &[("order", "garbled-1")]);
+    until("the garbled batch settled", Duration::from_secs(15), || {
+        pending(&redis) == 0 && stream_len(&redis, "orders.dead") == 4
+    })
+    .await;
+    assert!(
+        reason_of(&redis, "garbled-1").contains("not a list of results"),
+        "{}",
+        reason_of(&redis, "garbled-1")
+    );
+    publish(&redis, "orders", &[("order", "quiet-1")]);
+    until("the quiet batch settled", Duration::from_secs(15), || {
+        unread(&redis) == 0 && pending(&redis) == 0
+    })
+    .await;
+    assert_eq!(metric(r.admin_addr, "delivered").await, 3.0);
+    assert_eq!(worker.per_key()["garbled-1"], 1);
+    assert_eq!(worker.per_key()["quiet-1"], 1);
+    r.stop().await;
+}
+
+/// The reason of `key`'s dead letter.
+fn reason_of(redis: &RedisServer, key: &str) -> String {
+    dead_letters(redis)
+        .iter()
+        .find(|m| m.get("key").map(String::as_str) == Some(key))
+        .and_then(|m| m.get("reason").cloned())
+        .unwrap_or_default()
+}

@@ -289,6 +289,44 @@ async fn a_retried_request_runs_once_and_gets_the_same_reply_twice() {
     r.stop().await;
 }
 
+/// Batch mode: requests published together reach the worker in shared
+/// batches, and each reply is its own message's answer, with its own
+/// correlation id; a retried request still runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_batch_mode_each_request_gets_its_own_reply() {
+    let rabbit = RabbitServer::start();
+    let (_c, ch) = rabbit.channel().await;
+    declare_queue(&ch, "orders", None).await;
+    declare_queue(&ch, "replies", None).await;
+    let worker = TestWorker::start().await;
+    for key in ["rpc-a", "rpc-b", "rpc-c", "rpc-a"] {
+        let mut p = props(key, &[]);
+        p.with_reply_to("replies")
+            .with_correlation_id(&format!("corr-{key}"));
+        publish(&ch, "orders", p, b"charge").await;
+    }
+    let r = start(&rabbit, &worker, "concurrency = 4\nbatch_size = 4\n", "").await;
+    until_ready(&ch, "replies", 4, Duration::from_secs(10)).await;
+    let per_key = worker.per_key();
+    assert_eq!(per_key.len(), 3);
+    assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
+    assert!(
+        worker.seen().iter().all(|s| s.event.is_some()),
+        "every delivery in a CloudEvents batch"
+    );
+    let replies = drain(&ch, "replies").await;
+    for (p, body) in &replies {
+        let corr = p.correlation_id().unwrap();
+        let key = corr.strip_prefix("corr-").unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(body),
+            format!("{{\"done\":\"{key}\"}}"),
+            "the reply to {corr}"
+        );
+    }
+    r.stop().await;
+}
+
 /// idemgate killed (SIGKILL) with ten deliveries in flight, then started
 /// again on the same store: RabbitMQ gives the ten again; under `hold`
 /// none runs twice (each a dead letter `outcome-unknown`), under `release`

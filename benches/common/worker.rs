@@ -1,7 +1,8 @@
 //! What the delivery benches share: the worker they hand messages to (a
 //! hyper server answering 200 at once, counting deliveries and, for
 //! messages carrying a `t` field (a publication time in microseconds),
-//! their latency), the run's arguments and the report.
+//! their latency; in batch mode it reads the CloudEvents batch and answers
+//! one result per message), the run's arguments and the report.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -45,6 +46,9 @@ pub async fn worker() -> (String, Arc<Worker>) {
                 let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                     let me = me.clone();
                     async move {
+                        if req.headers()["content-type"] == "application/cloudevents-batch+json" {
+                            return Ok(me.batch(req).await);
+                        }
                         if let Some(t) = req
                             .headers()
                             .get("idemgate-field-t")
@@ -66,6 +70,45 @@ pub async fn worker() -> (String, Arc<Worker>) {
         }
     });
     (format!("http://{addr}/handle"), w)
+}
+
+impl Worker {
+    /// A batch: every message done, one `{"status":200,"body":{}}` each.
+    async fn batch(&self, req: http::Request<Incoming>) -> http::Response<Full<Bytes>> {
+        use http_body_util::BodyExt;
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let events: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+        let now = micros_now();
+        for e in &events {
+            if let Some(t) = e["idemgatefieldt"]
+                .as_str()
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                let took = Duration::from_micros(now.saturating_sub(t));
+                self.latencies.lock().unwrap().push(took);
+            }
+        }
+        self.count.fetch_add(events.len() as u64, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(events.len() * 28 + 2);
+        out.push(b'[');
+        for i in 0..events.len() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"status\":200,\"body\":{}}");
+        }
+        out.push(b']');
+        http::Response::new(Full::new(Bytes::from(out)))
+    }
+}
+
+/// Messages per request to the worker (`BATCH`, else 1): the consumer's
+/// `batch_size`.
+pub fn batch_size() -> usize {
+    std::env::var("BATCH")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(1)
 }
 
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -25,6 +25,7 @@ pub const KEYS: &[&str] = &[
     "deliver_to",
     "key_from",
     "concurrency",
+    "batch_size",
     "max_attempts",
     "retry_backoff",
     "retry_backoff_max",
@@ -210,6 +211,9 @@ pub struct ConsumerConfig {
     pub deliver_to: Uri,
     pub key_from: MessageKey,
     pub concurrency: usize,
+    /// Messages per request to the worker, at most: 1 is one `POST` per
+    /// message; more sends what is ready as one CloudEvents JSON batch.
+    pub batch_size: usize,
     pub max_attempts: u32,
     pub retry_backoff: Duration,
     pub retry_backoff_max: Duration,
@@ -417,6 +421,7 @@ pub fn check(
                 .unwrap_or_else(|| Uri::from_static("http://invalid")),
             key_from: MessageKey::MessageId,
             concurrency: 16,
+            batch_size: 1,
             max_attempts: 10,
             retry_backoff: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(60),
@@ -441,6 +446,22 @@ pub fn check(
             &at("concurrency"),
             Checker::int(1, 1024),
         );
+        c.set(
+            &mut cfg.batch_size,
+            &get("batch_size"),
+            &at("batch_size"),
+            Checker::int(1, 1024),
+        );
+        // A batch is made of deliveries in flight: it cannot hold more.
+        if cfg.batch_size > cfg.concurrency {
+            c.err(
+                &at("batch_size"),
+                format!(
+                    "must not exceed concurrency ({}): a batch holds deliveries in flight",
+                    cfg.concurrency
+                ),
+            );
+        }
         c.set(
             &mut cfg.max_attempts,
             &get("max_attempts"),
@@ -561,6 +582,7 @@ mod tests {
         assert_eq!(out[0].dead_letter, "orders.dead");
         assert_eq!(out[0].key_from, MessageKey::MessageId);
         assert_eq!(out[0].concurrency, 16);
+        assert_eq!(out[0].batch_size, 1);
         assert_eq!(shown_broker(&out[0]), "$BROKER");
     }
 
@@ -585,6 +607,29 @@ mod tests {
         ] {
             assert!(all.contains(needle), "{needle} missing from {all}");
         }
+    }
+
+    #[test]
+    fn a_batch_cannot_hold_more_than_the_deliveries_in_flight() {
+        let base = "[[consumers]]\nname = \"b\"\nbroker = \"redis://127.0.0.1\"\nsource = \"s\"\n\
+                    group = \"g\"\ndeliver_to = \"http://127.0.0.1:8080/h\"\n";
+        let (out, errors) = run(&format!("{base}concurrency = 64\nbatch_size = 32\n"));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(out[0].batch_size, 32);
+        let (_, errors) = run(&format!("{base}batch_size = 32\n"));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("consumers[0].batch_size: must not exceed concurrency (16)")),
+            "{errors:?}"
+        );
+        let (_, errors) = run(&format!("{base}batch_size = 0\n"));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("consumers[0].batch_size")),
+            "{errors:?}"
+        );
     }
 
     #[test]

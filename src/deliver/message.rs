@@ -16,7 +16,8 @@ use crate::idempotency::lease::LeaseId;
 use crate::metrics::Metrics;
 use crate::store::{Store, Ttls};
 
-use super::worker::{Answer, Asked, Message, Worker};
+use super::batch::Batcher;
+use super::worker::{Answer, Asked, Item, Message, Worker};
 
 /// The `outcome` label values of `idemgate_deliveries_total`.
 pub const OUTCOMES: [&str; 9] = [
@@ -58,6 +59,8 @@ pub struct Deliverer {
     store: Store,
     metrics: Metrics,
     worker: Worker,
+    /// Batch mode's batcher (`batch_size` > 1).
+    batcher: Option<Batcher>,
     ttls: Ttls,
     max_result: usize,
     /// This consumer's series, looked up once (a label lookup hashes and
@@ -80,7 +83,9 @@ impl Deliverer {
             })
             .collect();
         let name = [cfg.name.as_str()];
+        let batcher = (cfg.batch_size > 1).then(|| Batcher::new(cfg.batch_size, cfg.concurrency));
         Deliverer {
+            batcher,
             outcomes,
             in_flight: metrics.deliveries_in_flight.with_label_values(&name),
             duration: metrics.delivery_duration.with_label_values(&name),
@@ -184,10 +189,12 @@ impl Deliverer {
         };
         let scope = self.cfg.name.as_str();
         // A lease outlives the worker's timeout, so it never lapses while
-        // the worker may still be running.
-        let lease_ms =
-            u64::try_from((self.cfg.delivery_timeout + Duration::from_secs(10)).as_millis())
-                .unwrap_or(u64::MAX);
+        // the worker may still be running. In batch mode a message may
+        // first wait for a request slot, which the batches in flight free
+        // within one timeout (they hold every delivery ahead of it): two.
+        let waits = if self.batcher.is_some() { 2 } else { 1 };
+        let lease = self.cfg.delivery_timeout.saturating_mul(waits) + Duration::from_secs(10);
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
         let params = ClaimParams {
             lease_ms,
             fingerprint: None,
@@ -249,7 +256,7 @@ impl Deliverer {
                     return Settle::Leave;
                 }
             };
-            let answer = self.worker.deliver(msg, key, fence, attempt).await;
+            let answer = self.send(msg, key, fence, attempt).await;
             let (why, retry) = match answer {
                 Answer::Done(body) => {
                     return self.complete(key, lease_id, body, "delivered").await;
@@ -289,6 +296,23 @@ impl Deliverer {
                 return Settle::Leave;
             }
             tokio::time::sleep(self.backoff(attempt)).await;
+        }
+    }
+
+    /// Hands `msg` to the worker: on its own, or in batch mode in the
+    /// next batch.
+    async fn send(&self, msg: &Message, key: &str, fence: u64, attempt: u32) -> Answer {
+        match &self.batcher {
+            None => self.worker.deliver(msg, key, fence, attempt).await,
+            Some(b) => {
+                let item = Item {
+                    msg: msg.clone(),
+                    key: key.to_owned(),
+                    fence,
+                    attempt,
+                };
+                b.deliver(&self.worker, item).await
+            }
         }
     }
 

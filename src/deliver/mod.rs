@@ -9,10 +9,12 @@
 //! queue: prefetch, acknowledgements, dead letters, replies) and `nats` (a
 //! JetStream stream through a durable pull consumer) → `message` (one
 //! message, broker aside: claim its key in the store, deliver, settle the
-//! record, then say what the broker does) → `worker` (the HTTP call to the
-//! worker and what its answer means).
+//! record, then say what the broker does) → `batch` (batch mode: the
+//! deliveries ready together share one request) → `worker` (the HTTP call
+//! to the worker and what its answer means).
 
 mod amqp;
+mod batch;
 mod message;
 mod nats;
 mod redrive;

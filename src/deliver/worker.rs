@@ -1,6 +1,7 @@
 //! The worker's side of a delivery: one `POST deliver_to` with the message
-//! and what idemgate knows of it, and its answer sorted into what becomes
-//! of the message.
+//! and what idemgate knows of it (or, in batch mode, many messages as one
+//! CloudEvents JSON batch), and its answer sorted into what becomes of
+//! each message.
 
 use std::time::Duration;
 
@@ -70,8 +71,122 @@ pub enum Asked {
     Failed(String),
 }
 
-/// The largest worker answer kept.
+/// The largest worker answer kept (a batch's: this per message).
 const MAX_ANSWER: usize = 1 << 20;
+
+/// The media type of a CloudEvents JSON batch (CloudEvents HTTP binding,
+/// batched content mode).
+pub const BATCH_TYPE: &str = "application/cloudevents-batch+json";
+
+/// One message of a batch, with what idemgate knows of it.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub msg: Message,
+    pub key: String,
+    pub fence: u64,
+    pub attempt: u32,
+}
+
+/// One message of a batch as a CloudEvent in the JSON format: the same
+/// facts the binary mode puts in headers, as attributes. Extension names
+/// are lower-case letters and digits only (the CloudEvents rule), so the
+/// fence, a 64-bit number, travels as text (an extension integer is 32
+/// bits).
+#[derive(serde::Serialize)]
+struct Event<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time: Option<&'a str>,
+    datacontenttype: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a serde_json::value::RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+    idempotencykey: &'a str,
+    idempotencyfence: String,
+    idemgateattempt: u32,
+    idemgateredelivered: bool,
+    /// The message's fields whose names are letters and digits, as
+    /// `idemgatefield<name>` (lower-cased), where their values are text.
+    #[serde(flatten)]
+    fields: std::collections::BTreeMap<String, &'a str>,
+}
+
+impl<'a> Event<'a> {
+    fn of(it: &'a Item) -> Self {
+        let msg = &it.msg;
+        let ct = msg
+            .content_type
+            .as_deref()
+            .unwrap_or("application/octet-stream");
+        // A JSON body goes in as JSON (the format's rule for a JSON
+        // `datacontenttype`), anything else as base64.
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        let json = (essence.eq_ignore_ascii_case("application/json")
+            || essence.to_ascii_lowercase().ends_with("+json"))
+        .then(|| std::str::from_utf8(&msg.body).ok())
+        .flatten()
+        .and_then(|t| serde_json::from_str::<&serde_json::value::RawValue>(t).ok());
+        let data_base64 = match (json, msg.body.is_empty()) {
+            (None, false) => Some(base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                &msg.body,
+            )),
+            _ => None,
+        };
+        let fields = msg
+            .fields
+            .iter()
+            .filter(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .filter_map(|(n, v)| {
+                let v = std::str::from_utf8(v).ok()?;
+                Some((format!("idemgatefield{}", n.to_ascii_lowercase()), v))
+            })
+            .collect();
+        Event {
+            specversion: "1.0",
+            id: &msg.id,
+            source: &msg.source,
+            kind: msg.kind.as_deref().unwrap_or("idemgate.message"),
+            time: msg.time.as_deref(),
+            datacontenttype: ct,
+            data: json,
+            data_base64,
+            idempotencykey: &it.key,
+            idempotencyfence: it.fence.to_string(),
+            idemgateattempt: it.attempt,
+            idemgateredelivered: msg.redelivered || it.attempt > 1,
+            fields,
+        }
+    }
+}
+
+/// The worker's answer for one message of a batch: `{"status": 200}`, with
+/// `"body"` (text, or any JSON, kept as its text) when it has one.
+#[derive(serde::Deserialize)]
+struct ItemAnswer {
+    status: u16,
+    #[serde(default)]
+    body: Option<Box<serde_json::value::RawValue>>,
+}
+
+impl ItemAnswer {
+    fn answer(self) -> Option<Answer> {
+        let status = StatusCode::from_u16(self.status).ok()?;
+        let body = match self.body {
+            None => Bytes::new(),
+            Some(raw) => match serde_json::from_str::<String>(raw.get()) {
+                Ok(text) => Bytes::from(text),
+                Err(_) => Bytes::copy_from_slice(raw.get().as_bytes()),
+            },
+        };
+        Some(classify(status, body))
+    }
+}
 
 /// A pooled HTTP/1.1 client for one `deliver_to`.
 #[derive(Clone)]
@@ -161,6 +276,87 @@ impl Worker {
             Err(_) => Answer::Unknown(format!("no answer within {:?}", self.timeout)),
         }
     }
+}
+
+impl Worker {
+    /// Delivers `items` in one `POST` as a CloudEvents JSON batch; one
+    /// answer per item, in order. A 2xx whose body is empty completes
+    /// every item; a 2xx with a JSON array, one `{"status", "body"}` per
+    /// item in order, settles each by its own status; any other 2xx body
+    /// says nothing readable of what ran, so every item's outcome is
+    /// unknown. A non-2xx, a timeout or a broken call applies to all.
+    pub async fn deliver_batch(&self, items: &[Item]) -> Vec<Answer> {
+        let events: Vec<Event> = items.iter().map(Event::of).collect();
+        let body = match serde_json::to_vec(&events) {
+            Ok(b) => Bytes::from(b),
+            // Cannot happen (text and numbers only); said, and retried.
+            Err(e) => return all(items.len(), || Answer::Retry(format!("encoding: {e}"))),
+        };
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.url.clone();
+        req.headers_mut().insert(
+            HeaderName::from_static("content-type"),
+            HeaderValue::from_static(BATCH_TYPE),
+        );
+        let n = items.len();
+        let limit = MAX_ANSWER.saturating_mul(n);
+        let call = async {
+            let resp = match self.client.request(req).await {
+                Ok(r) => r,
+                Err(e) if e.is_connect() => {
+                    return all(n, || Answer::Retry(format!("cannot connect: {e}")))
+                }
+                Err(e) => return all(n, || Answer::Unknown(format!("the call broke: {e}"))),
+            };
+            let status = resp.status();
+            if !status.is_success() {
+                return all(n, || classify(status, Bytes::new()));
+            }
+            let body = match Limited::new(resp.into_body(), limit).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return all(n, || Answer::Unknown(format!("the answer broke off: {e}"))),
+            };
+            if body.iter().all(u8::is_ascii_whitespace) {
+                return all(n, || Answer::Done(Bytes::new()));
+            }
+            match serde_json::from_slice::<Vec<ItemAnswer>>(&body) {
+                Ok(each) if each.len() == n => {
+                    let read: Option<Vec<Answer>> =
+                        each.into_iter().map(ItemAnswer::answer).collect();
+                    read.unwrap_or_else(|| {
+                        all(n, || {
+                            Answer::Unknown(
+                                "the worker's batch answer holds a status that is not one".into(),
+                            )
+                        })
+                    })
+                }
+                Ok(each) => all(n, || {
+                    Answer::Unknown(format!(
+                        "the worker's batch answer has {} results for {n} messages",
+                        each.len()
+                    ))
+                }),
+                Err(e) => all(n, || {
+                    Answer::Unknown(format!(
+                        "the worker's batch answer is not a list of results: {e}"
+                    ))
+                }),
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(a) => a,
+            Err(_) => all(n, || {
+                Answer::Unknown(format!("no answer within {:?}", self.timeout))
+            }),
+        }
+    }
+}
+
+/// `n` answers made by `f`.
+fn all(n: usize, f: impl Fn() -> Answer) -> Vec<Answer> {
+    (0..n).map(|_| f()).collect()
 }
 
 impl Worker {

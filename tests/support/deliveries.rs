@@ -1,6 +1,7 @@
 //! A real HTTP worker for the delivery-mode tests, whatever the broker:
 //! it answers each key's deliveries in turn with the statuses its message
-//! asks for, and records every delivery it saw. And the waits and metric
+//! asks for, and records every delivery it saw — one per request, or many
+//! in a CloudEvents JSON batch (batch mode). And the waits and metric
 //! reads those tests share.
 #![allow(dead_code)]
 
@@ -26,7 +27,12 @@ pub struct Seen {
     pub fence: u64,
     pub at: Instant,
     pub body: Bytes,
+    /// The request's headers (a batch's, for each of its messages).
     pub headers: http::HeaderMap,
+    /// How many messages its request carried (1 outside batch mode).
+    pub batch: usize,
+    /// The message as a CloudEvent, in batch mode.
+    pub event: Option<serde_json::Value>,
 }
 
 /// A worker: answers each key's deliveries in turn with the statuses its
@@ -41,6 +47,69 @@ pub struct TestWorker {
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Reconcile questions: the key and the fence asked with.
     asked: Arc<Mutex<Vec<(String, u64)>>>,
+}
+
+/// A batch: each event answered as a request of its own would be (its
+/// `answers` field is `idemgatefieldanswers` in an event), in one JSON
+/// list; except that a batch holding a key starting `garbled-` is answered
+/// `200 ok` (no list: nothing readable of what ran), and one holding a key
+/// starting `quiet-` `204` with no body (every message done).
+fn answer_batch(
+    seen: &Mutex<Vec<Seen>>,
+    headers: http::HeaderMap,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    let events: Vec<serde_json::Value> = serde_json::from_slice(body).unwrap();
+    let text = |e: &serde_json::Value, n: &str| e[n].as_str().unwrap_or_default().to_owned();
+    let mut results = Vec::new();
+    let mut seen = seen.lock().unwrap();
+    for e in &events {
+        let key = text(e, "idempotencykey");
+        let answers: Vec<u16> = text(e, "idemgatefieldanswers")
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        let n = seen.iter().filter(|s| s.key == key).count();
+        let data = match (&e["data"], e["data_base64"].as_str()) {
+            (serde_json::Value::Null, Some(b)) => Bytes::from(
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b).unwrap(),
+            ),
+            (serde_json::Value::Null, None) => Bytes::new(),
+            (v, _) => Bytes::from(v.to_string()),
+        };
+        seen.push(Seen {
+            key: key.clone(),
+            attempt: u32::try_from(e["idemgateattempt"].as_u64().unwrap()).unwrap(),
+            fence: text(e, "idempotencyfence").parse().unwrap(),
+            at: Instant::now(),
+            body: data,
+            headers: headers.clone(),
+            batch: events.len(),
+            event: Some(e.clone()),
+        });
+        let status = answers.get(n).or(answers.last()).copied().unwrap_or(200);
+        results
+            .push(serde_json::json!({"status": status, "body": format!("{{\"done\":\"{key}\"}}")}));
+    }
+    let has = |prefix: &str| {
+        events.iter().any(|e| {
+            e["idempotencykey"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(prefix)
+        })
+    };
+    let (status, body) = if has("garbled-") {
+        (200, Bytes::from_static(b"ok"))
+    } else if has("quiet-") {
+        (204, Bytes::new())
+    } else {
+        (200, Bytes::from(serde_json::to_vec(&results).unwrap()))
+    };
+    Response::builder()
+        .status(status)
+        .body(Full::new(body))
+        .unwrap()
 }
 
 impl TestWorker {
@@ -79,6 +148,9 @@ impl TestWorker {
                 }
                 let headers = req.headers().clone();
                 let body = req.into_body().collect().await.unwrap().to_bytes();
+                if headers["content-type"] == "application/cloudevents-batch+json" {
+                    return Ok(answer_batch(&seen, headers, &body));
+                }
                 let h = |n: &str| {
                     headers
                         .get(n)
@@ -101,6 +173,8 @@ impl TestWorker {
                         at: Instant::now(),
                         body,
                         headers: headers.clone(),
+                        batch: 1,
+                        event: None,
                     });
                     answers.get(n).or(answers.last()).copied().unwrap_or(200)
                 };
