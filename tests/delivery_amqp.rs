@@ -466,12 +466,16 @@ async fn a_broker_restarted_mid_stream_loses_nothing_and_runs_nothing_twice() {
     {
         let (c, ch) = rabbit.channel().await;
         declare_queue(&ch, "orders", None).await;
+        // In a transaction: RabbitMQ answers the commit once the
+        // persistent messages are on disk, so the SIGKILL below cannot
+        // take any of them (without it, a node slow under load could lose
+        // some it had not written yet, and the test would blame idemgate).
+        ch.tx_select().await.unwrap();
         for i in 0..200 {
             let key = format!("r{i}");
             publish(&ch, "orders", props(&key, &[("delay_ms", "20")]), b"").await;
         }
-        // Closing waits for what was sent; the node then writes the
-        // persistent messages to disk before the kill below.
+        ch.tx_commit().await.unwrap();
         c.close().await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -487,12 +491,38 @@ async fn a_broker_restarted_mid_stream_loses_nothing_and_runs_nothing_twice() {
     })
     .await
     .unwrap();
-    until(
-        "every key delivered after the restart",
-        Duration::from_secs(60),
-        || worker.per_key().len() == 200,
-    )
-    .await;
+    let started = std::time::Instant::now();
+    while worker.per_key().len() < 200 {
+        if started.elapsed() > Duration::from_secs(60) {
+            // Say which keys are missing and where their messages are.
+            let per_key = worker.per_key();
+            let missing: Vec<String> = (0..200)
+                .map(|i| format!("r{i}"))
+                .filter(|k| !per_key.contains_key(k))
+                .collect();
+            let (_c, ch) = rabbit.channel().await;
+            let queue = ch
+                .queue_declare(
+                    amqprs::channel::QueueDeclareArguments::new("orders")
+                        .passive(true)
+                        .finish(),
+                )
+                .await;
+            panic!(
+                "every key delivered after the restart: not within 60s; missing {missing:?}; \
+                 the queue after the restart: {queue:?}; outcomes: {:?}\n{}",
+                [
+                    metric(r.admin_addr, "delivered").await,
+                    metric(r.admin_addr, "duplicate").await,
+                    metric(r.admin_addr, "in_progress").await,
+                    metric(r.admin_addr, "dead_lettered").await,
+                    metric(r.admin_addr, "store_error").await,
+                ],
+                rabbit.log_tail(60)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let per_key = worker.per_key();
     assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -126,6 +126,21 @@ impl RabbitServer {
         }
     }
 
+    /// The last `n` lines of the node's logs, for a failure's message.
+    pub fn log_tail(&self, n: usize) -> String {
+        let mut out = String::new();
+        if let Ok(dir) = std::fs::read_dir(self.dir.join("log")) {
+            for f in dir.flatten() {
+                let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                out += &format!("== {}\n", f.path().display());
+                out += &lines[lines.len().saturating_sub(n)..].join("\n");
+                out += "\n";
+            }
+        }
+        out
+    }
+
     /// Kills it and starts it again on the same ports and data.
     pub fn restart(&mut self) {
         self.kill();
