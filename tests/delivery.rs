@@ -100,28 +100,32 @@ fn dead_letters(redis: &RedisServer) -> Vec<HashMap<String, String>> {
     entries
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_messages_with_duplicate_publishes_each_key_delivered_once() {
-    let redis = RedisServer::start();
-    let worker = TestWorker::start().await;
-    // Published before idemgate starts: the group reads from the start.
+/// Publishes 1,000 JSON messages `{"n":i}` with `extra` fields, 200 of
+/// them an earlier key again (800 keys, `order-0` …).
+fn publish_thousand(redis: &RedisServer, extra: &[(&str, &str)]) {
     for i in 0..1000 {
-        // 200 of them publish an earlier key again.
         let key = if i % 5 == 4 {
             format!("order-{}", i - 4)
         } else {
             format!("order-{i}")
         };
-        publish(
-            &redis,
-            "orders",
-            &[
-                ("id", &key),
-                ("body", &format!("{{\"n\":{i}}}")),
-                ("content-type", "application/json"),
-            ],
-        );
+        let body = format!("{{\"n\":{i}}}");
+        let mut fields = vec![
+            ("id", key.as_str()),
+            ("body", body.as_str()),
+            ("content-type", "application/json"),
+        ];
+        fields.extend_from_slice(extra);
+        publish(redis, "orders", &fields);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_messages_with_duplicate_publishes_each_key_delivered_once() {
+    let redis = RedisServer::start();
+    let worker = TestWorker::start().await;
+    // Published before idemgate starts: the group reads from the start.
+    publish_thousand(&redis, &[]);
     let r = start(&redis, &worker, "concurrency = 32\n", "").await;
     until(
         "every entry read and acknowledged",
@@ -702,24 +706,7 @@ async fn reconcile_asks_the_worker_whether_an_unknown_outcome_ran() {
 async fn batch_mode_hands_many_messages_per_request_and_each_key_once() {
     let redis = RedisServer::start();
     let worker = TestWorker::start().await;
-    for i in 0..1000 {
-        // 200 of them publish an earlier key again.
-        let key = if i % 5 == 4 {
-            format!("order-{}", i - 4)
-        } else {
-            format!("order-{i}")
-        };
-        publish(
-            &redis,
-            "orders",
-            &[
-                ("id", &key),
-                ("body", &format!("{{\"n\":{i}}}")),
-                ("content-type", "application/json"),
-                ("tenant", "acme"),
-            ],
-        );
-    }
+    publish_thousand(&redis, &[("tenant", "acme")]);
     publish(
         &redis,
         "orders",
@@ -741,7 +728,8 @@ async fn batch_mode_hands_many_messages_per_request_and_each_key_once() {
         (2..=32).contains(&largest),
         "batches of at most 32, some of more than one: largest {largest}"
     );
-    let one = seen.iter().find(|s| s.key == "order-0").unwrap();
+    // order-1 is published once (order-0 twice: either body may win).
+    let one = seen.iter().find(|s| s.key == "order-1").unwrap();
     assert_eq!(
         one.headers["content-type"],
         "application/cloudevents-batch+json"
@@ -749,7 +737,7 @@ async fn batch_mode_hands_many_messages_per_request_and_each_key_once() {
     let e = one.event.as_ref().unwrap();
     assert_eq!(e["specversion"], "1.0");
     assert_eq!(e["datacontenttype"], "application/json");
-    assert_eq!(e["data"], serde_json::json!({"n": 0}), "JSON data inline");
+    assert_eq!(e["data"], serde_json::json!({"n": 1}), "JSON data inline");
     assert!(e["source"].as_str().unwrap().contains("orders"));
     assert_eq!(e["idemgatefieldtenant"], "acme");
     assert_eq!(e["idemgateattempt"], 1);
@@ -771,20 +759,22 @@ async fn batch_mode_hands_many_messages_per_request_and_each_key_once() {
 async fn batch_mode_settles_each_message_by_its_own_result() {
     let redis = RedisServer::start();
     let worker = TestWorker::start().await;
-    // Published before idemgate starts, so they share batches.
-    publish(&redis, "orders", &[("order", "bad"), ("answers", "400")]);
-    publish(&redis, "orders", &[("order", "busy"), ("answers", "503")]);
-    publish(
-        &redis,
-        "orders",
-        &[("order", "flaky"), ("answers", "500,200")],
-    );
-    publish(
-        &redis,
-        "orders",
-        &[("order", "gateway"), ("answers", "502")],
-    );
-    publish(&redis, "orders", &[("order", "fine")]);
+    // Published before idemgate starts, and each batch answered after
+    // 200 ms: while the batcher's two requests are out the rest queue up,
+    // so five messages cannot all go in batches of one.
+    for (order, answers) in [
+        ("bad", "400"),
+        ("busy", "503"),
+        ("flaky", "500,200"),
+        ("gateway", "502"),
+        ("fine", "200"),
+    ] {
+        publish(
+            &redis,
+            "orders",
+            &[("order", order), ("answers", answers), ("delayms", "200")],
+        );
+    }
     let r = start(
         &redis,
         &worker,
@@ -804,7 +794,12 @@ async fn batch_mode_settles_each_message_by_its_own_result() {
     assert_eq!(per_key["fine"], 1);
     assert!(
         worker.seen().iter().any(|s| s.batch > 1),
-        "messages published together share a request"
+        "messages published together share a request: {:?}",
+        worker
+            .seen()
+            .iter()
+            .map(|s| (s.key.clone(), s.batch))
+            .collect::<Vec<_>>()
     );
     let dead = dead_letters(&redis);
     let reason = |key: &str| {

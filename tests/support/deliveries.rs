@@ -51,14 +51,15 @@ pub struct TestWorker {
 
 /// A batch: each event answered as a request of its own would be (its
 /// `answers` field is `idemgatefieldanswers` in an event), in one JSON
-/// list; except that a batch holding a key starting `garbled-` is answered
-/// `200 ok` (no list: nothing readable of what ran), and one holding a key
-/// starting `quiet-` `204` with no body (every message done).
+/// list, after the longest `delayms` field of its events; except that a
+/// batch holding a key starting `garbled-` is answered `200 ok` (no list:
+/// nothing readable of what ran), and one holding a key starting `quiet-`
+/// `204` with no body (every message done).
 fn answer_batch(
     seen: &Mutex<Vec<Seen>>,
     headers: http::HeaderMap,
     body: &[u8],
-) -> Response<Full<Bytes>> {
+) -> (Duration, Response<Full<Bytes>>) {
     let events: Vec<serde_json::Value> = serde_json::from_slice(body).unwrap();
     let text = |e: &serde_json::Value, n: &str| e[n].as_str().unwrap_or_default().to_owned();
     let mut results = Vec::new();
@@ -106,10 +107,16 @@ fn answer_batch(
     } else {
         (200, Bytes::from(serde_json::to_vec(&results).unwrap()))
     };
-    Response::builder()
+    let delay = events
+        .iter()
+        .filter_map(|e| e["idemgatefielddelayms"].as_str()?.parse().ok())
+        .max()
+        .unwrap_or(0);
+    let answer = Response::builder()
         .status(status)
         .body(Full::new(body))
-        .unwrap()
+        .unwrap();
+    (Duration::from_millis(delay), answer)
 }
 
 impl TestWorker {
@@ -149,7 +156,9 @@ impl TestWorker {
                 let headers = req.headers().clone();
                 let body = req.into_body().collect().await.unwrap().to_bytes();
                 if headers["content-type"] == "application/cloudevents-batch+json" {
-                    return Ok(answer_batch(&seen, headers, &body));
+                    let (delay, answer) = answer_batch(&seen, headers, &body);
+                    tokio::time::sleep(delay).await;
+                    return Ok(answer);
                 }
                 let h = |n: &str| {
                     headers
