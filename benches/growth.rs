@@ -9,6 +9,7 @@
 //! ```sh
 //! cargo bench --bench growth                       # 10 k and 10 M records
 //! RECORDS="10000 1000000" cargo bench --bench growth
+//! STORES=postgres cargo bench --bench growth       # some of memory, redis, postgres
 //! ```
 //!
 //! The HTTP path in front of the store does the same work whatever the
@@ -178,10 +179,12 @@ fn main() {
         .build()
         .unwrap();
     let rec = record();
+    let stores = std::env::var("STORES").unwrap_or_else(|_| "memory redis postgres".into());
+    let wanted = |s: &str| stores.split_whitespace().any(|w| w == s);
     println!("| store  |    records | operation      |     ops/s | p50 µs  | p99 µs  | MiB held |");
     println!("|--------|------------|----------------|-----------|---------|---------|----------|");
 
-    for &n in &sizes {
+    for &n in sizes.iter().filter(|_| wanted("memory")) {
         let run = format!("mem{n}");
         let store = MemoryStore::new((n + 2 * ops) as usize + 1);
         rt.block_on(async {
@@ -194,8 +197,12 @@ fn main() {
         drop(store);
     }
 
-    redis(&rt, &sizes, ops, &rec);
-    postgres(&rt, &sizes, ops, &rec);
+    if wanted("redis") {
+        redis(&rt, &sizes, ops, &rec);
+    }
+    if wanted("postgres") {
+        postgres(&rt, &sizes, ops, &rec);
+    }
 }
 
 fn redis(rt: &tokio::runtime::Runtime, sizes: &[u64], ops: u64, rec: &Arc<CompletedRecord>) {

@@ -126,19 +126,59 @@ impl RabbitServer {
         }
     }
 
-    /// The last `n` lines of the node's logs, for a failure's message.
+    /// The node's logs for a failure's message: every line about starting,
+    /// recovering or queues, then the last `n` lines.
     pub fn log_tail(&self, n: usize) -> String {
         let mut out = String::new();
         if let Ok(dir) = std::fs::read_dir(self.dir.join("log")) {
             for f in dir.flatten() {
                 let text = std::fs::read_to_string(f.path()).unwrap_or_default();
                 let lines: Vec<&str> = text.lines().collect();
+                for l in &lines {
+                    let low = l.to_ascii_lowercase();
+                    if [
+                        "recover",
+                        "queue",
+                        "starting rabbitmq",
+                        "time to start",
+                        "mnesia",
+                        "node down",
+                        "crash",
+                    ]
+                    .iter()
+                    .any(|w| low.contains(w))
+                        && !low.contains("accepting amqp")
+                    {
+                        out += l;
+                        out += "\n";
+                    }
+                }
                 out += &format!("== {}\n", f.path().display());
                 out += &lines[lines.len().saturating_sub(n)..].join("\n");
                 out += "\n";
             }
         }
         out
+    }
+
+    /// Stops it cleanly (SIGTERM: the node flushes its database and
+    /// message store) and starts it again on the same ports and data.
+    pub fn restart_cleanly(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while c.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    self.child = Some(c);
+                    self.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.spawn();
     }
 
     /// Kills it and starts it again on the same ports and data.
