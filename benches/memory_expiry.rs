@@ -19,10 +19,11 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
-use idemgate::idempotency::state::{Begin, BeginOptions};
 use idemgate::store::memory::MemoryStore;
-use idemgate::store::{RecordStore, Sealing};
+use idemgate::store::Sealing;
 
+#[path = "common/records.rs"]
+mod records;
 #[path = "common/rss.rs"]
 mod rss;
 use rss::rss;
@@ -77,21 +78,7 @@ fn main() {
                     let due = start.elapsed().as_millis() as u64 * rate / 1000;
                     while n < due {
                         let key = RecordKey::derive_dedup("expiry", &n.to_string());
-                        let Begin::Acquired(lease) = store
-                            .begin(
-                                &key,
-                                &record.fingerprint,
-                                BeginOptions::lease(Duration::from_secs(30)),
-                            )
-                            .await
-                            .unwrap()
-                        else {
-                            unreachable!()
-                        };
-                        assert!(store
-                            .complete(&key, &lease, record.clone(), TTL)
-                            .await
-                            .unwrap());
+                        records::put(&store, &key, &record, TTL).await;
                         n += 1;
                     }
                 }

@@ -16,10 +16,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use idemgate::idempotency::key::{Fingerprint, RecordKey};
 use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
-use idemgate::idempotency::state::{Begin, BeginOptions};
 use idemgate::store::memory::MemoryStore;
-use idemgate::store::RecordStore;
 
+#[path = "common/records.rs"]
+mod records;
 #[path = "common/rss.rs"]
 mod rss;
 use rss::rss;
@@ -55,21 +55,7 @@ fn main() {
     rt.block_on(async {
         for i in 0..n {
             let key = RecordKey::derive_dedup("mem", &i.to_string());
-            let Begin::Acquired(lease) = store
-                .begin(
-                    &key,
-                    &record.fingerprint,
-                    BeginOptions::lease(Duration::from_secs(30)),
-                )
-                .await
-                .unwrap()
-            else {
-                unreachable!()
-            };
-            assert!(store
-                .complete(&key, &lease, record.clone(), Duration::from_secs(3600))
-                .await
-                .unwrap());
+            records::put(&store, &key, &record, Duration::from_secs(3600)).await;
         }
     });
     let per = (rss() - before) as f64 / n as f64;

@@ -64,6 +64,11 @@ fn unread(redis: &RedisServer) -> usize {
         .unwrap_or(usize::MAX)
 }
 
+/// Every entry of the group read and acknowledged.
+fn settled(redis: &RedisServer) -> bool {
+    unread(redis) == 0 && pending(redis) == 0
+}
+
 fn stream_len(redis: &RedisServer, stream: &str) -> usize {
     redis
         .cli(&["XLEN", stream])
@@ -130,7 +135,7 @@ async fn a_thousand_messages_with_duplicate_publishes_each_key_delivered_once() 
     until(
         "every entry read and acknowledged",
         Duration::from_secs(30),
-        || unread(&redis) == 0 && pending(&redis) == 0,
+        || settled(&redis),
     )
     .await;
     let per_key = worker.per_key();
@@ -194,7 +199,7 @@ async fn five_hundreds_are_retried_with_backoff_until_the_worker_succeeds() {
     // acknowledged without a delivery.
     publish(&redis, "orders", &[("id", "flaky")]);
     until("the duplicate acknowledged", Duration::from_secs(5), || {
-        unread(&redis) == 0 && pending(&redis) == 0
+        settled(&redis)
     })
     .await;
     assert_eq!(worker.per_key()["flaky"], 4);
@@ -227,7 +232,7 @@ async fn refusals_exhausted_attempts_unknown_outcomes_and_keyless_messages_are_d
     publish(&redis, "orders", &[("no-order-here", "1")]);
     publish(&redis, "orders", &[("order", "after")]);
     until("every entry settled", Duration::from_secs(15), || {
-        unread(&redis) == 0 && pending(&redis) == 0 && stream_len(&redis, "orders.dead") == 4
+        settled(&redis) && stream_len(&redis, "orders.dead") == 4
     })
     .await;
     let per_key = worker.per_key();
@@ -289,7 +294,7 @@ async fn two_replicas_on_one_store_deliver_each_key_once() {
     until(
         "every entry read and acknowledged",
         Duration::from_secs(30),
-        || unread(&redis) == 0 && pending(&redis) == 0 && worker.per_key().len() == 150,
+        || settled(&redis) && worker.per_key().len() == 150,
     )
     .await;
     let per_key = worker.per_key();
@@ -548,7 +553,7 @@ async fn a_broker_restarted_mid_stream_loses_nothing_and_runs_nothing_twice() {
     until(
         "every entry acknowledged after the restart",
         Duration::from_secs(40),
-        || unread(&redis) == 0 && pending(&redis) == 0,
+        || settled(&redis),
     )
     .await;
     let per_key = worker.per_key();
@@ -658,7 +663,7 @@ async fn reconcile_asks_the_worker_whether_an_unknown_outcome_ran() {
     publish(&redis, "orders", &[("id", "not-1"), ("answers", "502,200")]);
     publish(&redis, "orders", &[("id", "err-1"), ("answers", "502")]);
     until("all three settled", Duration::from_secs(15), || {
-        unread(&redis) == 0 && pending(&redis) == 0 && worker.asked().len() == 3
+        settled(&redis) && worker.asked().len() == 3
     })
     .await;
     let per_key = worker.per_key();
@@ -716,7 +721,7 @@ async fn batch_mode_hands_many_messages_per_request_and_each_key_once() {
     until(
         "every entry read and acknowledged",
         Duration::from_secs(30),
-        || unread(&redis) == 0 && pending(&redis) == 0,
+        || settled(&redis),
     )
     .await;
     let per_key = worker.per_key();
@@ -783,7 +788,7 @@ async fn batch_mode_settles_each_message_by_its_own_result() {
     )
     .await;
     until("every entry settled", Duration::from_secs(15), || {
-        unread(&redis) == 0 && pending(&redis) == 0 && stream_len(&redis, "orders.dead") == 3
+        settled(&redis) && stream_len(&redis, "orders.dead") == 3
     })
     .await;
     let per_key = worker.per_key();
@@ -835,7 +840,7 @@ async fn batch_mode_settles_each_message_by_its_own_result() {
     );
     publish(&redis, "orders", &[("order", "quiet-1")]);
     until("the quiet batch settled", Duration::from_secs(15), || {
-        unread(&redis) == 0 && pending(&redis) == 0
+        settled(&redis)
     })
     .await;
     assert_eq!(metric(r.admin_addr, "delivered").await, 3.0);

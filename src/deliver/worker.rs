@@ -127,7 +127,9 @@ impl<'a> Event<'a> {
         // `datacontenttype`), anything else as base64.
         let essence = ct.split(';').next().unwrap_or("").trim();
         let json = (essence.eq_ignore_ascii_case("application/json")
-            || essence.to_ascii_lowercase().ends_with("+json"))
+            || essence
+                .get(essence.len().saturating_sub(5)..)
+                .is_some_and(|tail| tail.eq_ignore_ascii_case("+json")))
         .then(|| std::str::from_utf8(&msg.body).ok())
         .flatten()
         .and_then(|t| serde_json::from_str::<&serde_json::value::RawValue>(t).ok());
