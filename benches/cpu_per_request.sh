@@ -3,20 +3,32 @@
 # wrk: finer than a throughput ratio when comparing two builds (alternate
 # them; this shared machine still moves figures by about 10%).
 #
-#   benches/cpu_per_request.sh BIN nokey|unique [redis]
+#   benches/cpu_per_request.sh BIN nokey|unique [redis|postgres]
 #   C=1 D=8 benches/cpu_per_request.sh target/release/idemgate nokey
 #
 # Starts an nginx upstream (1 worker, a 44-byte JSON answer), optionally
-# redis-server, and idemgate on free loopback ports; warms up for 2 s, then
-# runs wrk -t1 -c$C (64) for $D (6) seconds and prints p50, req/s, CPU
-# microseconds (user + system, from /proc/<pid>/stat) and context switches
-# (every thread's, from /proc/<pid>/task/*/status) per request. Everything
-# started here is stopped at the end.
+# redis-server or PostgreSQL (as benches/load.sh starts it: its own data
+# folder, synchronous_commit and fsync on), and idemgate on free loopback
+# ports; warms up for 2 s, then runs wrk -t1 -c$C (64) for $D (6) seconds
+# and prints p50, req/s, CPU microseconds (user + system, from
+# /proc/<pid>/stat) and context switches (every thread's, from
+# /proc/<pid>/task/*/status) per request; on PostgreSQL also the CPU of
+# all its processes per request. Everything started here is stopped at the
+# end.
 set -euo pipefail
 BIN=$1 SCRIPT=$2 STORE=${3:-memory}
 W=$(mktemp -d); chmod 755 "$W"
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null || true; sleep 0.3; rm -rf "$W"' EXIT
+# PostgreSQL refuses to run as root: its programs run as `postgres` then.
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null || true
+  [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null || true
+  [ -f "$W/pg/data/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$W/pg/data" stop -m fast >/dev/null 2>&1 || true
+  sleep 0.3; rm -rf "$W"
+}
+trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP=$(port) P=$(port) A=$(port) R=$(port)
 cat > "$W/nginx.conf" <<N
@@ -33,6 +45,16 @@ if [ "$STORE" = redis ]; then
   extra=(--redis "redis://127.0.0.1:$R")
 fi
 printf '[store]\nmax_entries = 100000000\n' > "$W/idemgate.toml"
+if [ "$STORE" = postgres ]; then
+  [ -n "$PGBIN" ] || { echo "cpu_per_request.sh: PostgreSQL is not installed" >&2; exit 2; }
+  mkdir -p "$W/pg"; [ "$(id -u)" -eq 0 ] && chown postgres "$W/pg"
+  as_pg "$PGBIN/initdb" -D "$W/pg/data" -U postgres --auth=trust >/dev/null
+  as_pg "$PGBIN/postgres" -D "$W/pg/data" -p "$R" -c listen_addresses=127.0.0.1 \
+    -c unix_socket_directories="$W/pg" -c shared_buffers=512MB -c max_connections=200 \
+    -c synchronous_commit=on -c fsync=on ${PGOPTS:-} 2>"$W/pg/server.log" &
+  for _ in $(seq 100); do "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$R" && break; sleep 0.1; done
+  printf '[store]\nbackend = "postgres"\nurl = "postgres://postgres@127.0.0.1:%s/postgres"\n' "$R" > "$W/idemgate.toml"
+fi
 RUST_LOG=warn "$BIN" --config "$W/idemgate.toml" --upstream "http://127.0.0.1:$UP" "${extra[@]}" \
   --listen "127.0.0.1:$P" --admin-listen "127.0.0.1:$A" 2>"$W/idemgate.log" &
 PID=$!; pids+=($PID)
@@ -44,19 +66,28 @@ esac
 url="http://127.0.0.1:$P/v1/charges"
 wrk -t1 -c64 -d2s -s "$W/s.lua" "$url" >/dev/null
 switches() { cat /proc/"$PID"/task/*/status | awk '/ctxt_switches/ {s += $2} END {print s}'; }
-c0=$(switches); t0=$(awk '{print $14 + $15}' "/proc/$PID/stat")
+# Every PostgreSQL process's CPU (its backends come and go with the pool).
+pgcpu() {
+  [ "$STORE" = postgres ] || { echo 0; return; }
+  local pm; pm=$(head -1 "$W/pg/data/postmaster.pid")
+  { cat "/proc/$pm/stat"; for c in $(pgrep -P "$pm"); do cat "/proc/$c/stat" 2>/dev/null; done; } |
+    awk '{s += $14 + $15} END {print s}'
+}
+c0=$(switches); t0=$(awk '{print $14 + $15}' "/proc/$PID/stat"); g0=$(pgcpu)
 out=$(wrk -t1 -c"${C:-64}" -d"${D:-6}s" --latency -s "$W/s.lua" "$url")
-t1=$(awk '{print $14 + $15}' "/proc/$PID/stat"); c1=$(switches)
+t1=$(awk '{print $14 + $15}' "/proc/$PID/stat"); c1=$(switches); g1=$(pgcpu)
 n=$(awk '/requests in/ {print $1}' <<<"$out")
 rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
 p50=$(awk '/^ +50%/ {print $2}' <<<"$out")
 hz=$(getconf CLK_TCK)
-python3 - "$BIN" "$SCRIPT" "$STORE" "${C:-64}" "$p50" "$rps" "$t0" "$t1" "$c0" "$c1" "$n" "$hz" <<'PY'
+python3 - "$BIN" "$SCRIPT" "$STORE" "${C:-64}" "$p50" "$rps" "$t0" "$t1" "$c0" "$c1" "$n" "$hz" "$g0" "$g1" <<'PY'
 import os, sys
-b, script, store, c, p50, rps, t0, t1, c0, c1, n, hz = sys.argv[1:]
+b, script, store, c, p50, rps, t0, t1, c0, c1, n, hz, g0, g1 = sys.argv[1:]
 n = int(n)
 cpu = (float(t1) - float(t0)) / float(hz) * 1e6 / n
 sw = (int(c1) - int(c0)) / n
 print(f"{os.path.basename(b)} {script} {store} c={c}: p50 {p50}, {float(rps):.0f} req/s, "
-      f"{cpu:.1f} us CPU/request, {sw:.2f} context switches/request")
+      f"{cpu:.1f} us CPU/request, {sw:.2f} context switches/request"
+      + (f", PostgreSQL {(float(g1) - float(g0)) / float(hz) * 1e6 / n:.1f} us CPU/request"
+         if store == "postgres" else ""))
 PY

@@ -385,12 +385,12 @@ async fn migrate_ahead_lets_a_least_privilege_role_run() {
     );
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
-        "schema app created at version 2"
+        "schema app created at version 3"
     );
     let o = idemgate(&["migrate", "--config", f.path()], &[]);
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
-        "schema app is at version 2"
+        "schema app is at version 3"
     );
     // The grants the README gives a role that runs the sidecar.
     for sql in [
@@ -421,9 +421,9 @@ async fn migrate_ahead_lets_a_least_privilege_role_run() {
 }
 
 /// A schema made by version 1 (its SQL kept as a fixture) is brought to
-/// version 2 in place by `idemgate migrate`: its records are kept, its
-/// batch functions replaced, the one-key completion it no longer calls
-/// dropped.
+/// the current version in place by `idemgate migrate`: its records are
+/// kept, its batch functions replaced, the one-key completion it no longer
+/// calls dropped, the combined batch function added.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_1_schema_is_migrated_keeping_its_records() {
     let pg = PostgresServer::start();
@@ -451,16 +451,19 @@ async fn a_version_1_schema_is_migrated_keeping_its_records() {
     let o = idemgate(&["migrate", "--config", f.path()], &[]);
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
-        "schema old migrated from version 1 to 2",
+        "schema old migrated from version 1 to 3",
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(pg.psql(one_key).unwrap().trim(), "0");
+    let step = "SELECT count(*) FROM pg_proc \
+                WHERE proname = 'step_many' AND pronamespace = 'old'::regnamespace";
+    assert_eq!(pg.psql(step).unwrap().trim(), "1");
     assert_eq!(
         pg.psql("SELECT max(version) FROM old.schema_version")
             .unwrap()
             .trim(),
-        "2"
+        "3"
     );
     let r = Running::start(config(Some(&up.url()), &toml))
         .await
@@ -479,7 +482,9 @@ async fn a_version_1_schema_is_migrated_keeping_its_records() {
 /// by its one insert), a key given twice (the second finds the first's
 /// lease), a completed key, an expired one (a new lease, a higher fence)
 /// and a key in flight elsewhere; then one `complete_many` completing the
-/// batch's leases and refusing a token that is not the lease's.
+/// batch's leases and refusing a token that is not the lease's, one
+/// holding a key twice (a lapsed holder's token and the current one), and
+/// one `step_many` carrying a completion and a begin of the same key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_batch_answers_each_of_its_keys_on_its_own() {
     let pg = PostgresServer::start();
@@ -541,6 +546,98 @@ async fn one_batch_answers_each_of_its_keys_on_its_own() {
         q("SELECT string_agg(encode(key, 'escape') || '=' || state::text, ' ' ORDER BY key) FROM batch.records"),
         "a=c b=c busy=i done=c old=c"
     );
+
+    // A key given twice, by a holder whose lease was taken over (first)
+    // and by the current holder: only the current one stores its record.
+    q("INSERT INTO batch.records (key, state, token, fence, fp, lease_until_ms, expires_ms) VALUES \
+       ('\\x7477696365', 'i', 'now', nextval('batch.fences'), '\\x09', \
+        batch.now_ms() + 60000, batch.now_ms() + 60000)");
+    let done = q(
+        "SELECT string_agg(i || ':' || done, ' ' ORDER BY i) FROM batch.complete_many(\
+         ARRAY['\\x7477696365', '\\x7477696365']::bytea[], ARRAY['before', 'now'], \
+         ARRAY['\\x0b', '\\x0c']::bytea[], array_fill(60000::bigint, ARRAY[2]))",
+    );
+    assert_eq!(done, "1:false 2:true");
+    assert_eq!(
+        q("SELECT encode(record, 'hex') FROM batch.records WHERE key = '\\x7477696365'"),
+        "0c"
+    );
+
+    // step_many: completions first (their rows minus their positions),
+    // then begins: a begin of the key the batch completes finds it
+    // completed, a new key is taken.
+    q("INSERT INTO batch.records (key, state, token, fence, fp, lease_until_ms, expires_ms) VALUES \
+       ('\\x73746570', 'i', 'sx', nextval('batch.fences'), '\\x09', \
+        batch.now_ms() + 60000, batch.now_ms() + 60000)");
+    let got = q(
+        "SELECT string_agg(i || ':' || coalesce(kind::text, done::text), ' ' ORDER BY i) \
+         FROM batch.step_many(\
+         ARRAY['\\x73746570', '\\x6e6577']::bytea[], ARRAY['s1', 's2'], \
+         array_fill('\\x09'::bytea, ARRAY[2]), array_fill(30000::bigint, ARRAY[2]), \
+         array_fill(60000::bigint, ARRAY[2]), array_fill(NULL::bigint, ARRAY[2]), \
+         array_fill(NULL::bigint, ARRAY[2]), \
+         ARRAY['\\x73746570']::bytea[], ARRAY['sx'], ARRAY['\\x0d']::bytea[], \
+         ARRAY[60000::bigint])",
+    );
+    assert_eq!(got, "-1:true 1:c 2:a");
+}
+
+/// Many callers at once through one store: its batches carry begins and
+/// completions together (`step_many`), and every caller gets its own
+/// answer: its lease, its completion, its own record on the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_batches_answer_each_caller_its_own() {
+    use idemgate::idempotency::state::Begin;
+    use idemgate::store::RecordStore;
+    let pg = PostgresServer::start();
+    pg.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .unwrap();
+    let store = Arc::new(connect(&pg.url(), "mixed").await);
+    let mixed = || -> u64 {
+        pg.psql(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements \
+             WHERE query LIKE '%step_many%'",
+        )
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    // Rounds until some batch carried both kinds (the first nearly always
+    // has one); every answer is checked in every round.
+    for round in 0..20 {
+        let callers: Vec<_> = (0..200)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let name = format!("mixed-{round}-{i}");
+                    let k = cache::key(&name);
+                    let Begin::Acquired(lease) = cache::begin(&store, &k).await else {
+                        panic!("{name} not acquired")
+                    };
+                    let record = Arc::new(cache::record(&name));
+                    let ttl = Duration::from_secs(600);
+                    assert!(
+                        store.complete(&k, &lease, record, ttl).await.unwrap(),
+                        "{name} not stored"
+                    );
+                    match cache::begin(&store, &k).await {
+                        Begin::Completed(rec) => {
+                            assert_eq!(&rec.response.body[..], name.as_bytes(), "{name}")
+                        }
+                        _ => panic!("{name} not completed"),
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        if mixed() > 0 {
+            return;
+        }
+    }
+    panic!("no batch carried begins and completions together in 20 rounds");
 }
 
 // The replay cache: two stores on one schema stand for two replicas.
@@ -577,22 +674,27 @@ mod cache {
         let Begin::Acquired(lease) = store.begin(k, &FP, opts()).await.unwrap() else {
             panic!("not acquired")
         };
-        let record = CompletedRecord {
+        let record = record("{\"ok\":true}");
+        assert!(store
+            .complete(k, &lease, Arc::new(record), ttl)
+            .await
+            .unwrap());
+    }
+
+    /// A record whose body is `body`.
+    pub fn record(body: &str) -> CompletedRecord {
+        CompletedRecord {
             origin: None,
             fingerprint: FP,
             created_unix_ms: 1,
             response: StoredResponse {
                 status: StatusCode::CREATED,
                 headers: HeaderMap::new(),
-                body: Bytes::from_static(b"{\"ok\":true}"),
+                body: Bytes::from(body.to_owned()),
                 body_omitted: false,
                 trailers: HeaderMap::new(),
             },
-        };
-        assert!(store
-            .complete(k, &lease, Arc::new(record), ttl)
-            .await
-            .unwrap());
+        }
     }
 
     pub async fn begin(store: &PostgresStore, k: &RecordKey) -> Begin {
@@ -603,11 +705,12 @@ mod cache {
         matches!(begin(store, k).await, Begin::Completed(_))
     }
 
-    /// Begin statements the server has run (the batched begin function).
+    /// Begin statements the server has run (the batch functions that
+    /// carry begins: alone, or with completions).
     pub fn begins(pg: &PostgresServer) -> u64 {
         pg.psql(
             "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements \
-             WHERE query LIKE '%begin_many%'",
+             WHERE query ~ '(begin|step)_many'",
         )
         .unwrap()
         .trim()

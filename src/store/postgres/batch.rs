@@ -1,19 +1,20 @@
-//! Group commit in the client: the begins (and the completions) that
-//! arrive while others are being committed are sent together, as one call
-//! of `begin_many` (`complete_many`): one statement, one transaction, one
-//! WAL flush for all of them, where one each would queue on the flush.
+//! Group commit in the client: the begins and the completions that arrive
+//! while others are being committed are sent together, as one call of
+//! `step_many`: one statement, one transaction, one WAL flush for all of
+//! them, where one each would queue on the flush.
 //!
 //! A [`Batcher`] runs at most `parallel` batches at once. While one is
 //! free a call goes out alone at once (no waiting to fill a batch: an idle
 //! store adds no latency); while all are busy calls gather, up to `max` a
 //! batch. Each item keeps its own answer: a batch is its items, each
 //! atomic, none together (the contract's rule for batches), and the
-//! functions lock rows in key order, so two batches never deadlock.
+//! functions lock rows in key order, completions then begins.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::db::{col, malformed, Db};
@@ -101,47 +102,6 @@ pub(super) struct BeginArgs {
     pub reconcile_ms: Option<i64>,
 }
 
-/// Runs begins as one `begin_many` call; each answer is its row (the
-/// columns of `begin_lease` after the position).
-pub(super) async fn begins(
-    db: &Db,
-    sql: &str,
-    items: Vec<BeginArgs>,
-) -> Result<Vec<Result<Row, StoreError>>, StoreError> {
-    let n = items.len();
-    let mut keys = Vec::with_capacity(n);
-    let mut tokens = Vec::with_capacity(n);
-    let mut fps = Vec::with_capacity(n);
-    let mut leases = Vec::with_capacity(n);
-    let mut in_flight = Vec::with_capacity(n);
-    let mut holds = Vec::with_capacity(n);
-    let mut reconciles = Vec::with_capacity(n);
-    for it in items {
-        keys.push(it.key);
-        tokens.push(it.token);
-        fps.push(it.fp);
-        leases.push(it.lease_ms);
-        in_flight.push(it.in_flight_ms);
-        holds.push(it.hold_ms);
-        reconciles.push(it.reconcile_ms);
-    }
-    let rows = db
-        .rows(
-            sql,
-            &[
-                &keys,
-                &tokens,
-                &fps,
-                &leases,
-                &in_flight,
-                &holds,
-                &reconciles,
-            ],
-        )
-        .await?;
-    by_position(n, rows)
-}
-
 /// One completion's arguments, as `complete_many` takes them (one
 /// element of each array).
 pub(super) struct CompleteArgs {
@@ -151,47 +111,132 @@ pub(super) struct CompleteArgs {
     pub ttl_ms: i64,
 }
 
-/// Runs completions as one `complete_many` call.
-pub(super) async fn completes(
+/// A call a batch carries.
+pub(super) enum Step {
+    Begin(BeginArgs),
+    Complete(CompleteArgs),
+}
+
+/// Its answer: a begin's row (the columns of `begin_lease` after the
+/// position), or whether a completion stored its record.
+pub(super) enum Stepped {
+    Begun(Row),
+    Completed(bool),
+}
+
+/// The batch functions, the schema filled in: a batch of one kind calls
+/// that kind's own (the combined one costs a nested call more).
+pub(super) struct StepSql {
+    pub begins: String,
+    pub completes: String,
+    pub both: String,
+}
+
+/// Runs begins and completions as one call (`step_many`, or
+/// `begin_many` / `complete_many` for a batch of one kind); one answer
+/// per item, in order.
+pub(super) async fn steps(
     db: &Db,
-    sql: &str,
-    items: Vec<CompleteArgs>,
-) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
+    sql: &StepSql,
+    items: Vec<Step>,
+) -> Result<Vec<Result<Stepped, StoreError>>, StoreError> {
     let n = items.len();
-    let mut keys = Vec::with_capacity(n);
-    let mut tokens = Vec::with_capacity(n);
-    let mut records = Vec::with_capacity(n);
-    let mut ttls = Vec::with_capacity(n);
+    let (mut keys, mut tokens, mut fps) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut leases, mut in_flight) = (Vec::new(), Vec::new());
+    let (mut holds, mut reconciles) = (Vec::new(), Vec::new());
+    let (mut ckeys, mut ctokens) = (Vec::new(), Vec::new());
+    let (mut records, mut ttls) = (Vec::new(), Vec::new());
+    // Where each item's answer comes from: its kind's 1-based position.
+    let mut at = Vec::with_capacity(n);
     for it in items {
-        keys.push(it.key);
-        tokens.push(it.token);
-        records.push(it.record);
-        ttls.push(it.ttl_ms);
+        match it {
+            Step::Begin(b) => {
+                keys.push(b.key);
+                tokens.push(b.token);
+                fps.push(b.fp);
+                leases.push(b.lease_ms);
+                in_flight.push(b.in_flight_ms);
+                holds.push(b.hold_ms);
+                reconciles.push(b.reconcile_ms);
+                at.push(Place::Begin(keys.len()));
+            }
+            Step::Complete(c) => {
+                ckeys.push(c.key);
+                ctokens.push(c.token);
+                records.push(c.record);
+                ttls.push(c.ttl_ms);
+                at.push(Place::Complete(ckeys.len()));
+            }
+        }
     }
-    let rows = db.rows(sql, &[&keys, &tokens, &records, &ttls]).await?;
-    Ok(by_position(n, rows)?
+    let begin: [&(dyn ToSql + Sync); 7] = [
+        &keys,
+        &tokens,
+        &fps,
+        &leases,
+        &in_flight,
+        &holds,
+        &reconciles,
+    ];
+    let complete: [&(dyn ToSql + Sync); 4] = [&ckeys, &ctokens, &records, &ttls];
+    // Rows of begins, rows of completions, and the column of `done`.
+    let (begun, completed, done) = if ckeys.is_empty() {
+        (db.rows(&sql.begins, &begin).await?, Vec::new(), 1)
+    } else if keys.is_empty() {
+        (Vec::new(), db.rows(&sql.completes, &complete).await?, 1)
+    } else {
+        let both: Vec<_> = begin.into_iter().chain(complete).collect();
+        let rows = db.rows(&sql.both, &both).await?;
+        // A completion's row has minus its position.
+        let (b, c) = rows.into_iter().partition(|r| position(r) > 0);
+        (b, c, COMPLETED)
+    };
+    let mut begun = by_position(keys.len(), begun)?;
+    let mut completed = by_position(ckeys.len(), completed)?;
+    Ok(at
         .into_iter()
-        .map(|row| {
-            row.and_then(|r| col::<Option<bool>>(&r, 1))
-                .map(|d| d == Some(true))
+        .map(|place| match place {
+            Place::Begin(i) => answer(&mut begun, i).map(Stepped::Begun),
+            Place::Complete(i) => answer(&mut completed, i).and_then(|r| {
+                col::<Option<bool>>(&r, done).map(|d| Stepped::Completed(d == Some(true)))
+            }),
         })
         .collect())
 }
 
-/// Rows put back in the order of the items: each row's first column is
-/// its item's position (1-based); an item without a row gets an error.
-fn by_position(n: usize, rows: Vec<Row>) -> Result<Vec<Result<Row, StoreError>>, StoreError> {
+/// The column of a completion's `done` in `step_many`'s rows.
+const COMPLETED: usize = 11;
+
+/// Where an item's answer is: the n-th begin or completion (1-based).
+enum Place {
+    Begin(usize),
+    Complete(usize),
+}
+
+/// A row's position column: a begin's position, or minus a completion's;
+/// 0 (neither) where unreadable, which leaves its item without an answer.
+fn position(row: &Row) -> i32 {
+    row.try_get::<_, i32>(0).unwrap_or(0)
+}
+
+/// The n-th item's row (1-based), or an error where it had none.
+fn answer(rows: &mut [Option<Row>], i: usize) -> Result<Row, StoreError> {
+    rows[i - 1]
+        .take()
+        .ok_or_else(|| malformed("a batch (missing row)"))
+}
+
+/// Rows put back in the order of their kind's items: each row's first
+/// column is its item's position (1-based; minus it for a completion).
+fn by_position(n: usize, rows: Vec<Row>) -> Result<Vec<Option<Row>>, StoreError> {
     let mut out: Vec<Option<Row>> = (0..n).map(|_| None).collect();
     for row in rows {
-        let i: i32 = col(&row, 0)?;
-        let slot = usize::try_from(i - 1)
-            .ok()
+        let i = position(&row).unsigned_abs() as usize;
+        let slot = i
+            .checked_sub(1)
             .and_then(|i| out.get_mut(i))
             .ok_or_else(|| malformed("a batch (position)"))?;
         *slot = Some(row);
     }
-    Ok(out
-        .into_iter()
-        .map(|r| r.ok_or_else(|| malformed("a batch (missing row)")))
-        .collect())
+    Ok(out)
 }

@@ -1,7 +1,7 @@
 //! The PostgreSQL store: records that survive the loss of a server, with
 //! synchronous replication. `db` makes every call (a pooled connection,
 //! one statement, bounded by `store.timeout`); `batch` gathers concurrent
-//! begins and completions into one statement each (group commit in the
+//! begins and completions into one statement (group commit in the
 //! client); `store` holds it all ([`PostgresStore`]: the pool, the
 //! statements it runs, the batchers, the sweeper); `schema` creates and
 //! migrates its tables and functions (`schema.sql`: every transition of the

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_postgres::Row;
 
-use super::batch::{BeginArgs, CompleteArgs};
+use super::batch::{BeginArgs, CompleteArgs, Step, Stepped};
 use super::db::{col, malformed, ms};
 use super::store::PostgresStore;
 use crate::idempotency::key::{Fingerprint, RecordKey};
@@ -62,7 +62,12 @@ impl PostgresStore {
                 hold_ms: opts.hold_lapsed.map(ms),
                 reconcile_ms: opts.reconcile_every.map(ms),
             };
-            let row = self.batched(self.inner.begins.call(args)).await?;
+            let Stepped::Begun(row) = self
+                .batched(self.inner.steps.call(Step::Begin(args)))
+                .await?
+            else {
+                return Err(malformed("a batch (a begin answered as a completion)"));
+            };
             // Column 0 is the batch position; begin_lease's columns follow:
             // kind, fence, fp, record, ttl, cause, since, next, reconcile,
             // held now.
@@ -262,7 +267,13 @@ impl RecordStore for PostgresStore {
                 record: self.inner.sealing.encode(key, &record),
                 ttl_ms: ms(ttl),
             };
-            self.batched(self.inner.completes.call(args)).await
+            match self
+                .batched(self.inner.steps.call(Step::Complete(args)))
+                .await?
+            {
+                Stepped::Completed(done) => Ok(done),
+                Stepped::Begun(_) => Err(malformed("a batch (a completion answered as a begin)")),
+            }
         })
     }
 

@@ -1,10 +1,10 @@
--- idemgate's PostgreSQL schema, version 2. `{schema}` is replaced by the
+-- idemgate's PostgreSQL schema, version 3. `{schema}` is replaced by the
 -- configured schema name (quoted), `{channel}` by the waiters' channel and
 -- `{replays}` by the replay caches' invalidation channel.
 --
 -- Every statement here can run again on an older schema: that is how one
 -- is migrated. Version 1 ran begin_many and complete_many as loops of
--- one-key calls.
+-- one-key calls; version 2 had no step_many.
 --
 -- Every transition of the storage contract is one function call: one
 -- statement, one transaction, the row locked for no longer than that. The
@@ -192,39 +192,49 @@ $$;
 -- parts go in key order, and the second only locks rows that were present
 -- before the first (or that it waited for), so two batches never wait on
 -- each other in a cycle.
+--
+-- The batch functions' statements are planned once per connection, as a
+-- generic plan, whatever the batch's size (a plan made for each call cost
+-- more than running it). The plan must not depend on the table's size
+-- when it was made: a join planned while the table was small (a hash
+-- join, or a merge join, over a scan of it) would stay while it grows.
+-- Hence the SET clauses: every key is one probe of the primary key.
 CREATE OR REPLACE FUNCTION {schema}.begin_many(ks bytea[], toks text[], fps bytea[],
     lease_ms bigint[], in_flight_ms bigint[], hold_ms bigint[], reconcile_ms bigint[])
 RETURNS TABLE (i integer, kind "char", fence bigint, fp bytea, record bytea, ttl_ms bigint,
     cause text, since_ms bigint, next_ms bigint, reconcile boolean, held_now boolean)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+#variable_conflict use_column
 DECLARE
     t bigint := {schema}.now_ms();
-    taken bigint[];
+    taken integer[];
     fences bigint[];
     j integer;
 BEGIN
     -- Keys with a row are left to begin_lease: drawing a fence for them
     -- would write (the sequence), so a batch of replays would wait for a
-    -- WAL flush. The check is a scalar subquery, never a join: PL/pgSQL
-    -- caches a statement's plan per connection, and a join planned while
-    -- the table was small (a hash join over a scan of it) would stay while
-    -- it grows; a subquery on the primary key stays an index probe. A row
-    -- inserted meanwhile by another batch is the insert's conflict.
-    WITH u AS (
-        SELECT DISTINCT ON (v.k) v.k, v.tok, v.fp, v.l, v.f, v.o
-        FROM unnest(ks, toks, fps, lease_ms, in_flight_ms) WITH ORDINALITY AS v(k, tok, fp, l, f, o)
-        WHERE (SELECT true FROM {schema}.records AS x WHERE x.key = v.k) IS NULL
-        ORDER BY v.k, v.o),
-    ins AS (
-        INSERT INTO {schema}.records AS x (key, state, token, fence, fp, lease_until_ms, expires_ms)
+    -- WAL flush. A row inserted meanwhile by another batch is the
+    -- insert's conflict. An inserted row is its element's by its token
+    -- (128 random bits: one element holds it).
+    WITH ins AS (
+        INSERT INTO {schema}.records AS x (key, state, token, fence, fp, lease_until_ms,
+            expires_ms)
         SELECT u.k, 'i', u.tok, nextval('{schema}.fences'), u.fp, t + u.l, t + u.f
-        FROM u ORDER BY u.k
+        FROM (SELECT DISTINCT ON (v.k) v.k, v.tok, v.fp, v.l, v.f
+              FROM unnest(ks, toks, fps, lease_ms, in_flight_ms) WITH ORDINALITY
+                  AS v(k, tok, fp, l, f, o)
+              WHERE NOT EXISTS (SELECT FROM {schema}.records AS y WHERE y.key = v.k)
+              ORDER BY v.k, v.o) AS u
+        ORDER BY u.k
         ON CONFLICT DO NOTHING
-        RETURNING x.key, x.fence)
-    SELECT array_agg(u.o), array_agg(ins.fence) INTO taken, fences
-    FROM ins JOIN u ON u.k = ins.key;
+        RETURNING x.token, x.fence)
+    SELECT array_agg(array_position(toks, ins.token)), array_agg(ins.fence)
+        INTO taken, fences FROM ins;
     IF taken IS NOT NULL THEN
-        RETURN QUERY SELECT g.o::integer, 'a'::"char", g.f, NULL::bytea, NULL::bytea,
+        RETURN QUERY SELECT g.o, 'a'::"char", g.f, NULL::bytea, NULL::bytea,
             NULL::bigint, NULL::text, NULL::bigint, NULL::bigint, false, false
             FROM unnest(taken, fences) AS g(o, f);
     END IF;
@@ -253,37 +263,77 @@ $$;
 DROP FUNCTION IF EXISTS {schema}.complete_lease(bytea, text, bytea, bigint);
 
 -- complete_many: store the responses for the current leases and wake
--- their waiters, in key order (as begin_many locks rows), in one
--- transaction; `done` false where the lease is no longer the caller's.
--- One update per key, each on the primary key's index: one update joined
--- with the input would be planned once per connection, and a plan made
--- while the table was small (a scan of it) would stay.
+-- their waiters, in one statement; `done` false where the lease is no
+-- longer the caller's. The rows are reached through the primary key with
+-- the batch's keys (`key = ANY`, which walks the index in key order, so
+-- rows are locked in key order as begin_many locks them), and each row
+-- finds its element by its lease's token (128 random bits: one element
+-- at most holds it; a key given twice, by a lapsed holder and by the one
+-- that took over, matches only the current one): no join the planner
+-- could turn into a scan of the table (see begin_many). An element is
+-- done when its key now holds its record.
 CREATE OR REPLACE FUNCTION {schema}.complete_many(ks bytea[], toks text[], recs bytea[],
     ttls bigint[])
 RETURNS TABLE (i integer, done boolean)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
 #variable_conflict use_column
 DECLARE
     t bigint := {schema}.now_ms();
-    j integer;
-    w boolean;
-    settled integer[] := '{}';
 BEGIN
-    FOR j IN SELECT v.o FROM unnest(ks) WITH ORDINALITY AS v(k, o) ORDER BY v.k, v.o LOOP
+    RETURN QUERY
+    WITH up AS (
         UPDATE {schema}.records AS x SET state = 'c', token = NULL, fp = NULL,
-            lease_until_ms = NULL, record = recs[j], expires_ms = t + ttls[j]
-            WHERE x.key = ks[j] AND x.state = 'i' AND x.token = toks[j] AND x.expires_ms > t
-            RETURNING x.waited INTO w;
-        IF FOUND THEN
-            settled := settled || j;
-            -- Only where a duplicate waits (see `waited`).
-            IF w THEN
-                PERFORM pg_notify('{channel}', encode(ks[j], 'hex'));
-            END IF;
-        END IF;
-    END LOOP;
-    RETURN QUERY SELECT v.o::integer, v.o = ANY (settled)
-        FROM unnest(ks) WITH ORDINALITY AS v(k, o);
+            lease_until_ms = NULL, record = recs[array_position(toks, x.token)],
+            expires_ms = t + ttls[array_position(toks, x.token)]
+        -- `+ 0`: the expiry index cannot serve this (a plan made while
+        -- the table was empty chose a range scan of it, every live row).
+        WHERE x.key = ANY (ks) AND x.state = 'i' AND x.token = ANY (toks)
+            AND ks[array_position(toks, x.token)] = x.key AND x.expires_ms + 0 > t
+        RETURNING x.key, x.record, x.waited),
+    -- Only where a duplicate waits (see `waited`).
+    woken AS (
+        SELECT count(pg_notify('{channel}', encode(up.key, 'hex'))) AS n
+        FROM up WHERE up.waited)
+    SELECT g.o::integer,
+        EXISTS (SELECT FROM up WHERE up.key = ks[g.o] AND up.record = recs[g.o])
+    FROM generate_subscripts(ks, 1) AS g(o), woken;
+END
+$$;
+
+-- step_many: the completions and the begins gathered while the previous
+-- batch ran, in one transaction: one round trip and one commit (one WAL
+-- flush) for both kinds, where a batch of each took two. Completions go
+-- first, so a begin of a key the same batch completes finds it
+-- completed. Rows: a begin's as begin_many answers it (i its position,
+-- `done` NULL); a completion's i is minus its position, with `done`.
+-- Locks: completions then begins, each in key order. Two batches could
+-- only wait on each other in a cycle where two leases lapsed and were
+-- taken over while their holders completed them, crosswise, at once (as
+-- could a batch of begins and one of completions before); PostgreSQL
+-- then fails one of them, and its callers get the store's error.
+CREATE OR REPLACE FUNCTION {schema}.step_many(ks bytea[], toks text[], fps bytea[],
+    lease_ms bigint[], in_flight_ms bigint[], hold_ms bigint[], reconcile_ms bigint[],
+    cks bytea[], ctoks text[], crecs bytea[], cttls bigint[])
+RETURNS TABLE (i integer, kind "char", fence bigint, fp bytea, record bytea, ttl_ms bigint,
+    cause text, since_ms bigint, next_ms bigint, reconcile boolean, held_now boolean,
+    done boolean)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    IF cardinality(cks) > 0 THEN
+        RETURN QUERY SELECT -c.i, NULL::"char", NULL::bigint, NULL::bytea, NULL::bytea,
+            NULL::bigint, NULL::text, NULL::bigint, NULL::bigint, NULL::boolean,
+            NULL::boolean, c.done
+            FROM {schema}.complete_many(cks, ctoks, crecs, cttls) AS c;
+    END IF;
+    IF cardinality(ks) > 0 THEN
+        RETURN QUERY SELECT b.*, NULL::boolean
+            FROM {schema}.begin_many(ks, toks, fps, lease_ms, in_flight_ms, hold_ms,
+                reconcile_ms) AS b;
+    END IF;
 END
 $$;
 

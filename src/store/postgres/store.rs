@@ -19,7 +19,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::batch::{self, Batcher, BeginArgs, CompleteArgs};
+use super::batch::{self, Batcher, Step, StepSql, Stepped};
 use super::db::{col, unavailable, Db};
 use super::listen::{self, Waiters};
 use super::schema::{self, quoted};
@@ -32,10 +32,10 @@ pub const RECHECK: Duration = Duration::from_millis(500);
 /// How often the sweeper runs, and how many rows one batch deletes.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const SWEEP_BATCH: i64 = 1000;
-/// The most begins (or completions) one batch carries.
+/// The most calls (begins and completions) one batch carries.
 const MAX_BATCH: usize = 128;
 
-/// Batches of begins (and of completions) sent at once.
+/// Batches sent at once.
 const BATCHES_IN_FLIGHT: usize = 2;
 
 fn closing() -> StoreError {
@@ -123,14 +123,12 @@ pub(super) struct Inner {
     pub(super) replays: Option<Arc<ReplayCache>>,
     pub(super) sql: Sql,
     /// Begins and completions, gathered into batches under load.
-    pub(super) begins: Batcher<BeginArgs, Row>,
-    pub(super) completes: Batcher<CompleteArgs, bool>,
+    pub(super) steps: Batcher<Step, Stepped>,
 }
 
 /// Every statement, the schema filled in.
 pub(super) struct Sql {
-    pub begin_many: String,
-    pub complete_many: String,
+    pub steps: StepSql,
     pub renew: String,
     pub release: String,
     pub mark_unknown: String,
@@ -157,8 +155,13 @@ impl Sql {
         let s = quoted(schema);
         let live = format!("expires_ms > {s}.now_ms()");
         Sql {
-            begin_many: format!("SELECT * FROM {s}.begin_many($1, $2, $3, $4, $5, $6, $7)"),
-            complete_many: format!("SELECT * FROM {s}.complete_many($1, $2, $3, $4)"),
+            steps: StepSql {
+                begins: format!("SELECT * FROM {s}.begin_many($1, $2, $3, $4, $5, $6, $7)"),
+                completes: format!("SELECT * FROM {s}.complete_many($1, $2, $3, $4)"),
+                both: format!(
+                    "SELECT * FROM {s}.step_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                ),
+            },
             renew: format!("SELECT {s}.renew_lease($1, $2, $3)"),
             release: format!("SELECT {s}.release_lease($1, $2)"),
             mark_unknown: format!("SELECT {s}.mark_unknown($1, $2, $3, $4)"),
@@ -252,16 +255,16 @@ impl PostgresStore {
         let waiters = Arc::new(Waiters::default());
         let replays = (replay_cache_bytes > 0)
             .then(|| Arc::new(ReplayCache::new(replay_cache_bytes, replay_cache_lookups)));
-        // Batches of each kind at once: two, whatever the pool (one
-        // committing while the next gathers, and a batch held up by a row
-        // lock does not hold up every begin). More in flight means smaller
-        // batches and more of the database's time per request: at 64
-        // clients, four each cost 95 µs of PostgreSQL CPU a request, two
-        // 70 µs, one 55 µs (benches/RESULTS.md). The other calls
-        // (renewals, waits, the dedup API) keep the rest of the pool.
+        // Batches at once: two, whatever the pool (one committing while
+        // the next gathers, and a batch held up by a row lock does not
+        // hold up every begin and completion). A batch carries both kinds
+        // (`step_many`): one commit where each kind took one. More in
+        // flight means smaller batches and more of the database's time per
+        // request (benches/RESULTS.md). The other calls (renewals, waits,
+        // the dedup API) keep the rest of the pool.
         let parallel = BATCHES_IN_FLIGHT.min((pool_size / 2).max(1));
         let inner = Arc::new_cyclic(|me: &Weak<Inner>| {
-            let (b, c) = (me.clone(), me.clone());
+            let me = me.clone();
             Inner {
                 db: Db { pool, timeout },
                 recheck,
@@ -269,18 +272,11 @@ impl PostgresStore {
                 waiters: waiters.clone(),
                 replays: replays.clone(),
                 sql: Sql::new(&schema),
-                begins: Batcher::start(parallel, MAX_BATCH, move |items| {
-                    let me = b.upgrade();
+                steps: Batcher::start(parallel, MAX_BATCH, move |items| {
+                    let me = me.upgrade();
                     async move {
                         let inner = me.ok_or_else(closing)?;
-                        batch::begins(&inner.db, &inner.sql.begin_many, items).await
-                    }
-                }),
-                completes: Batcher::start(parallel, MAX_BATCH, move |items| {
-                    let me = c.upgrade();
-                    async move {
-                        let inner = me.ok_or_else(closing)?;
-                        batch::completes(&inner.db, &inner.sql.complete_many, items).await
+                        batch::steps(&inner.db, &inner.sql.steps, items).await
                     }
                 }),
             }
