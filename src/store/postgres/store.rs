@@ -14,7 +14,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -245,8 +245,14 @@ impl PostgresStore {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        // The connection used last goes out first: the few a batch needs
+        // stay warm (their backends awake, their caches hot) rather than
+        // every call waking the next of `pool_size` in turn; 3-6 % more
+        // new keys/s and 6-10 % less PostgreSQL CPU at one client
+        // (benches/RESULTS.md).
         let pool = Pool::builder(manager)
             .max_size(pool_size)
+            .queue_mode(QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(timeout))
             .create_timeout(Some(timeout.max(Duration::from_secs(1))))
