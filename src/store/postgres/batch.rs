@@ -1,6 +1,7 @@
 //! Group commit in the client: the begins and the completions that arrive
 //! while others are being committed are sent together, as one call of
-//! `step_many`: one statement, one transaction, one WAL flush for all of
+//! `step_many` (or of `begin_many` or `complete_many` when the batch holds
+//! one kind): one statement, one transaction, one WAL flush for all of
 //! them, where one each would queue on the flush.
 //!
 //! A [`Batcher`] runs at most `parallel` batches at once. While one is
