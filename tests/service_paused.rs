@@ -1,6 +1,7 @@
 //! The idempotency Service driven with `oneshot` under tokio's paused clock:
-//! lease renewal, wait timeouts and takeover of a lapsed lease, with minutes
-//! of virtual time passing instantly.
+//! lease renewal (also once the caller has gone, or while it does not read
+//! its body), wait timeouts and takeover of a lapsed lease, with minutes of
+//! virtual time passing instantly.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,7 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
 use idemgate::body::full;
 use idemgate::config::{FileConfig, OnStoreError, RunArgs};
 use idemgate::error::UpstreamError;
@@ -30,6 +32,34 @@ use tower::{Service, ServiceExt};
 struct Counting {
     calls: Arc<AtomicUsize>,
     delay: Duration,
+}
+
+/// An upstream that sends its head at once and its body, "call N", after
+/// `delay`.
+#[derive(Clone)]
+struct Trickling {
+    calls: Arc<AtomicUsize>,
+    delay: Duration,
+}
+
+impl Service<Request<Body>> for Trickling {
+    type Response = Response<Body>;
+    type Error = UpstreamError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, UpstreamError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<Body>) -> Self::Future {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let delay = self.delay;
+        let later = futures_util::stream::once(async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, idemgate::BoxError>(Frame::data(Bytes::from(format!("call {n}"))))
+        });
+        Box::pin(async move { Ok(Response::new(StreamBody::new(later).boxed())) })
+    }
 }
 
 impl Service<Request<Body>> for Counting {
@@ -93,6 +123,10 @@ type Svc = Idempotency;
 
 fn service(store: &Store, idempotency: &str, calls: Arc<AtomicUsize>, delay: Duration) -> Svc {
     let upstream = Upstream::from_service(Counting { calls, delay }, Duration::from_secs(600));
+    service_on(store, idempotency, upstream)
+}
+
+fn service_on(store: &Store, idempotency: &str, upstream: Upstream) -> Svc {
     let routing = Routing::single(policies(idempotency), upstream);
     Idempotency::new(
         store.clone(),
@@ -125,6 +159,68 @@ async fn lease_renewal_keeps_a_long_call_exclusive() {
     assert_eq!(body(dup).await, "call 1");
     assert_eq!(body(first.await.unwrap().unwrap()).await, "call 1");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_gone_before_the_head_leaves_its_call_renewed_and_stored() {
+    let store = Store::new(MemoryStore::new(100));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = service(
+        &store,
+        "lease_ttl = \"3s\"\nwait_timeout = \"20s\"",
+        calls.clone(),
+        Duration::from_secs(10),
+    );
+    let s1 = svc.clone();
+    let first = tokio::spawn(async move { call(&s1, "left").await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The caller goes away while the call runs inline in its future.
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Past the first lease term: the call went on, renewing its lease.
+    let dup = call(&svc, "left").await.unwrap();
+    assert_eq!(dup.headers().get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(body(dup).await, "call 1");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_does_not_read_its_body_holds_up_neither_renewal_nor_joiners() {
+    let store = Store::new(MemoryStore::new(100));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream = Upstream::from_service(
+        Trickling {
+            calls: calls.clone(),
+            delay: Duration::from_secs(10),
+        },
+        Duration::from_secs(600),
+    );
+    let svc = service_on(
+        &store,
+        "lease_ttl = \"3s\"\nwait_timeout = \"20s\"",
+        upstream,
+    );
+    // The head comes at once; its body is never read.
+    let unread = call(&svc, "trickle").await.unwrap();
+    assert_eq!(unread.status(), 200);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // A duplicate past the first lease term joins the running call and
+    // reads its body when the upstream sends it.
+    let joined = call(&svc, "trickle").await.unwrap();
+    let started = tokio::time::Instant::now();
+    assert_eq!(body(joined).await, "call 1");
+    assert!(
+        started.elapsed() <= Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    // And the record was stored meanwhile.
+    let replay = call(&svc, "trickle").await.unwrap();
+    assert_eq!(replay.headers().get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(body(replay).await, "call 1");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(body(unread).await, "call 1");
 }
 
 #[tokio::test(start_paused = true)]
