@@ -42,6 +42,7 @@ pub mod dedup;
 pub mod deliver;
 pub mod error;
 pub mod idempotency;
+pub mod loops;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

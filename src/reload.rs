@@ -166,6 +166,7 @@ fn fixed_changes(a: &Config, b: &Config) -> Vec<&'static str> {
     );
     check(a.drain_timeout != b.drain_timeout, "drain_timeout");
     check(a.max_connections != b.max_connections, "max_connections");
+    check(a.event_loops != b.event_loops, "event_loops");
     check(
         a.header_read_timeout != b.header_read_timeout,
         "header_read_timeout",

@@ -1,10 +1,12 @@
 //! Listeners, connection settings and graceful drain.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind
-//! port 0 and stop the server when they like. On shutdown it stops
-//! accepting, lets open connections finish their requests, then waits for
-//! detached upstream calls to store their results, all within
-//! `drain_timeout`.
+//! port 0 and stop the server when they like. The proxy listener is served
+//! here, on the shared runtime, or by event loops of its own (`loops`,
+//! `event_loops`). On shutdown it stops accepting (on every loop), lets open
+//! connections finish their requests, then waits for detached upstream
+//! calls to store their results, all within `drain_timeout`; the loops end
+//! after that.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -25,6 +27,7 @@ use crate::admin::Admin;
 use crate::body::HoldBreak;
 use crate::config::Config;
 use crate::idempotency::seal::Keyring;
+use crate::loops::{self, accept, Loops, Serve};
 use crate::metrics::Metrics;
 use crate::proxy::{Idempotency, Routing, Settings, SharedRouting, Tunnels};
 use crate::reload::{self, ConfigSource, Targets};
@@ -105,8 +108,16 @@ fn opening<'a>(config: &Config, metrics: &'a Metrics) -> Result<Opening<'a>, Sta
 
 /// The proxy listener (absent in dedup-only mode) and the admin listener.
 pub struct Listeners {
-    pub proxy: Option<TcpListener>,
+    pub proxy: Option<Proxy>,
     pub admin: TcpListener,
+}
+
+/// The proxy's listening sockets: one, or one per event loop.
+pub enum Proxy {
+    /// Served on the main runtime.
+    One(TcpListener),
+    /// Each served by an event loop of its own (`event_loops`).
+    Loops(Vec<std::net::TcpListener>),
 }
 
 impl Listeners {
@@ -117,14 +128,28 @@ impl Listeners {
                 .await
                 .map_err(|source| StartError::Listen { addr, source })
         };
-        let proxy = match config.upstream {
-            Some(_) => Some(bind(config.listen).await?),
-            None => None,
+        let proxy = match (&config.upstream, config.event_loops) {
+            (None, _) => None,
+            (Some(_), 0) => Some(Proxy::One(bind(config.listen).await?)),
+            (Some(_), n) => Some(Proxy::Loops(loops::bind(config.listen, n).map_err(
+                |source| StartError::Listen {
+                    addr: config.listen,
+                    source,
+                },
+            )?)),
         };
         Ok(Listeners {
             proxy,
             admin: bind(config.admin_listen).await?,
         })
+    }
+
+    /// The address the proxy listens on.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        match self.proxy.as_ref()? {
+            Proxy::One(l) => l.local_addr().ok(),
+            Proxy::Loops(sockets) => sockets.first()?.local_addr().ok(),
+        }
     }
 }
 
@@ -141,7 +166,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let tasks = TaskTracker::new();
-    let graceful = GracefulShutdown::new();
+    let graceful = Arc::new(GracefulShutdown::new());
     // Consumers stop fetching when this is cancelled; their deliveries in
     // flight finish on `tasks`, within the drain.
     let consumers = tokio_util::sync::CancellationToken::new();
@@ -227,11 +252,23 @@ pub async fn run(
     // listen backlog (not refused, not lost) until one closes.
     let proxy_limit = Arc::new(Semaphore::new(config.max_connections));
     let admin_limit = Arc::new(Semaphore::new(config.max_connections));
+    let serve = proxy.map(|idempotency| ServeProxy {
+        idempotency,
+        builder: builder.clone(),
+    });
+    let (proxy_listener, mut loops) = match (listeners.proxy, &serve) {
+        (Some(Proxy::One(listener)), Some(_)) => (Some(listener), None),
+        (Some(Proxy::Loops(sockets)), Some(serve)) => {
+            let loops = Loops::start(sockets, &proxy_limit, &graceful, serve);
+            (None, Some(loops))
+        }
+        _ => (None, None),
+    };
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
-            a = accept(listeners.proxy.as_ref(), &proxy_limit) => a.map(|s| (s, true)),
+            a = accept(proxy_listener.as_ref(), &proxy_limit) => a.map(|s| (s, true)),
             a = accept(Some(&listeners.admin), &admin_limit) => a.map(|s| (s, false)),
         };
         let ((stream, permit), is_proxy) = match accepted {
@@ -243,28 +280,13 @@ pub async fn run(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
         if is_proxy {
-            if let Some(idempotency) = &proxy {
-                // The connection's permit stays taken while the connection,
-                // or a tunnel it became, is open.
-                let svc = idempotency.holding(Arc::new(permit));
-                // Breaks reach the client after the bytes before them (body.rs).
-                let svc = tower::ServiceExt::<http::Request<hyper::body::Incoming>>::map_response(
-                    svc,
-                    hold_breaks,
-                );
-                let conn =
-                    builder.serve_connection_with_upgrades(io, TowerToHyperService::new(svc));
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "proxy connection ended with an error");
-                    }
-                });
+            if let Some(serve) = &serve {
+                serve.serve(stream, permit, graceful.watcher());
             }
         } else {
+            let _ = stream.set_nodelay(true);
+            let io = TokioIo::new(stream);
             let conn = builder.serve_connection(io, admin.service());
             let conn = graceful.watch(conn.into_owned());
             tokio::spawn(async move {
@@ -274,18 +296,30 @@ pub async fn run(
         }
     }
 
-    drop(listeners);
+    drop(proxy_listener);
+    drop(listeners.admin);
+    // The loops stop accepting before the drain starts, and keep running
+    // what they hold until it ends.
+    if let Some(l) = &mut loops {
+        l.stop_accepting().await;
+    }
     consumers.cancel();
     if let Some(w) = watcher {
         w.abort();
     }
     let deadline = Instant::now() + config.drain_timeout;
     tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining connections");
-    if tokio::time::timeout_at(deadline, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timeout reached with connections still open");
+    // The loops have let go of it: they no longer accept.
+    match Arc::try_unwrap(graceful) {
+        Ok(graceful) => {
+            if tokio::time::timeout_at(deadline, graceful.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!("drain timeout reached with connections still open");
+            }
+        }
+        Err(_) => tracing::warn!("an event loop still accepts; its connections are not drained"),
     }
     tasks.close();
     if tokio::time::timeout_at(deadline, tasks.wait())
@@ -299,21 +333,40 @@ pub async fn run(
     }
     // Tunnels (WebSockets) run until they close or the drain time is up.
     tunnels.drain(deadline).await;
+    if let Some(l) = loops {
+        l.end().await;
+    }
 }
 
-/// The next connection, once `limit` has room for it.
-async fn accept(
-    listener: Option<&TcpListener>,
-    limit: &Arc<Semaphore>,
-) -> std::io::Result<(TcpStream, OwnedSemaphorePermit)> {
-    let Some(listener) = listener else {
-        return std::future::pending().await;
-    };
-    // Never closed: a closed semaphore would only end accepting.
-    let Ok(permit) = limit.clone().acquire_owned().await else {
-        return std::future::pending().await;
-    };
-    listener.accept().await.map(|(s, _)| (s, permit))
+/// Serves accepted proxy connections on the current runtime.
+#[derive(Clone)]
+struct ServeProxy {
+    idempotency: Idempotency,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+impl Serve for ServeProxy {
+    fn serve(&self, stream: TcpStream, permit: OwnedSemaphorePermit, watcher: Watcher) {
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        // The connection's permit stays taken while the connection, or a
+        // tunnel it became, is open.
+        let svc = self.idempotency.holding(Arc::new(permit));
+        // Breaks reach the client after the bytes before them (body.rs).
+        let svc = tower::ServiceExt::<http::Request<hyper::body::Incoming>>::map_response(
+            svc,
+            hold_breaks,
+        );
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(io, TowerToHyperService::new(svc));
+        let conn = watcher.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "proxy connection ended with an error");
+            }
+        });
+    }
 }
 
 /// A server started in the background, as tests and `demo` use it.
@@ -342,7 +395,7 @@ impl Running {
         metrics: Metrics,
     ) -> Result<Self, StartError> {
         let listeners = Listeners::bind(&config).await?;
-        let proxy_addr = listeners.proxy.as_ref().and_then(|l| l.local_addr().ok());
+        let proxy_addr = listeners.proxy_addr();
         let admin_addr = listeners
             .admin
             .local_addr()

@@ -12,8 +12,19 @@ use support::{TestClient, TestUpstream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_an_in_flight_request_then_exits_0() {
+    drains_an_in_flight_request(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_an_in_flight_request_on_event_loops_then_exits_0() {
+    drains_an_in_flight_request(&[("IDEMGATE_EVENT_LOOPS", "2")]).await;
+}
+
+/// A covered request in flight when SIGTERM comes is answered; no new
+/// connection is accepted meanwhile; the process then exits 0.
+async fn drains_an_in_flight_request(env: &[(&str, &str)]) {
     let up = TestUpstream::start().await;
-    let p = Proc::start(&up.url(), &[], &[]).await;
+    let p = Proc::start(&up.url(), &[], env).await;
     let client = TestClient::new(p.proxy);
     let c = client.clone();
     let slow = tokio::spawn(async move {

@@ -1,6 +1,6 @@
 //! Upgrades pass through: a real WebSocket client (tokio-tungstenite)
 //! through idemgate to a real WebSocket server, many at once, closed on
-//! drain; an upgrade the upstream refuses is relayed as it is; upgrades
+//! drain (on event loops too); an upgrade the upstream refuses is relayed as it is; upgrades
 //! that never finish leave no task or descriptor behind; and none takes
 //! state, covered method or not.
 
@@ -93,6 +93,43 @@ async fn a_websocket_echoes_through_idemgate() {
         "the tunnel closed with the socket"
     );
     r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_echo_through_event_loops_and_close_on_drain() {
+    let (up, _server) = echo_server().await;
+    let r = idemgate(up, "event_loops = 2\ndrain_timeout = \"1s\"\n").await;
+    let url = format!("ws://{}/ws", r.proxy_addr.unwrap());
+    let mut sockets = Vec::new();
+    for _ in 0..20 {
+        sockets.push(tokio_tungstenite::connect_async(&url).await.unwrap().0);
+    }
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        let text = format!("hello {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
+    }
+    assert_eq!(r.metrics.open_tunnels.get(), 20);
+    // The drain closes them once drain_timeout is up, on whichever loop
+    // runs them, and then ends.
+    let stopped = tokio::spawn(r.stop());
+    for mut ws in sockets {
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match ws.next().await {
+                    None | Some(Err(_)) => break,
+                    Some(Ok(m)) if m.is_close() => break,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "a tunnel was not closed");
+    }
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("the drain finished")
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,4 +76,7 @@ pub struct RunArgs {
     /// Log format: text or json. Level from RUST_LOG.
     #[arg(long, env = "IDEMGATE_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
+    /// Event loops serving the proxy listener (0: the shared runtime).
+    #[arg(long, env = "IDEMGATE_EVENT_LOOPS", global = true)]
+    pub event_loops: Option<String>,
 }

@@ -27,6 +27,7 @@ impl Default for Config {
             default_upstream: None,
             drain_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            event_loops: 0,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             log_format: LogFormat::Text,

@@ -35,6 +35,7 @@ pub struct FileConfig {
     pub(super) upstream_idle_timeout: Option<Value>,
     pub(super) drain_timeout: Option<Value>,
     pub(super) max_connections: Option<Value>,
+    pub(super) event_loops: Option<Value>,
     pub(super) admin_token: Option<Value>,
     pub(super) admin_token_file: Option<Value>,
     pub(super) admin_read_token: Option<Value>,

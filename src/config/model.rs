@@ -31,6 +31,10 @@ pub struct Config {
     /// Open connections each listener serves at once; the next waits in
     /// the listen backlog until one closes.
     pub max_connections: usize,
+    /// Event loops serving the proxy listener, each a thread with a
+    /// single-threaded runtime and a listening socket of its own
+    /// (`SO_REUSEPORT`); 0 serves it on the shared work-stealing runtime.
+    pub event_loops: usize,
     /// How long a client may take to send request headers.
     pub header_read_timeout: Duration,
     /// How long a client may take to send a covered request's body (it is

@@ -34,6 +34,7 @@ struct FileView<'a> {
     upstream_more: Option<UpstreamView>,
     drain_timeout: String,
     max_connections: usize,
+    event_loops: usize,
     header_read_timeout: String,
     body_read_timeout: String,
     log_format: &'static str,
@@ -349,6 +350,7 @@ impl Config {
             upstream_more: self.default_upstream.as_ref().map(UpstreamView::of),
             drain_timeout: d(self.drain_timeout),
             max_connections: self.max_connections,
+            event_loops: self.event_loops,
             header_read_timeout: d(self.header_read_timeout),
             body_read_timeout: d(self.body_read_timeout),
             log_format: match self.log_format {

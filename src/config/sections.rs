@@ -104,6 +104,20 @@ impl Config {
             "max_connections",
             Checker::int(1, 1_000_000),
         );
+        c.set_flagged(
+            &mut cfg.event_loops,
+            (&args.event_loops, "--event-loops (or IDEMGATE_EVENT_LOOPS)"),
+            &f.event_loops,
+            "event_loops",
+            |c, path, v| {
+                // A flag's value is text; the file's an integer.
+                let n = match v {
+                    Value::String(s) => s.trim().parse().map_or(v.clone(), Value::Integer),
+                    _ => v.clone(),
+                };
+                Checker::int(0, 256)(c, path, &n)
+            },
+        );
         cfg.admin_tokens = c.admin_tokens(f, args);
         let top = f.upstream_keys();
         cfg.default_upstream = match cfg.upstream.clone() {

@@ -538,3 +538,26 @@ fn body_sha256_is_legal_with_a_warning() {
     ));
     assert!(parse("").unwrap().warnings.is_empty());
 }
+
+#[test]
+fn event_loops_default_to_none_and_are_bounded() {
+    assert_eq!(parse("").unwrap().event_loops, 0);
+    assert_eq!(parse("event_loops = 4").unwrap().event_loops, 4);
+    let err = parse("event_loops = 257").unwrap_err().0.join("\n");
+    assert!(
+        err.contains("event_loops: 257 is out of range (0 to 256)"),
+        "{err}"
+    );
+    let err = parse("event_loops = \"many\"").unwrap_err().0.join("\n");
+    assert!(
+        err.contains("event_loops: \"many\" is not a whole number"),
+        "{err}"
+    );
+    // The flag (or IDEMGATE_EVENT_LOOPS) wins over the file.
+    let args = RunArgs {
+        event_loops: Some("2".into()),
+        ..RunArgs::default()
+    };
+    let file = FileConfig::parse("event_loops = 8").unwrap();
+    assert_eq!(Config::from_parts(file, &args).unwrap().event_loops, 2);
+}

@@ -64,7 +64,10 @@ struct Shared {
     max_idle: usize,
     /// `upstream_idle_timeout`: how long a connection may sit idle.
     idle_timeout: Duration,
-    idle: Mutex<VecDeque<Idle>>,
+    /// One list per event loop (`event_loops`, `loops.rs`), each of at most
+    /// `max_idle`: a connection registered with one loop's reactor is only
+    /// used by that loop's requests.
+    idle: Box<[Mutex<VecDeque<Idle>>]>,
     /// Whether the reaper task runs (started with the first idle return,
     /// since a pool can be built outside a runtime, by check-config).
     reaping: AtomicBool,
@@ -219,7 +222,7 @@ impl Pool {
             connect_timeout,
             max_idle,
             idle_timeout,
-            idle: Mutex::new(VecDeque::new()),
+            idle: (0..LISTS).map(|_| Mutex::new(VecDeque::new())).collect(),
             reaping: AtomicBool::new(false),
         })))
     }
@@ -316,7 +319,7 @@ impl Pool {
         let now = Instant::now();
         let mut stale = Vec::new();
         let found = {
-            let mut idle = self.0.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut idle = self.0.idle().lock().unwrap_or_else(|p| p.into_inner());
             loop {
                 let Some(mut i) = idle.pop_back() else {
                     break None;
@@ -376,7 +379,27 @@ impl Pool {
     }
 }
 
+/// Idle lists per pool: list 0 for threads that are no event loop, and one
+/// per loop, loops past the 15th sharing them in turn.
+const LISTS: usize = 16;
+
+thread_local! {
+    /// This thread's event loop, 0 where it is none.
+    static LOOP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as event loop `n` (1 and up): its requests use their
+/// own idle connections.
+pub fn enter_loop(n: usize) {
+    LOOP.with(|l| l.set(1 + n.saturating_sub(1) % (LISTS - 1)));
+}
+
 impl Shared {
+    /// This thread's idle list.
+    fn idle(&self) -> &Mutex<VecDeque<Idle>> {
+        &self.idle[LOOP.with(std::cell::Cell::get)]
+    }
+
     fn checkin(self: &Arc<Self>, mut link: Link) {
         // An idle connection must not keep the task that used it alive, nor
         // wake it: whoever checks it out registers its own.
@@ -387,7 +410,7 @@ impl Shared {
             return;
         }
         let evicted = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut idle = self.idle().lock().unwrap_or_else(|p| p.into_inner());
             idle.push_back(Idle {
                 link,
                 since: Instant::now(),
@@ -412,9 +435,9 @@ async fn reap(pool: Weak<Shared>) {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         let now = Instant::now();
-        let stale: Vec<Idle> = {
-            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let mut stale = Vec::new();
+        let mut stale: Vec<Idle> = Vec::new();
+        for list in &pool.idle {
+            let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
             let mut kept = VecDeque::with_capacity(idle.len());
             for mut i in idle.drain(..) {
                 if i.usable(now, pool.idle_timeout) {
@@ -424,8 +447,7 @@ async fn reap(pool: Weak<Shared>) {
                 }
             }
             *idle = kept;
-            stale
-        };
+        }
         drop(stale);
     }
 }
@@ -641,7 +663,7 @@ mod tests {
     }
 
     fn idle(p: &Pool) -> usize {
-        p.0.idle.lock().unwrap().len()
+        p.0.idle().lock().unwrap().len()
     }
 
     #[tokio::test]
@@ -683,7 +705,7 @@ mod tests {
         tokio::time::pause();
         tokio::time::advance(Duration::from_secs(29)).await;
         {
-            let mut idle = p.0.idle.lock().unwrap();
+            let mut idle = p.0.idle().lock().unwrap();
             assert!(idle[0].usable(Instant::now(), p.0.idle_timeout));
         }
         tokio::time::advance(Duration::from_secs(2)).await;
