@@ -113,18 +113,11 @@ async fn websockets_echo_through_event_loops_and_close_on_drain() {
     // The drain closes them once drain_timeout is up, on whichever loop
     // runs them, and then ends.
     let stopped = tokio::spawn(r.stop());
-    for mut ws in sockets {
-        let ended = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match ws.next().await {
-                    None | Some(Err(_)) => break,
-                    Some(Ok(m)) if m.is_close() => break,
-                    Some(Ok(_)) => {}
-                }
-            }
-        })
-        .await;
-        assert!(ended.is_ok(), "a tunnel was not closed");
+    for ws in sockets {
+        assert!(
+            closed_within(ws, Duration::from_secs(10)).await,
+            "a tunnel was not closed"
+        );
     }
     tokio::time::timeout(Duration::from_secs(10), stopped)
         .await
@@ -179,17 +172,10 @@ async fn drain_closes_open_tunnels_after_drain_timeout() {
     ws.send(Message::text("during")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("during"));
     // ...then closed once drain_timeout is up.
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) => break,
-                Some(Ok(m)) if m.is_close() => break,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the tunnel was not closed");
+    assert!(
+        closed_within(ws, Duration::from_secs(10)).await,
+        "the tunnel was not closed"
+    );
     let took = stopping.elapsed();
     assert!(
         took >= Duration::from_millis(900),
@@ -199,6 +185,25 @@ async fn drain_closes_open_tunnels_after_drain_timeout() {
         .await
         .expect("the drain finished")
         .unwrap();
+}
+
+/// Whether `ws` is closed (a close frame, an error or its end) within
+/// `within`; messages before that are skipped.
+async fn closed_within<S>(mut ws: S, within: Duration) -> bool
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    tokio::time::timeout(within, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => break,
+                Some(Ok(m)) if m.is_close() => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
 }
 
 /// Sends a raw HTTP/1.1 request and reads the response head.
