@@ -27,39 +27,14 @@ use idemgate::Body;
 use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
 
-/// An upstream that counts calls and takes `delay` of (virtual) time.
+/// An upstream that counts calls and answers "call N" after `delay` of
+/// (virtual) time, or, `head_first`, sends its head at once and that body
+/// after `delay`.
 #[derive(Clone)]
 struct Counting {
     calls: Arc<AtomicUsize>,
     delay: Duration,
-}
-
-/// An upstream that sends its head at once and its body, "call N", after
-/// `delay`.
-#[derive(Clone)]
-struct Trickling {
-    calls: Arc<AtomicUsize>,
-    delay: Duration,
-}
-
-impl Service<Request<Body>> for Trickling {
-    type Response = Response<Body>;
-    type Error = UpstreamError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, UpstreamError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _req: Request<Body>) -> Self::Future {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        let delay = self.delay;
-        let later = futures_util::stream::once(async move {
-            tokio::time::sleep(delay).await;
-            Ok::<_, idemgate::BoxError>(Frame::data(Bytes::from(format!("call {n}"))))
-        });
-        Box::pin(async move { Ok(Response::new(StreamBody::new(later).boxed())) })
-    }
+    head_first: bool,
 }
 
 impl Service<Request<Body>> for Counting {
@@ -72,12 +47,20 @@ impl Service<Request<Body>> for Counting {
     }
 
     fn call(&mut self, _req: Request<Body>) -> Self::Future {
-        let (calls, delay) = (self.calls.clone(), self.delay);
-        Box::pin(async move {
-            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let delay = self.delay;
+        let body = async move {
             tokio::time::sleep(delay).await;
-            Ok(Response::new(full(Bytes::from(format!("call {n}")))))
-        })
+            Bytes::from(format!("call {n}"))
+        };
+        if self.head_first {
+            let later = futures_util::stream::once(async move {
+                Ok::<_, idemgate::BoxError>(Frame::data(body.await))
+            });
+            Box::pin(async move { Ok(Response::new(StreamBody::new(later).boxed())) })
+        } else {
+            Box::pin(async move { Ok(Response::new(full(body.await))) })
+        }
     }
 }
 
@@ -122,7 +105,14 @@ async fn body(resp: Response<Body>) -> String {
 type Svc = Idempotency;
 
 fn service(store: &Store, idempotency: &str, calls: Arc<AtomicUsize>, delay: Duration) -> Svc {
-    let upstream = Upstream::from_service(Counting { calls, delay }, Duration::from_secs(600));
+    let upstream = Upstream::from_service(
+        Counting {
+            calls,
+            delay,
+            head_first: false,
+        },
+        Duration::from_secs(600),
+    );
     service_on(store, idempotency, upstream)
 }
 
@@ -187,9 +177,10 @@ async fn a_caller_that_does_not_read_its_body_holds_up_neither_renewal_nor_joine
     let store = Store::new(MemoryStore::new(100));
     let calls = Arc::new(AtomicUsize::new(0));
     let upstream = Upstream::from_service(
-        Trickling {
+        Counting {
             calls: calls.clone(),
             delay: Duration::from_secs(10),
+            head_first: true,
         },
         Duration::from_secs(600),
     );
@@ -303,6 +294,7 @@ async fn a_request_built_in_code_runs_once_through_the_covered_path() {
         Counting {
             calls: calls.clone(),
             delay: Duration::from_millis(10),
+            head_first: false,
         },
         Duration::from_secs(600),
     );
