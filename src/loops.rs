@@ -6,10 +6,13 @@
 //! stay on the loop that accepted it: no work stealing, no wake-up of
 //! another thread on the request path (nginx's shape).
 //!
-//! What stays shared: the store (the memory store's shards; a Redis or
-//! PostgreSQL client's connections and their tasks, which live on the main
-//! runtime), the replay cache, the routing snapshot, the metrics, and the
-//! connection limit. The admin listener, the consumers, reloads and every
+//! What stays shared: the store (the memory store's shards; a PostgreSQL
+//! client's connections and their tasks, which live on the main runtime;
+//! the Redis store's pub/sub connection, while each loop calls Redis on a
+//! connection it opens for itself), the replay cache, the routing
+//! snapshot, the metrics, and the connection limit. Each loop says which
+//! it is ([`crate::store::event_loop`]) so both know whose connections to
+//! use. The admin listener, the consumers, reloads and every
 //! background task run on the main runtime as without loops.
 //!
 //! On shutdown the loops stop accepting first; each keeps running what it
@@ -165,7 +168,7 @@ impl<S: Serve> Loop<S> {
                 return;
             }
         };
-        crate::proxy::enter_loop(self.n);
+        crate::store::event_loop::enter(self.n);
         runtime.block_on(self.serve_until_released());
     }
 

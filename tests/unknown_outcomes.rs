@@ -399,6 +399,18 @@ async fn an_operator_settles_or_releases_an_unknown_outcome() {
 /// not called.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_leases_wait_for_a_replica_and_refuse_without_one() {
+    durable_leases("").await;
+}
+
+/// The same through event loops, whose calls go on connections of their
+/// own: `WAIT` must ask about the connection that wrote (on one that did
+/// not, it would answer at once that the replica has everything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_leases_wait_for_a_replica_on_the_connection_that_wrote() {
+    durable_leases("event_loops = 2\n").await;
+}
+
+async fn durable_leases(top: &str) {
     let primary = RedisServer::start();
     let port = primary.port.to_string();
     let replica = RedisServer::start_with(
@@ -419,13 +431,18 @@ async fn durable_leases_wait_for_a_replica_and_refuse_without_one() {
     assert!(linked, "the replica never linked");
     let ledger = Ledger::start().await;
     let store = format!(
-        "{}min_replicas = 1\nreplica_ack_timeout = \"100ms\"\n",
+        "{top}{}min_replicas = 1\nreplica_ack_timeout = \"100ms\"\n",
         store_toml(&primary.url())
     );
     let (r, c) = idemgate(&ledger.url(), &store, "").await;
     assert_eq!(charge(&c, "durable", &[]).await.status, 201);
     let replay = charge(&c, "durable", &[]).await;
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    // Time for a loop to open its own connection (none opens without loops).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let clients = primary.cli(&["CLIENT", "LIST"]).unwrap_or_default();
+    let resp3 = clients.lines().filter(|l| l.contains(" resp=3")).count();
+    assert_eq!(resp3, if top.is_empty() { 1 } else { 2 }, "{clients}");
     // The record reached the replica.
     assert!(replica
         .cli(&["DBSIZE"])

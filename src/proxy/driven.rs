@@ -383,21 +383,12 @@ impl Pool {
 /// per loop, loops past the 15th sharing them in turn.
 const LISTS: usize = 16;
 
-thread_local! {
-    /// This thread's event loop, 0 where it is none.
-    static LOOP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Marks this thread as event loop `n` (1 and up): its requests use their
-/// own idle connections.
-pub fn enter_loop(n: usize) {
-    LOOP.with(|l| l.set(1 + n.saturating_sub(1) % (LISTS - 1)));
-}
-
 impl Shared {
     /// This thread's idle list.
     fn idle(&self) -> &Mutex<VecDeque<Idle>> {
-        &self.idle[LOOP.with(std::cell::Cell::get)]
+        let n = crate::store::event_loop::current();
+        // List 0 off the loops; loops past the 15th share lists in turn.
+        &self.idle[if n == 0 { 0 } else { 1 + (n - 1) % (LISTS - 1) }]
     }
 
     fn checkin(self: &Arc<Self>, mut link: Link) {

@@ -39,7 +39,6 @@ pub mod tunnel;
 pub mod upstream;
 
 pub use context::{Covered, FoundKey, Handled, Reply, Settings};
-pub(crate) use driven::enter_loop;
 pub use headers::{
     strip_hop_by_hop, IDEMPOTENCY_FENCE, IDEMPOTENT_BODY_OMITTED, IDEMPOTENT_RECONCILED,
     IDEMPOTENT_REPLAYED,

@@ -20,12 +20,14 @@
 //! registers in
 //! [`registry`] what [`backend`] asks of it: its name, its own keys of
 //! `[store]`, their check, and how it opens. Nothing outside `store/` names
-//! a backend's types.
+//! a backend's types. [`event_loop`] tells a backend (and the proxy) which
+//! event loop, if any, the calling thread is.
 
 pub mod backend;
 pub mod buckets;
 pub mod dedup;
 pub mod error;
+pub mod event_loop;
 pub mod handle;
 pub mod memory;
 pub mod postgres;

@@ -20,16 +20,17 @@
 //! Cluster, same slot as the record) over RESP3 push messages
 //! ([`waiters`]), and re-check at least every [`RECHECK`] so a lost message
 //! only delays them. The HTTP records' transitions and the fair-share
-//! bucket are in `records`, consumer-dedup records in `dedup`, the Lua
-//! scripts in `scripts`, the waiters in `waiters`, and the process-local
-//! copies of completed records in `replays`; [`config`] is the backends'
-//! keys of `[store]` and how they open.
+//! bucket are in `records`, consumer-dedup records in `dedup`, the
+//! connections in `local` (the shared one, which carries pub/sub, and one
+//! per event loop), the Lua scripts in `scripts`, the waiters in
+//! `waiters`, and the process-local copies of completed records in
+//! `replays`; [`config`] is the backends' keys of `[store]` and how they
+//! open.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, Script, Value};
 
 use crate::idempotency::key::{Fingerprint, RecordKey};
@@ -38,11 +39,13 @@ use crate::store::sealing::Sealing;
 
 pub mod config;
 mod dedup;
+mod local;
 mod records;
 mod replays;
 mod scripts;
 mod waiters;
 
+use local::{Conn, Conns, Opener};
 use replays::Replays;
 use scripts::Scripts;
 use waiters::Waiters;
@@ -95,12 +98,6 @@ impl RedisOptions {
     }
 }
 
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
 /// The Redis backend. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -108,7 +105,7 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    conn: Conn,
+    conns: Conns,
     prefix: String,
     timeout: Duration,
     recheck: Duration,
@@ -174,41 +171,46 @@ impl RedisStore {
                 Ok(info.set_redis_settings(redis))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        let conn = if options.cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(infos)
-                .use_protocol(ProtocolVersion::RESP3)
-                .push_sender(push)
-                .connection_timeout(timeout.max(Duration::from_secs(1)))
-                .response_timeout(timeout)
-                .retries(2)
-                .build()
-                .map_err(unavailable)?;
-            Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+        let (conn, opener) = if options.cluster {
+            let builder = || {
+                redis::cluster::ClusterClientBuilder::new(infos.clone())
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .connection_timeout(timeout.max(Duration::from_secs(1)))
+                    .response_timeout(timeout)
+                    .retries(2)
+            };
+            // Each event loop's own connection carries no pub/sub.
+            let loops = builder().build().map_err(unavailable)?;
+            let client = builder().push_sender(push).build().map_err(unavailable)?;
+            let conn = Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?);
+            (conn, Opener::Cluster(loops))
         } else {
             let info = infos
                 .into_iter()
                 .next()
                 .ok_or_else(|| StoreError::Unavailable("no Redis URL".into()))?;
             let client = redis::Client::open(info).map_err(unavailable)?;
-            let cfg = ConnectionManagerConfig::new()
-                .set_push_sender(push)
-                .set_automatic_resubscription()
+            let loops = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
                 .set_response_timeout(Some(timeout))
                 .set_number_of_retries(2)
                 .set_max_delay(Duration::from_millis(500));
+            let cfg = loops
+                .clone()
+                .set_push_sender(push)
+                .set_automatic_resubscription();
             let manager = tokio::time::timeout(
                 timeout.max(Duration::from_secs(5)),
-                ConnectionManager::new_with_config(client, cfg),
+                ConnectionManager::new_with_config(client.clone(), cfg),
             )
             .await
             .map_err(|_| StoreError::Timeout(timeout.max(Duration::from_secs(5))))?
             .map_err(unavailable)?;
-            Conn::Single(manager)
+            (Conn::Single(manager), Opener::Single(client, loops))
         };
         let store = RedisStore {
             inner: Arc::new(Inner {
-                conn,
+                conns: Conns::new(conn, opener, timeout.max(Duration::from_secs(5))),
                 prefix: options.key_prefix,
                 timeout,
                 recheck: options.recheck,
@@ -253,14 +255,14 @@ impl RedisStore {
 
     /// The scripts' `sharded` argument: `1` on Cluster (SPUBLISH).
     fn sharded(&self) -> &'static [u8] {
-        match self.inner.conn {
+        match self.inner.conns.shared() {
             Conn::Single(_) => b"0",
             Conn::Cluster(_) => b"1",
         }
     }
 
     fn is_cluster(&self) -> bool {
-        matches!(self.inner.conn, Conn::Cluster(_))
+        matches!(self.inner.conns.shared(), Conn::Cluster(_))
     }
 
     /// Runs a script over one key, bounded by the store timeout.
@@ -270,14 +272,26 @@ impl RedisStore {
         key: &str,
         args: &[&[u8]],
     ) -> Result<T, StoreError> {
+        self.eval_on(self.inner.conns.pick(), script, key, args)
+            .await
+    }
+
+    /// [`Self::eval`] on a given connection (one a `WAIT` will follow on).
+    async fn eval_on<T: redis::FromRedisValue>(
+        &self,
+        conn: Conn,
+        script: &Script,
+        key: &str,
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
         let mut inv = script.key(key);
         for a in args {
             inv.arg(*a);
         }
         let fut = async {
-            match &self.inner.conn {
-                Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
-                Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+            match conn {
+                Conn::Single(mut c) => inv.invoke_async(&mut c).await,
+                Conn::Cluster(mut c) => inv.invoke_async(&mut c).await,
             }
         };
         self.bounded(fut).await
@@ -296,9 +310,9 @@ impl RedisStore {
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
         let fut = async {
-            match &self.inner.conn {
-                Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
-                Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+            match self.inner.conns.pick() {
+                Conn::Single(mut c) => cmd.query_async(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
             }
         };
         self.bounded(fut).await
@@ -309,9 +323,9 @@ impl RedisStore {
         pipe: redis::Pipeline,
     ) -> Result<T, StoreError> {
         let fut = async {
-            match &self.inner.conn {
-                Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
-                Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+            match self.inner.conns.pick() {
+                Conn::Single(mut c) => pipe.query_async(&mut c).await,
+                Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
             }
         };
         self.bounded(fut).await
@@ -419,10 +433,10 @@ impl RedisStore {
         self.query_pipe(pipe).await
     }
 
-    /// Whether `min_replicas` replicas acknowledged this connection's
-    /// writes within `replica_ack_timeout` (`WAIT`; always with none
+    /// Whether `min_replicas` replicas acknowledged the writes made on
+    /// `conn` within `replica_ack_timeout` (`WAIT`; always with none
     /// required). A refusal is counted under `op`.
-    async fn replicated(&self, op: &str) -> Result<bool, StoreError> {
+    async fn replicated(&self, conn: Conn, op: &str) -> Result<bool, StoreError> {
         let need = self.inner.min_replicas;
         if need == 0 {
             return Ok(true);
@@ -431,9 +445,9 @@ impl RedisStore {
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(need).arg(wait_ms);
         let fut = async {
-            match &self.inner.conn {
-                Conn::Single(c) => cmd.query_async::<i64>(&mut c.clone()).await,
-                Conn::Cluster(c) => cmd.query_async::<i64>(&mut c.clone()).await,
+            match conn {
+                Conn::Single(mut c) => cmd.query_async::<i64>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<i64>(&mut c).await,
             }
         };
         // WAIT itself blocks up to replica_ack_timeout: bound the call by

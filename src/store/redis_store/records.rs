@@ -43,8 +43,11 @@ impl RedisStore {
         let reconcile_ms = optional(opts.reconcile_every);
         loop {
             let token = LeaseId::random();
+            // The `WAIT` below must follow on the connection that wrote.
+            let conn = self.inner.conns.pick();
             let v: Value = self
-                .eval(
+                .eval_on(
+                    conn.clone(),
                     &self.inner.scripts.begin,
                     &rkey,
                     &[
@@ -64,7 +67,7 @@ impl RedisStore {
                         token,
                         fence: parse_u64(f)?,
                     };
-                    if !self.replicated("begin").await? {
+                    if !self.replicated(conn, "begin").await? {
                         // Not durable enough to rely on: undo it, refuse.
                         let _ = RecordStore::release(self, key, &lease).await;
                         return Err(StoreError::Unavailable(format!(
@@ -129,7 +132,7 @@ impl RedisStore {
 
     pub(super) async fn subscribe(&self, channel: &str) -> Result<(), StoreError> {
         let fut = async {
-            match &self.inner.conn {
+            match self.inner.conns.shared() {
                 Conn::Single(c) => c.clone().subscribe(channel).await,
                 Conn::Cluster(c) => c.clone().ssubscribe(channel).await,
             }
@@ -138,7 +141,7 @@ impl RedisStore {
     }
 
     fn unsubscribe_later(&self, channel: String) {
-        let conn = self.inner.conn.clone();
+        let conn = self.inner.conns.shared().clone();
         tokio::spawn(async move {
             let r = match conn {
                 Conn::Single(mut c) => c.unsubscribe(&channel).await,
@@ -362,8 +365,10 @@ impl RecordStore for RedisStore {
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
+            let conn = self.inner.conns.pick();
             let n: i64 = self
-                .eval(
+                .eval_on(
+                    conn.clone(),
                     &self.inner.scripts.complete,
                     &self.record_key(key),
                     &[
@@ -377,7 +382,7 @@ impl RecordStore for RedisStore {
                 .await?;
             // Stored either way; a record not yet on a replica is at risk
             // only if the primary fails before it gets there.
-            if n == 1 && !self.replicated("complete").await.unwrap_or(false) {
+            if n == 1 && !self.replicated(conn, "complete").await.unwrap_or(false) {
                 tracing::warn!(
                     record = %key.to_hex(),
                     min_replicas = self.inner.min_replicas,
