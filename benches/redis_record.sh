@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# What Redis spends per new key in the record's two scripts (begin, then
+# complete), today's record (a hash: src/store/redis_store/lua/) against a
+# record held as one string (benches/redis_record/*.lua, the lighter
+# record of round three's design 3). Each script runs for N (200,000) new
+# keys, pipelined over one connection (redis-cli --pipe), on a redis-server
+# started here on a free loopback port; prints Redis's own µs per call
+# (INFO commandstats) and the commands inside. Twice, alternated.
+#
+#   benches/redis_record.sh
+set -euo pipefail
+N=${N:-200000}
+here=$(cd "$(dirname "$0")" && pwd)
+lua="$here/../src/store/redis_store/lua"
+W=$(mktemp -d)
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$W" >/dev/null &
+RP=$!
+trap 'kill $RP 2>/dev/null || true; sleep 0.2; rm -rf "$W"' EXIT
+for _ in $(seq 50); do redis-cli -p "$PORT" PING >/dev/null 2>&1 && break; sleep 0.1; done
+cli() { redis-cli -p "$PORT" "$@"; }
+cat "$lua/lib.lua" "$lua/begin.lua" > "$W/begin_hash.lua"
+cat "$lua/lib.lua" "$lua/complete.lua" > "$W/complete_hash.lua"
+cp "$here/redis_record/begin_string.lua" "$here/redis_record/complete_string.lua" "$W/"
+# N calls of one script as RESP, a new key each (complete: the key begun).
+commands() {
+  python3 - "$1" "$2" "$N" <<'PY'
+import sys
+op, sha, n = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3])
+def resp(*a):
+    out = [b'*%d\r\n' % len(a)]
+    for x in a:
+        x = x if isinstance(x, bytes) else str(x).encode()
+        out.append(b'$%d\r\n%s\r\n' % (len(x), x))
+    return b''.join(out)
+lease, fp, rec = b'0123456789abcdef0123456789abcdef', b'F' * 32, b'R' * 120
+w = sys.stdout.buffer
+for i in range(n):
+    k = b'idemgate:{%032d}' % i
+    if op.startswith('begin_hash'):
+        w.write(resp(b'EVALSHA', sha, 1, k, lease, fp, 30000, 30000, b'', b''))
+    elif op.startswith('begin'):
+        w.write(resp(b'EVALSHA', sha, 1, k, lease, fp, 30000, 30000))
+    elif op.startswith('complete_hash'):
+        w.write(resp(b'EVALSHA', sha, 1, k, lease, rec, 86400000, b'idemgate:done:' + k, b'0'))
+    else:
+        w.write(resp(b'EVALSHA', sha, 1, k, lease, rec, 86400000, b'idemgate:done:' + k))
+PY
+}
+for round in 1 2; do
+  for record in hash string; do
+    cli FLUSHALL >/dev/null
+    for op in begin complete; do
+      sha=$(cli SCRIPT LOAD "$(cat "$W/${op}_$record.lua")")
+      commands "${op}_$record" "$sha" > "$W/commands"
+      cli CONFIG RESETSTAT >/dev/null
+      cli --pipe < "$W/commands" >/dev/null
+      stats=$(cli INFO commandstats | tr -d '\r')
+      per=$(sed -n 's/^cmdstat_evalsha:.*usec_per_call=\([0-9.]*\).*/\1/p' <<<"$stats")
+      inner=$(grep -v -e evalsha -e script -e config -e flushall -e echo <<<"$stats" |
+        sed -n 's/^cmdstat_\([a-z]*\):.*usec_per_call=\([0-9.]*\).*/\1 \2/p' | tr '\n' ' ')
+      echo "round $round, $record record, $op: $per µs per call (inside: $inner)"
+    done
+  done
+done
