@@ -640,6 +640,73 @@ async fn mixed_batches_answer_each_caller_its_own() {
     panic!("no batch carried begins and completions together in 20 rounds");
 }
 
+/// The sweeper deletes expired rows from every table, more than one
+/// bounded batch of them in a pass, and leaves live rows alone (a read
+/// already treats an expired row as absent; the sweep gives the space
+/// back). Its passes run every 5 s from connecting: all of it by the
+/// first, so a pass that stopped after one batch would fail here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_deletes_expired_rows_and_keeps_live_ones() {
+    let pg = shared_postgres();
+    let s = schema("sweeper");
+    let store = connect(&pg.url(), &s).await;
+    let connected = Instant::now();
+    let live = cache::key("live");
+    cache::complete(&store, &live, Duration::from_secs(600)).await;
+    // Expired rows as the functions leave them, 2,500 records (three of
+    // the sweeper's batches) and 1,200 of each other kind, with one live
+    // row of each kind beside them.
+    let key = "decode(lpad(to_hex(g), 8, '0'), 'hex')";
+    let seeded = pg.psql(&format!(
+        "INSERT INTO {s}.records (key, state, fence, expires_ms) \
+           SELECT {key}, 'c', g, {s}.now_ms() - 1 FROM generate_series(1, 2500) g; \
+         INSERT INTO {s}.records (key, state, fence, expires_ms) \
+           VALUES ('\\xff', 'c', 0, {s}.now_ms() + 600000); \
+         INSERT INTO {s}.dedup (scope, key, state, expires_ms) \
+           SELECT 'q', {key}, 'c', {s}.now_ms() - 1 FROM generate_series(1, 1201) g; \
+         UPDATE {s}.dedup SET expires_ms = {s}.now_ms() + 600000 WHERE key = '\\x00000001'; \
+         INSERT INTO {s}.buckets (scope, tokens, at_ms, expires_ms) \
+           SELECT {key}, 1, 0, {s}.now_ms() - 1 FROM generate_series(1, 1201) g; \
+         UPDATE {s}.buckets SET expires_ms = {s}.now_ms() + 600000 WHERE scope = '\\x00000001'"
+    ));
+    assert!(seeded.is_some(), "the rows could not be seeded");
+    let counts = || -> Vec<u64> {
+        pg.psql(&format!(
+            "SELECT (SELECT count(*) FROM {s}.records) || ' ' || \
+             (SELECT count(*) FROM {s}.dedup) || ' ' || (SELECT count(*) FROM {s}.buckets)"
+        ))
+        .unwrap()
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect()
+    };
+    assert_eq!(counts(), [2502, 1201, 1201], "the seeded rows");
+    // Left once every expired row is gone: the completed record and the
+    // live row of each kind.
+    let live_rows = [2, 1, 1];
+    loop {
+        let now = counts();
+        assert!(
+            now.iter().zip(live_rows).all(|(n, l)| *n >= l),
+            "the sweeper deleted live rows: {now:?} rows left"
+        );
+        if now == live_rows {
+            break;
+        }
+        // The first pass (5 s), with 4 s to spare, before the second.
+        assert!(
+            connected.elapsed() < Duration::from_secs(9),
+            "expired rows outlived the sweeper's first pass: {now:?} rows left"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(cache::is_completed(&store, &live).await);
+    let kept = pg.psql(&format!(
+        "SELECT count(*) FROM {s}.records WHERE key = '\\xff' OR state = 'c' AND record IS NOT NULL"
+    ));
+    assert_eq!(kept.unwrap().trim(), "2", "the live rows are the ones kept");
+}
+
 // The replay cache: two stores on one schema stand for two replicas.
 
 /// How soon a purge through one replica reaches another's cache (one
