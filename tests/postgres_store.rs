@@ -1,8 +1,8 @@
 //! The PostgreSQL store against real PostgreSQL servers: the shared
 //! contract, several idemgate replicas sharing one database, a restart
-//! under load, a failover to a synchronous standby, and the replay cache
-//! (copies dropped by a purge through any replica, and by a lost
-//! connection).
+//! under load, a failover to a synchronous standby, the sweeper, TLS as
+//! the URL's `sslmode` says, and the replay cache (copies dropped by a
+//! purge through any replica, and by a lost connection).
 
 mod support;
 
@@ -14,6 +14,7 @@ use idemgate::server::Running;
 use idemgate::store::postgres::{PostgresOptions, PostgresStore};
 use support::durable::{every_clean_end_replays, load, replay_clean_ends};
 use support::postgres_server::{schema, shared_postgres, store_toml, PostgresServer};
+use support::tls::Pki;
 use support::{config, duplicates_agree, TestClient, TestUpstream};
 
 /// A store on its own schema, whose waiters re-check only once a minute:
@@ -705,6 +706,112 @@ async fn the_sweeper_deletes_expired_rows_and_keeps_live_ones() {
         "SELECT count(*) FROM {s}.records WHERE key = '\\xff' OR state = 'c' AND record IS NOT NULL"
     ));
     assert_eq!(kept.unwrap().trim(), "2", "the live rows are the ones kept");
+}
+
+/// TLS to PostgreSQL through rustls, the server checked as the URL's
+/// `sslmode` says in libpq's spellings, against a server whose
+/// certificate, from a private CA, names `localhost` only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_checks_the_server_as_the_url_says() {
+    let pki = Pki::new("postgres");
+    let (cert, key) = pki.leaf(&["localhost"]);
+    let pg = PostgresServer::start_tls(&cert, &key);
+    let up = TestUpstream::start().await;
+    let port = pg
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let ca = pki.ca_file();
+    let toml = |host: &str, query: &str, with_ca: bool| {
+        let mut t = store_toml(
+            &format!("postgres://postgres@{host}:{port}/postgres{query}"),
+            &schema("tls"),
+        );
+        if with_ca {
+            t.push_str(&format!("ca_file = \"{}\"\n", ca.display()));
+        }
+        t
+    };
+    // Whether every connection idemgate holds is on TLS, and how many.
+    let encrypted = || {
+        pg.psql(
+            "SELECT count(*) || ' ' || bool_and(s.ssl) FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) \
+             WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()",
+        )
+        .unwrap()
+        .trim()
+        .to_owned()
+    };
+    let refused = |host: &str, query: &str, with_ca: bool| {
+        let config = config(Some(&up.url()), &toml(host, query, with_ca));
+        let what = format!("{host}{query} (CA given: {with_ca})");
+        async move {
+            match Running::start(config).await {
+                Ok(_) => panic!("{what} started"),
+                Err(e) => e.to_string(),
+            }
+        }
+    };
+    let serves = |host: &str, query: &str, with_ca: bool, key: &str| {
+        let config = config(Some(&up.url()), &toml(host, query, with_ca));
+        let key = key.to_owned();
+        let what = format!("{host}{query} (CA given: {with_ca})");
+        async move {
+            let r = Running::start(config)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let c = TestClient::new(r.proxy_addr.unwrap());
+            let first = c.post("/v1/x", &key, "{}").await;
+            assert_eq!(first.status, 201, "{what}");
+            let again = c.post("/v1/x", &key, "{}").await;
+            assert_eq!(
+                (again.status, again.body),
+                (first.status, first.body),
+                "{what}"
+            );
+            r
+        }
+    };
+
+    // The chain and the name: both hold.
+    let r = serves("localhost", "?sslmode=verify-full", true, "full").await;
+    let held = encrypted();
+    assert!(
+        held.ends_with(" true") && !held.starts_with("0 "),
+        "not all on TLS: {held}"
+    );
+    drop(r);
+    let r = serves("localhost", "?sslmode=require", true, "require").await;
+    assert!(encrypted().ends_with(" true"), "require: not all on TLS");
+    drop(r);
+
+    // By an address the certificate does not name: refused unless the URL
+    // says verify-ca, which still checks the chain.
+    let e = refused("127.0.0.1", "?sslmode=verify-full", true).await;
+    assert!(
+        e.contains("invalid peer certificate") && e.contains("sslmode=verify-ca"),
+        "{e}"
+    );
+    drop(serves("127.0.0.1", "?sslmode=verify-ca", true, "ca").await);
+    let e = refused("127.0.0.1", "?sslmode=verify-ca", false).await;
+    assert!(e.contains("invalid peer certificate"), "{e}");
+
+    // The CA not given: TLS offered by default, and refused with what to do.
+    let e = refused("localhost", "", false).await;
+    assert!(
+        e.contains("invalid peer certificate") && e.contains("store.ca_file"),
+        "{e}"
+    );
+    // Without TLS, as the URL asks.
+    let r = serves("localhost", "?sslmode=disable", false, "plain").await;
+    assert!(encrypted().ends_with(" false"), "sslmode=disable used TLS");
+    drop(r);
 }
 
 // The replay cache: two stores on one schema stand for two replicas.

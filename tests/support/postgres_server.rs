@@ -93,6 +93,32 @@ impl PostgresServer {
 
     /// A fresh server with extra `-c name=value` settings.
     pub fn start_with(settings: &[&str]) -> Self {
+        Self::run(Self::init(), free_port(), settings)
+    }
+
+    /// A fresh server that offers TLS with this certificate and key (PEM)
+    /// and still takes connections without it.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = Self::init();
+        for (name, text) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = dir.join("data").join(name);
+            std::fs::write(&path, text).unwrap();
+            // The server refuses a key that others can read.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if is_root() {
+                let _ = Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(&path)
+                    .status();
+            }
+        }
+        Self::run(dir, free_port(), &["ssl=on"])
+    }
+
+    /// A new data folder (`initdb`), every client on loopback trusted; its
+    /// parent folder is returned.
+    fn init() -> PathBuf {
         let dir = temp_dir();
         let data = dir.join("data");
         let out = as_server_user(&bin_dir().join("initdb"))
@@ -113,7 +139,7 @@ impl PostgresServer {
             "local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n",
         )
         .unwrap();
-        Self::run(dir, free_port(), settings)
+        dir
     }
 
     /// A server on the data folder `dir/data` (made by `initdb` or

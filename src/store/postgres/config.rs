@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use toml::Value;
 
-use super::store::{tls_roots, PostgresOptions, PostgresStore};
+use super::store::{PostgresOptions, PostgresStore};
+use super::tls;
 use crate::checker::Checker;
 use crate::store::backend::{BackendConfig, Opening, Registration, Section};
 use crate::store::error::{StoreError, StoreFuture};
@@ -110,7 +111,7 @@ fn check(s: &mut Section<'_>) -> Option<Arc<dyn BackendConfig>> {
     s.set(&mut c.replay_cache, "replay_cache", Checker::size);
     s.set(&mut c.ca_file, "ca_file", |c, p, v| {
         let path = PathBuf::from(c.string(p, v)?);
-        if let Err(e) = tls_roots(Some(&path)) {
+        if let Err(e) = tls::client_config(Some(&path), tls::Verify::Full) {
             c.err(p, e);
             return None;
         }
@@ -127,8 +128,8 @@ fn check(s: &mut Section<'_>) -> Option<Arc<dyn BackendConfig>> {
 
 fn url(c: &mut Checker, path: &str, v: &Value) -> Option<String> {
     let s = c.string(path, v)?.trim().to_owned();
-    match s.parse::<tokio_postgres::Config>() {
-        Ok(cfg) if !cfg.get_hosts().is_empty() => Some(s),
+    match tls::parse(&s) {
+        Ok((cfg, _)) if !cfg.get_hosts().is_empty() => Some(s),
         Ok(_) => {
             c.err(path, format!("{:?} names no host", redact(&s)));
             None
@@ -195,7 +196,8 @@ impl PostgresConfig {
         options.replay_cache_bytes = usize::try_from(self.replay_cache).unwrap_or(usize::MAX);
         options.replay_cache_lookups = opening.metrics.map(|m| m.replay_cache_lookups.clone());
         if let Some(ca) = &self.ca_file {
-            options.tls = tls_roots(Some(ca)).map_err(StoreError::Unavailable)?;
+            options.tls =
+                tls::client_config(Some(ca), options.verify).map_err(StoreError::Unavailable)?;
         }
         Ok(options)
     }

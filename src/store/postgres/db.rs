@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
+use super::tls;
 use crate::store::error::StoreError;
 
 /// An error as unavailability, with its causes: tokio-postgres says only
@@ -24,6 +25,7 @@ pub(super) fn unavailable(e: impl std::error::Error) -> StoreError {
         }
         source = s.source();
     }
+    text.push_str(tls::hint(&text));
     StoreError::Unavailable(text)
 }
 

@@ -9,7 +9,8 @@
 //! connection per replica that hears completions (`LISTEN`/`NOTIFY`) and
 //! wakes waiting duplicates, and hears purges for the replay cache
 //! (`store/replays.rs`); `records` and `dedup` implement the contract's
-//! parts; [`config`] is its keys of `[store]` and how it opens.
+//! parts; [`config`] is its keys of `[store]` and how it opens; `tls` is
+//! how it speaks TLS (libpq's `sslmode` spellings, the certificate checks).
 
 mod batch;
 pub mod config;
@@ -19,5 +20,7 @@ mod listen;
 mod records;
 mod schema;
 mod store;
+mod tls;
 
 pub use store::{PostgresOptions, PostgresStore};
+pub use tls::Verify;

@@ -23,6 +23,7 @@ use super::batch::{self, Batcher, Step, StepSql, Stepped};
 use super::db::{col, unavailable, Db};
 use super::listen::{self, Waiters};
 use super::schema::{self, quoted};
+use super::tls::{self, Verify};
 use crate::store::error::StoreError;
 use crate::store::replays::ReplayCache;
 use crate::store::sealing::Sealing;
@@ -55,7 +56,11 @@ pub struct PostgresOptions {
     /// The longest a waiter goes without re-checking ([`RECHECK`]).
     pub recheck: Duration,
     pub sealing: Sealing,
-    /// TLS, for `sslmode=prefer` (the default) or `require`.
+    /// What TLS checks of the server's certificate, from the URL's
+    /// `sslmode` (`verify-ca`: not the host name).
+    pub verify: Verify,
+    /// TLS, for `sslmode=prefer` (the default), `require`, `verify-ca` or
+    /// `verify-full`.
     pub tls: rustls::ClientConfig,
     /// Bytes of completed records kept in the process so replays need no
     /// round trip (0: off). See `store/replays.rs`.
@@ -68,44 +73,21 @@ impl PostgresOptions {
     /// Options for `url` with the defaults; TLS verified against the
     /// webpki roots.
     pub fn new(url: &str, schema: &str) -> Result<Self, StoreError> {
-        let config = url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| StoreError::Unavailable(format!("PostgreSQL URL: {e}")))?;
+        let (config, verify) =
+            tls::parse(url).map_err(|e| StoreError::Unavailable(format!("PostgreSQL URL: {e}")))?;
         Ok(PostgresOptions {
             config,
+            verify,
             schema: schema.to_owned(),
             pool_size: 16,
             timeout: Duration::from_secs(1),
             recheck: RECHECK,
             sealing: Sealing::default(),
-            tls: tls_roots(None).map_err(StoreError::Unavailable)?,
+            tls: tls::client_config(None, verify).map_err(StoreError::Unavailable)?,
             replay_cache_bytes: 0,
             replay_cache_lookups: None,
         })
     }
-}
-
-/// A rustls client config with the webpki roots and, given, a CA file.
-pub fn tls_roots(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        for cert in certs {
-            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// The PostgreSQL backend. Cheap to clone; clones share the pool.
@@ -227,6 +209,8 @@ impl PostgresStore {
             timeout,
             recheck,
             sealing,
+            // Already in `tls`.
+            verify: _,
             tls,
             replay_cache_bytes,
             replay_cache_lookups,
