@@ -2,7 +2,8 @@
 //! holds shows no plaintext; records replay; keys rotate (old records open
 //! while their key is configured, are misses once it is gone); a record
 //! copied to another key or tampered with does not open and is a miss,
-//! counted, never served. The memory store seals the same way.
+//! counted, never served. The memory store and PostgreSQL seal the same
+//! way.
 
 mod support;
 
@@ -17,6 +18,9 @@ use idemgate::idempotency::state::{Begin, BeginOptions};
 use idemgate::server::Running;
 use idemgate::store::redis_store::{RedisOptions, RedisStore};
 use idemgate::store::{RecordStore, Sealing};
+use support::postgres_server::{
+    schema as pg_schema, shared_postgres, store_toml as pg_store_toml, PostgresServer,
+};
 use support::redis_server::{store_toml, RedisServer};
 use support::{config, TestClient, TestUpstream};
 
@@ -290,4 +294,80 @@ async fn the_memory_store_seals_too() {
         .json();
     assert_eq!(again["result"]["card"], "4242");
     r.stop().await;
+}
+
+/// What a PostgreSQL schema holds of records and dedup results, as text.
+fn pg_dump(pg: &PostgresServer, schema: &str) -> String {
+    pg.psql(&format!(
+        "SELECT coalesce(string_agg(encode(record, 'escape'), ' '), '') FROM {schema}.records; \
+         SELECT coalesce(string_agg(encode(result, 'escape'), ' '), '') FROM {schema}.dedup"
+    ))
+    .unwrap()
+}
+
+/// The same on PostgreSQL: the rows show no plaintext, records replay, and
+/// a record moved to another key's row does not open there (a miss: the
+/// request runs again), where an unsealed one would be served. Each check
+/// runs unsealed too, to show it can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_holds_no_plaintext_and_a_moved_record_does_not_open() {
+    let pg = shared_postgres();
+    for sealed in [false, true] {
+        let up = TestUpstream::start().await;
+        let schema = pg_schema(if sealed { "sealed" } else { "plain" });
+        let k1 = KeyFile::new(&format!("pg-{sealed}"), 1);
+        let mut toml = pg_store_toml(&pg.url(), &schema);
+        if sealed {
+            toml.push_str(&encryption(&[k1.entry("k1")]));
+        }
+        let r = Running::start(config(Some(&up.url()), &toml))
+            .await
+            .unwrap();
+        let c = TestClient::new(r.proxy_addr.unwrap());
+        let first = charge(&c, "enc").await;
+        assert_eq!(first.status, 201);
+        assert!(String::from_utf8_lossy(&first.body).contains("card-4242"));
+        let replay = charge(&c, "enc").await;
+        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+        assert_eq!(replay.body, first.body);
+        let admin = TestClient::new(r.admin_addr);
+        let claim = admin
+            .send("POST", "/v1/dedup/s/claim", &[], "{\"key\":\"job\"}")
+            .await
+            .json();
+        let lease = claim["lease_id"].as_str().unwrap().to_owned();
+        let body = format!(
+            "{{\"key\":\"job\",\"lease_id\":\"{lease}\",\"result\":{{\"card\":\"card-4242\"}}}}"
+        );
+        let done = admin.send("POST", "/v1/dedup/s/complete", &[], &body).await;
+        assert_eq!(done.status, 200);
+        let again = admin
+            .send("POST", "/v1/dedup/s/claim", &[], "{\"key\":\"job\"}")
+            .await
+            .json();
+        assert_eq!(again["result"]["card"], "card-4242");
+        let held = pg_dump(&pg, &schema);
+        assert!(held.trim().len() > 20, "nothing held: {held:?}");
+        assert_eq!(held.contains("card-4242"), !sealed, "{held}");
+
+        // Key "moved" completed, then its row (the newest: fences rise)
+        // given the record of "enc". "moved" was never replayed, so no
+        // replica holds a copy of it: its retry reads the row.
+        assert_eq!(charge(&c, "moved").await.status, 201);
+        assert_eq!(up.calls(), 2);
+        let moved = pg.psql(&format!(
+            "UPDATE {schema}.records AS m SET record = e.record \
+             FROM (SELECT key, record FROM {schema}.records ORDER BY fence LIMIT 1) AS e \
+             WHERE m.key = (SELECT key FROM {schema}.records ORDER BY fence DESC LIMIT 1) \
+             AND m.key <> e.key RETURNING 1"
+        ));
+        assert_eq!(moved.as_deref().map(str::trim), Some("1"));
+        let retried = charge(&c, "moved").await;
+        assert_eq!(retried.status, 201);
+        let served = retried.header("idempotent-replayed") == Some("true");
+        // Sealed: the moved record is a miss, and its request ran again.
+        assert_eq!(served, !sealed, "sealed {sealed}: a moved record served");
+        assert_eq!(up.calls(), if sealed { 3 } else { 2 });
+        r.stop().await;
+    }
 }
