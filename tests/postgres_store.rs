@@ -814,6 +814,69 @@ async fn tls_checks_the_server_as_the_url_says() {
     drop(r);
 }
 
+/// `pool_size` bounds the connections a replica holds, plus the one that
+/// listens: 300 dedup claims at once (each a call of its own, not
+/// batched) through a pool of 3 queue for its connections, and every one
+/// is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_size_bounds_the_connections_under_load() {
+    let pg = Arc::new(PostgresServer::start());
+    let up = TestUpstream::start().await;
+    let mut toml = store_toml(&pg.url(), "pool");
+    toml.push_str("pool_size = 3\n");
+    let toml = toml.replace("timeout = \"1s\"", "timeout = \"10s\"");
+    let r = Running::start(config(Some(&up.url()), &toml))
+        .await
+        .unwrap();
+    let admin = TestClient::new(r.admin_addr);
+    let held = {
+        let pg = pg.clone();
+        move || -> u64 {
+            pg.psql(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            )
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+        }
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (done, held) = (done.clone(), held.clone());
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !done.load(Ordering::Relaxed) {
+                most = most.max(held());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            most
+        })
+    };
+    let claims: Vec<_> = (0..300)
+        .map(|i| {
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                let body = format!("{{\"key\":\"job-{i}\"}}");
+                admin
+                    .send("POST", "/v1/dedup/pool/claim", &[], &body)
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    for c in claims {
+        assert_eq!(c.await.unwrap(), 201, "a new key's claim");
+    }
+    done.store(true, Ordering::Relaxed);
+    let most = sampler.join().unwrap();
+    assert!(most >= 1, "no connection was seen");
+    assert!(most <= 4, "{most} connections held with pool_size = 3");
+    assert!(held() <= 4);
+    r.stop().await;
+}
+
 // The replay cache: two stores on one schema stand for two replicas.
 
 /// How soon a purge through one replica reaches another's cache (one
