@@ -5,7 +5,7 @@
 //! also say `verify-ca` and `verify-full`, and a URL that works with
 //! `psql` should work here. Both are read as `require` with a verified
 //! certificate. idemgate verifies the chain in every mode that uses TLS
-//! (libpq checks nothing below `verify-ca`): `verify-ca` leaves out only
+//! (libpq, by default, checks nothing below `verify-ca`): `verify-ca` leaves out only
 //! the host name, for a server reached by an address its certificate does
 //! not name.
 
@@ -34,8 +34,15 @@ pub fn parse(url: &str) -> Result<(tokio_postgres::Config, Verify), String> {
     let mut text = url.to_owned();
     for (mode, check) in [("verify-full", Verify::Full), ("verify-ca", Verify::Chain)] {
         let given = format!("sslmode={mode}");
-        if text.contains(&given) {
-            text = text.replace(&given, "sslmode=require");
+        // Only a whole parameter: not, say, inside a password.
+        let found = text.match_indices(&given).map(|(at, _)| at).find(|&at| {
+            let before = text[..at].chars().next_back();
+            let after = text[at + given.len()..].chars().next();
+            matches!(before, None | Some('?' | '&' | ' '))
+                && matches!(after, None | Some('&' | ' '))
+        });
+        if let Some(at) = found {
+            text.replace_range(at..at + given.len(), "sslmode=require");
             verify = check;
         }
     }
@@ -165,6 +172,10 @@ mod tests {
             assert_eq!(config.get_ssl_mode(), SslMode::Require, "{url}");
             assert_eq!(v, verify, "{url}");
         }
+        // A password that only looks like the parameter is left alone.
+        let (config, v) = parse("postgres://a:sslmode=verify-ca@h/db").unwrap();
+        assert_eq!(config.get_password(), Some(&b"sslmode=verify-ca"[..]));
+        assert_eq!((config.get_ssl_mode(), v), (SslMode::Prefer, Verify::Full));
         let (config, v) = parse("postgres://a@h/db").unwrap();
         assert_eq!((config.get_ssl_mode(), v), (SslMode::Prefer, Verify::Full));
         let (config, _) = parse("postgres://a@h/db?sslmode=disable").unwrap();
