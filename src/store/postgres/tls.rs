@@ -5,9 +5,9 @@
 //! also say `verify-ca` and `verify-full`, and a URL that works with
 //! `psql` should work here. Both are read as `require` with a verified
 //! certificate. idemgate verifies the chain in every mode that uses TLS
-//! (libpq, by default, checks nothing below `verify-ca`): `verify-ca` leaves out only
-//! the host name, for a server reached by an address its certificate does
-//! not name.
+//! (libpq, by default, checks nothing below `verify-ca`): `verify-ca`
+//! leaves out only the host name, for a server reached by an address its
+//! certificate does not name.
 
 use std::path::Path;
 use std::sync::Arc;
