@@ -68,6 +68,36 @@ async fn charge(c: &TestClient, key: &str) -> support::Got {
     .await
 }
 
+/// Through `r`: a charge of key "enc" answered and replayed, and a
+/// consumer-dedup result stored and read back, both holding the card
+/// number. Returns the proxy's client.
+async fn stores_and_replays(r: &Running) -> TestClient {
+    let c = TestClient::new(r.proxy_addr.unwrap());
+    let first = charge(&c, "enc").await;
+    assert_eq!(first.status, 201);
+    assert!(String::from_utf8_lossy(&first.body).contains("card-4242"));
+    let replay = charge(&c, "enc").await;
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(replay.body, first.body);
+    let admin = TestClient::new(r.admin_addr);
+    let claim = admin
+        .send("POST", "/v1/dedup/s/claim", &[], "{\"key\":\"job\"}")
+        .await
+        .json();
+    let lease = claim["lease_id"].as_str().unwrap().to_owned();
+    let body = format!(
+        "{{\"key\":\"job\",\"lease_id\":\"{lease}\",\"result\":{{\"card\":\"card-4242\"}}}}"
+    );
+    let done = admin.send("POST", "/v1/dedup/s/complete", &[], &body).await;
+    assert_eq!(done.status, 200);
+    let again = admin
+        .send("POST", "/v1/dedup/s/claim", &[], "{\"key\":\"job\"}")
+        .await
+        .json();
+    assert_eq!(again["result"]["card"], "card-4242");
+    c
+}
+
 /// Everything Redis holds under idemgate's prefix, as text.
 fn dump(redis: &RedisServer) -> String {
     let keys = redis.cli(&["--raw", "KEYS", "idemgate:*"]).unwrap();
@@ -90,35 +120,7 @@ async fn redis_holds_no_plaintext_and_records_still_replay() {
         let r = Running::start(config(Some(&up.url()), &toml))
             .await
             .unwrap();
-        let c = TestClient::new(r.proxy_addr.unwrap());
-        let first = charge(&c, "enc").await;
-        assert_eq!(first.status, 201);
-        assert!(String::from_utf8_lossy(&first.body).contains("card-4242"));
-        let replay = charge(&c, "enc").await;
-        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
-        assert_eq!(replay.body, first.body);
-        // A consumer-dedup result, too.
-        let admin = TestClient::new(r.admin_addr);
-        let claim = admin
-            .send("POST", "/v1/dedup/s/claim", &[], "{\"key\":\"job\"}")
-            .await
-            .json();
-        let lease = claim["lease_id"].as_str().unwrap().to_owned();
-        let body = format!(
-            "{{\"key\":\"job\",\"lease_id\":\"{lease}\",\"result\":{{\"card\":\"card-4242\"}}}}"
-        );
-        assert_eq!(
-            admin
-                .send("POST", "/v1/dedup/s/complete", &[], &body)
-                .await
-                .status,
-            200
-        );
-        let again = admin
-            .send("POST", "/v1/dedup/s/claim", &[], "{\"key\":\"job\"}")
-            .await
-            .json();
-        assert_eq!(again["result"]["card"], "card-4242");
+        stores_and_replays(&r).await;
         let held = dump(&redis);
         assert!(!held.is_empty());
         // The control run shows the check can fail.
@@ -264,35 +266,9 @@ async fn the_memory_store_seals_too() {
     let r = Running::start(config(Some(&up.url()), &encryption(&[k1.entry("k1")])))
         .await
         .unwrap();
-    let c = TestClient::new(r.proxy_addr.unwrap());
-    let first = charge(&c, "m").await;
-    let replay = charge(&c, "m").await;
-    assert_eq!(replay.body, first.body);
-    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    // The record and the consumer-dedup result are sealed, and read back.
+    stores_and_replays(&r).await;
     assert_eq!(up.calls(), 1);
-    // The consumer-dedup result is sealed as well, and reads back.
-    let admin = TestClient::new(r.admin_addr);
-    let claim = admin
-        .send("POST", "/v1/dedup/s/claim", &[], "{\"key\":\"job\"}")
-        .await
-        .json();
-    let lease = claim["lease_id"].as_str().unwrap().to_owned();
-    let done = admin
-        .send(
-            "POST",
-            "/v1/dedup/s/complete",
-            &[],
-            &format!(
-                "{{\"key\":\"job\",\"lease_id\":\"{lease}\",\"result\":{{\"card\":\"4242\"}}}}"
-            ),
-        )
-        .await;
-    assert_eq!(done.status, 200);
-    let again = admin
-        .send("POST", "/v1/dedup/s/claim", &[], "{\"key\":\"job\"}")
-        .await
-        .json();
-    assert_eq!(again["result"]["card"], "4242");
     r.stop().await;
 }
 
@@ -323,29 +299,7 @@ async fn postgres_holds_no_plaintext_and_a_moved_record_does_not_open() {
         let r = Running::start(config(Some(&up.url()), &toml))
             .await
             .unwrap();
-        let c = TestClient::new(r.proxy_addr.unwrap());
-        let first = charge(&c, "enc").await;
-        assert_eq!(first.status, 201);
-        assert!(String::from_utf8_lossy(&first.body).contains("card-4242"));
-        let replay = charge(&c, "enc").await;
-        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
-        assert_eq!(replay.body, first.body);
-        let admin = TestClient::new(r.admin_addr);
-        let claim = admin
-            .send("POST", "/v1/dedup/s/claim", &[], "{\"key\":\"job\"}")
-            .await
-            .json();
-        let lease = claim["lease_id"].as_str().unwrap().to_owned();
-        let body = format!(
-            "{{\"key\":\"job\",\"lease_id\":\"{lease}\",\"result\":{{\"card\":\"card-4242\"}}}}"
-        );
-        let done = admin.send("POST", "/v1/dedup/s/complete", &[], &body).await;
-        assert_eq!(done.status, 200);
-        let again = admin
-            .send("POST", "/v1/dedup/s/claim", &[], "{\"key\":\"job\"}")
-            .await
-            .json();
-        assert_eq!(again["result"]["card"], "card-4242");
+        let c = stores_and_replays(&r).await;
         let held = pg_dump(&pg, &schema);
         assert!(held.trim().len() > 20, "nothing held: {held:?}");
         assert_eq!(held.contains("card-4242"), !sealed, "{held}");

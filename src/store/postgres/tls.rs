@@ -57,7 +57,9 @@ pub fn parse(url: &str) -> Result<(tokio_postgres::Config, Verify), String> {
 }
 
 /// A rustls client config trusting the webpki roots and, given, the CAs
-/// of `ca_file`, checking what `verify` says.
+/// of `ca_file`, checking what `verify` says. (The roots are read as
+/// `crate::tls` reads them for upstreams; the store sits below that
+/// module, so it keeps its own: `tests/architecture.rs`.)
 pub fn client_config(
     ca_file: Option<&Path>,
     verify: Verify,
