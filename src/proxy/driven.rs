@@ -76,7 +76,11 @@ struct Shared {
 /// One upstream connection and what is polled and signalled with it.
 struct Link {
     send: http1::SendRequest<Body>,
-    conn: Conn,
+    /// Boxed: hyper's connection is most of a link's size (about 700
+    /// bytes), and a link moves several times a request (out of the idle
+    /// list, into the response body, back); boxed once per connection,
+    /// each move is a pointer's.
+    conn: Box<Conn>,
     ack: Ack,
     /// Made once per connection, so a request costs no allocation for it.
     turn: Arc<Turn>,
@@ -303,7 +307,7 @@ impl Pool {
         }
         let Link { mut send, conn, .. } = self.connect().await?;
         tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
+            if let Err(e) = (*conn).with_upgrades().await {
                 tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
             }
         });
@@ -371,7 +375,7 @@ impl Pool {
         let waker = Waker::from(turn.clone());
         Ok(Link {
             send,
-            conn,
+            conn: Box::new(conn),
             ack,
             turn,
             waker,

@@ -32,6 +32,12 @@ use crate::telemetry;
 use crate::Body;
 
 /// Settles a covered request against the store.
+///
+/// The paths most requests never take (a store failure, reconciling) are
+/// awaited boxed: an `async fn`'s future is as large as the largest thing
+/// it awaits, and this one is moved (copied whole) several times a
+/// request on its way into its task, so it is kept to what the common
+/// paths need.
 pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
     let Covered {
         parts,
@@ -56,9 +62,11 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
         let begun = match begun {
             Ok(b) => b,
             Err(e) => {
-                return store_failed(shared, &policy, inner, parts, body, trailers, e)
-                    .await
-                    .on(record_key)
+                return Box::pin(store_failed(
+                    shared, &policy, inner, parts, body, trailers, e,
+                ))
+                .await
+                .on(record_key)
             }
         };
         let lapsed_now = matches!(
@@ -82,11 +90,11 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
                         .await;
                     return match refused {
                         Refused::OverRate(wait) => refused_with(ProxyError::TooManyKeys(wait)),
-                        Refused::Store(e) => {
-                            store_failed(shared, &policy, inner, parts, body, trailers, e)
-                                .await
-                                .on(record_key)
-                        }
+                        Refused::Store(e) => Box::pin(store_failed(
+                            shared, &policy, inner, parts, body, trailers, e,
+                        ))
+                        .await
+                        .on(record_key),
                     };
                 }
                 // A call's own deadline (grpc-timeout) bounds it where it is
@@ -113,7 +121,7 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
                 }
                 // Owned: borrowed key text must not live across an await.
                 let key = found.text(policy.max_key_length).into_owned();
-                let asked = ask(
+                let asked = Box::pin(ask(
                     shared,
                     &policy,
                     &record_key,
@@ -121,7 +129,7 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
                     &parts.headers,
                     &fp,
                     unknown,
-                )
+                ))
                 .await;
                 match asked {
                     Asked::Replay(resp) => {
@@ -170,9 +178,11 @@ pub(super) async fn settle(shared: &Arc<Shared>, covered: Covered) -> Handled {
                     Ok(()) => "woken",
                 });
                 if let Err(e) = waited {
-                    return store_failed(shared, &policy, inner, parts, body, trailers, e)
-                        .await
-                        .on(record_key);
+                    return Box::pin(store_failed(
+                        shared, &policy, inner, parts, body, trailers, e,
+                    ))
+                    .await
+                    .on(record_key);
                 }
             }
         }

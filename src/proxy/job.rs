@@ -91,6 +91,10 @@ impl Job {
             // The caller may be gone; the record is stored either way.
             self.run(inner, req, tx).await;
         };
+        // Boxed: the task then holds a pointer, where it would hold (and
+        // tokio copy whole, at spawn and at each change of the task's
+        // stage) a future of a few KiB.
+        let run = Box::pin(run);
         if telemetry::in_sampled_request() {
             // The request's span is the parent of what the job does, even
             // after the client has gone.
@@ -107,6 +111,9 @@ impl Job {
 
     /// Calls the upstream; answers `tx` as soon as the head arrives; then
     /// records the body as it streams and settles the lease when it ends.
+    /// The ways it can fail are awaited boxed, so that they do not make
+    /// this future (moved into the task whole) larger than the common path
+    /// needs.
     async fn run(mut self, inner: Upstream, req: Request<Body>, tx: oneshot::Sender<Handled>) {
         let deadline = Instant::now() + self.timeout;
         // Duplicates on this process find the attempt here from now on, and
@@ -125,10 +132,10 @@ impl Job {
             .await;
         let resp = match head {
             Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => return self.fail_before_head(&live, e, tx).await,
+            Ok(Err(e)) => return Box::pin(self.fail_before_head(&live, e, tx)).await,
             Err(_) => {
                 let e = UpstreamError::Timeout(self.timeout);
-                return self.fail_before_head(&live, e, tx).await;
+                return Box::pin(self.fail_before_head(&live, e, tx)).await;
             }
         };
         let (parts, body) = resp.into_parts();
@@ -150,7 +157,7 @@ impl Job {
             // body as it comes (no duplicate joins it).
             self.lives.remove(&self.guard.key, &live);
             live.finish(Ok(()));
-            self.dispose(disposed).await;
+            Box::pin(self.dispose(disposed)).await;
             let _ = tx.send(Handled::new(
                 Outcome::Forwarded,
                 Response::from_parts(parts, body),
@@ -201,7 +208,7 @@ impl Job {
                 if trailed != Disposition::Keep {
                     live.finish(Ok(()));
                     answer(None, &policy);
-                    self.dispose(trailed).await;
+                    Box::pin(self.dispose(trailed)).await;
                     lives.remove(&key, &live);
                     return;
                 }
@@ -234,9 +241,7 @@ impl Job {
                     Completion::Failed(why) => {
                         live.finish(Err(format!("the response could not be stored: {why}")));
                         answer(Some(ProxyError::NotStored(why)), &policy);
-                        self.guard
-                            .unknown(&self.policy, UnknownCause::Unstored)
-                            .await;
+                        Box::pin(self.guard.unknown(&self.policy, UnknownCause::Unstored)).await;
                     }
                 }
                 lives.remove(&key, &live);
@@ -244,7 +249,7 @@ impl Job {
             Ok(Err(why)) => {
                 live.finish(Err(format!("the upstream response broke off: {why}")));
                 answer(None, &policy);
-                self.failed(&UpstreamError::Broken(why)).await;
+                Box::pin(self.failed(&UpstreamError::Broken(why))).await;
                 lives.remove(&key, &live);
             }
             Err(_) => {
@@ -253,7 +258,7 @@ impl Job {
                 ));
                 answer(None, &policy);
                 let e = UpstreamError::Timeout(self.timeout);
-                self.failed(&e).await;
+                Box::pin(self.failed(&e)).await;
                 lives.remove(&key, &live);
             }
         }
