@@ -111,9 +111,9 @@ impl Job {
 
     /// Calls the upstream; answers `tx` as soon as the head arrives; then
     /// records the body as it streams and settles the lease when it ends.
-    /// The ways it can fail are awaited boxed, so that they do not make
-    /// this future (moved into the task whole) larger than the common path
-    /// needs.
+    /// The ways it can fail, and settling an answer that is not kept, are
+    /// awaited boxed, so that they do not make this future (moved into its
+    /// box whole) larger than the common path needs.
     async fn run(mut self, inner: Upstream, req: Request<Body>, tx: oneshot::Sender<Handled>) {
         let deadline = Instant::now() + self.timeout;
         // Duplicates on this process find the attempt here from now on, and
