@@ -14,6 +14,7 @@ pub const IDEMPOTENT_RECONCILED: HeaderName = HeaderName::from_static("idempoten
 /// Response header marking a replay whose body was too large to store.
 pub const IDEMPOTENT_BODY_OMITTED: HeaderName = HeaderName::from_static("idempotent-body-omitted");
 
+/// How many names `HOP_BY_HOP` holds.
 const HOPS: usize = 8;
 
 /// RFC 9110 §7.6.1 connection-specific fields, plus the de-facto

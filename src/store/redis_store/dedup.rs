@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::{array, malformed, millis, RedisStore};
 use crate::idempotency::dedup::{ClaimOutcome, ClaimParams, DedupRecord, ReleaseOutcome};
-use crate::idempotency::key::{hex, RecordKey};
+use crate::idempotency::key::RecordKey;
 use crate::idempotency::lease::LeaseId;
 use crate::store::dedup::{
     ClaimItem, CompleteItem, Cursor, DedupStore, FailedItem, Inspected, Ttls,
@@ -54,18 +54,14 @@ fn need<T>(v: Option<T>) -> Result<T, StoreError> {
 
 impl RedisStore {
     fn dedup_key(&self, scope: &str, key: &str) -> String {
-        format!(
-            "{}:d:{{{}}}",
-            self.inner.prefix,
-            RecordKey::derive_dedup(scope, key).to_hex()
-        )
+        self.name(":d:", &RecordKey::derive_dedup(scope, key).0)
     }
 
     fn failed_index(&self, scope: &str) -> String {
         let mut h = Sha256::new();
         h.update(b"idemgate/dedup-scope/v1");
         h.update(scope.as_bytes());
-        format!("{}:dlq:{{{}}}", self.inner.prefix, hex(&h.finalize()))
+        self.name(":dlq:", &h.finalize())
     }
 
     /// ARGV of `lua/dedup_claim.lua`, in its header's order.

@@ -33,7 +33,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, Script, Value};
 
-use crate::idempotency::key::{Fingerprint, RecordKey};
+use crate::idempotency::key::{hex, Fingerprint, RecordKey};
 use crate::store::error::StoreError;
 use crate::store::sealing::Sealing;
 
@@ -234,15 +234,22 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// A Redis name: the prefix, `kind` (`:`, `:done:`, `:rl:`, `:d:`,
+    /// `:dlq:`), and a digest's hex as the hash tag, so that Cluster places
+    /// it by the digest alone. Joined, not formatted: a request builds two,
+    /// and the formatter's machinery cost more than the copies
+    /// (benches/RESULTS.md, "Moves and lookups").
+    fn name(&self, kind: &str, digest: &[u8]) -> String {
+        [&self.inner.prefix, kind, "{", &hex(digest), "}"].concat()
+    }
+
     /// The Redis key of a record.
     pub fn record_key(&self, key: &RecordKey) -> String {
-        // Joined, not formatted: two a request, and the formatter's
-        // machinery cost more than the copies (benches/RESULTS.md).
-        [&self.inner.prefix, ":{", &key.to_hex(), "}"].concat()
+        self.name(":", &key.0)
     }
 
     fn channel(&self, key: &RecordKey) -> String {
-        [&self.inner.prefix, ":done:{", &key.to_hex(), "}"].concat()
+        self.name(":done:", &key.0)
     }
 
     /// The replay caches' invalidation channel, or `b""` without them.

@@ -458,7 +458,7 @@ impl BucketStore for RedisStore {
         rate: Rate,
     ) -> StoreFuture<'a, Result<(), Duration>> {
         Box::pin(async move {
-            let bucket = format!("{}:rl:{{{}}}", self.inner.prefix, scope.to_hex());
+            let bucket = self.name(":rl:", &scope.0);
             let wait: i64 = self
                 .eval(
                     &self.inner.scripts.admit,
