@@ -15,8 +15,9 @@
 //! Extending an entry pushes nothing: when its item comes up, the entry is
 //! found still live and pushed again at its new expiry. A new entry, or one
 //! moved earlier, pushes an item; items whose entry has gone, or that come
-//! up early, cost one lookup when they do. The heap costs 40 bytes an item,
-//! and an entry moved earlier holds two until the first comes up.
+//! up early, cost one lookup when they do. The heap costs 40 bytes an item;
+//! an entry moved earlier holds two until the first comes up, and a heap
+//! grown past two items an entry is rebuilt from the entries.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -127,6 +128,29 @@ impl Bound {
 struct Shard<V> {
     map: HashMap<RecordKey, Entry<V>, BuildHasherDefault<KeyHasher>>,
     due: BinaryHeap<Reverse<(u64, RecordKey)>>,
+}
+
+/// Items a shard's heap may hold beyond two per entry before it is rebuilt.
+const STALE_ITEMS: usize = 64;
+
+impl<V> Shard<V> {
+    /// Adds an item due `at` for `key`, whose entry the map holds with that
+    /// expiry already. An entry moved earlier leaves its
+    /// old item behind until that comes up, which is a lease's term (30 s
+    /// by default) for every record completed with a shorter TTL: held
+    /// 2 s at 20,000 a second, 600,000 items, 24 MB for 40,000 records.
+    /// So a heap past two items per entry is rebuilt from the entries,
+    /// one item each: linear, after at least as many pushes.
+    fn push_due(&mut self, at: u64, key: RecordKey) {
+        if self.due.len() >= 2 * self.map.len() + STALE_ITEMS {
+            let mut items = std::mem::take(&mut self.due).into_vec();
+            items.clear();
+            items.extend(self.map.iter().map(|(k, e)| Reverse((e.expires, *k))));
+            self.due = BinaryHeap::from(items);
+            return; // `key`'s item among them
+        }
+        self.due.push(Reverse((at, key)));
+    }
 }
 
 impl<V> Default for Shard<V> {
@@ -256,7 +280,7 @@ impl<V: OnRemove> Locked<'_, V> {
         // has).
         let earlier = (e.expires < before_expires).then_some(e.expires);
         if let Some(at) = earlier {
-            self.shard.due.push(Reverse((at, *key)));
+            self.shard.push_due(at, *key);
         }
         Some(out)
     }
@@ -278,7 +302,7 @@ impl<V: OnRemove> Locked<'_, V> {
             }
         };
         if due_item {
-            self.shard.due.push(Reverse((expires, key)));
+            self.shard.push_due(expires, key);
         }
     }
 
@@ -389,5 +413,32 @@ mod tests {
         assert_eq!(map.expire(u64::MAX - 1).0, model.len());
         let items: usize = map.shards.iter().map(|s| lock(s).due.len()).sum();
         assert_eq!(items, 0);
+    }
+
+    /// Records begun with a long in-flight expiry and completed with a
+    /// short one, as a 2 s TTL under a 30 s lease: the items left by their
+    /// begins do not pile up for the lease's term.
+    #[test]
+    fn items_left_by_entries_moved_earlier_do_not_pile_up() {
+        let map: TtlMap<V> = TtlMap::new(Bound::new(usize::MAX, usize::MAX));
+        let mut n = 0;
+        for now in 0..20_000u64 {
+            for _ in 0..5 {
+                let k = key(n);
+                n += 1;
+                map.lock(&k).put(k, V, now + 30_000);
+                map.lock(&k).update(&k, now, |e| e.expires = now + 2_000);
+            }
+            if now % 10 == 0 {
+                map.expire(now);
+            }
+        }
+        let live = map.bound.len();
+        assert!((9_900..=10_100).contains(&live), "{live} live");
+        let items: usize = map.shards.iter().map(|s| lock(s).due.len()).sum();
+        assert!(
+            items <= 2 * live + SHARDS * STALE_ITEMS,
+            "{items} items for {live} entries"
+        );
     }
 }
