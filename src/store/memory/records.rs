@@ -165,7 +165,8 @@ impl RecordStore for MemoryStore {
         if unknown {
             match resolution {
                 Resolution::Completed(record, ttl) => {
-                    let slot = Slot::completed(self.inner.sealing.encode(key, &record));
+                    let encoded = self.inner.sealing.encode(key, &record);
+                    let slot = Slot::completed(encoded, &self.inner.packer, ms(ttl), now);
                     shard.put(*key, slot, now + ms(ttl));
                 }
                 Resolution::Release => {
@@ -183,8 +184,10 @@ impl RecordStore for MemoryStore {
         record: Arc<CompletedRecord>,
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
-        // Encode outside the shard lock.
-        let slot = Slot::completed(self.inner.sealing.encode(key, &record));
+        // Encode and pack outside the shard lock.
+        let encoded = self.inner.sealing.encode(key, &record);
+        let now = self.inner.clock.now();
+        let slot = Slot::completed(encoded, &self.inner.packer, ms(ttl), now);
         let done = self.with_lease(key, lease, |e, now| {
             // Waiters re-check under this shard lock, so they see the record.
             e.value.removed();
@@ -293,12 +296,15 @@ impl BucketStore for MemoryStore {
 mod tests {
     use super::*;
 
-    /// Every stored record pays for a bucket: keep it small.
+    /// Every stored record pays for a bucket: keep it small. A packed
+    /// record's view of its chunk (`Bytes`, 32 bytes) sizes it; it saves
+    /// more than its 16 bytes over a block of its own (the size class's
+    /// rounding, 18 % on a 1 KiB record).
     #[test]
     fn a_bucket_stays_small() {
         type E = Entry<Slot>;
         assert!(
-            std::mem::size_of::<E>() <= 32,
+            std::mem::size_of::<E>() <= 48,
             "{}",
             std::mem::size_of::<E>()
         );

@@ -4,8 +4,10 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
+use super::packer::Packer;
 use super::ttl_map::OnRemove;
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::rate::Bucket;
@@ -14,12 +16,15 @@ use crate::store::sealing::Sealing;
 
 /// What a record holds, kept small because most are completed records: the
 /// rare in-flight data is boxed (see benches/RESULTS.md for the bytes per
-/// record). A completed response is kept encoded in one
-/// exact-size allocation. Holding the upstream's `Bytes` instead would pin
+/// record). A completed response is kept encoded: under 16 KiB packed
+/// with the records of its TTL (`packer.rs`), otherwise in blocks of its
+/// own. Holding the upstream's `Bytes` instead would pin
 /// whole hyper read buffers (body and header values are slices of them) for
 /// the record's lifetime; decoding on replay costs a few hundred ns.
 pub(super) enum Slot {
     InFlight(Box<InFlight>),
+    /// An encoded record in a chunk shared with others of its TTL.
+    Packed(Bytes),
     Completed(Box<[u8]>),
     /// An encoded record of 16 to 128 KiB that no size class fits, in two
     /// allocations (see [`Slot::completed`]).
@@ -66,6 +71,7 @@ impl OnRemove for Slot {
     fn heap_bytes(&self) -> usize {
         match self {
             Slot::InFlight(_) => std::mem::size_of::<InFlight>(),
+            Slot::Packed(bytes) => bytes.len(),
             Slot::Completed(bytes) => bytes.len(),
             Slot::CompletedInTwo(parts) => {
                 std::mem::size_of::<[Box<[u8]>; 2]>() + parts[0].len() + parts[1].len()
@@ -83,11 +89,22 @@ impl OnRemove for Bucket {
 }
 
 impl Slot {
-    /// The slot for an encoded record: one exact-size allocation, or, where
-    /// that would take a size class well above the record's length, a first
-    /// part the size of the class below and the rest (RSS then follows the
-    /// bytes held: benches/RESULTS.md, "Design 5").
-    pub(super) fn completed(encoded: Vec<u8>) -> Slot {
+    /// The slot for an encoded record kept `ttl_ms` from `now`: packed with
+    /// the records of its TTL when short enough, else in blocks of its own
+    /// ([`Slot::unpacked`]).
+    pub(super) fn completed(encoded: Vec<u8>, packer: &Packer, ttl_ms: u64, now: u64) -> Slot {
+        match packer.pack(&encoded, ttl_ms, now) {
+            Some(packed) => Slot::Packed(packed),
+            None => Slot::unpacked(encoded),
+        }
+    }
+
+    /// The slot for an encoded record in blocks of its own: one exact-size
+    /// allocation, or, where that would take a size class well above the
+    /// record's length, a first part the size of the class below and the
+    /// rest (RSS then follows the bytes held: benches/RESULTS.md, "Design
+    /// 5").
+    pub(super) fn unpacked(encoded: Vec<u8>) -> Slot {
         match class_below(encoded.len()) {
             Some(class) => {
                 let (head, tail) = encoded.split_at(class);
@@ -113,7 +130,8 @@ impl Slot {
                 lease_until,
                 notify: None,
             }))),
-            State::Completed(rec) => Some(Slot::completed(sealing.encode(key, &rec))),
+            // A begin never writes a completed record; no TTL to pack by.
+            State::Completed(rec) => Some(Slot::unpacked(sealing.encode(key, &rec))),
             State::Unknown(u) => Some(Slot::Unknown(Box::new(u))),
         }
     }
@@ -126,6 +144,9 @@ impl Slot {
                 lease: f.lease,
                 fingerprint: f.fingerprint,
             },
+            Slot::Packed(bytes) => sealing
+                .decode(key, bytes)
+                .map_or(State::Absent, |r| State::Completed(Arc::new(r))),
             Slot::Completed(bytes) => sealing
                 .decode(key, bytes)
                 .map_or(State::Absent, |r| State::Completed(Arc::new(r))),
@@ -139,7 +160,9 @@ impl Slot {
     pub(super) fn lease(&self) -> Option<&Lease> {
         match self {
             Slot::InFlight(f) => Some(&f.lease),
-            Slot::Completed(_) | Slot::CompletedInTwo(_) | Slot::Unknown(_) => None,
+            Slot::Packed(_) | Slot::Completed(_) | Slot::CompletedInTwo(_) | Slot::Unknown(_) => {
+                None
+            }
         }
     }
 
@@ -167,7 +190,7 @@ mod tests {
         assert_eq!(class_below(20 << 10), None);
         assert_eq!(class_below(200 << 10), None, "large blocks are page-sized");
         let encoded: Vec<u8> = (0..65_636u32).map(|i| i as u8).collect();
-        let Slot::CompletedInTwo(parts) = Slot::completed(encoded.clone()) else {
+        let Slot::CompletedInTwo(parts) = Slot::unpacked(encoded.clone()) else {
             panic!("held in one")
         };
         assert_eq!([&parts[0][..], &parts[1][..]].concat(), encoded);

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use super::packer::Packer;
 use super::slot::Slot;
 use super::ttl_map::{ms, Bound, Clock, TtlMap};
 use crate::idempotency::dedup::DedupRecord;
@@ -37,6 +38,8 @@ pub struct MemoryStore {
 
 pub(super) struct Inner {
     pub(super) records: TtlMap<Slot>,
+    /// The open chunks completed records are packed into.
+    pub(super) packer: Packer,
     pub(super) dedup: TtlMap<DedupRecord>,
     /// Fair-share buckets per caller scope: tiny, outside the bound.
     pub(super) buckets: TtlMap<Bucket>,
@@ -64,6 +67,7 @@ impl MemoryStore {
         let store = MemoryStore {
             inner: Arc::new(Inner {
                 records: TtlMap::new(bound.clone()),
+                packer: Packer::default(),
                 dedup: TtlMap::new(bound.clone()),
                 buckets: TtlMap::new(Bound::new(usize::MAX, usize::MAX)),
                 failed: Mutex::default(),
