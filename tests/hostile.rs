@@ -101,6 +101,27 @@ async fn connection_specific_response_headers_are_neither_passed_on_nor_stored()
     idg.stop().await;
 }
 
+/// The README's limit, exactly: 100 request headers pass, 101 get 431.
+#[tokio::test]
+async fn a_hundred_request_headers_pass_and_the_hundred_and_first_gets_431() {
+    let up = TestUpstream::start().await;
+    let (idg, _) = start(&up, "").await;
+    let addr = idg.proxy_addr.unwrap();
+    let with = |n: usize| {
+        let mut r = String::from("GET /v1/a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n");
+        for i in 2..n {
+            r.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        r + "\r\n"
+    };
+    let resp = raw(addr, with(100).as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(status_of(&resp), Some(201), "{resp}");
+    let resp = raw(addr, with(101).as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(status_of(&resp), Some(431), "{resp}");
+    assert_eq!(up.calls(), 1);
+    idg.stop().await;
+}
+
 #[tokio::test]
 async fn header_floods_get_431_and_reach_nothing() {
     let up = TestUpstream::start().await;
