@@ -236,11 +236,8 @@ pub async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
-        // Header floods end in 431 long before they cost memory: at hyper's
-        // default of 100 headers, not set here, since setting any number
-        // moves hyper's two header arrays from the stack to a loop filling
-        // 100 elements each on every request (1,700 instructions a request,
-        // 3.6 % of a pass-through: benches/RESULTS.md, "Moves and lookups").
+        // Header floods end in 431 long before they cost memory.
+        .max_headers(100)
         .max_buf_size(64 * 1024)
         .keep_alive(true);
     builder
