@@ -297,9 +297,10 @@ mod tests {
     use super::*;
 
     /// Every stored record pays for a bucket: keep it small. A packed
-    /// record's view of its chunk (`Bytes`, 32 bytes) sizes it; it saves
-    /// more than its 16 bytes over a block of its own (the size class's
-    /// rounding, 18 % on a 1 KiB record).
+    /// record's view of its chunk (`Bytes`, 32 bytes) sizes it, 16 bytes
+    /// more than a boxed slice: packing saves a 1 KiB record far more (its
+    /// size class's rounding, 18 %) and about evens out on tiny ones
+    /// (benches/RESULTS.md, "Small records").
     #[test]
     fn a_bucket_stays_small() {
         type E = Entry<Slot>;

@@ -27,7 +27,7 @@ pub(super) enum Slot {
     Packed(Bytes),
     Completed(Box<[u8]>),
     /// An encoded record of 16 to 128 KiB that no size class fits, in two
-    /// allocations (see [`Slot::completed`]).
+    /// allocations (see [`Slot::unpacked`]).
     CompletedInTwo(Box<[Box<[u8]>; 2]>),
     Unknown(Box<Unknown>),
 }

@@ -135,12 +135,12 @@ const STALE_ITEMS: usize = 64;
 
 impl<V> Shard<V> {
     /// Adds an item due `at` for `key`, whose entry the map holds with that
-    /// expiry already. An entry moved earlier leaves its
-    /// old item behind until that comes up, which is a lease's term (30 s
-    /// by default) for every record completed with a shorter TTL: held
-    /// 2 s at 20,000 a second, 600,000 items, 24 MB for 40,000 records.
-    /// So a heap past two items per entry is rebuilt from the entries,
-    /// one item each: linear, after at least as many pushes.
+    /// expiry already. An entry moved earlier leaves its old item behind
+    /// until that comes up, which is a lease's term (30 s by default) for
+    /// every record completed with a shorter TTL: held 2 s at 20,000 a
+    /// second, 600,000 items, 24 MB for 40,000 records. So a heap past two
+    /// items per entry is rebuilt from the entries, one item each: linear,
+    /// after at least as many pushes.
     fn push_due(&mut self, at: u64, key: RecordKey) {
         if self.due.len() >= 2 * self.map.len() + STALE_ITEMS {
             let mut items = std::mem::take(&mut self.due).into_vec();
