@@ -220,7 +220,7 @@ impl fmt::Debug for Fingerprint {
 pub fn hex(bytes: &[u8]) -> String {
     // Written as bytes, then checked once: pushing the digits as chars
     // one by one took about 25 instructions a byte (benches/RESULTS.md,
-    // "Moves and lookups"), and a Redis request names three keys by hex.
+    // "Moves and lookups").
     let mut out = vec![0; bytes.len() * 2];
     hex_into(bytes, &mut out);
     String::from_utf8(out).expect("hex digits are ASCII")

@@ -33,7 +33,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, Script, Value};
 
-use crate::idempotency::key::{hex, Fingerprint, RecordKey};
+use crate::idempotency::key::{hex_into, Fingerprint, RecordKey};
 use crate::store::error::StoreError;
 use crate::store::sealing::Sealing;
 
@@ -234,13 +234,10 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// A Redis name: the prefix, `kind` (`:`, `:done:`, `:rl:`, `:d:`,
-    /// `:dlq:`), and a digest's hex as the hash tag, so that Cluster places
-    /// it by the digest alone. Joined, not formatted: a request builds two,
-    /// and the formatter's machinery cost more than the copies
-    /// (benches/RESULTS.md, "Moves and lookups").
+    /// A Redis name of `kind` (`:`, `:done:`, `:rl:`, `:d:`, `:dlq:`) for
+    /// `digest` ([`tagged`]).
     fn name(&self, kind: &str, digest: &[u8]) -> String {
-        [&self.inner.prefix, kind, "{", &hex(digest), "}"].concat()
+        tagged(&self.inner.prefix, kind, digest)
     }
 
     /// The Redis key of a record.
@@ -550,6 +547,23 @@ fn fingerprint(v: &Value) -> Result<Fingerprint, StoreError> {
     }
 }
 
+/// `prefix`, `kind` and a digest's hex as the hash tag, so that Cluster
+/// places the name by the digest alone. Written into one buffer, not
+/// formatted: a request builds two or three, and the formatter's machinery
+/// and a separate hex string cost more than the bytes (benches/RESULTS.md,
+/// "Moves and lookups").
+fn tagged(prefix: &str, kind: &str, digest: &[u8]) -> String {
+    let mut name = Vec::with_capacity(prefix.len() + kind.len() + 2 * digest.len() + 2);
+    name.extend_from_slice(prefix.as_bytes());
+    name.extend_from_slice(kind.as_bytes());
+    name.push(b'{');
+    let at = name.len();
+    name.resize(at + 2 * digest.len(), 0);
+    hex_into(digest, &mut name[at..]);
+    name.push(b'}');
+    String::from_utf8(name).expect("text and hex digits")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,9 +573,11 @@ mod tests {
     fn record_keys_hash_tag_only_the_digest() {
         let k = RecordKey::derive_dedup("s", "{user-chosen-tag}");
         let hexed = k.to_hex();
-        let name = format!("idemgate:{{{hexed}}}");
+        let name = tagged("idemgate", ":", &k.0);
+        assert_eq!(name, format!("idemgate:{{{hexed}}}"));
         assert!(!name.contains("user-chosen-tag"));
         assert_eq!(hex(&k.0), hexed);
+        assert_eq!(tagged("p", ":dlq:", &[0xab, 1]), "p:dlq:{ab01}");
     }
 
     #[test]
