@@ -166,6 +166,8 @@ fn report(store: &str, records: u64, what: &str, (ops, p50, p99): (f64, f64, f64
 }
 
 fn main() {
+    // As the binary starts: without transparent huge pages.
+    idemgate::pages::small_pages_only().expect("prctl(PR_SET_THP_DISABLE)");
     let full = std::env::args().any(|a| a == "--bench");
     let sizes: Vec<u64> = match std::env::var("RECORDS") {
         Ok(s) => s.split_whitespace().map(|v| v.parse().unwrap()).collect(),

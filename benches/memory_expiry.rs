@@ -42,6 +42,8 @@ const TTL: Duration = Duration::from_secs(2);
 const MIB: f64 = (1 << 20) as f64;
 
 fn main() {
+    // As the binary starts: without transparent huge pages.
+    idemgate::pages::small_pages_only().expect("prctl(PR_SET_THP_DISABLE)");
     let full = std::env::args().any(|a| a == "--bench");
     let rate = if full { env("RATE", 5_000) } else { 200 };
     let secs = if full { env("SECS", 14) } else { 3 };
@@ -95,7 +97,7 @@ fn main() {
         (samples, writer.await.unwrap(), store.bytes())
     });
     println!(
-        "{written} records of 64 KiB, {} s TTL, {rate}/s for {secs} s; RSS before {:.0} MiB",
+        "{written} records of {body} bytes, {} s TTL, {rate}/s for {secs} s; RSS before {:.0} MiB",
         TTL.as_secs(),
         base as f64 / MIB
     );

@@ -28,6 +28,8 @@ use rss::rss;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // As the binary starts: without transparent huge pages.
+    idemgate::pages::small_pages_only().expect("prctl(PR_SET_THP_DISABLE)");
     let full = std::env::args().any(|a| a == "--bench");
     let n: u64 = if full { 1_000_000 } else { 10_000 };
     let body_len = 64;

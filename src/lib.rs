@@ -25,6 +25,8 @@
 //! - [`body`]: reading bodies up to a limit.
 //! - [`error`]: typed errors and the one place they become HTTP responses.
 //! - [`metrics`]: the Prometheus metrics, on a registry the caller owns.
+//! - [`pages`]: transparent huge pages off for the process, so resident
+//!   memory follows the records held.
 //! - [`tls`]: the TLS client settings upstreams, the trace exporter and `amqps://` consumers share.
 //! - [`telemetry`]: OpenTelemetry traces (OTLP export, W3C Trace Context,
 //!   the link from a replay to the request that ran).
@@ -44,6 +46,7 @@ pub mod error;
 pub mod idempotency;
 pub mod loops;
 pub mod metrics;
+pub mod pages;
 pub mod proxy;
 pub mod reload;
 pub mod server;

@@ -209,6 +209,22 @@ async fn dedup_only_mode_opens_no_proxy_listener() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// The serving process turns transparent huge pages off for itself, so its
+/// resident memory follows the records it holds (the README's
+/// `store.max_bytes` paragraph): the kernel reports it per process, whatever
+/// the system's setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serving_process_takes_no_transparent_huge_pages() {
+    let up = TestUpstream::start().await;
+    let p = Proc::start(&up.url(), &[], &[]).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "{status}");
+}
+
 /// Resident memory of a process, in bytes.
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -89,6 +89,9 @@ fn runtime(mut builder: tokio::runtime::Builder) -> anyhow::Result<tokio::runtim
 }
 
 fn serve(cli: &idemgate::config::Cli) -> anyhow::Result<()> {
+    // Before the store takes any memory: resident memory then follows the
+    // records held (idemgate::pages says why).
+    let pages = idemgate::pages::small_pages_only();
     let config = Config::load(&cli.args)?;
     let runtime = runtime(tokio::runtime::Builder::new_multi_thread())?;
     runtime.block_on(async move {
@@ -101,6 +104,9 @@ fn serve(cli: &idemgate::config::Cli) -> anyhow::Result<()> {
         init_tracing(config.log_format, traces.as_ref().map(|t| t.tracer.clone()));
         if let Some(endpoint) = &config.traces.endpoint {
             tracing::info!(%endpoint, "exporting traces");
+        }
+        if let Err(e) = pages {
+            tracing::warn!(error = %e, "transparent huge pages stay as the system sets them: resident memory may run further above the bytes the store holds");
         }
         let store = server::open_store(&config, &metrics).await?;
         let listeners = Listeners::bind(&config).await?;
