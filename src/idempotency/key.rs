@@ -112,6 +112,77 @@ fn parse_sf_string(raw: &[u8]) -> Result<Cow<'_, [u8]>, KeyError> {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RecordKey(pub [u8; 32]);
 
+/// Hashes [`RecordKey`]s for this process's own maps (the memory store's
+/// shards and their tables, the live responses), with a secret drawn when
+/// it is made.
+///
+/// A record key is a SHA-256 output, so any 8 of its bytes spread well over
+/// keys nobody chose. But clients choose their `Idempotency-Key`s, and one
+/// who knows which bytes pick a shard and a bucket can grind keys (about
+/// 2^16 hashes each) that all land in one shard's one probe chain, so that
+/// every lookup there walks them. Mixed with a secret by a folded multiply
+/// (as foldhash and ahash do), where a key lands cannot be known outside
+/// the process, at a few instructions a hash.
+#[derive(Clone, Copy)]
+pub struct KeyHashes {
+    seeds: [u64; 2],
+}
+
+impl KeyHashes {
+    /// Draws a new secret.
+    pub fn random() -> Self {
+        KeyHashes {
+            seeds: rand::random(),
+        }
+    }
+
+    /// `key`'s hash under this secret.
+    pub fn hash(&self, key: &RecordKey) -> u64 {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&key.0[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        let p = u128::from(word(0) ^ self.seeds[0]) * u128::from(word(1) ^ self.seeds[1]);
+        (p as u64) ^ ((p >> 64) as u64)
+    }
+}
+
+impl Default for KeyHashes {
+    fn default() -> Self {
+        KeyHashes::random()
+    }
+}
+
+impl std::hash::BuildHasher for KeyHashes {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher {
+            hashes: *self,
+            hash: 0,
+        }
+    }
+}
+
+/// The [`std::hash::Hasher`] of [`KeyHashes`]: a [`RecordKey`] hashes as
+/// its length, then its 32 bytes in one write; the length is the same for
+/// every key and is passed over.
+pub struct KeyHasher {
+    hashes: KeyHashes,
+    hash: u64,
+}
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        if let Ok(key) = <[u8; 32]>::try_from(bytes) {
+            self.hash = self.hashes.hash(&RecordKey(key));
+        }
+    }
+}
+
 /// SHA-256 of what makes two requests "the same request" for one key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub [u8; 32]);
@@ -238,6 +309,18 @@ pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two processes (two secrets) put a key in different places, and a
+    /// map's hasher gives what `hash` gives: nothing outside the process
+    /// says where a key lands.
+    #[test]
+    fn where_a_key_lands_follows_the_secret() {
+        use std::hash::BuildHasher;
+        let key = RecordKey([7; 32]);
+        let (one, two) = (KeyHashes::random(), KeyHashes::random());
+        assert_ne!(one.hash(&key), two.hash(&key));
+        assert_eq!(one.hash_one(key), one.hash(&key));
+    }
     use http::HeaderValue;
 
     const MAX: usize = 255;

@@ -25,7 +25,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use tokio::sync::Notify;
 
-use crate::idempotency::key::RecordKey;
+use crate::idempotency::key::{KeyHashes, RecordKey};
 use crate::idempotency::record::Origin;
 use crate::{Body, BoxError};
 
@@ -336,11 +336,11 @@ fn reader(cursor: Cursor) -> Body {
 /// The live responses of this process, by record key.
 #[derive(Default)]
 pub(super) struct Lives {
-    map: Mutex<HashMap<RecordKey, Arc<Live>>>,
+    map: Mutex<HashMap<RecordKey, Arc<Live>, KeyHashes>>,
 }
 
 impl Lives {
-    fn lock(&self) -> MutexGuard<'_, HashMap<RecordKey, Arc<Live>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<RecordKey, Arc<Live>, KeyHashes>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -5,7 +5,9 @@
 //! Many small shards behind short `std` mutex sections (never held across
 //! an await): a shard's map rehashes under its lock as it grows, and smaller
 //! maps rehash faster and block fewer requests (16 shards showed a 16 ms p99
-//! under unique-key load; see benches/RESULTS.md). Expiry is lazy on access
+//! under unique-key load; see benches/RESULTS.md); a key's shard and its
+//! bucket follow a secret of the map's own ([`KeyHashes`]), so clients
+//! cannot aim their keys at one of them. Expiry is lazy on access
 //! and by deadline: each shard keeps its entries' deadlines in a min-heap,
 //! and [`TtlMap::expire`] removes the entries that are due, earliest first,
 //! doing work in proportion to what expires rather than to what is held (a
@@ -21,14 +23,13 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::idempotency::key::RecordKey;
+use crate::idempotency::key::{KeyHashes, RecordKey};
 
 const SHARDS: usize = 128;
 
@@ -126,7 +127,7 @@ impl Bound {
 
 /// One shard: its entries and, earliest first, when they fall due.
 struct Shard<V> {
-    map: HashMap<RecordKey, Entry<V>, BuildHasherDefault<KeyHasher>>,
+    map: HashMap<RecordKey, Entry<V>, KeyHashes>,
     due: BinaryHeap<Reverse<(u64, RecordKey)>>,
 }
 
@@ -153,10 +154,10 @@ impl<V> Shard<V> {
     }
 }
 
-impl<V> Default for Shard<V> {
-    fn default() -> Self {
+impl<V> Shard<V> {
+    fn new(hashes: KeyHashes) -> Self {
         Shard {
-            map: HashMap::default(),
+            map: HashMap::with_hasher(hashes),
             due: BinaryHeap::new(),
         }
     }
@@ -171,6 +172,9 @@ const SHRINK_ABOVE: usize = 1024;
 
 pub(super) struct TtlMap<V> {
     shards: Box<[Mutex<Shard<V>>]>,
+    /// Which shard a key is in, and where in its table: one secret for
+    /// both, so a client cannot choose either ([`KeyHashes`] says why).
+    hashes: KeyHashes,
     bound: Arc<Bound>,
 }
 
@@ -187,8 +191,12 @@ fn weight<V: OnRemove>(value: &V) -> usize {
 
 impl<V: OnRemove> TtlMap<V> {
     pub fn new(bound: Arc<Bound>) -> Self {
+        let hashes = KeyHashes::random();
         TtlMap {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard::new(hashes)))
+                .collect(),
+            hashes,
             bound,
         }
     }
@@ -196,7 +204,7 @@ impl<V: OnRemove> TtlMap<V> {
     /// Locks the shard holding `key`.
     pub fn lock(&self, key: &RecordKey) -> Locked<'_, V> {
         Locked {
-            shard: lock(&self.shards[key.0[31] as usize % SHARDS]),
+            shard: lock(&self.shards[shard_of(self.hashes.hash(key))]),
             bound: &self.bound,
         }
     }
@@ -322,22 +330,11 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Record keys are already SHA-256 outputs: their first eight bytes are a
-/// perfectly good hash, so skip hashing them again.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8).take(1) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(b);
-        }
-    }
+/// The shard of a key whose hash is `hash`: bits its shard's table does
+/// not use (hashbrown takes the low bits for the bucket and the top seven
+/// for the tag; a tag shared by a whole shard would match every slot).
+fn shard_of(hash: u64) -> usize {
+    (hash >> 48) as usize % SHARDS
 }
 
 #[cfg(test)]
@@ -356,6 +353,38 @@ mod tests {
         k[..8].copy_from_slice(&i.to_le_bytes());
         k[31] = i as u8;
         RecordKey(k)
+    }
+
+    /// Keys ground to share what picked their shard and their bucket when
+    /// record keys were hashed by their own bytes (byte 31; the low bits of
+    /// the first eight) spread over the shards and over a table's buckets
+    /// all the same: where a key lands follows the map's secret.
+    #[test]
+    fn keys_ground_to_collide_spread_over_shards_and_buckets() {
+        use std::collections::HashSet;
+        use std::hash::BuildHasher;
+        let map: TtlMap<V> = TtlMap::new(Bound::new(usize::MAX, usize::MAX));
+        let ground: Vec<RecordKey> = (0..1_000u64)
+            .map(|i| {
+                let mut k = [0u8; 32];
+                k[..8].copy_from_slice(&(i << 12).to_le_bytes());
+                k[8..16].copy_from_slice(&i.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+                RecordKey(k)
+            })
+            .collect();
+        let shards: HashSet<usize> = ground
+            .iter()
+            .map(|k| shard_of(map.hashes.hash(k)))
+            .collect();
+        // 1,000 keys over 128 shards leave about none empty.
+        assert!(shards.len() >= 100, "{} shards", shards.len());
+        let table = lock(&map.shards[0]);
+        let buckets: HashSet<u64> = ground
+            .iter()
+            .map(|k| table.map.hasher().hash_one(k) & 4095)
+            .collect();
+        // 1,000 keys over 4,096 buckets take about 884 of them.
+        assert!(buckets.len() >= 800, "{} buckets", buckets.len());
     }
 
     /// Random writes, rewrites, expiries moved earlier and later, and
