@@ -309,6 +309,7 @@ pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     /// Two processes (two secrets) put a key in different places, and a
     /// map's hasher gives what `hash` gives: nothing outside the process
@@ -321,7 +322,6 @@ mod tests {
         assert_ne!(one.hash(&key), two.hash(&key));
         assert_eq!(one.hash_one(key), one.hash(&key));
     }
-    use http::HeaderValue;
 
     const MAX: usize = 255;
 

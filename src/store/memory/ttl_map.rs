@@ -135,6 +135,13 @@ struct Shard<V> {
 const STALE_ITEMS: usize = 64;
 
 impl<V> Shard<V> {
+    fn new(hashes: KeyHashes) -> Self {
+        Shard {
+            map: HashMap::with_hasher(hashes),
+            due: BinaryHeap::new(),
+        }
+    }
+
     /// Adds an item due `at` for `key`, whose entry the map holds with that
     /// expiry already. An entry moved earlier leaves its old item behind
     /// until that comes up, which is a lease's term (30 s by default) for
@@ -151,15 +158,6 @@ impl<V> Shard<V> {
             return; // `key`'s item among them
         }
         self.due.push(Reverse((at, key)));
-    }
-}
-
-impl<V> Shard<V> {
-    fn new(hashes: KeyHashes) -> Self {
-        Shard {
-            map: HashMap::with_hasher(hashes),
-            due: BinaryHeap::new(),
-        }
     }
 }
 
