@@ -70,6 +70,14 @@ impl RabbitServer {
 
     fn spawn(&mut self) {
         let d = &self.dir;
+        // What the start script and erl print (a port already taken, say)
+        // goes beside the node's logs, for `log_tail`.
+        std::fs::create_dir_all(d.join("log")).unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("log").join("rabbitmq-server.out"))
+            .unwrap();
         let child = Command::new(SERVER)
             .current_dir(d)
             .env("HOME", d)
@@ -89,8 +97,8 @@ impl RabbitServer {
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
             .env("RABBITMQ_PID_FILE", d.join("pid"))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
             // Its own process group: the script, erl and beam die together.
             .process_group(0)
             .spawn()
@@ -101,12 +109,19 @@ impl RabbitServer {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "rabbitmq-server on {} did not come up; see {}",
-                self.port,
-                d.join("log").display()
-            );
+            if Instant::now() >= deadline {
+                // The folder goes on drop: its logs go into the message.
+                let exited = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                panic!(
+                    "rabbitmq-server on {} did not come up within 60 s (its script: {}); its logs:\n{}",
+                    self.port,
+                    exited.map_or("still running".to_owned(), |s| format!("exited, {s}")),
+                    self.log_tail(40)
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
