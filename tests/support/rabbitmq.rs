@@ -21,6 +21,12 @@ use amqprs::{BasicProperties, FieldTable, FieldValue};
 
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 
+/// A loopback port free when asked (bound, then let go).
+fn free() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 pub struct RabbitServer {
     pub port: u16,
     dist_port: u16,
@@ -41,10 +47,6 @@ impl RabbitServer {
         let dir = std::env::temp_dir().join(format!("idemgate-rabbit-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let free = || {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
         let mut s = RabbitServer {
             port: free(),
             dist_port: free(),
@@ -68,7 +70,36 @@ impl RabbitServer {
         s
     }
 
+    /// Starts the node and waits until it takes AMQP connections. A port
+    /// picked free can be taken before the node binds it (the suite's own
+    /// client connections draw from the same range): then the node stops
+    /// at once (`nodistribution` when its epmd could not listen), and it is
+    /// started again on new distribution and epmd ports, up to three times.
     fn spawn(&mut self) {
+        for attempt in 1..=3 {
+            match self.spawn_once() {
+                Ok(()) => return,
+                Err(status) if attempt < 3 => {
+                    eprintln!(
+                        "rabbitmq-server on {} stopped as it started ({status}); again on new distribution and epmd ports:\n{}",
+                        self.port,
+                        self.log_tail(5)
+                    );
+                    self.dist_port = free();
+                    self.epmd_port = free();
+                }
+                Err(status) => panic!(
+                    "rabbitmq-server on {} stopped as it started, three times (last: {status}); its logs:\n{}",
+                    self.port,
+                    self.log_tail(40)
+                ),
+            }
+        }
+    }
+
+    /// One start: `Err` with the start script's exit status if it ended
+    /// before the node took connections.
+    fn spawn_once(&mut self) -> Result<(), std::process::ExitStatus> {
         let d = &self.dir;
         // What the start script and erl print (a port already taken, say)
         // goes beside the node's logs, for `log_tail`.
@@ -107,21 +138,24 @@ impl RabbitServer {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+                return Ok(());
             }
-            if Instant::now() >= deadline {
-                // The folder goes on drop: its logs go into the message.
-                let exited = self
-                    .child
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten());
-                panic!(
-                    "rabbitmq-server on {} did not come up within 60 s (its script: {}); its logs:\n{}",
-                    self.port,
-                    exited.map_or("still running".to_owned(), |s| format!("exited, {s}")),
-                    self.log_tail(40)
-                );
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.kill();
+                stop_epmd(self.epmd_port); // if it started
+                return Err(status);
             }
+            // The folder goes on drop: its logs go into the message.
+            assert!(
+                Instant::now() < deadline,
+                "rabbitmq-server on {} did not come up within 60 s; its logs:\n{}",
+                self.port,
+                self.log_tail(40)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -223,20 +257,25 @@ impl RabbitServer {
 impl Drop for RabbitServer {
     fn drop(&mut self) {
         self.kill();
-        // epmd refuses while it still lists the node it just lost.
-        for _ in 0..50 {
-            let out = Command::new("epmd")
-                .args(["-port", &self.epmd_port.to_string(), "-kill"])
-                .output();
-            let Ok(out) = out else { break };
-            let said = String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr);
-            if said.contains("Killed") || said.contains("Cannot connect") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        stop_epmd(self.epmd_port);
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Stops the epmd on `port` (it runs detached from the node's process
+/// group); epmd refuses while it still lists the node it just lost.
+fn stop_epmd(port: u16) {
+    for _ in 0..50 {
+        let out = Command::new("epmd")
+            .args(["-port", &port.to_string(), "-kill"])
+            .output();
+        let Ok(out) = out else { break };
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        if said.contains("Killed") || said.contains("Cannot connect") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
