@@ -181,6 +181,8 @@ async fn demo_runs_and_reports_one_charge_per_key() {
 async fn dedup_only_mode_opens_no_proxy_listener() {
     let admin = free_port();
     let proxy = free_port();
+    // Its log, for the failure message.
+    let log = std::env::temp_dir().join(format!("idemgate-dedup-only-{}.log", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
         .args([
             "--admin-listen",
@@ -188,7 +190,7 @@ async fn dedup_only_mode_opens_no_proxy_listener() {
             "--listen",
             &format!("127.0.0.1:{proxy}"),
         ])
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -206,7 +208,9 @@ async fn dedup_only_mode_opens_no_proxy_listener() {
         .args(["-TERM", &child.id().to_string()])
         .status();
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0));
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert_eq!(status.code(), Some(0), "{said}");
 }
 
 /// The serving process turns transparent huge pages off for itself, so its
