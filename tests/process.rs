@@ -5,7 +5,7 @@ mod support;
 
 use support::proc::{free_port, Proc};
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{TestClient, TestUpstream};
