@@ -17,16 +17,22 @@
 //! Extending an entry pushes nothing: when its item comes up, the entry is
 //! found still live and pushed again at its new expiry. A new entry, or one
 //! moved earlier, pushes an item; items whose entry has gone, or that come
-//! up early, cost one lookup when they do. The heap costs 40 bytes an item;
-//! an entry moved earlier holds two until the first comes up, and a heap
-//! grown past two items an entry is rebuilt from the entries.
+//! up early, cost one lookup when they do. An item is the deadline and the
+//! key's hash, 16 bytes (the key itself made it 40, a third of a small
+//! record's overhead): the table is found by that hash (hashbrown's
+//! `HashTable`, which `std`'s map is built on), and an item stands for
+//! every entry with its hash, which is almost always one (two keys share
+//! a 64-bit hash by chance only; the secret keeps clients from choosing
+//! it). An entry moved earlier holds two items until the first comes up,
+//! and a heap grown past two items an entry is rebuilt from the entries.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hashbrown::hash_table::{self, HashTable};
 use tokio::time::Instant;
 
 use crate::idempotency::key::{KeyHashes, RecordKey};
@@ -125,10 +131,16 @@ impl Bound {
     }
 }
 
+/// One entry of a shard's table.
+type Bucket<V> = (RecordKey, Entry<V>);
+
 /// One shard: its entries and, earliest first, when they fall due.
 struct Shard<V> {
-    map: HashMap<RecordKey, Entry<V>, KeyHashes>,
-    due: BinaryHeap<Reverse<(u64, RecordKey)>>,
+    map: HashTable<Bucket<V>>,
+    /// (deadline, hash of the key): the entries with that hash are due then
+    /// or later.
+    due: BinaryHeap<Reverse<(u64, u64)>>,
+    hashes: KeyHashes,
 }
 
 /// Items a shard's heap may hold beyond two per entry before it is rebuilt.
@@ -137,27 +149,42 @@ const STALE_ITEMS: usize = 64;
 impl<V> Shard<V> {
     fn new(hashes: KeyHashes) -> Self {
         Shard {
-            map: HashMap::with_hasher(hashes),
+            map: HashTable::new(),
             due: BinaryHeap::new(),
+            hashes,
         }
     }
 
-    /// Adds an item due `at` for `key`, whose entry the map holds with that
-    /// expiry already. An entry moved earlier leaves its old item behind
-    /// until that comes up, which is a lease's term (30 s by default) for
-    /// every record completed with a shorter TTL: held 2 s at 20,000 a
-    /// second, 600,000 items, 24 MB for 40,000 records. So a heap past two
+    /// The entry for `key`, whose hash is `hash`.
+    fn find(
+        &mut self,
+        key: &RecordKey,
+        hash: u64,
+    ) -> Option<hash_table::OccupiedEntry<'_, Bucket<V>>> {
+        self.map.find_entry(hash, |(k, _)| k == key).ok()
+    }
+
+    /// Adds an item due `at` for the key hashed `hash`, whose entry the map
+    /// holds with that expiry already. An entry moved earlier leaves its old
+    /// item behind until that comes up, which is a lease's term (30 s by
+    /// default) for every record completed with a shorter TTL: held 2 s at
+    /// 20,000 a second, 600,000 items for 40,000 records. So a heap past two
     /// items per entry is rebuilt from the entries, one item each: linear,
     /// after at least as many pushes.
-    fn push_due(&mut self, at: u64, key: RecordKey) {
+    fn push_due(&mut self, at: u64, hash: u64) {
         if self.due.len() >= 2 * self.map.len() + STALE_ITEMS {
             let mut items = std::mem::take(&mut self.due).into_vec();
             items.clear();
-            items.extend(self.map.iter().map(|(k, e)| Reverse((e.expires, *k))));
+            let hashes = self.hashes;
+            items.extend(
+                self.map
+                    .iter()
+                    .map(|(k, e)| Reverse((e.expires, hashes.hash(k)))),
+            );
             self.due = BinaryHeap::from(items);
-            return; // `key`'s item among them
+            return; // the key's item among them
         }
-        self.due.push(Reverse((at, key)));
+        self.due.push(Reverse((at, hash)));
     }
 }
 
@@ -214,32 +241,48 @@ impl<V: OnRemove> TtlMap<V> {
         for cell in self.shards.iter() {
             loop {
                 let mut shard = lock(cell);
-                let Shard { map, due } = &mut *shard;
+                let Shard { map, due, hashes } = &mut *shard;
+                let of_hash = |k: &RecordKey, hash: u64| hashes.hash(k) == hash;
                 let mut handled = 0;
-                while let Some(&Reverse((at, key))) = due.peek() {
+                while let Some(&Reverse((at, hash))) = due.peek() {
                     if at > now || handled == EXPIRE_PER_LOCK {
                         break;
                     }
                     due.pop();
                     handled += 1;
-                    let Some(e) = map.get(&key) else { continue };
-                    if e.expires > now {
-                        // Extended since (or an item left from before it was
-                        // moved earlier): due again at its expiry.
-                        due.push(Reverse((e.expires, key)));
-                        continue;
+                    // The entries with this hash (almost always one): those
+                    // due go; the earliest expiry of the rest, extended since
+                    // or left by an item from before a move earlier, is due
+                    // again.
+                    let (mut gone, mut later) = (0, None::<u64>);
+                    for (k, e) in map.iter_hash(hash) {
+                        if !of_hash(k, hash) {
+                            continue; // a tag shared by another hash
+                        }
+                        if e.expires <= now {
+                            gone += 1;
+                        } else {
+                            later = Some(later.map_or(e.expires, |l| l.min(e.expires)));
+                        }
                     }
-                    if let Some(mut e) = map.remove(&key) {
-                        e.value.removed();
-                        removed += 1;
-                        freed += weight(&e.value);
+                    for _ in 0..gone {
+                        let due_here = |(k, e): &Bucket<V>| e.expires <= now && of_hash(k, hash);
+                        if let Ok(found) = map.find_entry(hash, due_here) {
+                            let ((_, mut e), _) = found.remove();
+                            e.value.removed();
+                            removed += 1;
+                            freed += weight(&e.value);
+                        }
+                    }
+                    if let Some(at) = later {
+                        due.push(Reverse((at, hash)));
                     }
                 }
                 if handled == EXPIRE_PER_LOCK {
                     continue; // more due: let waiting requests in first
                 }
                 if map.capacity() > SHRINK_ABOVE && map.len() < map.capacity() / 4 {
-                    map.shrink_to(map.len() * 2);
+                    map.shrink_to(map.len() * 2, |(k, _)| hashes.hash(k));
                 }
                 if due.capacity() > SHRINK_ABOVE && due.len() < due.capacity() / 4 {
                     due.shrink_to(due.len() * 2);
@@ -259,11 +302,18 @@ impl<V: OnRemove> TtlMap<V> {
 impl<V: OnRemove> Locked<'_, V> {
     /// The live entry for `key`, removing it first if it has expired.
     pub fn live(&mut self, key: &RecordKey, now: u64) -> Option<&mut Entry<V>> {
-        if self.shard.map.get(key).is_some_and(|e| e.expires <= now) {
-            self.remove(key);
+        let hash = self.shard.hashes.hash(key);
+        self.live_hashed(key, hash, now)
+    }
+
+    fn live_hashed(&mut self, key: &RecordKey, hash: u64, now: u64) -> Option<&mut Entry<V>> {
+        let found = self.shard.find(key, hash)?;
+        if found.get().1.expires <= now {
+            let ((_, mut e), _) = found.remove();
+            gone(self.bound, &mut e);
             return None;
         }
-        self.shard.map.get_mut(key)
+        Some(&mut found.into_mut().1)
     }
 
     /// Changes the live entry for `key` through `f`, keeping the byte count
@@ -275,7 +325,8 @@ impl<V: OnRemove> Locked<'_, V> {
         f: impl FnOnce(&mut Entry<V>) -> R,
     ) -> Option<R> {
         let bound = self.bound;
-        let e = self.live(key, now)?;
+        let hash = self.shard.hashes.hash(key);
+        let e = self.live_hashed(key, hash, now)?;
         let before = weight(&e.value);
         let before_expires = e.expires;
         let out = f(e);
@@ -286,7 +337,7 @@ impl<V: OnRemove> Locked<'_, V> {
         // has).
         let earlier = (e.expires < before_expires).then_some(e.expires);
         if let Some(at) = earlier {
-            self.shard.push_due(at, *key);
+            self.shard.push_due(at, hash);
         }
         Some(out)
     }
@@ -294,32 +345,44 @@ impl<V: OnRemove> Locked<'_, V> {
     /// Writes `value` under `key`, counting a new entry against the bound.
     pub fn put(&mut self, key: RecordKey, value: V, expires: u64) {
         self.bound.add(weight(&value));
-        let previous = self.shard.map.insert(key, Entry { value, expires });
+        let shard = &mut *self.shard;
+        let hashes = shard.hashes;
+        let hash = hashes.hash(&key);
+        let new = Entry { value, expires };
+        let eq = |(k, _): &Bucket<V>| *k == key;
         // A key written again keeps its item if that comes up no later.
-        let due_item = match previous {
-            Some(mut old) => {
+        let due_item = match shard.map.entry(hash, eq, |(k, _)| hashes.hash(k)) {
+            hash_table::Entry::Occupied(mut found) => {
+                let mut old = std::mem::replace(&mut found.get_mut().1, new);
                 old.value.removed();
                 self.bound.sub(weight(&old.value));
                 old.expires > expires
             }
-            None => {
+            hash_table::Entry::Vacant(slot) => {
+                slot.insert((key, new));
                 self.bound.len.fetch_add(1, Ordering::Relaxed);
                 true
             }
         };
         if due_item {
-            self.shard.push_due(expires, key);
+            shard.push_due(expires, hash);
         }
     }
 
     /// Removes `key`'s entry (live or not).
     pub fn remove(&mut self, key: &RecordKey) -> Option<Entry<V>> {
-        let mut e = self.shard.map.remove(key)?;
-        e.value.removed();
-        self.bound.len.fetch_sub(1, Ordering::Relaxed);
-        self.bound.sub(weight(&e.value));
+        let hash = self.shard.hashes.hash(key);
+        let ((_, mut e), _) = self.shard.find(key, hash)?.remove();
+        gone(self.bound, &mut e);
         Some(e)
     }
+}
+
+/// Counts out an entry taken from its table, telling its value first.
+fn gone<V: OnRemove>(bound: &Bound, e: &mut Entry<V>) {
+    e.value.removed();
+    bound.len.fetch_sub(1, Ordering::Relaxed);
+    bound.sub(weight(&e.value));
 }
 
 /// A poisoned lock only means another thread panicked mid-update of plain
@@ -338,6 +401,7 @@ fn shard_of(hash: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     struct V;
     impl OnRemove for V {
@@ -360,7 +424,6 @@ mod tests {
     #[test]
     fn keys_ground_to_collide_spread_over_shards_and_buckets() {
         use std::collections::HashSet;
-        use std::hash::BuildHasher;
         let map: TtlMap<V> = TtlMap::new(Bound::new(usize::MAX, usize::MAX));
         let ground: Vec<RecordKey> = (0..1_000u64)
             .map(|i| {
@@ -377,10 +440,7 @@ mod tests {
         // 1,000 keys over 128 shards leave about none empty.
         assert!(shards.len() >= 100, "{} shards", shards.len());
         let table = lock(&map.shards[0]);
-        let buckets: HashSet<u64> = ground
-            .iter()
-            .map(|k| table.map.hasher().hash_one(k) & 4095)
-            .collect();
+        let buckets: HashSet<u64> = ground.iter().map(|k| table.hashes.hash(k) & 4095).collect();
         // 1,000 keys over 4,096 buckets take about 884 of them.
         assert!(buckets.len() >= 800, "{} buckets", buckets.len());
     }
@@ -391,6 +451,26 @@ mod tests {
     /// items an entry.
     #[test]
     fn expire_removes_exactly_what_is_due() {
+        expires_as_the_model_does(key);
+    }
+
+    /// The same with keys that share their hash four by four (a hash reads
+    /// a key's first 16 bytes; these differ only after them), as two keys
+    /// could by chance: an item stands for each entry of its hash.
+    #[test]
+    fn keys_sharing_a_hash_expire_exactly_when_due() {
+        let shared = |i| {
+            let mut k = key(i / 4);
+            k.0[16] = i as u8 % 4;
+            k
+        };
+        let hashes = KeyHashes::random();
+        assert_eq!(hashes.hash(&shared(4)), hashes.hash(&shared(7)));
+        assert_ne!(shared(4), shared(7));
+        expires_as_the_model_does(shared);
+    }
+
+    fn expires_as_the_model_does(key: impl Fn(u64) -> RecordKey) {
         let map: TtlMap<V> = TtlMap::new(Bound::new(usize::MAX, usize::MAX));
         let mut model: HashMap<RecordKey, u64> = HashMap::new();
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
