@@ -25,15 +25,15 @@ use super::ttl_map::lock;
 /// milliseconds (the span of write times, and so of expiries, it holds),
 /// small enough that an open chunk of a quiet TTL costs little, and no
 /// larger than what mimalloc serves from its 512 KiB pages (blocks up to
-/// about 84 KiB). Chunks of 128 KiB to 512 KiB share its 4 MiB pages, 15
-/// of 256 KiB to a page, and a page is given back only when every chunk on
+/// about 84 KiB). Chunks of 128 KiB to 512 KiB share its 4 MiB pages (up to
+/// 16 of 256 KiB on one), and a page is given back only when every chunk on
 /// it has gone, while new chunks keep landing among the old: 1 KiB records
-/// held 2 s sat at 1.46-1.49x their bytes with 256 KiB chunks, 1.41 with
-/// 128 KiB, 1.37 with 1 MiB (pages of their own, purged a second after
-/// they are freed), 1.32-1.34 with 32 or 64 KiB (benches/RESULTS.md,
-/// "Small records: chunks of 64 KiB"). Records of about 13 KB, four to a
-/// chunk, leave up to a fifth of it unused at its end; measured, they still
-/// sit lower than in 256 KiB chunks (1.16 against 1.23).
+/// held 2 s sat at 1.46-1.50x their bytes with 256 KiB chunks, 1.41 with
+/// 128 KiB, 1.37 with 1 MiB (pages of their own, purged a second after they
+/// are freed), 1.32-1.34 with 32 or 64 KiB (benches/RESULTS.md, "Small
+/// records: chunks of 64 KiB"). Records of about 13 KB, four to a chunk,
+/// leave up to a fifth of it unused at its end; measured, they still sit
+/// lower than in 256 KiB chunks (1.16 against 1.23).
 const CHUNK: usize = 64 << 10;
 
 /// Records this long and longer get blocks of their own (from 16 KiB the
