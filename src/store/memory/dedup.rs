@@ -70,11 +70,11 @@ impl MemoryStore {
     ) -> Result<ClaimOutcome, StoreError> {
         let rk = RecordKey::derive_dedup(scope, key);
         let (now, now_ms) = self.dedup_now();
-        if self.inner.dedup.lock(&rk).live(&rk, now).is_none() {
+        if self.inner.dedup.lock(&rk).live(now).is_none() {
             self.ensure_room()?;
         }
         let mut shard = self.inner.dedup.lock(&rk);
-        let current = shard.live(&rk, now).map(|e| e.value.clone());
+        let current = shard.live(now).map(|e| e.value.clone());
         let (out, write) = rules::claim(current.as_ref(), now_ms, p, |_| {
             (LeaseId::random(), self.next_fence())
         });
@@ -82,10 +82,10 @@ impl MemoryStore {
             Write::None => {}
             Write::Put(rec) => {
                 let keep = ttls.retention.max(Duration::from_millis(p.lease_ms));
-                shard.put(rk, rec, now + ms(keep));
+                shard.put(rec, now + ms(keep));
             }
             Write::PutFailed(rec) => {
-                shard.put(rk, rec, now + ms(ttls.failed_retention));
+                shard.put(rec, now + ms(ttls.failed_retention));
                 self.add_failed(scope, key, now_ms);
             }
         }
@@ -112,11 +112,11 @@ impl MemoryStore {
         let rk = RecordKey::derive_dedup(scope, key);
         let (now, now_ms) = self.dedup_now();
         let mut shard = self.inner.dedup.lock(&rk);
-        let current = shard.live(&rk, now).map(|e| &e.value);
+        let current = shard.live(now).map(|e| &e.value);
         let result = result.map(|r| self.inner.sealing.seal_text(&rk, r));
         match rules::complete(current, lease_id, now_ms, result) {
             Completion::Recorded(rec) => {
-                shard.put(rk, rec, now + ms(retention));
+                shard.put(rec, now + ms(retention));
                 true
             }
             Completion::Again => true,
@@ -129,13 +129,13 @@ impl MemoryStore {
         let (now, now_ms) = self.dedup_now();
         self.ensure_room()?;
         let mut shard = self.inner.dedup.lock(&rk);
-        if shard.live(&rk, now).is_some() {
+        if shard.live(now).is_some() {
             return Ok(false);
         }
         let rec = DedupRecord::Marked {
             marked_at_ms: now_ms,
         };
-        shard.put(rk, rec, now + ms(ttl));
+        shard.put(rec, now + ms(ttl));
         Ok(true)
     }
 
@@ -151,15 +151,15 @@ impl MemoryStore {
         let rk = RecordKey::derive_dedup(scope, key);
         let (now, now_ms) = self.dedup_now();
         let mut shard = self.inner.dedup.lock(&rk);
-        let current = shard.live(&rk, now).map(|e| &e.value);
+        let current = shard.live(now).map(|e| &e.value);
         match rules::release(current, lease_id, now_ms, outcome, error) {
             Some(rec @ DedupRecord::Failed { .. }) => {
-                shard.put(rk, rec, now + ms(ttls.failed_retention));
+                shard.put(rec, now + ms(ttls.failed_retention));
                 self.add_failed(scope, key, now_ms);
                 true
             }
             Some(rec) => {
-                shard.put(rk, rec, now + ms(ttls.retention));
+                shard.put(rec, now + ms(ttls.retention));
                 true
             }
             None => false,
@@ -171,7 +171,7 @@ impl MemoryStore {
         let rk = RecordKey::derive_dedup(scope, key);
         let now = self.inner.clock.now();
         let mut shard = self.inner.dedup.lock(&rk);
-        match shard.live(&rk, now).map(|e| &e.value) {
+        match shard.live(now).map(|e| &e.value) {
             Some(DedupRecord::Failed {
                 error,
                 attempts,
@@ -259,7 +259,7 @@ impl DedupStore for MemoryStore {
         let (now, now_ms) = self.dedup_now();
         let mut shard = self.inner.dedup.lock(&rk);
         let out = shard
-            .update(&rk, now, |e| {
+            .update(now, |e| {
                 rules::extend(Some(&e.value), lease_id, now_ms, lease_ms).map(|rec| {
                     e.value = rec;
                     e.expires = e.expires.max(now + lease_ms);
@@ -301,7 +301,7 @@ impl DedupStore for MemoryStore {
         let rk = RecordKey::derive_dedup(scope, key);
         let (now, now_ms) = self.dedup_now();
         let mut shard = self.inner.dedup.lock(&rk);
-        let found = shard.live(&rk, now).map(|e| Inspected {
+        let found = shard.live(now).map(|e| Inspected {
             record: self.inner.sealing.open_record(&rk, e.value.clone()),
             expires_in: Some(Duration::from_millis(e.expires - now)),
             now_ms,
@@ -311,7 +311,7 @@ impl DedupStore for MemoryStore {
 
     fn delete<'a>(&'a self, scope: &'a str, key: &'a str) -> StoreFuture<'a, bool> {
         let rk = RecordKey::derive_dedup(scope, key);
-        let removed = self.inner.dedup.lock(&rk).remove(&rk);
+        let removed = self.inner.dedup.lock(&rk).remove();
         if let Some(e) = &removed {
             self.remove_failed(scope, key, &e.value);
         }
@@ -333,7 +333,7 @@ impl DedupStore for MemoryStore {
         for (at, key) in entries {
             if self.still_failed(scope, &key, at).is_some() {
                 let rk = RecordKey::derive_dedup(scope, &key);
-                if self.inner.dedup.lock(&rk).remove(&rk).is_some() {
+                if self.inner.dedup.lock(&rk).remove().is_some() {
                     purged += 1;
                 }
             }

@@ -33,7 +33,7 @@ impl MemoryStore {
         let mut checked_room = false;
         loop {
             let mut shard = self.inner.records.lock(key);
-            let (current, lapsed, expires) = match shard.live(key, now) {
+            let (current, lapsed, expires) = match shard.live(now) {
                 Some(e) => (
                     e.value.state(key, &self.inner.sealing),
                     e.value.lapsed(now),
@@ -64,7 +64,7 @@ impl MemoryStore {
             if let Some(slot) =
                 next.and_then(|n| Slot::of(n, now + ms(opts.lease_ttl), key, &self.inner.sealing))
             {
-                shard.put(*key, slot, expires);
+                shard.put(slot, expires);
             }
             return Ok(begin);
         }
@@ -80,7 +80,7 @@ impl MemoryStore {
         let now = self.inner.clock.now();
         let mut shard = self.inner.records.lock(key);
         shard
-            .update(key, now, |e| {
+            .update(now, |e| {
                 let held = e.value.holds(lease);
                 if held {
                     f(e, now);
@@ -94,7 +94,7 @@ impl MemoryStore {
     fn still_waiting(&self, key: &RecordKey, fence: u64) -> bool {
         let now = self.inner.clock.now();
         let mut shard = self.inner.records.lock(key);
-        shard.live(key, now).is_some_and(|e| {
+        shard.live(now).is_some_and(|e| {
             !e.value.lapsed(now) && e.value.lease().is_some_and(|l| l.fence == fence)
         })
     }
@@ -159,7 +159,7 @@ impl RecordStore for MemoryStore {
     ) -> StoreFuture<'a, bool> {
         let now = self.inner.clock.now();
         let mut shard = self.inner.records.lock(key);
-        let unknown = shard.live(key, now).is_some_and(|e| {
+        let unknown = shard.live(now).is_some_and(|e| {
             state::is_unknown_with(&e.value.state(key, &self.inner.sealing), fence)
         });
         if unknown {
@@ -167,10 +167,10 @@ impl RecordStore for MemoryStore {
                 Resolution::Completed(record, ttl) => {
                     let encoded = self.inner.sealing.encode(key, &record);
                     let slot = Slot::completed(encoded, &self.inner.packer, ms(ttl), now);
-                    shard.put(*key, slot, now + ms(ttl));
+                    shard.put(slot, now + ms(ttl));
                 }
                 Resolution::Release => {
-                    shard.remove(key);
+                    shard.remove();
                 }
             }
         }
@@ -201,9 +201,9 @@ impl RecordStore for MemoryStore {
         // Check and remove under one lock so a new holder can't slip between.
         let now = self.inner.clock.now();
         let mut shard = self.inner.records.lock(key);
-        let held = shard.live(key, now).is_some_and(|e| e.value.holds(lease));
+        let held = shard.live(now).is_some_and(|e| e.value.holds(lease));
         if held {
-            shard.remove(key);
+            shard.remove();
         }
         Box::pin(ready(Ok(held)))
     }
@@ -217,7 +217,7 @@ impl RecordStore for MemoryStore {
         let (notify, until) = {
             let now = self.inner.clock.now();
             let mut shard = self.inner.records.lock(key);
-            match shard.live(key, now) {
+            match shard.live(now) {
                 Some(Entry {
                     value: Slot::InFlight(f),
                     ..
@@ -250,7 +250,7 @@ impl RecordStore for MemoryStore {
     fn get<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, Inspection> {
         let now = self.inner.clock.now();
         let mut shard = self.inner.records.lock(key);
-        let found = match shard.live(key, now) {
+        let found = match shard.live(now) {
             Some(e) => Inspection {
                 state: e.value.state(key, &self.inner.sealing),
                 expires_in: Some(Duration::from_millis(e.expires - now)),
@@ -264,7 +264,7 @@ impl RecordStore for MemoryStore {
     }
 
     fn purge<'a>(&'a self, key: &'a RecordKey) -> StoreFuture<'a, bool> {
-        let removed = self.inner.records.lock(key).remove(key).is_some();
+        let removed = self.inner.records.lock(key).remove().is_some();
         Box::pin(ready(Ok(removed)))
     }
 
@@ -285,9 +285,9 @@ impl BucketStore for MemoryStore {
     ) -> StoreFuture<'a, Result<(), Duration>> {
         let now = self.inner.clock.now();
         let mut shard = self.inner.buckets.lock(scope);
-        let current = shard.live(scope, now).map(|e| e.value);
+        let current = shard.live(now).map(|e| e.value);
         let (bucket, admitted) = rate::take(current, &rate, now);
-        shard.put(*scope, bucket, now + ms(rate.refill()));
+        shard.put(bucket, now + ms(rate.refill()));
         Box::pin(ready(Ok(admitted)))
     }
 }

@@ -203,10 +203,13 @@ pub(super) struct TtlMap<V> {
     bound: Arc<Bound>,
 }
 
-/// One locked shard.
+/// One key's shard, locked: what is done through it is done to that key,
+/// whose hash is taken once, when it is locked.
 pub(super) struct Locked<'a, V> {
     shard: MutexGuard<'a, Shard<V>>,
     bound: &'a Bound,
+    key: RecordKey,
+    hash: u64,
 }
 
 /// What one entry costs: its bucket plus its value's heap.
@@ -226,11 +229,14 @@ impl<V: OnRemove> TtlMap<V> {
         }
     }
 
-    /// Locks the shard holding `key`.
+    /// Locks the shard holding `key`, for `key`.
     pub fn lock(&self, key: &RecordKey) -> Locked<'_, V> {
+        let hash = self.hashes.hash(key);
         Locked {
-            shard: lock(&self.shards[shard_of(self.hashes.hash(key))]),
+            shard: lock(&self.shards[shard_of(hash)]),
             bound: &self.bound,
+            key: *key,
+            hash,
         }
     }
 
@@ -300,14 +306,9 @@ impl<V: OnRemove> TtlMap<V> {
 }
 
 impl<V: OnRemove> Locked<'_, V> {
-    /// The live entry for `key`, removing it first if it has expired.
-    pub fn live(&mut self, key: &RecordKey, now: u64) -> Option<&mut Entry<V>> {
-        let hash = self.shard.hashes.hash(key);
-        self.live_hashed(key, hash, now)
-    }
-
-    fn live_hashed(&mut self, key: &RecordKey, hash: u64, now: u64) -> Option<&mut Entry<V>> {
-        let found = self.shard.find(key, hash)?;
+    /// The key's live entry, removing it first if it has expired.
+    pub fn live(&mut self, now: u64) -> Option<&mut Entry<V>> {
+        let found = self.shard.find(&self.key, self.hash)?;
         if found.get().1.expires <= now {
             let ((_, mut e), _) = found.remove();
             gone(self.bound, &mut e);
@@ -316,17 +317,11 @@ impl<V: OnRemove> Locked<'_, V> {
         Some(&mut found.into_mut().1)
     }
 
-    /// Changes the live entry for `key` through `f`, keeping the byte count
+    /// Changes the key's live entry through `f`, keeping the byte count
     /// true; `None` if there is none.
-    pub fn update<R>(
-        &mut self,
-        key: &RecordKey,
-        now: u64,
-        f: impl FnOnce(&mut Entry<V>) -> R,
-    ) -> Option<R> {
+    pub fn update<R>(&mut self, now: u64, f: impl FnOnce(&mut Entry<V>) -> R) -> Option<R> {
         let bound = self.bound;
-        let hash = self.shard.hashes.hash(key);
-        let e = self.live_hashed(key, hash, now)?;
+        let e = self.live(now)?;
         let before = weight(&e.value);
         let before_expires = e.expires;
         let out = f(e);
@@ -337,17 +332,17 @@ impl<V: OnRemove> Locked<'_, V> {
         // has).
         let earlier = (e.expires < before_expires).then_some(e.expires);
         if let Some(at) = earlier {
-            self.shard.push_due(at, hash);
+            self.shard.push_due(at, self.hash);
         }
         Some(out)
     }
 
-    /// Writes `value` under `key`, counting a new entry against the bound.
-    pub fn put(&mut self, key: RecordKey, value: V, expires: u64) {
+    /// Writes `value` under the key, counting a new entry against the bound.
+    pub fn put(&mut self, value: V, expires: u64) {
         self.bound.add(weight(&value));
+        let (key, hash) = (self.key, self.hash);
         let shard = &mut *self.shard;
         let hashes = shard.hashes;
-        let hash = hashes.hash(&key);
         let new = Entry { value, expires };
         let eq = |(k, _): &Bucket<V>| *k == key;
         // A key written again keeps its item if that comes up no later.
@@ -369,10 +364,9 @@ impl<V: OnRemove> Locked<'_, V> {
         }
     }
 
-    /// Removes `key`'s entry (live or not).
-    pub fn remove(&mut self, key: &RecordKey) -> Option<Entry<V>> {
-        let hash = self.shard.hashes.hash(key);
-        let ((_, mut e), _) = self.shard.find(key, hash)?.remove();
+    /// Removes the key's entry (live or not).
+    pub fn remove(&mut self) -> Option<Entry<V>> {
+        let ((_, mut e), _) = self.shard.find(&self.key, self.hash)?.remove();
         gone(self.bound, &mut e);
         Some(e)
     }
@@ -486,18 +480,18 @@ mod tests {
             match rand(5) {
                 0 | 1 => {
                     let at = now + 1 + rand(1_000);
-                    map.lock(&k).put(k, V, at);
+                    map.lock(&k).put(V, at);
                     model.insert(k, at);
                 }
                 2 => {
                     let at = now + 1 + rand(1_000);
                     let mut shard = map.lock(&k);
-                    if shard.update(&k, now, |e| e.expires = at).is_some() {
+                    if shard.update(now, |e| e.expires = at).is_some() {
                         model.insert(k, at);
                     }
                 }
                 3 => {
-                    map.lock(&k).remove(&k);
+                    map.lock(&k).remove();
                     model.remove(&k);
                 }
                 _ => {
@@ -533,8 +527,8 @@ mod tests {
             for _ in 0..5 {
                 let k = key(n);
                 n += 1;
-                map.lock(&k).put(k, V, now + 30_000);
-                map.lock(&k).update(&k, now, |e| e.expires = now + 2_000);
+                map.lock(&k).put(V, now + 30_000);
+                map.lock(&k).update(now, |e| e.expires = now + 2_000);
             }
             if now % 10 == 0 {
                 map.expire(now);
