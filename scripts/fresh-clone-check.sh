@@ -111,7 +111,11 @@ fi
   echo $((SECONDS - start)) >"$work/test.seconds"
 )
 phase "test command: whole suite (bash .ci/run)" "$(cat "$work/test.seconds")"
+# A CI machine has a disk of its own size: a build that outgrows it fails in
+# the linker, not in a test. The clone, its target/ and both registry caches:
+disk=$(du -sh "$work" | cut -f1)
 
 echo
 echo "fresh-clone-check: passed (HEAD $(git -C "$top" rev-parse --short HEAD), $(nproc) cores)"
 printf '  %s\n' "${report[@]}"
+printf '  %-44s %6s\n' "disk used (clone, target/, cargo caches)" "$disk"
