@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::proc::{free_port, Proc};
+use support::proc::Proc;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -179,31 +179,37 @@ async fn demo_runs_and_reports_one_charge_per_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedup_only_mode_opens_no_proxy_listener() {
-    let admin = free_port();
-    let proxy = free_port();
-    // Its log, for the failure message.
+    // The proxy's port stays held by this test: had idemgate tried to
+    // listen on it, it would have exited with "cannot listen". (Probing a
+    // port for no listener afterwards could meet another test's server.)
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = held.local_addr().unwrap();
+    // Its log: the start line names the admin address the OS picked.
     let log = std::env::temp_dir().join(format!("idemgate-dedup-only-{}.log", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
         .args([
             "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
+            "127.0.0.1:0",
             "--listen",
-            &format!("127.0.0.1:{proxy}"),
+            &proxy.to_string(),
         ])
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", admin))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "admin listener did not open");
+    let admin = loop {
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        if said.contains("dedup-only mode") {
+            break support::proc::field(&said, "admin")
+                .expect("the start line names the admin address");
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("idemgate exited ({status}) before it started: {said}");
+        }
+        assert!(Instant::now() < deadline, "idemgate did not start: {said}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(tokio::net::TcpStream::connect(("127.0.0.1", proxy))
-        .await
-        .is_err());
+    };
+    assert!(tokio::net::TcpStream::connect(admin).await.is_ok());
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -211,6 +217,7 @@ async fn dedup_only_mode_opens_no_proxy_listener() {
     let said = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
     assert_eq!(status.code(), Some(0), "{said}");
+    drop(held);
 }
 
 /// The serving process turns transparent huge pages off for itself, so its

@@ -2,8 +2,10 @@
 //! that signal it (SIGTERM, SIGKILL) or read its logs.
 #![allow(dead_code)]
 
-use std::io::Read;
+use std::io::BufRead;
+use std::io::BufReader;
 use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub fn free_port() -> u16 {
@@ -18,65 +20,99 @@ pub struct Proc {
     pub child: Child,
     pub proxy: std::net::SocketAddr,
     pub admin: std::net::SocketAddr,
+    /// Everything idemgate has logged so far, read as it comes by `reader`
+    /// (a pipe nobody read would stop a chatty process once it filled).
+    log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
-    /// Starts idemgate on free ports. A port taken by another test between
-    /// the probe and the bind is tried again on new ones; any other exit
-    /// before the admin listener answers fails with what it logged.
+    /// Starts idemgate on ports the OS picks (`127.0.0.1:0`) and learns
+    /// them from its start line, which names the addresses bound. Ports
+    /// probed free beforehand could be taken by another test's server in
+    /// between, and then the wait for the admin port was answered by that
+    /// server while this idemgate had exited. So `env` must leave
+    /// idemgate's `info` lines on. An exit before the start line fails
+    /// with what it logged.
     pub async fn start(upstream: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        for _ in 0..5 {
-            match Self::try_start(upstream, extra, env).await {
-                Ok(p) => return p,
-                Err(log) if log.contains("cannot listen") => continue,
-                Err(log) => panic!("idemgate did not start: {log}"),
-            }
-        }
-        panic!("idemgate did not start: no free ports in five tries");
-    }
-
-    async fn try_start(
-        upstream: &str,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Result<Self, String> {
-        let proxy: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_idemgate"));
         cmd.args([
             "--upstream",
             upstream,
             "--listen",
-            &proxy.to_string(),
+            "127.0.0.1:0",
             "--admin-listen",
-            &admin.to_string(),
+            "127.0.0.1:0",
         ])
         .args(extra)
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-        let child = cmd.spawn().unwrap();
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (started, addresses) = mpsc::channel();
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut lines = BufReader::new(stderr);
+                let mut line = Vec::new();
+                while matches!(lines.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                    let text = String::from_utf8_lossy(&line);
+                    if text.contains("idemgate proxy started") {
+                        if let (Some(proxy), Some(admin)) =
+                            (field(&text, "listen"), field(&text, "admin"))
+                        {
+                            let _ = started.send((proxy, admin));
+                        }
+                    }
+                    log.lock().unwrap().push_str(&text);
+                    line.clear();
+                }
+            })
+        };
         let mut p = Proc {
             child,
-            proxy,
-            admin,
+            proxy: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
+            log,
+            reader: Some(reader),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(admin).await.is_err() {
+        loop {
+            if let Ok((proxy, admin)) = addresses.try_recv() {
+                p.proxy = proxy;
+                p.admin = admin;
+                break;
+            }
             if let Ok(Some(_)) = p.child.try_wait() {
-                let mut log = String::new();
-                if let Some(mut e) = p.child.stderr.take() {
-                    let _ = e.read_to_string(&mut log);
-                }
-                return Err(log);
+                panic!("idemgate did not start: {}", p.take_log());
             }
             assert!(
                 Instant::now() < deadline,
-                "idemgate did not start within 20 s"
+                "idemgate did not log its start within 20 s: {}",
+                p.log.lock().unwrap()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(p)
+        // The start line comes after both binds and before serving: wait
+        // for the admin listener to answer, as callers expect.
+        while tokio::net::TcpStream::connect(p.admin).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "idemgate's admin listener did not answer within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        p
+    }
+
+    /// Everything logged, once the process has exited and its stderr closed.
+    fn take_log(&mut self) -> String {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        std::mem::take(&mut *self.log.lock().unwrap())
     }
 
     pub fn signal(&self, sig: &str) {
@@ -98,14 +134,7 @@ impl Proc {
             assert!(Instant::now() < deadline, "idemgate did not exit");
             std::thread::sleep(Duration::from_millis(20));
         };
-        let mut log = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut log)
-            .unwrap();
-        (status.code(), log)
+        (status.code(), self.take_log())
     }
 }
 
@@ -118,4 +147,20 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A field's value in a log line, text (`name=value`) or JSON
+/// (`"name":"value"`), as a socket address.
+pub fn field(line: &str, name: &str) -> Option<std::net::SocketAddr> {
+    let text = format!(" {name}=");
+    let json = format!("\"{name}\":\"");
+    let at = line
+        .find(&text)
+        .map(|i| i + text.len())
+        .or_else(|| line.find(&json).map(|i| i + json.len()))?;
+    let rest = &line[at..];
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '"')
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }

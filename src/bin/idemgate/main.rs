@@ -110,9 +110,12 @@ fn serve(cli: &idemgate::config::Cli) -> anyhow::Result<()> {
         }
         let store = server::open_store(&config, &metrics).await?;
         let listeners = Listeners::bind(&config).await?;
-        match &config.upstream {
-            Some(up) => tracing::info!(listen = %config.listen, upstream = %up, admin = %config.admin_listen, "idemgate proxy started"),
-            None => tracing::info!(admin = %config.admin_listen, "idemgate started in dedup-only mode (no upstream)"),
+        // The addresses bound, not those configured: with port 0 the OS
+        // picks, and this line is where a caller learns which.
+        let admin = listeners.admin.local_addr().unwrap_or(config.admin_listen);
+        match (&config.upstream, listeners.proxy_addr()) {
+            (Some(up), listen) => tracing::info!(listen = %listen.unwrap_or(config.listen), upstream = %up, %admin, "idemgate proxy started"),
+            (None, _) => tracing::info!(%admin, "idemgate started in dedup-only mode (no upstream)"),
         }
         let routing = server::routing(&config)?;
         let reloads = idemgate::reload::ConfigSource {
