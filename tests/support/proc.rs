@@ -5,7 +5,7 @@
 use std::io::BufRead;
 use std::io::BufReader;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub fn free_port() -> u16 {
@@ -51,22 +51,15 @@ impl Proc {
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
-        let (started, addresses) = mpsc::channel();
         let reader = {
             let log = log.clone();
             std::thread::spawn(move || {
                 let mut lines = BufReader::new(stderr);
                 let mut line = Vec::new();
                 while matches!(lines.read_until(b'\n', &mut line), Ok(n) if n > 0) {
-                    let text = String::from_utf8_lossy(&line);
-                    if text.contains("idemgate proxy started") {
-                        if let (Some(proxy), Some(admin)) =
-                            (field(&text, "listen"), field(&text, "admin"))
-                        {
-                            let _ = started.send((proxy, admin));
-                        }
-                    }
-                    log.lock().unwrap().push_str(&text);
+                    log.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&line));
                     line.clear();
                 }
             })
@@ -80,7 +73,14 @@ impl Proc {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((proxy, admin)) = addresses.try_recv() {
+            let bound = p
+                .log
+                .lock()
+                .unwrap()
+                .lines()
+                .filter(|line| line.contains("idemgate proxy started"))
+                .find_map(|line| Some((field(line, "listen")?, field(line, "admin")?)));
+            if let Some((proxy, admin)) = bound {
                 p.proxy = proxy;
                 p.admin = admin;
                 break;

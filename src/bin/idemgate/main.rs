@@ -113,9 +113,12 @@ fn serve(cli: &idemgate::config::Cli) -> anyhow::Result<()> {
         // The addresses bound, not those configured: with port 0 the OS
         // picks, and this line is where a caller learns which.
         let admin = listeners.admin.local_addr().unwrap_or(config.admin_listen);
-        match (&config.upstream, listeners.proxy_addr()) {
-            (Some(up), listen) => tracing::info!(listen = %listen.unwrap_or(config.listen), upstream = %up, %admin, "idemgate proxy started"),
-            (None, _) => tracing::info!(%admin, "idemgate started in dedup-only mode (no upstream)"),
+        match &config.upstream {
+            Some(up) => {
+                let listen = listeners.proxy_addr().unwrap_or(config.listen);
+                tracing::info!(%listen, upstream = %up, %admin, "idemgate proxy started");
+            }
+            None => tracing::info!(%admin, "idemgate started in dedup-only mode (no upstream)"),
         }
         let routing = server::routing(&config)?;
         let reloads = idemgate::reload::ConfigSource {
