@@ -256,30 +256,23 @@ impl<V: OnRemove> TtlMap<V> {
                     }
                     due.pop();
                     handled += 1;
-                    // The entries with this hash (almost always one): those
-                    // due go; the earliest expiry of the rest, extended since
-                    // or left by an item from before a move earlier, is due
-                    // again.
-                    let (mut gone, mut later) = (0, None::<u64>);
-                    for (k, e) in map.iter_hash(hash) {
-                        if !of_hash(k, hash) {
-                            continue; // a tag shared by another hash
-                        }
-                        if e.expires <= now {
-                            gone += 1;
-                        } else {
-                            later = Some(later.map_or(e.expires, |l| l.min(e.expires)));
-                        }
+                    // The entries with this hash (almost always one; the
+                    // table's probe also meets entries of other hashes that
+                    // share a tag): those due go; the earliest expiry of the
+                    // rest, extended since or left by an item from before a
+                    // move earlier, is due again.
+                    let due_here = |(k, e): &Bucket<V>| e.expires <= now && of_hash(k, hash);
+                    while let Ok(found) = map.find_entry(hash, due_here) {
+                        let ((_, mut e), _) = found.remove();
+                        e.value.removed();
+                        removed += 1;
+                        freed += weight(&e.value);
                     }
-                    for _ in 0..gone {
-                        let due_here = |(k, e): &Bucket<V>| e.expires <= now && of_hash(k, hash);
-                        if let Ok(found) = map.find_entry(hash, due_here) {
-                            let ((_, mut e), _) = found.remove();
-                            e.value.removed();
-                            removed += 1;
-                            freed += weight(&e.value);
-                        }
-                    }
+                    let later = map
+                        .iter_hash(hash)
+                        .filter(|(k, _)| of_hash(k, hash))
+                        .map(|(_, e)| e.expires)
+                        .min();
                     if let Some(at) = later {
                         due.push(Reverse((at, hash)));
                     }
