@@ -358,3 +358,26 @@ async fn max_bytes_bounds_the_memory_store_and_its_rss() {
     let _ = tokio::task::spawn_blocking(move || p.finish()).await;
     let _ = std::fs::remove_file(file);
 }
+
+/// A Redis whose `maxmemory-policy` may evict records is named in a
+/// warning at start (the README's "Redis" section); `noeviction` is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_may_evict_records_is_warned_of_at_start() {
+    let redis = support::redis_server::RedisServer::start();
+    let up = TestUpstream::start().await;
+    for (policy, warned) in [("noeviction", false), ("allkeys-lru", true)] {
+        let set = redis.cli(&["CONFIG", "SET", "maxmemory-policy", policy]);
+        assert_eq!(set.as_deref().map(str::trim), Some("OK"));
+        let p = Proc::start(&up.url(), &["--redis", &redis.url()], &[]).await;
+        p.signal("-TERM");
+        let (code, log) = p.finish();
+        assert_eq!(code, Some(0), "{log}");
+        let warning = log
+            .lines()
+            .find(|l| l.contains("maxmemory-policy may evict idempotency records"));
+        assert_eq!(warning.is_some(), warned, "{policy}: {log}");
+        if let Some(line) = warning {
+            assert!(line.contains(policy), "{line}");
+        }
+    }
+}

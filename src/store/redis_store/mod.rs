@@ -488,8 +488,12 @@ impl RedisStore {
     async fn warn_if_evicting(&self) {
         let mut cmd = redis::cmd("CONFIG");
         cmd.arg("GET").arg("maxmemory-policy");
-        match self.query::<Vec<String>>(cmd).await {
-            Ok(v) => match v.get(1).map(String::as_str) {
+        // A map on RESP3 (a flat list on RESP2): read by name either way.
+        match self
+            .query::<std::collections::HashMap<String, String>>(cmd)
+            .await
+        {
+            Ok(v) => match v.get("maxmemory-policy").map(String::as_str) {
                 Some("noeviction") | None => {}
                 Some(policy) => tracing::warn!(
                     policy,
