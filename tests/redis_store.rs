@@ -57,12 +57,118 @@ async fn cluster(_case: &str) -> (Arc<RedisCluster>, RedisStore) {
     (cluster, store)
 }
 
+/// The same contract on an event loop's own connection (`driven.rs`,
+/// RESP written and read by the calls themselves): the case runs on a
+/// single-threaded runtime marked as loop 1, once the loop's connection is
+/// open, logged in as the README's ACL user.
+async fn on_a_loop(_case: &str) -> (Arc<RedisServer>, RedisStore) {
+    let redis = shared_server();
+    readme_acl_on(&redis);
+    let url = redis.url().replace("redis://", "redis://idemgate:s3cret@");
+    let store = connect(&[url], false).await;
+    idemgate::store::event_loop::enter(1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while store.loop_connection().is_none() {
+        store.ping().await.unwrap(); // the first call opens it
+        assert!(tokio::time::Instant::now() < deadline, "no loop connection");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.loop_connection(), Some("driven"));
+    (redis, store)
+}
+
 support::contract::record_contract!(standalone_record_contract, standalone);
 support::contract::record_contract!(cluster_record_contract, cluster);
 support::contract::bucket_contract!(standalone_bucket_contract, standalone);
 support::contract::bucket_contract!(cluster_bucket_contract, cluster);
 support::dedup_contract::dedup_contract!(standalone_dedup_contract, standalone);
 support::dedup_contract::dedup_contract!(cluster_dedup_contract, cluster);
+support::contract::record_contract!(
+    loop_record_contract,
+    on_a_loop,
+    #[tokio::test(flavor = "current_thread")]
+);
+support::contract::bucket_contract!(
+    loop_bucket_contract,
+    on_a_loop,
+    #[tokio::test(flavor = "current_thread")]
+);
+support::dedup_contract::dedup_contract!(
+    loop_dedup_contract,
+    on_a_loop,
+    #[tokio::test(flavor = "current_thread")]
+);
+
+/// On a loop's own connection, calls dropped before their reply came (a
+/// store timeout, a client gone) leave every other call its own reply:
+/// the dropped calls' replies are read and thrown away, in order.
+#[tokio::test(flavor = "current_thread")]
+async fn on_a_loop_dropped_calls_leave_each_reply_with_its_call() {
+    use idemgate::idempotency::key::{Fingerprint, RecordKey};
+    use idemgate::idempotency::state::{Begin, BeginOptions, State};
+    let (_redis, store) = on_a_loop("dropped").await;
+    let tag = std::process::id();
+    let keys: Vec<RecordKey> = (0..48)
+        .map(|i| RecordKey::derive_dedup("dropped", &format!("{tag}-{i}")))
+        .collect();
+    let fp = Fingerprint([1; 32]);
+    for (i, k) in keys.iter().enumerate() {
+        let lease = match store
+            .begin(k, &fp, BeginOptions::lease(Duration::from_secs(30)))
+            .await
+        {
+            Ok(Begin::Acquired(l)) => l,
+            other => panic!("{other:?}"),
+        };
+        let body: &'static str = Box::leak(format!("body {i}").into_boxed_str());
+        let rec = support::contract::record(body);
+        assert!(store
+            .complete(k, &lease, rec, Duration::from_secs(60))
+            .await
+            .unwrap());
+    }
+    let (mut answered, mut dropped) = (0, 0);
+    for round in 0..30u64 {
+        let calls = keys.iter().enumerate().map(|(i, k)| {
+            let store = store.clone();
+            let k = *k;
+            // Every third call is dropped: at its first poll, after its
+            // command is written, or while its reply is on the way.
+            let cut = (i as u64 + round).is_multiple_of(3);
+            let after = Duration::from_micros((i as u64 * 37 + round * 11) % 300);
+            tokio::spawn(async move {
+                let get = store.get(&k);
+                if cut {
+                    tokio::time::timeout(after, get).await.ok().map(|r| (i, r))
+                } else {
+                    Some((i, get.await))
+                }
+            })
+        });
+        for call in futures_util::future::join_all(calls.collect::<Vec<_>>()).await {
+            let Some((i, got)) = call.unwrap() else {
+                dropped += 1;
+                continue;
+            };
+            answered += 1;
+            match got.unwrap().state {
+                State::Completed(rec) => {
+                    assert_eq!(
+                        rec.response.body,
+                        format!("body {i}").as_bytes(),
+                        "round {round}"
+                    )
+                }
+                other => panic!("key {i}, round {round}: {other:?}"),
+            }
+        }
+    }
+    assert!(
+        dropped > 0 && answered > dropped,
+        "{dropped} dropped, {answered} answered"
+    );
+    assert_eq!(store.loop_connection(), Some("driven"));
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_redis() {
@@ -418,41 +524,26 @@ async fn fair_share_costs_one_round_trip_per_new_key_and_none_per_replay() {
     assert_eq!(replay, (1, 1), "replay: begin only");
 }
 
-/// The ACL line the README recommends, as one string per argument.
-const README_ACL: &[&str] = &[
-    "ACL",
-    "SETUSER",
-    "idemgate",
-    "on",
-    ">s3cret",
-    "resetkeys",
-    "~idemgate:*",
-    "resetchannels",
-    "&idemgate:*",
-    "-@all",
-    "+evalsha",
-    "+eval",
-    "+script|load",
-    "+hmget",
-    "+hset",
-    "+hdel",
-    "+del",
-    "+pexpire",
-    "+time",
-    "+publish",
-    "+spublish",
-    "+subscribe",
-    "+unsubscribe",
-    "+ssubscribe",
-    "+sunsubscribe",
-    "+ping",
-    "+hello",
-];
+/// Sets up the user of the ACL line the README recommends, read from the
+/// README itself, with `s3cret` for its password.
+fn readme_acl_on(redis: &RedisServer) {
+    let line = include_str!("../README.md")
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("ACL SETUSER idemgate "))
+        .expect("the README's ACL line");
+    let args: Vec<String> = line
+        .split_whitespace()
+        .map(|w| w.replace(">PASSWORD", ">s3cret"))
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(redis.cli(&args).unwrap().trim(), "OK");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_acl_is_enough_and_auth_comes_from_the_url() {
     let redis = RedisServer::start();
-    assert_eq!(redis.cli(README_ACL).unwrap().trim(), "OK");
+    readme_acl_on(&redis);
     // Without the password nothing works...
     let wrong = redis.url().replace("redis://", "redis://idemgate:wrong@");
     assert!(RedisStore::connect(RedisOptions::new(vec![wrong], false))

@@ -63,11 +63,17 @@ async fn acquire<S: RecordStore>(s: &S, k: &RecordKey, ttl: Duration) -> Lease {
 
 /// One `#[test]` per case of the record contract. `$setup` is an async fn
 /// (a name in the test's module) taking the case's name and returning (a guard kept for the test, the
-/// store).
+/// store). A third argument, `#[tokio::test(...)]`, picks the runtime the
+/// cases run on (a multi-threaded one by default).
 #[allow(unused_macros)] // each test binary uses a part of support
 macro_rules! record_contract {
     ($name:ident, $setup:ident) => {
-        $crate::support::contract::record_contract!(@cases $name, $setup;
+        $crate::support::contract::record_contract!(
+            $name, $setup, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        );
+    };
+    ($name:ident, $setup:ident, #[$test:meta]) => {
+        $crate::support::contract::record_contract!(@cases $name, $setup, #[$test];
             begin_reports_holder_and_completion,
             only_the_current_token_acts,
             release_frees_the_key_with_a_higher_fence,
@@ -85,10 +91,10 @@ macro_rules! record_contract {
             waiters_are_woken_when_the_outcome_becomes_unknown
         );
     };
-    (@cases $name:ident, $setup:ident; $($case:ident),*) => {
+    (@cases $name:ident, $setup:ident, #[$test:meta]; $($case:ident),*) => {
         mod $name {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[$test]
                 async fn $case() {
                     let (_guard, store) = super::$setup(stringify!($case)).await;
                     $crate::support::contract::$case(&store).await;
@@ -104,7 +110,12 @@ pub(crate) use record_contract;
 #[allow(unused_macros)]
 macro_rules! bucket_contract {
     ($name:ident, $setup:ident) => {
-        $crate::support::contract::record_contract!(@cases $name, $setup;
+        $crate::support::contract::bucket_contract!(
+            $name, $setup, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        );
+    };
+    ($name:ident, $setup:ident, #[$test:meta]) => {
+        $crate::support::contract::record_contract!(@cases $name, $setup, #[$test];
             a_bucket_admits_its_burst_then_says_how_long_to_wait,
             a_bucket_refills_at_its_rate,
             buckets_of_two_callers_are_apart

@@ -56,7 +56,12 @@ async fn acquire<S: DedupStore + ?Sized>(
 #[allow(unused_macros)] // each test binary uses a part of support
 macro_rules! dedup_contract {
     ($name:ident, $setup:ident) => {
-        $crate::support::dedup_contract::dedup_contract!(@cases $name, $setup;
+        $crate::support::dedup_contract::dedup_contract!(
+            $name, $setup, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        );
+    };
+    ($name:ident, $setup:ident, #[$test:meta]) => {
+        $crate::support::dedup_contract::dedup_contract!(@cases $name, $setup, #[$test];
             lifecycle,
             racing_claims_have_one_winner,
             expired_leases_are_taken_over,
@@ -69,10 +74,10 @@ macro_rules! dedup_contract {
             fingerprints
         );
     };
-    (@cases $name:ident, $setup:ident; $($case:ident),*) => {
+    (@cases $name:ident, $setup:ident, #[$test:meta]; $($case:ident),*) => {
         mod $name {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[$test]
                 async fn $case() {
                     let (_guard, store) = super::$setup(stringify!($case)).await;
                     $crate::support::dedup_contract::$case(&store).await;

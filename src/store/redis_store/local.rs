@@ -7,10 +7,14 @@
 //! switches per new key where the default runtime pays 0.7). So each loop
 //! opens a connection of its own the first time it calls the store, and
 //! from then on its calls use it: the command, the reply and the request
-//! waiting for it stay on one thread. Until it is open (or while opening
-//! it fails) the loop uses the shared one. A loop's connection carries no
-//! pub/sub: waiters and the replay cache's invalidations stay on the
-//! shared connection, whose push messages they read.
+//! waiting for it stay on one thread. On standalone Redis over plain TCP
+//! that connection is [`Driven`] (written and read by the loop's calls
+//! themselves, no task between); over TLS or a Unix socket, and on
+//! Cluster, it is the crate's. Until it is open (or while opening it
+//! fails) the loop uses the shared one; one that broke is opened again. A
+//! loop's connection carries no pub/sub: waiters and the replay cache's
+//! invalidations stay on the shared connection, whose push messages they
+//! read.
 //!
 //! The connections are kept per thread, so they end with their loop.
 //! Everything else (the main runtime's tasks, tests' runtimes) uses the
@@ -20,10 +24,12 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ConnectionAddr, RedisFuture, Value};
 
+use super::driven::Driven;
 use crate::store::event_loop;
 
 /// A connection to Redis; clones share it.
@@ -31,6 +37,39 @@ use crate::store::event_loop;
 pub(super) enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    /// An event loop's own, on standalone Redis over plain TCP.
+    Driven(Driven),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Driven(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Driven(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+            Conn::Driven(c) => c.get_db(),
+        }
+    }
 }
 
 /// How to open one more connection like the shared one, without pub/sub.
@@ -44,9 +83,17 @@ impl Opener {
     async fn open(self, bound: Duration) -> Result<Conn, String> {
         let opening = async {
             match self {
-                Opener::Single(client, cfg) => ConnectionManager::new_with_config(client, cfg)
-                    .await
-                    .map(Conn::Single),
+                Opener::Single(client, cfg) => {
+                    let info = client.get_connection_info();
+                    if let ConnectionAddr::Tcp(host, port) = info.addr() {
+                        return Driven::open(host, *port, info.redis_settings(), bound)
+                            .await
+                            .map(Conn::Driven);
+                    }
+                    ConnectionManager::new_with_config(client, cfg)
+                        .await
+                        .map(Conn::Single)
+                }
                 Opener::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
             }
         };
@@ -116,6 +163,10 @@ impl Conns {
                 return Err(());
             };
             match &slots[at].1 {
+                Slot::Open(Conn::Driven(c)) if c.is_broken() => {
+                    slots[at].1 = Slot::Opening;
+                    Err(())
+                }
                 Slot::Open(c) => Ok(Some(c.clone())),
                 Slot::Opening => Ok(None),
                 Slot::Failed(at_time) if at_time.elapsed() < RETRY => Ok(None),
@@ -133,6 +184,19 @@ impl Conns {
                 self.shared.clone()
             }
         }
+    }
+
+    /// What this thread's own connection is, once open: `"driven"`
+    /// ([`Driven`]) or `"crate"` (the redis crate's); `None` while it is
+    /// not open, and off the loops.
+    pub(super) fn kind_here(&self) -> Option<&'static str> {
+        SLOTS.with(
+            |slots| match slots.borrow().iter().find(|(id, _)| *id == self.id) {
+                Some((_, Slot::Open(Conn::Driven(_)))) => Some("driven"),
+                Some((_, Slot::Open(_))) => Some("crate"),
+                _ => None,
+            },
+        )
     }
 
     /// Opens this loop's connection on the loop itself (a single-threaded

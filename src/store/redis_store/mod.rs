@@ -39,6 +39,7 @@ use crate::store::sealing::Sealing;
 
 pub mod config;
 mod dedup;
+mod driven;
 mod local;
 mod records;
 mod replays;
@@ -254,6 +255,14 @@ impl RedisStore {
         self.inner.replays.as_ref().map_or(b"", |r| r.channel())
     }
 
+    /// What the calling event loop's own connection is once it is open:
+    /// `"driven"` (standalone over plain TCP, `driven.rs`) or `"crate"`;
+    /// `None` until then and off the loops. For tests and diagnostics.
+    #[doc(hidden)]
+    pub fn loop_connection(&self) -> Option<&'static str> {
+        self.inner.conns.kind_here()
+    }
+
     /// Bytes the replay cache holds (0 without one).
     pub fn replay_cache_bytes(&self) -> usize {
         self.inner.replays.as_ref().map_or(0, |r| r.cache.bytes())
@@ -262,8 +271,8 @@ impl RedisStore {
     /// The scripts' `sharded` argument: `1` on Cluster (SPUBLISH).
     fn sharded(&self) -> &'static [u8] {
         match self.inner.conns.shared() {
-            Conn::Single(_) => b"0",
             Conn::Cluster(_) => b"1",
+            Conn::Single(_) | Conn::Driven(_) => b"0",
         }
     }
 
@@ -294,13 +303,8 @@ impl RedisStore {
         for a in args {
             inv.arg(*a);
         }
-        let fut = async {
-            match conn {
-                Conn::Single(mut c) => inv.invoke_async(&mut c).await,
-                Conn::Cluster(mut c) => inv.invoke_async(&mut c).await,
-            }
-        };
-        self.bounded(fut).await
+        let mut conn = conn;
+        self.bounded(inv.invoke_async(&mut conn)).await
     }
 
     /// [`Self::eval`] with owned arguments.
@@ -315,26 +319,16 @@ impl RedisStore {
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
-        let fut = async {
-            match self.inner.conns.pick() {
-                Conn::Single(mut c) => cmd.query_async(&mut c).await,
-                Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
-            }
-        };
-        self.bounded(fut).await
+        let mut conn = self.inner.conns.pick();
+        self.bounded(cmd.query_async(&mut conn)).await
     }
 
     async fn query_pipe<T: redis::FromRedisValue>(
         &self,
         pipe: redis::Pipeline,
     ) -> Result<T, StoreError> {
-        let fut = async {
-            match self.inner.conns.pick() {
-                Conn::Single(mut c) => pipe.query_async(&mut c).await,
-                Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
-            }
-        };
-        self.bounded(fut).await
+        let mut conn = self.inner.conns.pick();
+        self.bounded(pipe.query_async(&mut conn)).await
     }
 
     async fn bounded<T>(
@@ -450,12 +444,8 @@ impl RedisStore {
         let wait_ms = self.inner.replica_ack_timeout.as_millis().max(1) as u64;
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(need).arg(wait_ms);
-        let fut = async {
-            match conn {
-                Conn::Single(mut c) => cmd.query_async::<i64>(&mut c).await,
-                Conn::Cluster(mut c) => cmd.query_async::<i64>(&mut c).await,
-            }
-        };
+        let mut conn = conn;
+        let fut = cmd.query_async::<i64>(&mut conn);
         // WAIT itself blocks up to replica_ack_timeout: bound the call by
         // that plus the store timeout.
         let bound = self.inner.replica_ack_timeout + self.inner.timeout;

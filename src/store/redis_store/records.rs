@@ -135,6 +135,7 @@ impl RedisStore {
             match self.inner.conns.shared() {
                 Conn::Single(c) => c.clone().subscribe(channel).await,
                 Conn::Cluster(c) => c.clone().ssubscribe(channel).await,
+                Conn::Driven(_) => Err(no_pub_sub()),
             }
         };
         self.bounded(fut).await
@@ -146,6 +147,7 @@ impl RedisStore {
             let r = match conn {
                 Conn::Single(mut c) => c.unsubscribe(&channel).await,
                 Conn::Cluster(mut c) => c.sunsubscribe(&channel).await,
+                Conn::Driven(_) => Err(no_pub_sub()),
             };
             if let Err(e) = r {
                 tracing::debug!(error = %e, "unsubscribe failed");
@@ -476,4 +478,13 @@ impl BucketStore for RedisStore {
             })
         })
     }
+}
+
+/// The shared connection is never a loop's own ([`Conn::Driven`] carries
+/// no pub/sub); said as an error rather than assumed.
+fn no_pub_sub() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "an event loop's connection carries no pub/sub",
+    ))
 }
