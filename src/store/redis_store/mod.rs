@@ -22,7 +22,8 @@
 //! only delays them. The HTTP records' transitions and the fair-share
 //! bucket are in `records`, consumer-dedup records in `dedup`, the
 //! connections in `local` (the shared one, which carries pub/sub, and one
-//! per event loop), the Lua scripts in `scripts`, the waiters in
+//! per event loop: on standalone Redis over plain TCP the one in `driven`,
+//! written and read by its calls), the Lua scripts in `scripts`, the waiters in
 //! `waiters`, and the process-local copies of completed records in
 //! `replays`; [`config`] is the backends' keys of `[store]` and how they
 //! open.
@@ -294,7 +295,7 @@ impl RedisStore {
     /// [`Self::eval`] on a given connection (one a `WAIT` will follow on).
     async fn eval_on<T: redis::FromRedisValue>(
         &self,
-        conn: Conn,
+        mut conn: Conn,
         script: &Script,
         key: &str,
         args: &[&[u8]],
@@ -303,7 +304,6 @@ impl RedisStore {
         for a in args {
             inv.arg(*a);
         }
-        let mut conn = conn;
         self.bounded(inv.invoke_async(&mut conn)).await
     }
 
@@ -436,7 +436,7 @@ impl RedisStore {
     /// Whether `min_replicas` replicas acknowledged the writes made on
     /// `conn` within `replica_ack_timeout` (`WAIT`; always with none
     /// required). A refusal is counted under `op`.
-    async fn replicated(&self, conn: Conn, op: &str) -> Result<bool, StoreError> {
+    async fn replicated(&self, mut conn: Conn, op: &str) -> Result<bool, StoreError> {
         let need = self.inner.min_replicas;
         if need == 0 {
             return Ok(true);
@@ -444,7 +444,6 @@ impl RedisStore {
         let wait_ms = self.inner.replica_ack_timeout.as_millis().max(1) as u64;
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(need).arg(wait_ms);
-        let mut conn = conn;
         let fut = cmd.query_async::<i64>(&mut conn);
         // WAIT itself blocks up to replica_ack_timeout: bound the call by
         // that plus the store timeout.
