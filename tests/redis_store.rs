@@ -99,6 +99,77 @@ support::dedup_contract::dedup_contract!(
     #[tokio::test(flavor = "current_thread")]
 );
 
+/// On a loop's own connection, the first call of a turn writes what the
+/// turn queued even when its own command went out with an earlier write and
+/// was answered before it was polled again: a call queued behind it is
+/// still written, and woken with its reply (it once waited out the store's
+/// timeout). The calls are polled by hand in that order (the last one only
+/// when woken, as a runtime polls); a sleep lets Redis answer and the loop
+/// see it.
+#[tokio::test(flavor = "current_thread")]
+async fn on_a_loop_a_call_queued_behind_an_answered_first_call_is_written() {
+    use idemgate::idempotency::key::RecordKey;
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let (_redis, store) = on_a_loop("flusher").await;
+    let key = |n: &str| RecordKey::derive_dedup("flusher", &format!("{}-{n}", std::process::id()));
+    let (k1, ka, kw, kc) = (key("1"), key("a"), key("w"), key("c"));
+    // The script is loaded first, so each call below is one command.
+    store.get(&k1).await.unwrap();
+    let mut cx = Context::from_waker(Waker::noop());
+    let settle = || tokio::time::sleep(Duration::from_millis(50));
+    let mut x1 = std::pin::pin!(store.get(&k1));
+    assert!(x1.as_mut().poll(&mut cx).is_pending(), "first of its turn");
+    assert!(
+        x1.as_mut().poll(&mut cx).is_pending(),
+        "written, not answered"
+    );
+    let mut a = std::pin::pin!(store.get(&ka));
+    assert!(
+        a.as_mut().poll(&mut cx).is_pending(),
+        "first of the next turn"
+    );
+    let mut w = std::pin::pin!(store.get(&kw));
+    assert!(w.as_mut().poll(&mut cx).is_pending(), "queued behind a");
+    settle().await;
+    // x1, woken for its reply, writes a's and w's commands.
+    let got = x1.as_mut().poll(&mut cx);
+    assert!(matches!(got, Poll::Ready(Ok(_))), "{got:?}");
+    settle().await;
+    // w reads a's reply and its own.
+    assert!(matches!(w.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+    // c is polled only when woken, as a runtime would poll it.
+    let woken = Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+    let waker = Waker::from(woken.clone());
+    let mut c_cx = Context::from_waker(&waker);
+    let mut c = std::pin::pin!(store.get(&kc));
+    assert!(c.as_mut().poll(&mut c_cx).is_pending(), "queued behind a");
+    // a, answered already, must still write c's command.
+    assert!(matches!(a.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        settle().await;
+        if woken.0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            if let Poll::Ready(got) = c.as_mut().poll(&mut c_cx) {
+                break assert!(got.is_ok(), "{got:?}");
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "c never woken with its reply"
+        );
+    }
+}
+
+/// A waker that only notes it was woken.
+struct Flag(std::sync::atomic::AtomicBool);
+
+impl std::task::Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// On a loop's own connection, calls dropped before their reply came (a
 /// store timeout, a client gone) leave every other call its own reply:
 /// the dropped calls' replies are read and thrown away, in order.

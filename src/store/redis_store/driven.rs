@@ -366,10 +366,14 @@ impl Future for Call {
             st.entries[at].waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        if st.flusher == Some(this.id) {
+        // The flusher writes the turn's commands even when its own was
+        // written and answered meanwhile (by a call woken for its reply):
+        // the calls queued after that write wait on it.
+        let flushes = st.flusher == Some(this.id);
+        if flushes {
             st.flusher = None;
         }
-        if !st.is_answered(this.id) && st.broken.is_none() {
+        if (flushes || !st.is_answered(this.id)) && st.broken.is_none() {
             st.drive(cx, this.id);
         }
         if st.is_answered(this.id) {
