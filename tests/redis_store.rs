@@ -177,6 +177,8 @@ impl std::task::Wake for Flag {
 async fn on_a_loop_dropped_calls_leave_each_reply_with_its_call() {
     use idemgate::idempotency::key::{Fingerprint, RecordKey};
     use idemgate::idempotency::state::{Begin, BeginOptions, State};
+    use std::future::Future;
+    use std::task::Poll;
     let (_redis, store) = on_a_loop("dropped").await;
     let tag = std::process::id();
     let keys: Vec<RecordKey> = (0..48)
@@ -203,17 +205,24 @@ async fn on_a_loop_dropped_calls_leave_each_reply_with_its_call() {
         let calls = keys.iter().enumerate().map(|(i, k)| {
             let store = store.clone();
             let k = *k;
-            // Every third call is dropped: at its first poll, after its
-            // command is written, or while its reply is on the way.
+            // Every third call is dropped after one, two or three polls
+            // (a yield between them): queued, written, or with its reply
+            // on the way. Polled by count, not by time, so some always are.
             let cut = (i as u64 + round).is_multiple_of(3);
-            let after = Duration::from_micros((i as u64 * 37 + round * 11) % 300);
+            let polls = 1 + (i as u64 / 3 + round) % 3;
             tokio::spawn(async move {
-                let get = store.get(&k);
-                if cut {
-                    tokio::time::timeout(after, get).await.ok().map(|r| (i, r))
-                } else {
-                    Some((i, get.await))
+                let mut get = std::pin::pin!(store.get(&k));
+                if !cut {
+                    return Some((i, get.await));
                 }
+                for _ in 0..polls {
+                    let once = std::future::poll_fn(|cx| Poll::Ready(get.as_mut().poll(cx)));
+                    if let Poll::Ready(got) = once.await {
+                        return Some((i, got));
+                    }
+                    tokio::task::yield_now().await;
+                }
+                None
             })
         });
         for call in futures_util::future::join_all(calls.collect::<Vec<_>>()).await {
