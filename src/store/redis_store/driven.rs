@@ -9,7 +9,12 @@
 //! pending and reads what has arrived, handing each reply to the call it
 //! answers (replies come in the order the commands went out) and waking
 //! it. So the loop's requests are pipelined on one socket, and the reply
-//! wakes the request that waits for it and nothing else.
+//! wakes the request that waits for it and nothing else. The first call
+//! of a turn of the loop yields once before it writes, so the commands of
+//! every request that turn runs go out in one `write` (writing each at
+//! once cost Redis a read per command, and more than the task saved); it
+//! writes them even if its own went out meanwhile with another call's
+//! write, since the calls queued after that wait on it.
 //!
 //! The socket wakes only the last call that polled it (tokio keeps one
 //! waker per direction), so that call is the connection's *driver*: when
