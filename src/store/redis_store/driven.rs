@@ -310,7 +310,7 @@ impl State {
     }
 
     /// The call `id` ended (answered, failed or dropped): if it was the
-    /// driver, a waiting call takes over.
+    /// driver, or the flusher before its write, a waiting call takes over.
     fn end(&mut self, id: u64) {
         let at = self.index(id);
         if let Some(e) = self.entries.get_mut(at) {
@@ -318,12 +318,14 @@ impl State {
             e.waker = None;
         }
         self.drop_finished();
-        if self.flusher == Some(id) {
+        let (flusher, driver) = (self.flusher == Some(id), self.driver == Some(id));
+        if flusher {
             self.flusher = None;
-            self.driver = Some(id); // so that a waiting call takes over
         }
-        if self.driver == Some(id) {
+        if driver {
             self.driver = None;
+        }
+        if flusher || driver {
             if let Some(w) = self.entries.iter_mut().find_map(|e| e.waker.take()) {
                 w.wake();
             }

@@ -41,6 +41,23 @@ pub(super) enum Conn {
     Driven(Driven),
 }
 
+/// The store's shared connection, the redis crate's: the one that
+/// carries pub/sub, so never a loop's [`Driven`] one.
+#[derive(Clone)]
+pub(super) enum Shared {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl From<Shared> for Conn {
+    fn from(shared: Shared) -> Conn {
+        match shared {
+            Shared::Single(c) => Conn::Single(c),
+            Shared::Cluster(c) => Conn::Cluster(c),
+        }
+    }
+}
+
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
@@ -126,14 +143,14 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// The shared connection, and how each loop opens its own.
 pub(super) struct Conns {
     id: u64,
-    shared: Conn,
+    shared: Shared,
     opener: Opener,
     /// Bounds opening a loop's connection.
     bound: Duration,
 }
 
 impl Conns {
-    pub(super) fn new(shared: Conn, opener: Opener, bound: Duration) -> Self {
+    pub(super) fn new(shared: Shared, opener: Opener, bound: Duration) -> Self {
         Conns {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             shared,
@@ -143,7 +160,7 @@ impl Conns {
     }
 
     /// The connection that carries pub/sub.
-    pub(super) fn shared(&self) -> &Conn {
+    pub(super) fn shared(&self) -> &Shared {
         &self.shared
     }
 
@@ -154,7 +171,7 @@ impl Conns {
     /// and uses it for both.
     pub(super) fn pick(&self) -> Conn {
         if event_loop::current() == 0 {
-            return self.shared.clone();
+            return self.shared.clone().into();
         }
         let found = SLOTS.with(|slots| {
             let mut slots = slots.borrow_mut();
@@ -178,10 +195,10 @@ impl Conns {
         });
         match found {
             Ok(Some(c)) => c,
-            Ok(None) => self.shared.clone(),
+            Ok(None) => self.shared.clone().into(),
             Err(()) => {
                 self.open_here();
-                self.shared.clone()
+                self.shared.clone().into()
             }
         }
     }

@@ -47,7 +47,7 @@ mod replays;
 mod scripts;
 mod waiters;
 
-use local::{Conn, Conns, Opener};
+use local::{Conn, Conns, Opener, Shared};
 use replays::Replays;
 use scripts::Scripts;
 use waiters::Waiters;
@@ -184,7 +184,7 @@ impl RedisStore {
             // Each event loop's own connection carries no pub/sub.
             let loops = builder().build().map_err(unavailable)?;
             let client = builder().push_sender(push).build().map_err(unavailable)?;
-            let conn = Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?);
+            let conn = Shared::Cluster(client.get_async_connection().await.map_err(unavailable)?);
             (conn, Opener::Cluster(loops))
         } else {
             let info = infos
@@ -208,7 +208,7 @@ impl RedisStore {
             .await
             .map_err(|_| StoreError::Timeout(timeout.max(Duration::from_secs(5))))?
             .map_err(unavailable)?;
-            (Conn::Single(manager), Opener::Single(client, loops))
+            (Shared::Single(manager), Opener::Single(client, loops))
         };
         let store = RedisStore {
             inner: Arc::new(Inner {
@@ -272,13 +272,13 @@ impl RedisStore {
     /// The scripts' `sharded` argument: `1` on Cluster (SPUBLISH).
     fn sharded(&self) -> &'static [u8] {
         match self.inner.conns.shared() {
-            Conn::Cluster(_) => b"1",
-            Conn::Single(_) | Conn::Driven(_) => b"0",
+            Shared::Single(_) => b"0",
+            Shared::Cluster(_) => b"1",
         }
     }
 
     fn is_cluster(&self) -> bool {
-        matches!(self.inner.conns.shared(), Conn::Cluster(_))
+        matches!(self.inner.conns.shared(), Shared::Cluster(_))
     }
 
     /// Runs a script over one key, bounded by the store timeout.

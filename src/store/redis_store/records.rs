@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::Value;
 use tokio::time::Instant;
 
-use super::{array, fingerprint, malformed, millis, parse_u64, tag, Conn, RedisStore};
+use super::{array, fingerprint, malformed, millis, parse_u64, tag, RedisStore, Shared};
 use crate::idempotency::key::{Fingerprint, RecordKey};
 use crate::idempotency::lease::LeaseId;
 use crate::idempotency::rate::Rate;
@@ -133,9 +133,8 @@ impl RedisStore {
     pub(super) async fn subscribe(&self, channel: &str) -> Result<(), StoreError> {
         let fut = async {
             match self.inner.conns.shared() {
-                Conn::Single(c) => c.clone().subscribe(channel).await,
-                Conn::Cluster(c) => c.clone().ssubscribe(channel).await,
-                Conn::Driven(_) => Err(no_pub_sub()),
+                Shared::Single(c) => c.clone().subscribe(channel).await,
+                Shared::Cluster(c) => c.clone().ssubscribe(channel).await,
             }
         };
         self.bounded(fut).await
@@ -145,9 +144,8 @@ impl RedisStore {
         let conn = self.inner.conns.shared().clone();
         tokio::spawn(async move {
             let r = match conn {
-                Conn::Single(mut c) => c.unsubscribe(&channel).await,
-                Conn::Cluster(mut c) => c.sunsubscribe(&channel).await,
-                Conn::Driven(_) => Err(no_pub_sub()),
+                Shared::Single(mut c) => c.unsubscribe(&channel).await,
+                Shared::Cluster(mut c) => c.sunsubscribe(&channel).await,
             };
             if let Err(e) = r {
                 tracing::debug!(error = %e, "unsubscribe failed");
@@ -478,13 +476,4 @@ impl BucketStore for RedisStore {
             })
         })
     }
-}
-
-/// The shared connection is never a loop's own ([`Conn::Driven`] carries
-/// no pub/sub); said as an error rather than assumed.
-fn no_pub_sub() -> redis::RedisError {
-    redis::RedisError::from((
-        redis::ErrorKind::Client,
-        "an event loop's connection carries no pub/sub",
-    ))
 }
