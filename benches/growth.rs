@@ -226,12 +226,13 @@ fn redis(rt: &tokio::runtime::Runtime, sizes: &[u64], ops: u64, rec: &Arc<Comple
                 .await
         })
         .unwrap();
-    // One record written by the store, whose fields every filled key copies.
+    // One record written by the store (one string), which every filled key
+    // copies.
     let model = key("model", 0);
     rt.block_on(first_request(&store, model, rec.clone()));
-    let fields: Vec<(String, Vec<u8>)> = rt
+    let held: Vec<u8> = rt
         .block_on(
-            redis::cmd("HGETALL")
+            redis::cmd("GET")
                 .arg(store.record_key(&model))
                 .query_async(&mut raw),
         )
@@ -256,9 +257,11 @@ fn redis(rt: &tokio::runtime::Runtime, sizes: &[u64], ops: u64, rec: &Arc<Comple
                 let mut pipe = redis::pipe();
                 for i in filled..filled + batch {
                     let name = store.record_key(&key("redis", i));
-                    pipe.hset_multiple(&name, &fields)
-                        .ignore()
-                        .pexpire(&name, TTL.as_millis() as i64)
+                    pipe.cmd("SET")
+                        .arg(&name)
+                        .arg(&held)
+                        .arg("PX")
+                        .arg(TTL.as_millis() as u64)
                         .ignore();
                 }
                 let () = pipe.query_async(&mut raw).await.unwrap();

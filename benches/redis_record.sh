@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # What Redis spends per new key in the record's two scripts (begin, then
-# complete), today's record (a hash: src/store/redis_store/lua/) against a
-# record held as one string (benches/redis_record/*.lua, the lighter
-# record of round three's design 3). Each script runs for N (200,000) new
-# keys, pipelined over one connection (redis-cli --pipe), on a redis-server
-# started here on a free loopback port; prints Redis's own µs per call
-# (INFO commandstats) and the commands inside. Twice, alternated.
+# complete): the record as one string (src/store/redis_store/lua/, round
+# three's design 3) against the hash it was before (redis_record/*_hash.lua,
+# the same scripts as they were). Each script runs for N (200,000) new
+# keys, pipelined over one connection (redis-cli --pipe), on a
+# redis-server started here on a free loopback port; prints Redis's own µs
+# per call (INFO commandstats) and the commands inside. ROUNDS (3) times,
+# alternated; then the begin of a replay, records of 1 KiB and 64 KiB.
 #
 #   benches/redis_record.sh
 set -euo pipefail
 N=${N:-200000}
+ROUNDS=${ROUNDS:-3}
 here=$(cd "$(dirname "$0")" && pwd)
 lua="$here/../src/store/redis_store/lua"
 W=$(mktemp -d)
@@ -19,9 +21,10 @@ RP=$!
 trap 'kill $RP 2>/dev/null || true; sleep 0.2; rm -rf "$W"' EXIT
 for _ in $(seq 50); do redis-cli -p "$PORT" PING >/dev/null 2>&1 && break; sleep 0.1; done
 cli() { redis-cli -p "$PORT" "$@"; }
-cat "$lua/lib.lua" "$lua/begin.lua" > "$W/begin_hash.lua"
-cat "$lua/lib.lua" "$lua/complete.lua" > "$W/complete_hash.lua"
-cp "$here/redis_record/begin_string.lua" "$here/redis_record/complete_string.lua" "$W/"
+for op in begin complete; do
+  cat "$here/redis_record/lib_hash.lua" "$here/redis_record/${op}_hash.lua" > "$W/${op}_hash.lua"
+  cat "$lua/lib.lua" "$lua/$op.lua" > "$W/${op}_string.lua"
+done
 # N calls of one script as RESP, a new key each (complete: the key begun).
 commands() {
   python3 - "$1" "$2" "$N" <<'PY'
@@ -37,17 +40,13 @@ lease, fp, rec = b'0123456789abcdef0123456789abcdef', b'F' * 32, b'R' * 120
 w = sys.stdout.buffer
 for i in range(n):
     k = b'idemgate:{%032d}' % i
-    if op.startswith('begin_hash'):
+    if op.startswith('begin'):
         w.write(resp(b'EVALSHA', sha, 1, k, lease, fp, 30000, 30000, b'', b''))
-    elif op.startswith('begin'):
-        w.write(resp(b'EVALSHA', sha, 1, k, lease, fp, 30000, 30000))
-    elif op.startswith('complete_hash'):
-        w.write(resp(b'EVALSHA', sha, 1, k, lease, rec, 86400000, b'idemgate:done:' + k, b'0'))
     else:
-        w.write(resp(b'EVALSHA', sha, 1, k, lease, rec, 86400000, b'idemgate:done:' + k))
+        w.write(resp(b'EVALSHA', sha, 1, k, lease, rec, 86400000, b'idemgate:done:' + k, b'0'))
 PY
 }
-for round in 1 2; do
+for round in $(seq "$ROUNDS"); do
   for record in hash string; do
     cli FLUSHALL >/dev/null
     for op in begin complete; do
@@ -60,6 +59,39 @@ for round in 1 2; do
       inner=$(grep -v -e evalsha -e script -e config -e flushall -e echo <<<"$stats" |
         sed -n 's/^cmdstat_\([a-z]*\):.*usec_per_call=\([0-9.]*\).*/\1 \2/p' | tr '\n' ' ')
       echo "round $round, $record record, $op: $per µs per call (inside: $inner)"
+    done
+  done
+done
+# Then a replay's begin: one completed record of SIZE bytes, begun REPLAYS
+# (20,000) times, as each layout holds it.
+for round in $(seq "$ROUNDS"); do
+  for size in 1024 65536; do
+    for record in hash string; do
+      cli FLUSHALL >/dev/null
+      sha=$(cli SCRIPT LOAD "$(cat "$W/begin_$record.lua")")
+      python3 - "$record" "$sha" "${REPLAYS:-20000}" "$size" > "$W/commands" <<'PY'
+import sys
+record, sha, n, size = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3]), int(sys.argv[4])
+def resp(*a):
+    out = [b'*%d\r\n' % len(a)]
+    for x in a:
+        x = x if isinstance(x, bytes) else str(x).encode()
+        out.append(b'$%d\r\n%s\r\n' % (len(x), x))
+    return b''.join(out)
+k, body = b'idemgate:{replayed}', b'R' * size
+w = sys.stdout.buffer
+if record == 'hash':
+    w.write(resp(b'HSET', k, b's', b'c', b'f', b'123', b'r', body))
+else:
+    w.write(resp(b'SET', k, b'c123 ' + body))
+for _ in range(n):
+    w.write(resp(b'EVALSHA', sha, 1, k, b'0' * 32, b'F' * 32, 30000, 30000, b'', b''))
+PY
+      cli CONFIG RESETSTAT >/dev/null
+      cli --pipe < "$W/commands" >/dev/null
+      per=$(cli INFO commandstats | tr -d '\r' |
+        sed -n 's/^cmdstat_evalsha:.*usec_per_call=\([0-9.]*\).*/\1/p')
+      echo "round $round, $record record, replay of $size bytes: $per µs per begin"
     done
   done
 done

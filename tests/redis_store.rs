@@ -462,6 +462,189 @@ async fn cluster_replicas_run_each_key_once() {
     }
 }
 
+/// A record is one string; builds before it kept a hash of the same
+/// fields. Each state written the old way is read as it was meant, and a
+/// write turns it into a string: a rolling upgrade keeps every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_an_earlier_build_kept_as_a_hash_reads_the_same() {
+    use idemgate::idempotency::key::{Fingerprint, RecordKey};
+    use idemgate::idempotency::record::{CompletedRecord, StoredResponse};
+    use idemgate::idempotency::state::{Begin, BeginOptions, Resolution};
+    let redis = RedisServer::start();
+    let store = connect(&[redis.url()], false).await;
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = |n: &str| RecordKey::derive_dedup("layout", n);
+    // Writes `fields` as the hash an earlier build kept.
+    let writer = raw.clone();
+    let old = |k: &RecordKey, fields: &[(&str, &[u8])]| {
+        let mut pipe = redis::pipe();
+        let name = store.record_key(k);
+        pipe.del(&name).ignore();
+        for (f, v) in fields {
+            pipe.hset(&name, *f, *v).ignore();
+        }
+        pipe.pexpire(&name, 60_000).ignore();
+        let mut raw = writer.clone();
+        async move { pipe.query_async::<()>(&mut raw).await.unwrap() }
+    };
+    let kind = |k: &RecordKey| redis.cli(&["TYPE", &store.record_key(k)]).unwrap();
+    let fp = Fingerprint([5; 32]);
+    let opts = BeginOptions::lease(Duration::from_secs(30));
+    let body = |b: &'static str| {
+        Arc::new(CompletedRecord {
+            origin: None,
+            fingerprint: fp,
+            created_unix_ms: 1,
+            response: StoredResponse {
+                status: http::StatusCode::CREATED,
+                headers: Default::default(),
+                body: bytes::Bytes::from_static(b.as_bytes()),
+                body_omitted: false,
+                trailers: http::HeaderMap::new(),
+            },
+        })
+    };
+
+    // Completed: the encoded record this build wrote, moved into a hash.
+    let done = key("completed");
+    let Begin::Acquired(lease) = store.begin(&done, &fp, opts).await.unwrap() else {
+        panic!("a new key")
+    };
+    assert!(store
+        .complete(&done, &lease, body("stored"), Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert_eq!(kind(&done).trim(), "string");
+    let held: Vec<u8> = redis::cmd("GET")
+        .arg(store.record_key(&done))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let space = held.iter().position(|&b| b == b' ').unwrap();
+    let fence = lease.fence.to_string();
+    assert_eq!(&held[..space], format!("c{fence}").as_bytes());
+    old(
+        &done,
+        &[
+            ("s", b"c"),
+            ("f", fence.as_bytes()),
+            ("r", &held[space + 1..]),
+        ],
+    )
+    .await;
+    match store.begin(&done, &fp, opts).await.unwrap() {
+        Begin::Completed(rec) => assert_eq!(rec.response.body, "stored"),
+        other => panic!("{other:?}"),
+    }
+
+    // Released: the tombstone's fence still bounds the next one from below.
+    let released = key("released");
+    let high = 9_000_000_000_000_000u64;
+    old(
+        &released,
+        &[("s", b"r"), ("f", high.to_string().as_bytes())],
+    )
+    .await;
+    match store.begin(&released, &fp, opts).await.unwrap() {
+        Begin::Acquired(l) => assert_eq!(l.fence, high + 1),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(kind(&released).trim(), "string");
+
+    // In flight under a live lease: a duplicate sees it, with its fence.
+    let held_key = key("in-flight");
+    let far = (std::time::SystemTime::now() + Duration::from_secs(60))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let lease_id = [b'a'; 32];
+    let in_flight: [(&str, &[u8]); 5] = [
+        ("s", b"i"),
+        ("t", &lease_id),
+        ("f", b"43"),
+        ("p", &fp.0),
+        ("l", far.as_bytes()),
+    ];
+    old(&held_key, &in_flight).await;
+    match store.begin(&held_key, &fp, opts).await.unwrap() {
+        Begin::InFlight { fingerprint, fence } => {
+            assert_eq!((fingerprint, fence), (fp, 43));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Lapsed: taken over above its fence, and written as a string.
+    old(
+        &held_key,
+        &[
+            ("s", b"i"),
+            ("t", &lease_id),
+            ("f", b"43"),
+            ("p", &fp.0),
+            ("l", b"1"),
+        ],
+    )
+    .await;
+    match store.begin(&held_key, &fp, opts).await.unwrap() {
+        Begin::Acquired(l) => assert!(l.fence > 43),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(kind(&held_key).trim(), "string");
+
+    // Unknown: seen with its cause, then settled by its fence.
+    let unknown = key("unknown");
+    let fields: [(&str, &[u8]); 6] = [
+        ("s", b"u"),
+        ("f", b"44"),
+        ("p", &fp.0),
+        ("c", b"status 504"),
+        ("ts", b"1"),
+        ("n", b"0"),
+    ];
+    old(&unknown, &fields).await;
+    match store.begin(&unknown, &fp, opts).await.unwrap() {
+        Begin::Unknown { unknown: u, .. } => {
+            assert_eq!((u.fence, u.fingerprint, u.since_unix_ms), (44, fp, 1));
+        }
+        other => panic!("{other:?}"),
+    }
+    let settled = Resolution::Completed(body("reconciled"), Duration::from_secs(60));
+    assert!(store.resolve(&unknown, 44, settled).await.unwrap());
+    assert_eq!(kind(&unknown).trim(), "string");
+    match store.begin(&unknown, &fp, opts).await.unwrap() {
+        Begin::Completed(rec) => assert_eq!(rec.response.body, "reconciled"),
+        other => panic!("{other:?}"),
+    }
+
+    // An earlier build's begin on a record this one wrote fails (a store
+    // error there, `503` by default) and writes nothing.
+    let earlier_begin = concat!(
+        include_str!("../benches/redis_record/lib_hash.lua"),
+        include_str!("../benches/redis_record/begin_hash.lua")
+    );
+    let name = store.record_key(&unknown);
+    let before = redis.cli(&["GET", &name]).unwrap();
+    let ran: redis::RedisResult<redis::Value> = redis::cmd("EVAL")
+        .arg(earlier_begin)
+        .arg(1)
+        .arg(&name)
+        .arg("b".repeat(32))
+        .arg(&fp.0[..])
+        .arg(30_000)
+        .arg(30_000)
+        .arg("")
+        .arg("")
+        .query_async(&mut raw)
+        .await;
+    let err = ran.expect_err("a hash script on a string");
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    assert_eq!(redis.cli(&["GET", &name]).unwrap(), before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_record_is_a_miss_not_a_panic() {
     let redis = RedisServer::start();
@@ -479,9 +662,12 @@ async fn an_unreadable_record_is_a_miss_not_a_panic() {
     assert_eq!(client.post("/v1/x", "v", "{}").await.status, 201);
     // Overwrite the record with a future encoding version.
     let key = redis.cli(&["--scan"]).unwrap().trim().to_owned();
-    redis
-        .cli(&["HSET", &key, "r", "\u{9}future-format"])
-        .unwrap();
+    // A completed record is `c`, its fence, a space, the encoded record.
+    let held = redis.cli(&["GET", &key]).unwrap();
+    let (fence, _) = held.split_once(' ').expect("a completed record");
+    assert!(fence.starts_with('c'), "{fence}");
+    let future = format!("{fence} \u{9}future-format");
+    redis.cli(&["SET", &key, &future, "KEEPTTL"]).unwrap();
     let again = client.post("/v1/x", "v", "{}").await;
     assert_eq!(again.status, 201);
     assert_eq!(again.header("idempotent-replayed"), None);
@@ -522,13 +708,14 @@ fn command_calls(redis: &RedisServer) -> std::collections::HashMap<String, u64> 
 
 /// Round trips idemgate made between two snapshots: script runs plus any
 /// command our scripts never issue (so it must have come from a client). Each
-/// script does exactly one HMGET, so a stray top-level HMGET shows as well.
+/// script reads its key exactly once (a record's GET, a bucket's HMGET), so a
+/// stray top-level read shows as well.
 fn round_trips(
     before: &std::collections::HashMap<String, u64>,
     after: &std::collections::HashMap<String, u64>,
 ) -> (u64, u64) {
-    const IN_SCRIPTS: [&str; 9] = [
-        "hmget", "time", "del", "hset", "pexpire", "hdel", "publish", "info", "pttl",
+    const IN_SCRIPTS: [&str; 11] = [
+        "get", "set", "hmget", "time", "del", "hset", "pexpire", "hdel", "publish", "info", "pttl",
     ];
     let delta =
         |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
@@ -538,7 +725,11 @@ fn round_trips(
         .filter(|n| !IN_SCRIPTS.contains(&n.as_str()) && *n != "evalsha" && *n != "eval")
         .map(|n| delta(n))
         .sum();
-    assert_eq!(delta("hmget"), scripts, "a top-level HMGET was sent");
+    assert_eq!(
+        delta("get") + delta("hmget"),
+        scripts,
+        "a top-level GET or HMGET was sent"
+    );
     (scripts + others, scripts)
 }
 

@@ -19,6 +19,15 @@ use crate::store::buckets::BucketStore;
 use crate::store::error::{StoreError, StoreFuture};
 use crate::store::records::{Inspection, RecordStore};
 
+/// The encoded record in a completed record's value as `begin` returns it:
+/// `c`, the fence, a space, then the record (`lua/lib.lua`).
+fn encoded(held: &[u8]) -> Result<&[u8], StoreError> {
+    match held.iter().position(|&b| b == b' ') {
+        Some(space) if held.first() == Some(&b'c') => Ok(&held[space + 1..]),
+        _ => Err(malformed("begin")),
+    }
+}
+
 /// How long a released key keeps its fence.
 const TOMBSTONE_MS: &[u8] = b"1000";
 
@@ -90,7 +99,8 @@ impl RedisStore {
                         lapsed_now: parse_u64(held_now)? == 1,
                     })
                 }
-                ("c", [_, Value::BulkString(r), pttl]) => match self.decode(key, r) {
+                ("c", [_, Value::BulkString(held), pttl]) => match self.decode(key, encoded(held)?)
+                {
                     Some(rec) => {
                         if let (Some(c), Ok(ms)) = (replays, parse_u64(pttl)) {
                             c.put(&rkey, rec.clone(), Duration::from_millis(ms), epoch);
@@ -103,7 +113,7 @@ impl RedisStore {
                             .eval(
                                 &self.inner.scripts.discard,
                                 &rkey,
-                                &[r, self.replays_channel()],
+                                &[held, self.replays_channel()],
                             )
                             .await?;
                         if let Some(c) = replays {
@@ -122,12 +132,16 @@ impl RedisStore {
         self.inner.sealing.decode(key, raw).map(Arc::new)
     }
 
-    /// Whether the record is still in flight under `fence`.
+    /// Whether the record is still in flight under `fence`: read by the
+    /// `get` script, which reads a record of either layout (a string, or
+    /// an earlier version's hash). Once per waiting duplicate.
     async fn still_in_flight(&self, key: &RecordKey, fence: u64) -> Result<bool, StoreError> {
-        let mut cmd = redis::cmd("HMGET");
-        cmd.arg(self.record_key(key)).arg("s").arg("f");
-        let (s, f): (Option<String>, Option<String>) = self.query(cmd).await?;
-        Ok(s.as_deref() == Some("i") && f.and_then(|f| f.parse().ok()) == Some(fence))
+        let v: Value = self
+            .eval(&self.inner.scripts.get, &self.record_key(key), &[])
+            .await?;
+        let parts = array(v)?;
+        let in_flight = matches!(parts.first(), Some(Value::BulkString(s)) if s == b"i");
+        Ok(in_flight && parts.get(2).and_then(|f| parse_u64(f).ok()) == Some(fence))
     }
 
     pub(super) async fn subscribe(&self, channel: &str) -> Result<(), StoreError> {

@@ -1,7 +1,9 @@
 -- get: a record's fields for inspection.
--- KEYS[1]  the record hash
+-- KEYS[1]  the record
 -- returns  {state, lease id, fence, fp, encoded record, cause, since_ms,
---          next_check_ms, pttl}; missing fields are nil in place, so the
---          pttl is always last
-local h = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'p', 'r', 'c', 'ts', 'n')
-return {h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8], redis.call('PTTL', KEYS[1])}
+--          next_check_ms, pttl}; missing fields are nil in place (false
+--          here: a Lua nil would end the reply), so the pttl is always last
+local h = load(KEYS[1]) or {}
+local function field(v) return v or false end
+return {field(h.s), field(h.t), field(h.f), field(h.p), field(h.r), field(h.c),
+  field(h.ts), field(h.n), redis.call('PTTL', KEYS[1])}

@@ -1,5 +1,5 @@
 -- purge: delete a record whatever its state and wake its waiters.
--- KEYS[1]  the record hash
+-- KEYS[1]  the record
 -- ARGV[1]  waiters' channel
 -- ARGV[2]  '1' on Cluster (sharded pub/sub), else '0'
 -- ARGV[3]  the replay caches' invalidation channel, or '' (none)
