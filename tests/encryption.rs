@@ -104,7 +104,7 @@ fn dump(redis: &RedisServer) -> String {
     keys.lines()
         .filter(|k| !k.is_empty())
         .map(|k| {
-            // A record is a string; the channels and buckets are not keys.
+            // A record is a string, a fair-share bucket a hash.
             let read = match redis.cli(&["TYPE", k]).unwrap().trim() {
                 "string" => "GET",
                 _ => "HGETALL",
