@@ -577,6 +577,12 @@ async fn a_record_an_earlier_build_kept_as_a_hash_reads_the_same() {
         }
         other => panic!("{other:?}"),
     }
+    // A waiting duplicate's check sees it in flight too: it waits to its
+    // deadline (nothing publishes), where a settled record returns at once.
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_millis(300);
+    store.wait(&held_key, 43, deadline).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250));
     // Lapsed: taken over above its fence, and written as a string.
     old(
         &held_key,
