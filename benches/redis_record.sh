@@ -22,36 +22,49 @@ trap 'kill $RP 2>/dev/null || true; sleep 0.2; rm -rf "$W"' EXIT
 for _ in $(seq 50); do redis-cli -p "$PORT" PING >/dev/null 2>&1 && break; sleep 0.1; done
 cli() { redis-cli -p "$PORT" "$@"; }
 for op in begin complete; do
-  cat "$here/redis_record/lib_hash.lua" "$here/redis_record/${op}_hash.lua" > "$W/${op}_hash.lua"
+  cat "$lua/lib.lua" "$here/redis_record/${op}_hash.lua" > "$W/${op}_hash.lua"
   cat "$lua/lib.lua" "$lua/$op.lua" > "$W/${op}_string.lua"
 done
-# N calls of one script as RESP, a new key each (complete: the key begun).
-commands() {
-  python3 - "$1" "$2" "$N" <<'PY'
+# The commands each measurement pipelines, as RESP:
+#   gen.py new OP SHA N              N calls of one script, a new key each
+#                                    (complete: the key begun)
+#   gen.py replay RECORD SHA N SIZE  one completed record of SIZE bytes as
+#                                    RECORD holds it, then N begins of it
+cat > "$W/gen.py" <<'PY'
 import sys
-op, sha, n = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3])
+mode, what, sha, n = sys.argv[1], sys.argv[2], sys.argv[3].encode(), int(sys.argv[4])
 def resp(*a):
     out = [b'*%d\r\n' % len(a)]
     for x in a:
         x = x if isinstance(x, bytes) else str(x).encode()
         out.append(b'$%d\r\n%s\r\n' % (len(x), x))
     return b''.join(out)
-lease, fp, rec = b'0123456789abcdef0123456789abcdef', b'F' * 32, b'R' * 120
+lease, fp = b'0123456789abcdef0123456789abcdef', b'F' * 32
+begin = lambda k: resp(b'EVALSHA', sha, 1, k, lease, fp, 30000, 30000, b'', b'')
 w = sys.stdout.buffer
-for i in range(n):
-    k = b'idemgate:{%032d}' % i
-    if op.startswith('begin'):
-        w.write(resp(b'EVALSHA', sha, 1, k, lease, fp, 30000, 30000, b'', b''))
+if mode == 'new':
+    rec = b'R' * 120
+    for i in range(n):
+        k = b'idemgate:{%032d}' % i
+        if what.startswith('begin'):
+            w.write(begin(k))
+        else:
+            w.write(resp(b'EVALSHA', sha, 1, k, lease, rec, 86400000, b'idemgate:done:' + k, b'0'))
+else:
+    k, body = b'idemgate:{replayed}', b'R' * int(sys.argv[5])
+    if what == 'hash':
+        w.write(resp(b'HSET', k, b's', b'c', b'f', b'123', b'r', body))
     else:
-        w.write(resp(b'EVALSHA', sha, 1, k, lease, rec, 86400000, b'idemgate:done:' + k, b'0'))
+        w.write(resp(b'SET', k, b'c123 ' + body))
+    for _ in range(n):
+        w.write(begin(k))
 PY
-}
 for round in $(seq "$ROUNDS"); do
   for record in hash string; do
     cli FLUSHALL >/dev/null
     for op in begin complete; do
       sha=$(cli SCRIPT LOAD "$(cat "$W/${op}_$record.lua")")
-      commands "${op}_$record" "$sha" > "$W/commands"
+      python3 "$W/gen.py" new "${op}_$record" "$sha" "$N" > "$W/commands"
       cli CONFIG RESETSTAT >/dev/null
       cli --pipe < "$W/commands" >/dev/null
       stats=$(cli INFO commandstats | tr -d '\r')
@@ -69,24 +82,7 @@ for round in $(seq "$ROUNDS"); do
     for record in hash string; do
       cli FLUSHALL >/dev/null
       sha=$(cli SCRIPT LOAD "$(cat "$W/begin_$record.lua")")
-      python3 - "$record" "$sha" "${REPLAYS:-20000}" "$size" > "$W/commands" <<'PY'
-import sys
-record, sha, n, size = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3]), int(sys.argv[4])
-def resp(*a):
-    out = [b'*%d\r\n' % len(a)]
-    for x in a:
-        x = x if isinstance(x, bytes) else str(x).encode()
-        out.append(b'$%d\r\n%s\r\n' % (len(x), x))
-    return b''.join(out)
-k, body = b'idemgate:{replayed}', b'R' * size
-w = sys.stdout.buffer
-if record == 'hash':
-    w.write(resp(b'HSET', k, b's', b'c', b'f', b'123', b'r', body))
-else:
-    w.write(resp(b'SET', k, b'c123 ' + body))
-for _ in range(n):
-    w.write(resp(b'EVALSHA', sha, 1, k, b'0' * 32, b'F' * 32, 30000, 30000, b'', b''))
-PY
+      python3 "$W/gen.py" replay "$record" "$sha" "${REPLAYS:-20000}" "$size" > "$W/commands"
       cli CONFIG RESETSTAT >/dev/null
       cli --pipe < "$W/commands" >/dev/null
       per=$(cli INFO commandstats | tr -d '\r' |

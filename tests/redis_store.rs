@@ -629,7 +629,7 @@ async fn a_record_an_earlier_build_kept_as_a_hash_reads_the_same() {
     // An earlier build's begin on a record this one wrote fails (a store
     // error there, `503` by default) and writes nothing.
     let earlier_begin = concat!(
-        include_str!("../benches/redis_record/lib_hash.lua"),
+        include_str!("../src/store/redis_store/lua/lib.lua"),
         include_str!("../benches/redis_record/begin_hash.lua")
     );
     let name = store.record_key(&unknown);

@@ -1,6 +1,6 @@
 -- begin_hash.lua: src/store/redis_store/lua/begin.lua as it was while a record
 -- was a hash (before 2026-12-03), for benches/redis_record.sh to weigh the
--- string record against.
+-- string record against; lua/lib.lua goes in front, as for every script.
 -- begin: take the lease of an absent record, or report what holds the key.
 -- KEYS[1]  the record hash
 -- ARGV[1]  lease id (32 hex)

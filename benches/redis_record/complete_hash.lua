@@ -1,6 +1,6 @@
 -- complete_hash.lua: src/store/redis_store/lua/complete.lua as it was while a record
 -- was a hash (before 2026-12-03), for benches/redis_record.sh to weigh the
--- string record against.
+-- string record against; lua/lib.lua goes in front, as for every script.
 -- complete: store the response for the current lease and wake waiters.
 -- KEYS[1]  the record hash
 -- ARGV[1]  lease id
