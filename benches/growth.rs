@@ -170,7 +170,15 @@ fn main() {
     idemgate::pages::small_pages_only().expect("prctl(PR_SET_THP_DISABLE)");
     let full = std::env::args().any(|a| a == "--bench");
     let sizes: Vec<u64> = match std::env::var("RECORDS") {
-        Ok(s) => s.split_whitespace().map(|v| v.parse().unwrap()).collect(),
+        Ok(s) => s
+            .split_whitespace()
+            .map(|v| {
+                v.parse().unwrap_or_else(|_| {
+                    eprintln!("growth: RECORDS is record counts separated by spaces, not {s:?}");
+                    std::process::exit(2)
+                })
+            })
+            .collect(),
         Err(_) if full => vec![10_000, 10_000_000],
         Err(_) => vec![1_000],
     };
