@@ -1,5 +1,6 @@
 //! HTTP idempotency records on Redis: [`RecordStore`] over the scripts
-//! `begin`, `renew`, `complete`, `release`, `get`, `purge` and `discard`.
+//! `begin`, `renew`, `complete`, `release`, `get`, `in_flight`, `purge` and
+//! `discard`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,16 +133,14 @@ impl RedisStore {
         self.inner.sealing.decode(key, raw).map(Arc::new)
     }
 
-    /// Whether the record is still in flight under `fence`: read by the
-    /// `get` script, which reads a record of either layout (a string, or
-    /// an earlier version's hash). Once per waiting duplicate.
+    /// Whether the record is still in flight under `fence` (the
+    /// `in_flight` script reads either layout: a string, or an earlier
+    /// version's hash). Once per waiting duplicate.
     async fn still_in_flight(&self, key: &RecordKey, fence: u64) -> Result<bool, StoreError> {
-        let v: Value = self
-            .eval(&self.inner.scripts.get, &self.record_key(key), &[])
+        let held: Option<u64> = self
+            .eval(&self.inner.scripts.in_flight, &self.record_key(key), &[])
             .await?;
-        let parts = array(v)?;
-        let in_flight = matches!(parts.first(), Some(Value::BulkString(s)) if s == b"i");
-        Ok(in_flight && parts.get(2).and_then(|f| parse_u64(f).ok()) == Some(fence))
+        Ok(held == Some(fence))
     }
 
     pub(super) async fn subscribe(&self, channel: &str) -> Result<(), StoreError> {

@@ -18,8 +18,7 @@ local v = redis.pcall('GET', KEYS[1])
 if type(v) == 'string' and string.byte(v) == 99 then
   return {'c', v, redis.call('PTTL', KEYS[1])}
 end
-local h
-if type(v) == 'table' then h = from_hash(KEYS[1]) elseif v then h = decode(v) end
+local h = fields(KEYS[1], v)
 local f
 if h then
   local s, p = h.s, h.p
@@ -28,6 +27,7 @@ if h then
   local lease_until = tonumber(h.l)
   local held_now = 0
   if s == 'i' and (lease_until == nil or lease_until > now) then return {'i', f, p} end
+  -- An earlier build's hash: its value as a string would hold it.
   if s == 'c' then return {'c', completed(h), redis.call('PTTL', KEYS[1])} end
   if s == 'i' and ARGV[5] ~= '' then
     -- The holder stopped renewing after it forwarded: the request may have

@@ -73,12 +73,17 @@ local function from_hash(key)
     ts = h[8], n = h[9]}
 end
 
--- A record's fields, or nil when the key holds none.
-local function load(key)
-  local v = redis.pcall('GET', key)
+-- A record's fields from what `redis.pcall('GET', key)` answered (an
+-- error table for a hash), or nil when the key holds none.
+local function fields(key, v)
   if type(v) == 'table' then return from_hash(key) end
   if not v then return nil end
   return decode(v)
+end
+
+-- A record's fields, or nil when the key holds none.
+local function load(key)
+  return fields(key, redis.pcall('GET', key))
 end
 
 -- A completed record's whole value, `c` fence ' ' record, as begin returns
