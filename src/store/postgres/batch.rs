@@ -1,18 +1,22 @@
 //! Group commit in the client: the begins and the completions that arrive
-//! while others are being committed are sent together, as one call of
-//! `step_many` (or of `begin_many` or `complete_many` when the batch holds
-//! one kind): one statement, one transaction, one WAL flush for all of
+//! while a batch is being committed are sent together, as one call of
+//! `step_many`: one statement, one transaction, one WAL flush for all of
 //! them, where one each would queue on the flush.
 //!
-//! A [`Batcher`] runs at most `parallel` batches at once. While one is
-//! free a call goes out alone at once (no waiting to fill a batch: an idle
-//! store adds no latency); while all are busy calls gather, up to `max` a
-//! batch. Each item keeps its own answer: a batch is its items, each
-//! atomic, none together (the contract's rule for batches), and the
-//! functions lock rows in key order, completions then begins.
+//! A [`Batcher`] runs one batch at a time: the fewer batches, the bigger
+//! each, and a batch's fixed cost (its call, each statement's start, its
+//! commit) is shared by more calls. A call that has waited `patience`
+//! while a batch runs (held on a row lock, or a slow flush) goes out in
+//! another batch beside it, up to `parallel` at once. While a batch may go
+//! a call goes out at once (no waiting to fill a batch: an idle store adds
+//! no latency); otherwise calls gather, up to `max` a batch. Each item
+//! keeps its own answer: a batch is its items, each atomic, none together
+//! (the contract's rule for batches), and the function locks rows in key
+//! order, completions then begins.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_postgres::types::ToSql;
@@ -30,20 +34,28 @@ pub(super) struct Batcher<I, O> {
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Starts the dispatcher; it ends when the batcher is dropped.
-    pub fn start<F, Fut>(parallel: usize, max: usize, run: F) -> Self
+    pub fn start<F, Fut>(parallel: usize, patience: Duration, max: usize, run: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send + 'static,
     {
         let (tx, mut rx) = mpsc::unbounded_channel::<(I, Reply<O>)>();
-        let free = Arc::new(Semaphore::new(parallel.max(1)));
+        // The batch that runs alone, and the ones that may run beside it.
+        let lead = Arc::new(Semaphore::new(1));
+        let beside = Arc::new(Semaphore::new(parallel.max(1) - 1));
         let run = Arc::new(run);
         tokio::spawn(async move {
             loop {
-                let Ok(permit) = free.clone().acquire_owned().await else {
-                    return;
-                };
                 let Some(first) = rx.recv().await else { return };
+                let permit = tokio::select! {
+                    biased;
+                    Ok(p) = lead.clone().acquire_owned() => p,
+                    Ok(p) = async {
+                        tokio::time::sleep(patience).await;
+                        beside.clone().acquire_owned().await
+                    } => p,
+                    else => return,
+                };
                 let mut batch = vec![first];
                 while batch.len() < max {
                     match rx.try_recv() {
@@ -125,20 +137,11 @@ pub(super) enum Stepped {
     Completed(bool),
 }
 
-/// The batch functions, the schema filled in: a batch of one kind calls
-/// that kind's own (the combined one costs a nested call more).
-pub(super) struct StepSql {
-    pub begins: String,
-    pub completes: String,
-    pub both: String,
-}
-
-/// Runs begins and completions as one call (`step_many`, or
-/// `begin_many` / `complete_many` for a batch of one kind); one answer
-/// per item, in order.
+/// Runs begins and completions as one call of `step_many` (`sql`, the
+/// schema filled in); one answer per item, in order.
 pub(super) async fn steps(
     db: &Db,
-    sql: &StepSql,
+    sql: &str,
     items: Vec<Step>,
 ) -> Result<Vec<Result<Stepped, StoreError>>, StoreError> {
     let n = items.len();
@@ -170,7 +173,7 @@ pub(super) async fn steps(
             }
         }
     }
-    let begin: [&(dyn ToSql + Sync); 7] = [
+    let params: [&(dyn ToSql + Sync); 11] = [
         &keys,
         &tokens,
         &fps,
@@ -178,20 +181,14 @@ pub(super) async fn steps(
         &in_flight,
         &holds,
         &reconciles,
+        &ckeys,
+        &ctokens,
+        &records,
+        &ttls,
     ];
-    let complete: [&(dyn ToSql + Sync); 4] = [&ckeys, &ctokens, &records, &ttls];
-    // Rows of begins, rows of completions, and the column of `done`.
-    let (begun, completed, done) = if ckeys.is_empty() {
-        (db.rows(&sql.begins, &begin).await?, Vec::new(), 1)
-    } else if keys.is_empty() {
-        (Vec::new(), db.rows(&sql.completes, &complete).await?, 1)
-    } else {
-        let both: Vec<_> = begin.into_iter().chain(complete).collect();
-        let rows = db.rows(&sql.both, &both).await?;
-        // A completion's row has minus its position.
-        let (b, c) = rows.into_iter().partition(|r| position(r) > 0);
-        (b, c, COMPLETED)
-    };
+    let rows = db.rows(sql, &params).await?;
+    // A completion's row has minus its position.
+    let (begun, completed) = rows.into_iter().partition(|r| position(r) > 0);
     let mut begun = by_position(keys.len(), begun)?;
     let mut completed = by_position(ckeys.len(), completed)?;
     Ok(at
@@ -199,7 +196,7 @@ pub(super) async fn steps(
         .map(|place| match place {
             Place::Begin(i) => answer(&mut begun, i).map(Stepped::Begun),
             Place::Complete(i) => answer(&mut completed, i).and_then(|r| {
-                col::<Option<bool>>(&r, done).map(|d| Stepped::Completed(d == Some(true)))
+                col::<Option<bool>>(&r, COMPLETED).map(|d| Stepped::Completed(d == Some(true)))
             }),
         })
         .collect())

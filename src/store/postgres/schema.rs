@@ -7,7 +7,7 @@ use tokio_postgres::Client;
 use crate::store::error::StoreError;
 
 /// The schema version this build writes and reads.
-pub const VERSION: i32 = 3;
+pub const VERSION: i32 = 4;
 
 /// The DDL and functions, `{schema}` and `{channel}` still to fill in.
 const SCHEMA: &str = include_str!("schema.sql");

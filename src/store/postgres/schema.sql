@@ -1,10 +1,12 @@
--- idemgate's PostgreSQL schema, version 3. `{schema}` is replaced by the
+-- idemgate's PostgreSQL schema, version 4. `{schema}` is replaced by the
 -- configured schema name (quoted), `{channel}` by the waiters' channel and
 -- `{replays}` by the replay caches' invalidation channel.
 --
 -- Every statement here can run again on an older schema: that is how one
 -- is migrated. Version 1 ran begin_many and complete_many as loops of
--- one-key calls; version 2 had no step_many.
+-- one-key calls; version 2 had no step_many; version 3's step_many called
+-- complete_many and begin_many, which now call it (builds before version
+-- 4 still call them during a rolling upgrade).
 --
 -- Every transition of the storage contract is one function call: one
 -- statement, one transaction, the row locked for no longer than that. The
@@ -183,67 +185,158 @@ BEGIN
 END
 $$;
 
--- begin_many: begin_lease for each element, all in one transaction: one
--- commit, one round trip for many requests. `i` is the element's position
--- (1-based). Most keys of a batch are new: one insert takes them all
--- (the first of a key given twice), with no function call, no lock-free
--- read and no row lock per key; begin_lease decides the rest (keys
--- present, or inserted by another batch meanwhile, and repeats). Both
--- parts go in key order, and the second only locks rows that were present
--- before the first (or that it waited for), so two batches never wait on
--- each other in a cycle.
+-- step_many: the completions and the begins gathered while the previous
+-- batch ran, in one transaction: one round trip and one commit (one WAL
+-- flush) for both kinds. Completions go first, so a begin of a key the
+-- same batch completes finds it completed. Rows: a begin's (i its
+-- position, `done` NULL; kind 'a' acquired, or begin_lease's answer); a
+-- completion's i is minus its position, with `done`. Either array may be
+-- empty. The work is written out here, not called from complete_many and
+-- begin_many: each call of a function is an executor started, its SET
+-- clauses applied and undone (0.03–0.07 ms a batch, benches/RESULTS.md).
 --
--- The batch functions' statements are planned once per connection, as a
--- generic plan, whatever the batch's size (a plan made for each call cost
--- more than running it). The plan must not depend on the table's size
--- when it was made: a join planned while the table was small (a hash
--- join, or a merge join, over a scan of it) would stay while it grows.
--- Hence the SET clauses: every key is one probe of the primary key.
-CREATE OR REPLACE FUNCTION {schema}.begin_many(ks bytea[], toks text[], fps bytea[],
-    lease_ms bigint[], in_flight_ms bigint[], hold_ms bigint[], reconcile_ms bigint[])
+-- Completions: one UPDATE reaching its rows by `key = ANY` on the primary
+-- key, which walks the index in key order (rows are locked in key order,
+-- as the begins lock them); each row finds its element by its lease's
+-- token (128 random bits: one element at most holds it; a key given
+-- twice, by a lapsed holder and by the one that took over, matches only
+-- the current one). An element is done when its key now holds its
+-- record. Settlements notify only where a duplicate waits (see `waited`).
+--
+-- Begins: most keys of a batch are new, and one INSERT takes them all
+-- (the first of a key given twice) with no row lock and no function call
+-- per key. Keys with a row are left out of it: drawing a fence for them
+-- would write (the sequence), so a batch of replays would wait for a WAL
+-- flush. A row inserted meanwhile by another batch is the insert's
+-- conflict. An inserted row is its element's by its token. The keys the
+-- insert did not take (present, inserted by another batch meanwhile, or
+-- repeated) are read in one statement, in key order: a completed record
+-- is answered from that read, as begin_lease's read without a lock would
+-- (a batch of replays makes no call per key); begin_lease decides the
+-- others, and only locks rows that were present before the insert (or
+-- that it waited for). Locks: the completions', then the begins', each
+-- in key order. Two batches could only wait on each other in a cycle
+-- where two leases lapsed and were taken over while their holders
+-- completed them, crosswise, at once; PostgreSQL then fails one of them,
+-- and its callers get the store's error.
+--
+-- The statements are planned once per connection, as a generic plan,
+-- whatever the batch's size (a plan made for each call cost more than
+-- running it). The plan must not depend on the table's size when it was
+-- made: a join planned while the table was small (a hash join, a merge
+-- join or a bitmap scan over it) would stay while it grows. Hence the SET
+-- clauses (a join is a nested loop over the input) and `expires_ms + 0`
+-- (the expiry index cannot serve the update; a plan made while the table
+-- was empty chose a range scan of it, every live row): every key is one
+-- probe of the primary key.
+CREATE OR REPLACE FUNCTION {schema}.step_many(ks bytea[], toks text[], fps bytea[],
+    lease_ms bigint[], in_flight_ms bigint[], hold_ms bigint[], reconcile_ms bigint[],
+    cks bytea[], ctoks text[], crecs bytea[], cttls bigint[])
 RETURNS TABLE (i integer, kind "char", fence bigint, fp bytea, record bytea, ttl_ms bigint,
-    cause text, since_ms bigint, next_ms bigint, reconcile boolean, held_now boolean)
+    cause text, since_ms bigint, next_ms bigint, reconcile boolean, held_now boolean,
+    done boolean)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
-SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 #variable_conflict use_column
 DECLARE
     t bigint := {schema}.now_ms();
-    taken integer[];
-    fences bigint[];
+    taken bigint;
     j integer;
+    st "char";
+    f bigint;
+    rec bytea;
+    ends bigint;
 BEGIN
-    -- Keys with a row are left to begin_lease: drawing a fence for them
-    -- would write (the sequence), so a batch of replays would wait for a
-    -- WAL flush. A row inserted meanwhile by another batch is the
-    -- insert's conflict. An inserted row is its element's by its token
-    -- (128 random bits: one element holds it).
-    WITH ins AS (
-        INSERT INTO {schema}.records AS x (key, state, token, fence, fp, lease_until_ms,
-            expires_ms)
-        SELECT u.k, 'i', u.tok, nextval('{schema}.fences'), u.fp, t + u.l, t + u.f
-        FROM (SELECT DISTINCT ON (v.k) v.k, v.tok, v.fp, v.l, v.f
-              FROM unnest(ks, toks, fps, lease_ms, in_flight_ms) WITH ORDINALITY
-                  AS v(k, tok, fp, l, f, o)
-              WHERE NOT EXISTS (SELECT FROM {schema}.records AS y WHERE y.key = v.k)
-              ORDER BY v.k, v.o) AS u
-        ORDER BY u.k
-        ON CONFLICT DO NOTHING
-        RETURNING x.token, x.fence)
-    SELECT array_agg(array_position(toks, ins.token)), array_agg(ins.fence)
-        INTO taken, fences FROM ins;
-    IF taken IS NOT NULL THEN
-        RETURN QUERY SELECT g.o, 'a'::"char", g.f, NULL::bytea, NULL::bytea,
-            NULL::bigint, NULL::text, NULL::bigint, NULL::bigint, false, false
-            FROM unnest(taken, fences) AS g(o, f);
+    IF cardinality(cks) > 0 THEN
+        RETURN QUERY
+        WITH up AS (
+            UPDATE {schema}.records AS x SET state = 'c', token = NULL, fp = NULL,
+                lease_until_ms = NULL, record = crecs[array_position(ctoks, x.token)],
+                expires_ms = t + cttls[array_position(ctoks, x.token)]
+            WHERE x.key = ANY (cks) AND x.state = 'i' AND x.token = ANY (ctoks)
+                AND cks[array_position(ctoks, x.token)] = x.key AND x.expires_ms + 0 > t
+            RETURNING x.key, x.record, x.waited),
+        woken AS (
+            SELECT count(pg_notify('{channel}', encode(up.key, 'hex'))) AS n
+            FROM up WHERE up.waited)
+        SELECT -g.o::integer, NULL::"char", NULL::bigint, NULL::bytea, NULL::bytea,
+            NULL::bigint, NULL::text, NULL::bigint, NULL::bigint, NULL::boolean,
+            NULL::boolean,
+            EXISTS (SELECT FROM up WHERE up.key = cks[g.o] AND up.record = crecs[g.o])
+        FROM generate_subscripts(cks, 1) AS g(o), woken;
     END IF;
-    FOR j IN SELECT v.o FROM unnest(ks) WITH ORDINALITY AS v(k, o)
-            WHERE taken IS NULL OR v.o <> ALL (taken) ORDER BY v.k, v.o LOOP
-        RETURN QUERY SELECT j, b.* FROM {schema}.begin_lease(ks[j], toks[j], fps[j],
-            lease_ms[j], in_flight_ms[j], hold_ms[j], reconcile_ms[j]) AS b;
-    END LOOP;
+    IF cardinality(ks) > 0 THEN
+        RETURN QUERY
+        WITH ins AS (
+            INSERT INTO {schema}.records AS x (key, state, token, fence, fp, lease_until_ms,
+                expires_ms)
+            SELECT u.k, 'i', u.tok, nextval('{schema}.fences'), u.fp, t + u.l, t + u.f
+            FROM (SELECT DISTINCT ON (v.k) v.k, v.tok, v.fp, v.l, v.f
+                  FROM unnest(ks, toks, fps, lease_ms, in_flight_ms) WITH ORDINALITY
+                      AS v(k, tok, fp, l, f, o)
+                  WHERE NOT EXISTS (SELECT FROM {schema}.records AS y WHERE y.key = v.k)
+                  ORDER BY v.k, v.o) AS u
+            ORDER BY u.k
+            ON CONFLICT DO NOTHING
+            RETURNING x.token, x.fence)
+        SELECT array_position(toks, ins.token), 'a'::"char", ins.fence, NULL::bytea,
+            NULL::bytea, NULL::bigint, NULL::text, NULL::bigint, NULL::bigint, false, false,
+            NULL::boolean
+        FROM ins;
+        GET DIAGNOSTICS taken = ROW_COUNT;
+        -- The common batch ends here: every key was new. Of the others,
+        -- a completed record is answered from the row read here (as
+        -- begin_lease's read without a lock would), the rest by
+        -- begin_lease.
+        IF taken < cardinality(ks) THEN
+            FOR j, st, f, rec, ends IN
+                SELECT v.o, y.state, y.fence, y.record, y.expires_ms
+                FROM unnest(ks, toks) WITH ORDINALITY AS v(k, tok, o)
+                    LEFT JOIN {schema}.records AS y ON y.key = v.k
+                WHERE y.key IS NULL OR y.state <> 'i' OR y.token IS DISTINCT FROM v.tok
+                ORDER BY v.k, v.o
+            LOOP
+                IF st = 'c' AND ends > t THEN
+                    i := j; kind := 'c'; fence := f; fp := NULL; record := rec;
+                    ttl_ms := ends - t; cause := NULL; since_ms := NULL; next_ms := NULL;
+                    reconcile := false; held_now := false; done := NULL;
+                    RETURN NEXT;
+                ELSE
+                    RETURN QUERY SELECT j, b.*, NULL::boolean FROM {schema}.begin_lease(ks[j],
+                        toks[j], fps[j], lease_ms[j], in_flight_ms[j], hold_ms[j],
+                        reconcile_ms[j]) AS b;
+                END IF;
+            END LOOP;
+        END IF;
+    END IF;
 END
+$$;
+
+-- begin_many and complete_many: step_many with one kind. This build calls
+-- step_many alone; these answer the builds before version 4.
+CREATE OR REPLACE FUNCTION {schema}.begin_many(ks bytea[], toks text[], fps bytea[],
+    lease_ms bigint[], in_flight_ms bigint[], hold_ms bigint[], reconcile_ms bigint[])
+RETURNS TABLE (i integer, kind "char", fence bigint, fp bytea, record bytea, ttl_ms bigint,
+    cause text, since_ms bigint, next_ms bigint, reconcile boolean, held_now boolean)
+LANGUAGE sql
+AS $$
+    SELECT s.i, s.kind, s.fence, s.fp, s.record, s.ttl_ms, s.cause, s.since_ms, s.next_ms,
+        s.reconcile, s.held_now
+    FROM {schema}.step_many(ks, toks, fps, lease_ms, in_flight_ms, hold_ms, reconcile_ms,
+        '{}'::bytea[], '{}'::text[], '{}'::bytea[], '{}'::bigint[]) AS s
+$$;
+
+CREATE OR REPLACE FUNCTION {schema}.complete_many(ks bytea[], toks text[], recs bytea[],
+    ttls bigint[])
+RETURNS TABLE (i integer, done boolean)
+LANGUAGE sql
+AS $$
+    SELECT -s.i, s.done
+    FROM {schema}.step_many('{}'::bytea[], '{}'::text[], '{}'::bytea[], '{}'::bigint[],
+        '{}'::bigint[], '{}'::bigint[], '{}'::bigint[], ks, toks, recs, ttls) AS s
 $$;
 
 -- renew: extend the lease while its holder is current.
@@ -259,83 +352,8 @@ BEGIN
 END
 $$;
 
--- Version 1 completed one key per call; complete_many does it itself.
+-- Version 1 completed one key per call; step_many does it itself.
 DROP FUNCTION IF EXISTS {schema}.complete_lease(bytea, text, bytea, bigint);
-
--- complete_many: store the responses for the current leases and wake
--- their waiters, in one statement; `done` false where the lease is no
--- longer the caller's. The rows are reached through the primary key with
--- the batch's keys (`key = ANY`, which walks the index in key order, so
--- rows are locked in key order as begin_many locks them), and each row
--- finds its element by its lease's token (128 random bits: one element
--- at most holds it; a key given twice, by a lapsed holder and by the one
--- that took over, matches only the current one): no join the planner
--- could turn into a scan of the table (see begin_many). An element is
--- done when its key now holds its record.
-CREATE OR REPLACE FUNCTION {schema}.complete_many(ks bytea[], toks text[], recs bytea[],
-    ttls bigint[])
-RETURNS TABLE (i integer, done boolean)
-LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
-SET enable_seqscan = off SET enable_bitmapscan = off
-AS $$
-#variable_conflict use_column
-DECLARE
-    t bigint := {schema}.now_ms();
-BEGIN
-    RETURN QUERY
-    WITH up AS (
-        UPDATE {schema}.records AS x SET state = 'c', token = NULL, fp = NULL,
-            lease_until_ms = NULL, record = recs[array_position(toks, x.token)],
-            expires_ms = t + ttls[array_position(toks, x.token)]
-        -- `+ 0`: the expiry index cannot serve this (a plan made while
-        -- the table was empty chose a range scan of it, every live row).
-        WHERE x.key = ANY (ks) AND x.state = 'i' AND x.token = ANY (toks)
-            AND ks[array_position(toks, x.token)] = x.key AND x.expires_ms + 0 > t
-        RETURNING x.key, x.record, x.waited),
-    -- Only where a duplicate waits (see `waited`).
-    woken AS (
-        SELECT count(pg_notify('{channel}', encode(up.key, 'hex'))) AS n
-        FROM up WHERE up.waited)
-    SELECT g.o::integer,
-        EXISTS (SELECT FROM up WHERE up.key = ks[g.o] AND up.record = recs[g.o])
-    FROM generate_subscripts(ks, 1) AS g(o), woken;
-END
-$$;
-
--- step_many: the completions and the begins gathered while the previous
--- batch ran, in one transaction: one round trip and one commit (one WAL
--- flush) for both kinds, where a batch of each took two. Completions go
--- first, so a begin of a key the same batch completes finds it
--- completed. Rows: a begin's as begin_many answers it (i its position,
--- `done` NULL); a completion's i is minus its position, with `done`.
--- Locks: completions then begins, each in key order. Two batches could
--- only wait on each other in a cycle where two leases lapsed and were
--- taken over while their holders completed them, crosswise, at once (as
--- could a batch of begins and one of completions before); PostgreSQL
--- then fails one of them, and its callers get the store's error.
-CREATE OR REPLACE FUNCTION {schema}.step_many(ks bytea[], toks text[], fps bytea[],
-    lease_ms bigint[], in_flight_ms bigint[], hold_ms bigint[], reconcile_ms bigint[],
-    cks bytea[], ctoks text[], crecs bytea[], cttls bigint[])
-RETURNS TABLE (i integer, kind "char", fence bigint, fp bytea, record bytea, ttl_ms bigint,
-    cause text, since_ms bigint, next_ms bigint, reconcile boolean, held_now boolean,
-    done boolean)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-BEGIN
-    IF cardinality(cks) > 0 THEN
-        RETURN QUERY SELECT -c.i, NULL::"char", NULL::bigint, NULL::bytea, NULL::bytea,
-            NULL::bigint, NULL::text, NULL::bigint, NULL::bigint, NULL::boolean,
-            NULL::boolean, c.done
-            FROM {schema}.complete_many(cks, ctoks, crecs, cttls) AS c;
-    END IF;
-    IF cardinality(ks) > 0 THEN
-        RETURN QUERY SELECT b.*, NULL::boolean
-            FROM {schema}.begin_many(ks, toks, fps, lease_ms, in_flight_ms, hold_ms,
-                reconcile_ms) AS b;
-    END IF;
-END
-$$;
 
 -- release: free the key for a retry (the sequence keeps fences rising).
 CREATE OR REPLACE FUNCTION {schema}.release_lease(k bytea, tok text)

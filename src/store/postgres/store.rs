@@ -19,7 +19,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::batch::{self, Batcher, Step, StepSql, Stepped};
+use super::batch::{self, Batcher, Step, Stepped};
 use super::db::{col, unavailable, Db};
 use super::listen::{self, Waiters};
 use super::schema::{self, quoted};
@@ -36,8 +36,10 @@ const SWEEP_BATCH: i64 = 1000;
 /// The most calls (begins and completions) one batch carries.
 const MAX_BATCH: usize = 128;
 
-/// Batches sent at once.
+/// Batches sent at once: one, and a second beside it once a call has
+/// waited `BATCH_PATIENCE` for the first.
 const BATCHES_IN_FLIGHT: usize = 2;
+const BATCH_PATIENCE: Duration = Duration::from_millis(5);
 
 fn closing() -> StoreError {
     StoreError::Unavailable("the store is closing".into())
@@ -110,7 +112,7 @@ pub(super) struct Inner {
 
 /// Every statement, the schema filled in.
 pub(super) struct Sql {
-    pub steps: StepSql,
+    pub steps: String,
     pub renew: String,
     pub release: String,
     pub mark_unknown: String,
@@ -137,13 +139,9 @@ impl Sql {
         let s = quoted(schema);
         let live = format!("expires_ms > {s}.now_ms()");
         Sql {
-            steps: StepSql {
-                begins: format!("SELECT * FROM {s}.begin_many($1, $2, $3, $4, $5, $6, $7)"),
-                completes: format!("SELECT * FROM {s}.complete_many($1, $2, $3, $4)"),
-                both: format!(
-                    "SELECT * FROM {s}.step_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-                ),
-            },
+            steps: format!(
+                "SELECT * FROM {s}.step_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            ),
             renew: format!("SELECT {s}.renew_lease($1, $2, $3)"),
             release: format!("SELECT {s}.release_lease($1, $2)"),
             mark_unknown: format!("SELECT {s}.mark_unknown($1, $2, $3, $4)"),
@@ -245,13 +243,14 @@ impl PostgresStore {
         let waiters = Arc::new(Waiters::default());
         let replays = (replay_cache_bytes > 0)
             .then(|| Arc::new(ReplayCache::new(replay_cache_bytes, replay_cache_lookups)));
-        // Batches at once: two, whatever the pool (one committing while
-        // the next gathers, and a batch held up by a row lock does not
-        // hold up every begin and completion). A batch carries both kinds
-        // (`step_many`): one commit where each kind took one. More in
-        // flight means smaller batches and more of the database's time per
-        // request (benches/RESULTS.md). The other calls (renewals, waits,
-        // the dedup API) keep the rest of the pool.
+        // One batch at a time, whatever the pool: the bigger each batch,
+        // the less of the database's time per request (benches/RESULTS.md).
+        // A second only beside one that has kept a call waiting
+        // BATCH_PATIENCE (a row lock, a slow flush), so one held up does
+        // not hold up every begin and completion. A batch carries both
+        // kinds (`step_many`): one commit where each kind took one. The
+        // other calls (renewals, waits, the dedup API) keep the rest of
+        // the pool.
         let parallel = BATCHES_IN_FLIGHT.min((pool_size / 2).max(1));
         let inner = Arc::new_cyclic(|me: &Weak<Inner>| {
             let me = me.clone();
@@ -262,7 +261,7 @@ impl PostgresStore {
                 waiters: waiters.clone(),
                 replays: replays.clone(),
                 sql: Sql::new(&schema),
-                steps: Batcher::start(parallel, MAX_BATCH, move |items| {
+                steps: Batcher::start(parallel, BATCH_PATIENCE, MAX_BATCH, move |items| {
                     let me = me.upgrade();
                     async move {
                         let inner = me.ok_or_else(closing)?;
