@@ -1,8 +1,9 @@
 //! The PostgreSQL store against real PostgreSQL servers: the shared
 //! contract, several idemgate replicas sharing one database, a restart
 //! under load, a failover to a synchronous standby, the sweeper, TLS as
-//! the URL's `sslmode` says, and the replay cache (copies dropped by a
-//! purge through any replica, and by a lost connection).
+//! the URL's `sslmode` says, the batches (one at a time, another beside
+//! one held up), and the replay cache (copies dropped by a purge through
+//! any replica, and by a lost connection).
 
 mod support;
 
