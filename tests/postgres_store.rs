@@ -647,6 +647,18 @@ async fn hold_row(pg: &PostgresServer, schema: &str, key: &str) -> tokio_postgre
     client
 }
 
+/// A store for the tests that hold a batch up: its calls wait out the
+/// test rather than the store's bound (1 s), and with a pool of
+/// `pool_size` (2 allows no batch beside the held one; 16, the default,
+/// allows one).
+async fn held_up(pg: &PostgresServer, schema: &str, pool_size: usize) -> Arc<PostgresStore> {
+    let mut options = PostgresOptions::new(&pg.url(), schema).unwrap();
+    options.pool_size = pool_size;
+    options.replay_cache_bytes = 0;
+    options.timeout = Duration::from_secs(30);
+    Arc::new(PostgresStore::connect(options).await.unwrap())
+}
+
 /// One batch at a time: calls that arrive while it runs wait for it and
 /// then go out together, begins and completions in one call. Held here
 /// on a row lock, with a pool of two (which allows no batch beside it).
@@ -657,12 +669,7 @@ async fn calls_gather_behind_the_running_batch_and_go_as_one() {
     let pg = PostgresServer::start();
     pg.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         .unwrap();
-    let mut options = PostgresOptions::new(&pg.url(), "gather").unwrap();
-    options.pool_size = 2;
-    options.replay_cache_bytes = 0;
-    // The held batch waits out the test, not the store's bound.
-    options.timeout = Duration::from_secs(30);
-    let store = Arc::new(PostgresStore::connect(options).await.unwrap());
+    let store = held_up(&pg, "gather", 2).await;
     let (first, second) = (cache::key("first"), cache::key("second"));
     let Begin::Acquired(lease) = cache::begin(&store, &first).await else {
         panic!("first not acquired")
@@ -708,10 +715,7 @@ async fn calls_gather_behind_the_running_batch_and_go_as_one() {
 async fn a_held_batch_holds_up_the_others_only_briefly() {
     use idemgate::idempotency::state::Begin;
     let pg = PostgresServer::start();
-    let mut options = PostgresOptions::new(&pg.url(), "beside").unwrap();
-    // The held batch waits out the test, not the store's bound.
-    options.timeout = Duration::from_secs(30);
-    let store = Arc::new(PostgresStore::connect(options).await.unwrap());
+    let store = held_up(&pg, "beside", 16).await;
     let held = cache::key("held");
     let lock = hold_row(&pg, "beside", &held.to_hex()).await;
     let blocked = {
