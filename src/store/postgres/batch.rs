@@ -5,20 +5,24 @@
 //!
 //! A [`Batcher`] runs one batch at a time: the fewer batches, the bigger
 //! each, and a batch's fixed cost (its call, each statement's start, its
-//! commit) is shared by more calls. A call that has waited `patience`
-//! while a batch runs (held on a row lock, or a slow flush) goes out in
-//! another batch beside it, up to `parallel` at once. While a batch may go
-//! a call goes out at once (no waiting to fill a batch: an idle store adds
-//! no latency); otherwise calls gather, up to `max` a batch. Each item
-//! keeps its own answer: a batch is its items, each atomic, none together
-//! (the contract's rule for batches), and the function locks rows in key
-//! order, completions then begins.
+//! commit) is shared by more calls. That batch runs in the dispatcher's
+//! own task, so the next one starts the moment it ends. A call that has
+//! waited `patience` while a batch runs (held on a row lock, or a slow
+//! flush) goes out in another batch beside it, up to `parallel` at once.
+//! While a batch may go a call goes out at once (no waiting to fill a
+//! batch: an idle store adds no latency); otherwise calls gather, up to
+//! `max` a batch. Each item keeps its own answer: a batch is its items,
+//! each atomic, none together (the contract's rule for batches), and the
+//! function locks rows in key order, completions then begins.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
@@ -40,53 +44,61 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         Fut: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send + 'static,
     {
         let (tx, mut rx) = mpsc::unbounded_channel::<(I, Reply<O>)>();
-        // The batch that runs alone, and the ones that may run beside it.
-        let lead = Arc::new(Semaphore::new(1));
+        // The lead batch runs in the dispatcher's own task, and the next
+        // starts there the moment it ends: the calls that gathered meanwhile
+        // wait for no other task to be scheduled first (a hand-off to a
+        // spawned task per batch cost a quarter of the new keys per second
+        // under load without event loops: benches/RESULTS.md). The ones
+        // beside it are spawned.
         let beside = Arc::new(Semaphore::new(parallel.max(1) - 1));
         let run = Arc::new(run);
         tokio::spawn(async move {
+            // The first call to wait behind the running batch, and since when.
+            let mut held: Option<((I, Reply<O>), Instant)> = None;
+            let mut open = true;
             loop {
-                let Some(first) = rx.recv().await else { return };
-                let permit = tokio::select! {
-                    biased;
-                    Ok(p) = lead.clone().acquire_owned() => p,
-                    Ok(p) = async {
-                        tokio::time::sleep(patience).await;
-                        beside.clone().acquire_owned().await
-                    } => p,
-                    else => return,
+                let first = match held.take() {
+                    Some((item, _)) => item,
+                    None => match rx.recv().await {
+                        Some(item) => item,
+                        None => return,
+                    },
                 };
-                let mut batch = vec![first];
-                while batch.len() < max {
-                    match rx.try_recv() {
-                        Ok(item) => batch.push(item),
-                        Err(_) => break,
-                    }
-                }
-                // A caller that gave up (its timeout passed) is not run late.
-                batch.retain(|(_, reply)| !reply.is_closed());
-                if batch.is_empty() {
+                let Some((items, replies)) = gather(first, &mut rx, max) else {
                     continue;
-                }
-                let run = run.clone();
-                tokio::spawn(async move {
-                    let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch.into_iter().unzip();
-                    match run(items).await {
-                        Ok(answers) => {
-                            // A missing answer drops its reply: that caller
-                            // gets an error, never another's answer.
-                            for (reply, answer) in replies.into_iter().zip(answers) {
-                                let _ = reply.send(answer);
-                            }
-                        }
-                        Err(e) => {
-                            for reply in replies {
-                                let _ = reply.send(Err(e.clone()));
+                };
+                // A panic in a batch fails its own calls (their replies are
+                // dropped), as it would in a task of its own, and the
+                // dispatcher carries on.
+                let lead = AssertUnwindSafe(answer_all(run(items), replies)).catch_unwind();
+                tokio::pin!(lead);
+                loop {
+                    let since = held.as_ref().map(|(_, since)| *since);
+                    tokio::select! {
+                        biased;
+                        _ = &mut lead => break,
+                        item = rx.recv(), if open && held.is_none() => match item {
+                            Some(item) => held = Some((item, Instant::now())),
+                            // Dropped: the calls queued are answered, then
+                            // the dispatcher ends.
+                            None => open = false,
+                        },
+                        Ok(permit) = async {
+                            tokio::time::sleep_until(since.unwrap_or_else(Instant::now) + patience)
+                                .await;
+                            beside.clone().acquire_owned().await
+                        }, if since.is_some() => {
+                            let Some((first, _)) = held.take() else { continue };
+                            if let Some((items, replies)) = gather(first, &mut rx, max) {
+                                let run = run.clone();
+                                tokio::spawn(async move {
+                                    answer_all(run(items), replies).await;
+                                    drop(permit);
+                                });
                             }
                         }
                     }
-                    drop(permit);
-                });
+                }
             }
         });
         Batcher { tx }
@@ -101,6 +113,45 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         answer
             .await
             .map_err(|_| malformed("a batch (no answer for a call)"))?
+    }
+}
+
+/// `first` and the calls queued behind it, up to `max`, without the ones
+/// whose caller gave up (its timeout passed: not run late); `None` when
+/// none is left.
+fn gather<I, O>(
+    first: (I, Reply<O>),
+    rx: &mut mpsc::UnboundedReceiver<(I, Reply<O>)>,
+    max: usize,
+) -> Option<(Vec<I>, Vec<Reply<O>>)> {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    batch.retain(|(_, reply)| !reply.is_closed());
+    (!batch.is_empty()).then(|| batch.into_iter().unzip())
+}
+
+/// Runs a batch and gives each caller its answer. A missing answer drops
+/// its reply: that caller gets an error, never another's answer.
+async fn answer_all<O>(
+    run: impl Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>>,
+    replies: Vec<Reply<O>>,
+) {
+    match run.await {
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
     }
 }
 
@@ -237,4 +288,26 @@ fn by_position(n: usize, rows: Vec<Row>) -> Result<Vec<Option<Row>>, StoreError>
         *slot = Some(row);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch that panics fails its own calls, and the next batch runs:
+    /// the lead runs in the dispatcher's task, which must outlive it.
+    #[tokio::test]
+    async fn a_panicking_batch_fails_its_calls_and_the_next_runs() {
+        let batcher = Batcher::start(
+            1,
+            Duration::from_millis(5),
+            8,
+            |items: Vec<u32>| async move {
+                assert!(!items.contains(&13), "a bug in a batch");
+                Ok(items.into_iter().map(|i| Ok(i * 2)).collect())
+            },
+        );
+        assert!(batcher.call(13).await.is_err());
+        assert_eq!(batcher.call(21).await.unwrap(), 42);
+    }
 }
