@@ -9,8 +9,9 @@
 //! cargo bench --bench memory_expiry            # RATE=5000 SECS=14
 //! ```
 //!
-//! Under `cargo test --all-targets` (no `--bench`) it runs for 3 s at a
-//! low rate as a smoke run.
+//! Under `cargo test --all-targets` (no `--bench`) it runs for 4 s at a
+//! low rate as a smoke run: long enough for a few samples, which start
+//! once the first records have expired (3 s in).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +47,7 @@ fn main() {
     idemgate::pages::small_pages_only().expect("prctl(PR_SET_THP_DISABLE)");
     let full = std::env::args().any(|a| a == "--bench");
     let rate = if full { env("RATE", 5_000) } else { 200 };
-    let secs = if full { env("SECS", 14) } else { 3 };
+    let secs = if full { env("SECS", 14) } else { 4 };
     let body = env("BODY", 64 << 10);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
