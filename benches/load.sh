@@ -3,16 +3,18 @@
 #
 #   benches/load.sh                  # 3 alternated rounds of 10 s per scenario
 #   ROUNDS=5 DURATION=20 benches/load.sh
+#   CONNS=256 ONLY=pg benches/load.sh   # clients per run, both sides (64 by default)
 #
 # Starts, on free loopback ports: an nginx upstream that answers a small JSON
-# body over http and over https (a test CA made with openssl),
-# body (1 worker); nginx proxy_pass with a keepalive pool as the baseline
-# (2 workers); redis-server; PostgreSQL (its own data folder, synchronous_commit
-# on, fsync on); idemgate on the memory store, on Redis and on PostgreSQL. Drives
-# each with wrk -t1 -c64, alternating baseline and candidate runs, and prints
-# req/s, p50, p99 and each candidate's ratio to nginx from the same run, then
-# idemgate's RSS under c=256 on Redis. Installs nginx, wrk and redis-server
-# from Debian's packages when missing (needs root). Stops everything at exit.
+# body over http and over https (a test CA made with openssl), and bodies of
+# 1 KiB to 1 MiB (1 worker); nginx proxy_pass with a keepalive pool as the
+# baseline (2 workers); redis-server; PostgreSQL (its own data folder,
+# synchronous_commit on, fsync on); idemgate on the memory store, on Redis and
+# on PostgreSQL. Drives each with wrk -t1 -c$CONNS, alternating baseline and
+# candidate runs, and prints req/s, p50, p99 and each candidate's ratio to
+# nginx from the same run, then idemgate's RSS under c=256 on Redis. Installs
+# nginx, wrk, redis-server and PostgreSQL from Debian's packages when missing
+# (needs root). Stops everything at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
