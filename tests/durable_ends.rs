@@ -8,7 +8,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -101,27 +101,35 @@ async fn a_cluster_node_killed_while_requests_finish_keeps_every_clean_end() {
     println!("a Cluster master SIGKILLed and restarted under load: {tally:?}");
 }
 
-/// One slow request (the upstream takes 600 ms) while Redis is stalled by
-/// `stall` from 300 ms in for longer than `store.timeout`: its response is
-/// aborted, and it never runs twice.
-async fn a_stall_at_the_end(stall: &[&str]) {
+/// One request whose end comes while Redis is stalled by `stall` for
+/// longer than `store.timeout`: a `streamed` response (its first event sent
+/// at once, the others 150 ms apart) is aborted after its first bytes; a
+/// whole one (the upstream answers after 600 ms) never sent its head, and is
+/// a `502 response-not-stored` instead. Either way it never runs twice.
+async fn a_stall_at_the_end(stall: &[&str], streamed: bool) {
     let redis = RedisServer::start_with(free_port(false), DURABLE);
     let up = TestUpstream::start().await;
+    let (sse, sse_calls) = sse_upstream().await;
+    let url = if streamed {
+        format!("http://{sse}")
+    } else {
+        up.url()
+    };
     // A short wait: a retry that finds the lease still held says so soon.
     let extra = format!(
         "{}[idempotency]\nwait_timeout = \"500ms\"\n",
         store_toml(&[redis.url()], false)
     );
-    let r = Running::start(config(Some(&up.url()), &extra))
-        .await
-        .unwrap();
+    let r = Running::start(config(Some(&url), &extra)).await.unwrap();
     let c = TestClient::new(r.proxy_addr.unwrap());
     let headers = [("idempotency-key", "stalled"), ("x-delay-ms", "600")];
     let first = {
         let c = c.clone();
         tokio::spawn(async move { c.try_send("POST", "/v1/charges", &headers, "{}").await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Before the end: 300 ms of the upstream's 600, or between the
+    // stream's first event and its last (at 300 ms).
+    tokio::time::sleep(Duration::from_millis(if streamed { 100 } else { 300 })).await;
     let stall: Vec<String> = stall.iter().map(|s| s.to_string()).collect();
     let stalled = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = stall.iter().map(String::as_str).collect();
@@ -129,7 +137,13 @@ async fn a_stall_at_the_end(stall: &[&str]) {
         redis
     });
     let got = first.await.unwrap();
-    assert!(got.is_err(), "ended as if complete: {got:?}");
+    if streamed {
+        assert!(got.is_err(), "ended as if complete: {got:?}");
+    } else {
+        let got = got.expect("a problem, whole");
+        got.assert_problem(502, "response-not-stored");
+        assert_eq!(got.header("x-should-retry"), Some("false"));
+    }
     let redis = stalled.await.unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // The retry finds the record (Redis ran the write once it woke), the
@@ -137,7 +151,7 @@ async fn a_stall_at_the_end(stall: &[&str]) {
     // still held until it lapses: never a second call upstream.
     let again = c.send("POST", "/v1/charges", &headers, "{}").await;
     match again.status.as_u16() {
-        201 => assert_eq!(again.header("idempotent-replayed"), Some("true")),
+        200 | 201 => assert_eq!(again.header("idempotent-replayed"), Some("true")),
         409 => {
             let kind = again.json()["type"].as_str().unwrap().to_owned();
             assert!(
@@ -147,79 +161,69 @@ async fn a_stall_at_the_end(stall: &[&str]) {
         }
         other => panic!("{other}: {:?}", again.body),
     }
-    assert_eq!(up.calls(), 1);
+    let calls = if streamed {
+        sse_calls.load(Ordering::SeqCst)
+    } else {
+        up.calls()
+    };
+    assert_eq!(calls, 1);
     r.stop().await;
     drop(redis);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_asleep_past_the_store_timeout_aborts_the_response() {
-    a_stall_at_the_end(&["DEBUG", "SLEEP", "1.5"]).await;
+async fn a_redis_asleep_past_the_store_timeout_aborts_a_streamed_response() {
+    a_stall_at_the_end(&["DEBUG", "SLEEP", "1.5"], true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_paused_past_the_store_timeout_aborts_the_response() {
-    a_stall_at_the_end(&["CLIENT", "PAUSE", "1500", "WRITE"]).await;
+async fn a_redis_paused_past_the_store_timeout_aborts_a_streamed_response() {
+    a_stall_at_the_end(&["CLIENT", "PAUSE", "1500", "WRITE"], true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_empty_body_not_stored_is_a_problem_not_a_clean_204() {
-    let redis = RedisServer::start_with(free_port(false), DURABLE);
-    let up = TestUpstream::start().await;
-    let r = Running::start(config(Some(&up.url()), &store_toml(&[redis.url()], false)))
-        .await
-        .unwrap();
-    let c = TestClient::new(r.proxy_addr.unwrap());
-    let headers = [
-        ("idempotency-key", "empty"),
-        ("x-delay-ms", "600"),
-        ("x-status", "204"),
-    ];
-    let first = {
-        let c = c.clone();
-        tokio::spawn(async move { c.send("POST", "/v1/charges", &headers, "{}").await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let stalled = tokio::task::spawn_blocking(move || {
-        redis.cli(&["DEBUG", "SLEEP", "1.5"]);
-        redis
-    });
-    // The 204's head is its end: it waited for the store, which did not
-    // take it in time.
-    let got = first.await.unwrap();
-    got.assert_problem(502, "response-not-stored");
-    assert_eq!(got.header("x-should-retry"), Some("false"));
-    drop(stalled.await.unwrap());
-    r.stop().await;
+async fn a_whole_body_not_stored_is_a_problem_not_a_clean_201() {
+    a_stall_at_the_end(&["DEBUG", "SLEEP", "1.5"], false).await;
 }
 
-/// An SSE upstream: three events 150 ms apart, each flushed.
-async fn sse_upstream() -> std::net::SocketAddr {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_body_not_stored_through_a_paused_redis_is_a_problem() {
+    a_stall_at_the_end(&["CLIENT", "PAUSE", "1500", "WRITE"], false).await;
+}
+
+/// An SSE upstream: three events 150 ms apart, each flushed; and how
+/// many requests it has had.
+async fn sse_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    serve_http1(listener, |_req| async {
-        let events = futures_util::stream::unfold(0, |i| async move {
-            if i == 3 {
-                return None;
-            }
-            if i > 0 {
-                tokio::time::sleep(Duration::from_millis(150)).await;
-            }
-            let data = Bytes::from(format!("data: {i}\n\n"));
-            Some((Ok::<_, Infallible>(Frame::data(data)), i + 1))
-        });
-        let mut resp = Response::new(StreamBody::new(events).boxed());
-        resp.headers_mut()
-            .insert("content-type", "text/event-stream".parse().unwrap());
-        Ok::<_, Infallible>(resp)
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    serve_http1(listener, move |_req| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async {
+            let events = futures_util::stream::unfold(0, |i| async move {
+                if i == 3 {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                }
+                let data = Bytes::from(format!("data: {i}\n\n"));
+                Some((Ok::<_, Infallible>(Frame::data(data)), i + 1))
+            });
+            let mut resp = Response::new(StreamBody::new(events).boxed());
+            resp.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            Ok::<_, Infallible>(resp)
+        }
     });
-    addr
+    (addr, calls)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_flows_at_once_and_ends_once_its_record_is_kept() {
     let redis = RedisServer::start_with(free_port(false), DURABLE);
-    let up = sse_upstream().await;
+    let (up, _) = sse_upstream().await;
     let r = Running::start(config(
         Some(&format!("http://{up}")),
         &store_toml(&[redis.url()], false),

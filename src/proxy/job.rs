@@ -8,13 +8,14 @@
 //! cancelled at shutdown) says so in the log; its lease then lapses after
 //! `lease_ttl`.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, Request, Response};
-use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -109,8 +110,9 @@ impl Job {
         })
     }
 
-    /// Calls the upstream; answers `tx` as soon as the head arrives; then
-    /// records the body as it streams and settles the lease when it ends.
+    /// Calls the upstream; answers `tx` once the head is in and the body
+    /// is still coming (or, for a body that came whole, once its record is
+    /// stored); records the body and settles the lease when it ends.
     /// The ways it can fail, and settling an answer that is not kept, are
     /// awaited boxed, so that they do not make this future (moved into its
     /// box whole) larger than the common path needs.
@@ -167,13 +169,15 @@ impl Job {
         // The client's response ends only once its record is stored: its
         // bytes stream as they come, but its last byte (a known length),
         // terminating chunk or END_STREAM waits for the store. A body that
-        // is empty from the head on (Content-Length: 0, 204, 304) ends with
-        // its head: then the head itself waits.
+        // needs no wait to read whole (empty, or the small answer that came
+        // in the head's packet) has nothing to stream: its head waits too,
+        // and the response goes out in one write rather than all but its
+        // end now and the end a store round trip later (a second write, and
+        // a second wake-up of the client, for no byte it could use sooner).
         let length = parts
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok());
-        let empty = body.is_end_stream();
         let mut answer = Some((
             tx,
             Handled::new(
@@ -181,11 +185,20 @@ impl Job {
                 Response::from_parts(parts, live.first_reader(length)),
             ),
         ));
-        if !empty {
-            if let Some((tx, handled)) = answer.take() {
-                let _ = tx.send(handled);
+        let pumped = {
+            let pumping = self.renewing(tokio::time::timeout_at(deadline, pump(body, &live)));
+            tokio::pin!(pumping);
+            // One poll: did the body end without waiting?
+            match std::future::poll_fn(|cx| Poll::Ready(pumping.as_mut().poll(cx))).await {
+                Poll::Ready(pumped) => pumped,
+                Poll::Pending => {
+                    if let Some((tx, handled)) = answer.take() {
+                        let _ = tx.send(handled);
+                    }
+                    pumping.await
+                }
             }
-        }
+        };
         // Sends the head if it waited: as it is, or as `instead`.
         let answer = move |instead: Option<ProxyError>, policy: &Arc<Policy>| {
             if let Some((tx, handled)) = answer {
@@ -195,9 +208,6 @@ impl Job {
                 });
             }
         };
-        let pumped = self
-            .renewing(tokio::time::timeout_at(deadline, pump(body, &live)))
-            .await;
         let (lives, key, policy) = (self.lives.clone(), self.guard.key, self.policy.clone());
         match pumped {
             Ok(Ok(())) => {
