@@ -191,6 +191,37 @@ async fn a_whole_body_not_stored_through_a_paused_redis_is_a_problem() {
     a_stall_at_the_end(&["CLIENT", "PAUSE", "1500", "WRITE"], false).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_body_not_stored_is_a_problem_not_a_clean_204() {
+    let redis = RedisServer::start_with(free_port(false), DURABLE);
+    let up = TestUpstream::start().await;
+    let r = Running::start(config(Some(&up.url()), &store_toml(&[redis.url()], false)))
+        .await
+        .unwrap();
+    let c = TestClient::new(r.proxy_addr.unwrap());
+    let headers = [
+        ("idempotency-key", "empty"),
+        ("x-delay-ms", "600"),
+        ("x-status", "204"),
+    ];
+    let first = {
+        let c = c.clone();
+        tokio::spawn(async move { c.send("POST", "/v1/charges", &headers, "{}").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stalled = tokio::task::spawn_blocking(move || {
+        redis.cli(&["DEBUG", "SLEEP", "1.5"]);
+        redis
+    });
+    // The 204's head is its end: it waited for the store, which did not
+    // take it in time.
+    let got = first.await.unwrap();
+    got.assert_problem(502, "response-not-stored");
+    assert_eq!(got.header("x-should-retry"), Some("false"));
+    drop(stalled.await.unwrap());
+    r.stop().await;
+}
+
 /// An SSE upstream: three events 150 ms apart, each flushed; and how
 /// many requests it has had.
 async fn sse_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
